@@ -1,0 +1,7 @@
+"""HF → GGUF conversion (``quantkit.convert``)."""
+
+from __future__ import annotations
+
+from quantkit.convert.hf_to_gguf import Artifact, ConvertResult, convert, parse_targets
+
+__all__ = ["Artifact", "ConvertResult", "convert", "parse_targets"]

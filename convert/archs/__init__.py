@@ -1,0 +1,8 @@
+"""Native architectures. Importing this package registers every class in it."""
+
+from __future__ import annotations
+
+from quantkit.convert.archs import llama as _llama  # noqa: F401  (registers)
+from quantkit.convert.archs.base import REGISTRY, Architecture, resolve, supported
+
+__all__ = ["REGISTRY", "Architecture", "resolve", "supported"]

@@ -1,0 +1,272 @@
+"""HF checkpoint → GGUF, streaming one tensor at a time.
+
+Flow (DESIGN.md "Data flow"): preflight everything that can fail cheaply (output paths, config,
+architecture, every tensor's presence and shape, tokenizer) before writing a byte; then one pass
+over the checkpoint writes every requested float file (F32/F16/BF16) at once, each tensor read
+through the memory map, transformed, cast, written and released before the next; quantized
+types are then made from one float base by llama.cpp's quantizer. Every file appears under its
+final name only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
+from quantkit.checkpoint import Checkpoint
+from quantkit.convert.archs import Architecture, resolve
+from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
+from quantkit.errors import CheckpointError, InputError
+from quantkit.quantize.types import GGUF_TYPES, GGUFType, gguf_type
+
+# progress(stage, done, total): the CLI draws bars from it; library code never prints.
+Progress = Callable[[str, int, int], None]
+
+F16_MAX = 65504.0  # largest finite IEEE half
+
+# base file type -> (ggml type of 2-D weights, numpy storage dtype)
+BASE_STORAGE: dict[str, tuple[gguf.GGMLQuantizationType, np.dtype]] = {
+    "F32": (gguf.GGMLQuantizationType.F32, np.dtype(np.float32)),
+    "F16": (gguf.GGMLQuantizationType.F16, np.dtype(np.float16)),
+    "BF16": (gguf.GGMLQuantizationType.BF16, np.dtype(np.uint16)),
+}
+
+
+@dataclass
+class Artifact:
+    path: Path
+    type: str
+    size: int
+    n_tensors: int
+    seconds: float
+
+
+@dataclass
+class ConvertResult:
+    artifacts: list[Artifact]
+    architecture: str
+    unused_tensors: list[str] = field(default_factory=list)
+    read_bytes: int = 0
+
+
+def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
+    """``gguf:Q8_0`` / ``Q8_0`` → GGUF types, de-duplicated, order kept."""
+    out: list[GGUFType] = []
+    for t in targets:
+        fmt, _, name = t.partition(":")
+        if not name:
+            fmt, name = "gguf", fmt
+        if fmt.lower() != "gguf":
+            raise InputError(f"unknown target {t!r}", "targets look like gguf:F16 or gguf:Q8_0")
+        gt = gguf_type(name)
+        if gt not in out:
+            out.append(gt)
+    if not out:
+        raise InputError("no target given", "pass --to gguf:F16 (repeatable)")
+    return out
+
+
+def default_name(model_dir: Path, config: dict) -> str:
+    name = str(config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
+    return name or model_dir.resolve().name
+
+
+def output_paths(
+    out: Path | None, stem: str, types: Sequence[GGUFType]
+) -> dict[str, Path]:
+    """One target and OUT ending in .gguf: that file. Otherwise OUT is a directory."""
+    if out is not None and out.suffix.lower() == ".gguf":
+        if len(types) > 1:
+            raise InputError(
+                f"-o {out} names one file but {len(types)} targets were given",
+                "give a directory with -o when converting to several types",
+            )
+        return {types[0].name: out}
+    folder = out if out is not None else Path.cwd()
+    return {t.name: folder / f"{stem}-{t.name}.gguf" for t in types}
+
+
+class _Sink:
+    """One float output file being written: its writer and target storage type."""
+
+    def __init__(self, path: Path, base: str, arch: Architecture, vocab: Vocab, name: str):
+        self.path = path
+        self.base = base
+        self.qtype, self.dtype = BASE_STORAGE[base]
+        self.writer = gguf.GGUFWriter(path, arch.arch_name, use_temp_file=False)
+        w = self.writer
+        w.add_name(name)
+        w.add_file_type(int(GGUF_TYPES[base].ftype))
+        arch.write_hparams(w)
+        write_vocab(w, vocab)
+
+    def storage(self, keep_f32: bool) -> tuple[gguf.GGMLQuantizationType, np.dtype]:
+        if keep_f32:
+            return gguf.GGMLQuantizationType.F32, np.dtype(np.float32)
+        return self.qtype, self.dtype
+
+
+def _finite(raw: np.ndarray, dtype: str) -> bool:
+    if dtype == "BF16":  # exponent bits all ones = Inf or NaN
+        return not bool(np.any((raw & 0x7F80) == 0x7F80))
+    if raw.dtype.kind == "f":
+        return bool(np.isfinite(raw).all())
+    return True
+
+
+def _cast(raw: np.ndarray, src: str, dst: np.dtype, tensor: str) -> np.ndarray:
+    """Stored array (BF16 as uint16) → the output storage dtype (BF16 as uint16)."""
+    if dst == np.float16 and src == "F16" or dst == np.uint16 and src == "BF16":
+        return np.ascontiguousarray(raw)
+    f32 = (raw.astype(np.uint32) << 16).view(np.float32) if src == "BF16" else raw.astype(np.float32)
+    if dst == np.float32:
+        return np.ascontiguousarray(f32)
+    if dst == np.float16:
+        big = float(np.max(np.abs(f32))) if f32.size else 0.0
+        if big > F16_MAX:
+            raise CheckpointError(
+                f"tensor {tensor!r} has values up to {big:.4g}, beyond the F16 range (±65504)",
+                "convert to gguf:BF16 or gguf:F32 instead",
+            )
+        return f32.astype(np.float16)
+    # F32 → BF16 with round-to-nearest-even, as gguf-py's quants do it
+    return gguf.quants.quantize(f32, gguf.GGMLQuantizationType.BF16).view(np.uint16).reshape(f32.shape)
+
+
+def convert(
+    model: str | os.PathLike[str],
+    targets: Sequence[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    force: bool = False,
+    allow_pickle: bool = False,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Convert a local HF checkpoint to one GGUF file per target type."""
+    types = parse_targets(targets)
+    model_dir = Path(model)
+
+    # -- preflight: nothing is written until all of this holds -------------------------------
+    ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
+    with ckpt:
+        arch = resolve(ckpt.config)
+        stem = default_name(model_dir, ckpt.config)
+        paths = output_paths(Path(out) if out is not None else None, stem, types)
+        for p in paths.values():
+            check_writable(p, force=force)
+        available = {n: t.shape for n, t in ckpt.tensors.items()}
+        plan = arch.plan(available)
+        vocab = load_vocab(model_dir, vocab_size=arch.h.n_vocab)
+        for pt in plan:
+            if pt.source is not None and ckpt.tensors[pt.source].dtype not in ("F32", "F16", "BF16"):
+                raise CheckpointError(
+                    f"tensor {pt.source!r} is {ckpt.tensors[pt.source].dtype}; only F32/F16/BF16 weights convert",
+                    "dequantize the checkpoint first",
+                )
+
+        # The float files asked for, plus (if any quantized type is asked) a base to quantize
+        # from: the requested float type closest to the source, else a temporary in the source's
+        # own precision, so quantization sees the weights exactly as trained.
+        floats = [t for t in types if t.base]
+        quants = [t for t in types if not t.base]
+        src_base = ckpt.source_dtype if ckpt.source_dtype in BASE_STORAGE else "F32"
+        qbase: tuple[str, Path] | None = None
+        if quants:
+            chosen = next((t.name for t in floats if t.name == src_base), None) or next(
+                (t.name for t in floats if t.name == "F32"), None
+            )
+            if chosen:
+                qbase = (chosen, paths[chosen])
+            else:
+                first = paths[quants[0].name]
+                qbase = (src_base, first.with_name(f".{first.stem}.base-{src_base}.gguf"))
+
+        artifacts: list[Artifact] = []
+        with ExitStack() as stack:
+            stack.enter_context(output_dirs(list(paths.values())))
+            # atomic_output renames each float file into place when the stack closes cleanly
+            tmps = {t.name: stack.enter_context(atomic_output(paths[t.name], force=force)) for t in floats}
+            sinks = [_Sink(tmps[t.name], t.name, arch, vocab, stem) for t in floats]
+            base_path = tmps.get(qbase[0]) if qbase else None
+            if qbase is not None and base_path is None:
+                base_path = stack.enter_context(scratch_file(qbase[1]))
+                sinks.append(_Sink(base_path, qbase[0], arch, vocab, stem))
+
+            t0 = time.perf_counter()
+            read = _stream(ckpt, arch, plan, sinks, progress)
+            elapsed = time.perf_counter() - t0
+            for t in floats:
+                size = tmps[t.name].stat().st_size
+                artifacts.append(Artifact(paths[t.name], t.name, size, len(plan), elapsed))
+
+            if quants:
+                from quantkit.quantize.gguf import quantize_file
+
+                assert base_path is not None
+                for i, q in enumerate(quants):
+                    if progress:
+                        progress("quantize", i, len(quants))
+                    t1 = time.perf_counter()
+                    with atomic_output(paths[q.name], force=force) as tmpq:
+                        quantize_file(base_path, tmpq, q, threads=threads)
+                        size = tmpq.stat().st_size
+                    artifacts.append(
+                        Artifact(paths[q.name], q.name, size, len(plan), time.perf_counter() - t1)
+                    )
+                if progress:
+                    progress("quantize", len(quants), len(quants))
+        order = {t.name: i for i, t in enumerate(types)}
+        artifacts.sort(key=lambda a: order[a.type])
+        return ConvertResult(artifacts, arch.arch_name, arch.unused(ckpt.tensors), read)
+
+
+def _stream(
+    ckpt: Checkpoint,
+    arch: Architecture,
+    plan: list,
+    sinks: list[_Sink],
+    progress: Progress | None,
+) -> int:
+    """Write every planned tensor into every sink; return the bytes read from the checkpoint."""
+    for s in sinks:
+        for pt in plan:
+            qt, dt = s.storage(pt.keep_f32)
+            nbytes = int(np.prod(pt.shape, dtype=np.int64)) * dt.itemsize
+            s.writer.add_tensor_info(pt.name, pt.shape, dt, nbytes, raw_dtype=qt)
+        s.writer.write_header_to_file()
+        s.writer.write_kv_data_to_file()
+        s.writer.write_ti_data_to_file()
+    read = 0
+    for i, pt in enumerate(plan):
+        if progress:
+            progress("convert", i, len(plan))
+        if pt.source is None:
+            raw, src = arch.extra_tensor(pt.name), "F32"
+        else:
+            info = ckpt.tensors[pt.source]
+            raw, src = ckpt.raw(pt.source), info.dtype
+            read += info.nbytes
+            if not _finite(raw, src):
+                raise CheckpointError(
+                    f"{info.file.name}: tensor {pt.source!r} contains NaN or Inf",
+                    "the checkpoint is corrupt or diverged in training; fix the weights first",
+                )
+            raw = arch.transform(pt.source, raw)
+        for s in sinks:
+            _, dt = s.storage(pt.keep_f32)
+            s.writer.write_tensor_data(_cast(raw, src, dt, pt.source or pt.name))
+        del raw
+    for s in sinks:
+        s.writer.close()
+    if progress:
+        progress("convert", len(plan), len(plan))
+    return read

@@ -1,0 +1,1 @@
+"""Quantization (``quantkit.quantize``): GGUF types through llama.cpp's own quantizer."""

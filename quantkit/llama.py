@@ -1,0 +1,73 @@
+"""Access to libllama through llama-cpp-python, with llama.cpp's log captured.
+
+llama.cpp logs to stderr through a callback; quantkit keeps the last lines in memory (to put the
+engine's own words into an error message) and forwards them only with QUANTKIT_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+from quantkit.errors import EngineError
+
+_LOG: collections.deque[str] = collections.deque(maxlen=200)
+_CALLBACK: Any = None  # keep a reference: ctypes callbacks die with their Python object
+_lib: ModuleType | None = None
+
+
+def llama_cpp() -> ModuleType:
+    """Import llama_cpp once and route its log through quantkit."""
+    global _lib, _CALLBACK
+    if _lib is not None:
+        return _lib
+    try:
+        import llama_cpp as lib
+    except ImportError as e:
+        raise EngineError(
+            f"llama-cpp-python is not importable ({e})",
+            "run scripts/install.sh, which builds it for this CPU",
+        ) from None
+    debug = os.environ.get("QUANTKIT_DEBUG") == "1"
+    partial: list[str] = []
+
+    @lib.llama_log_callback
+    def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        s = text.decode("utf-8", "replace")
+        if debug:
+            sys.stderr.write(s)
+        partial.append(s)
+        if s.endswith("\n"):
+            _LOG.append("".join(partial).rstrip())
+            partial.clear()
+
+    _CALLBACK = _cb
+    lib.llama_log_set(_cb, ctypes.c_void_p(0))
+    lib.llama_backend_init()
+    _lib = lib
+    return lib
+
+
+def recent_log(n: int = 20, *, errors_only: bool = False) -> list[str]:
+    lines = [ln for ln in _LOG if ln.strip()]
+    if errors_only:
+        picked = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+        lines = picked or lines
+    return lines[-n:]
+
+
+def clear_log() -> None:
+    _LOG.clear()
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as v
+
+        return v("llama-cpp-python")
+    except Exception:  # not installed as a distribution
+        return "unknown"

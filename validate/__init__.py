@@ -1,0 +1,1 @@
+"""Validation in the target engines (``quantkit.validate``)."""

@@ -1,0 +1,80 @@
+"""llama.cpp as an engine: load a GGUF through llama-cpp-python, get full logits, generate.
+
+This is the in-process core; the validation harness runs it in a subprocess per artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from quantkit.errors import EngineError
+from quantkit.llama import llama_cpp, recent_log
+
+
+KV_F32 = 0  # GGML_TYPE_F32 (ggml.h enum ggml_type)
+
+
+class LlamaCppModel:
+    """A GGUF loaded in llama.cpp with logits for every position."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_ctx: int = 512,
+        threads: int | None = None,
+        kv_f32: bool = False,
+    ) -> None:
+        """``kv_f32``: keep the KV cache in F32 instead of llama.cpp's default F16 — for exactness
+        checks against transformers, where an F16 cache alone moves logits by ~1e-3."""
+        lib = llama_cpp()
+        from llama_cpp import Llama
+
+        self.path = Path(path)
+        t0 = time.perf_counter()
+        try:
+            self.llm = Llama(
+                model_path=str(self.path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=n_ctx,
+                logits_all=True,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                **({"type_k": KV_F32, "type_v": KV_F32} if kv_f32 else {}),
+            )
+        except (ValueError, RuntimeError) as e:
+            why = "; ".join(recent_log(3, errors_only=True)) or str(e)
+            raise EngineError(f"llama.cpp could not load {self.path.name}: {why}") from None
+        self.load_seconds = time.perf_counter() - t0
+        self.n_ctx = n_ctx
+        self.n_vocab = lib.llama_vocab_n_tokens(self.llm._model.vocab)
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits (len(tokens) × n_vocab, float32) for one sequence from an empty cache."""
+        if len(tokens) > self.n_ctx:
+            raise EngineError(f"{len(tokens)} tokens exceed the context of {self.n_ctx}")
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        self.llm.eval(tokens)
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def generate(self, prompt: str, n: int = 16) -> tuple[str, float]:
+        """Greedy continuation of ``prompt``; returns the text and generation tokens/s."""
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        t0 = time.perf_counter()
+        out = self.llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1)
+        dt = time.perf_counter() - t0
+        n_out = out["usage"]["completion_tokens"]
+        return out["choices"][0]["text"], n_out / dt if dt > 0 else 0.0
+
+    def close(self) -> None:
+        self.llm.close()
