@@ -22,8 +22,10 @@ CHILD_CONVERT = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from quantkit.convert import convert
+from pathlib import Path
+Path(sys.argv[3]).unlink(missing_ok=True)  # start from nothing, like the copy
 t1 = time.perf_counter()
-res = convert(sys.argv[1], [sys.argv[2]], sys.argv[3], force=True)
+res = convert(sys.argv[1], [sys.argv[2]], sys.argv[3])
 t2 = time.perf_counter()
 print(json.dumps({"seconds": t2 - t1, "import_seconds": t1 - t0, "read_bytes": res.read_bytes,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -34,10 +36,13 @@ CHILD_COPY = """
 import json, resource, shutil, sys, time
 from pathlib import Path
 src = [Path(p) for p in sys.argv[2:]]
-t0 = time.perf_counter()
 n = 0
-for i, p in enumerate(src):
-    shutil.copyfile(p, Path(sys.argv[1]) / f"copy-{i}")
+dst = [Path(sys.argv[1]) / f"copy-{i}" for i in range(len(src))]
+for d in dst:  # start from nothing, like the conversion
+    d.unlink(missing_ok=True)
+t0 = time.perf_counter()
+for p, d in zip(src, dst):
+    shutil.copyfile(p, d)
     n += p.stat().st_size
 t1 = time.perf_counter()
 print(json.dumps({"seconds": t1 - t0, "bytes": n,
@@ -53,8 +58,12 @@ def child(code: str, *args: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", nargs="?", help="HF model dir (default: embedded SmolLM2-135M-Instruct)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "model", nargs="?", help="HF model dir (default: embedded SmolLM2-135M-Instruct)"
+    )
     ap.add_argument("--to", default="F16", help="GGUF type (default F16)")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
@@ -76,7 +85,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
         for _ in range(args.repeat):
             copy.append(child(CHILD_COPY, tmp, *files))
-            conv.append(child(CHILD_CONVERT, str(model), f"gguf:{args.to}", str(Path(tmp) / "out.gguf")))
+            conv.append(
+                child(CHILD_CONVERT, str(model), f"gguf:{args.to}", str(Path(tmp) / "out.gguf"))
+            )
 
     def med(rows: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in rows)
@@ -85,9 +96,13 @@ def main() -> None:
     gb = total / 1e9
     print(f"model: {model}  ({gb:.3f} GB of tensors, largest tensor {largest / 1e6:.1f} MB)")
     print(f"target: gguf:{args.to}, {args.repeat} rounds, medians")
-    print(f"plain copy : {p_s:7.3f} s  {gb / p_s:6.2f} GB/s  peak RSS {med(copy, 'rss_mb'):7.1f} MB")
-    print(f"convert    : {c_s:7.3f} s  {gb / c_s:6.2f} GB/s  peak RSS {med(conv, 'rss_mb'):7.1f} MB"
-          f"  (+{med(conv, 'import_seconds'):.2f} s imports; torch imported: {conv[0]['torch_loaded']})")
+    print(
+        f"plain copy : {p_s:7.3f} s  {gb / p_s:6.2f} GB/s  peak RSS {med(copy, 'rss_mb'):7.1f} MB"
+    )
+    print(
+        f"convert    : {c_s:7.3f} s  {gb / c_s:6.2f} GB/s  peak RSS {med(conv, 'rss_mb'):7.1f} MB"
+        f"  (+{med(conv, 'import_seconds'):.2f} s imports; torch imported: {conv[0]['torch_loaded']})"
+    )
     print(f"ratio convert/copy: {c_s / p_s:.2f}x")
 
 

@@ -48,22 +48,38 @@ BYTE = int(gguf.TokenType.BYTE)
 # Special-token kinds written as tokenizer.ggml.<kind>_token_id (GGUFWriter.add_<kind>_token_id).
 SPECIAL_KINDS = ("bos", "eos", "eot", "eom", "unk", "sep", "pad", "mask")
 
-# Token texts llama.cpp treats as end-of-turn / end-of-message (llama-vocab.cpp, "find EOT token"
-# and "find EOM token"); used to pick eot/eom among generation_config's extra eos ids.
-EOT_TEXTS = frozenset(
+# Token texts llama.cpp itself stops generation on (llama-vocab.cpp, "special_eog_ids" loop), and
+# among them the end-of-turn / end-of-message ones ("find EOT token", "find EOM token"). Used to
+# pick tokenizer.ggml.eot/eom among generation_config.json's extra eos ids.
+LLAMA_EOG_TEXTS = frozenset(
     {
         "<|eot_id|>",
         "<|im_end|>",
         "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<|flush|>",
+        "<|calls|>",
         "<end_of_turn>",
         "<|endoftext|>",
-        "<|end_of_text|>",
+        "</s>",
+        "<|eom_id|>",
         "<EOT>",
         "_<EOT>",
         "[EOT]",
-        "<｜end▁of▁sentence｜>",
+        "[EOS]",
+        "<|end_of_text|>",
         "<end_of_utterance>",
+        "<eos>",
+        "<turn|>",
+        "<|tool_response>",
+        "<｜end▁of▁sentence｜>",
+        "[e~[",
     }
+)
+EOT_TEXTS = frozenset(
+    {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<EOT>", "_<EOT>", "[EOT]"}
+    | {"<end_of_utterance>"}
 )
 EOM_TEXTS = frozenset({"<|eom_id|>"})
 
@@ -353,10 +369,9 @@ def match_pre_tokenizer(
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path, *, required: bool = False) -> Any:
+def _read_json(path: Path) -> Any:
+    """A JSON file parsed with the standard library (None if absent), size-bounded."""
     if not path.is_file():
-        if required:
-            raise TokenizerError(f"{path}: file not found", "check the model directory")
         return None
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
@@ -783,7 +798,9 @@ TRANSFORMERS_FIXED_PRE: dict[str, tuple[str, ...]] = {
 }
 
 
-def _warn_if_transformers_rebuilds(tok: dict[str, Any], tcfg: dict[str, Any] | None, where: str) -> None:
+def _warn_if_transformers_rebuilds(
+    tok: dict[str, Any], tcfg: dict[str, Any] | None, where: str
+) -> None:
     cls = str((tcfg or {}).get("tokenizer_class") or "").removesuffix("Fast")
     fixed = TRANSFORMERS_FIXED_PRE.get(cls)
     if fixed is None:
@@ -835,7 +852,9 @@ def _load_llama(
             types[a.id] = USER_DEFINED
             text = a.content.replace(SPIECE_SPACE, " ")  # pre-normalized, as llama.cpp expects
         if a.id < base and tokens[a.id] != text:
-            logger.warning("%s: token %d %r replaced by added token %r", where, a.id, tokens[a.id], text)
+            logger.warning(
+                "%s: token %d %r replaced by added token %r", where, a.id, tokens[a.id], text
+            )
         tokens[a.id] = text
         scores[a.id] = -1000.0
     _check_unique(tokens, where)
@@ -899,8 +918,6 @@ def _special_tokens(
     """Special ids and add_bos/add_eos, from the files in the order transformers reads them:
     tokenizer_config.json, special_tokens_map.json, then config.json / generation_config.json ids
     (gguf-py's SpecialVocab reads tokenizer_config.json then config.json the same way)."""
-    # Prefer the id of a special/control token when a text appears more than once (it cannot,
-    # after _check_unique, but keep the lookup explicit).
     by_text = {t: i for i, t in enumerate(tokens)}
     n = len(tokens)
     ids: dict[str, int] = {}
@@ -911,7 +928,9 @@ def _special_tokens(
         if 0 <= tid < n:
             ids[kind] = tid
         else:
-            logger.warning("%s: %s id %d out of range (vocab size %d), ignored", source, kind, tid, n)
+            logger.warning(
+                "%s: %s id %d out of range (vocab size %d), ignored", source, kind, tid, n
+            )
 
     def set_text(kind: str, text: str | None, source: str) -> None:
         if kind in ids or text is None:
@@ -936,33 +955,46 @@ def _special_tokens(
                 value = c.get(f"{kind}_token_id")
                 set_id(kind, value[0] if isinstance(value, list) and value else value, name)
 
-    # Extra end-of-generation ids (generation_config's eos list) that llama.cpp calls eot/eom.
-    eos_lists = [c.get("eos_token_id") for _, c in sources]
-    for value in eos_lists:
-        for tid in value if isinstance(value, list) else []:
-            if not isinstance(tid, int) or not 0 <= tid < n or tid == ids.get("eos"):
-                continue
-            if tokens[tid] in EOM_TEXTS:
-                set_id("eom", tid, "generation_config.json")
-            elif tokens[tid] in EOT_TEXTS or types[tid] == CONTROL:
-                set_id("eot", tid, "generation_config.json")
+    # Extra stop ids (an eos_token_id list in generation_config.json / config.json): name the
+    # end-of-message and end-of-turn ones eom/eot; failing those, a control token llama.cpp would
+    # not stop on by its text becomes eot, so that generation in llama.cpp stops there too.
+    extra = [
+        tid
+        for _, cfg in sources
+        if isinstance(cfg.get("eos_token_id"), list)
+        for tid in cfg["eos_token_id"]
+        if isinstance(tid, int) and 0 <= tid < n and tid != ids.get("eos")
+    ]
+    for tid in extra:
+        if tokens[tid] in EOM_TEXTS:
+            set_id("eom", tid, "generation_config.json")
+        elif tokens[tid] in EOT_TEXTS:
+            set_id("eot", tid, "generation_config.json")
+    for tid in extra:
+        if types[tid] == CONTROL and tokens[tid] not in LLAMA_EOG_TEXTS:
+            set_id("eot", tid, "generation_config.json")
 
+    # tokenizer.json's post_processor is what the tokenizers library runs, and transformers >= 5
+    # keeps it (add_bos_token in tokenizer_config.json does not change it, measured with 5.24);
+    # the add_*_token flags only decide when there is no tokenizer.json post_processor.
     add_bos, add_eos = _post_processor_adds(tok, by_text, ids)
     for kind, current in (("bos", add_bos), ("eos", add_eos)):
         flag = (tcfg or {}).get(f"add_{kind}_token")
-        if isinstance(flag, bool):
-            if current is not None and current != flag:
-                logger.warning(
-                    "tokenizer_config.json: add_%s_token=%s overrides tokenizer.json's "
-                    "post_processor (%s), as transformers does",
-                    kind,
-                    flag,
-                    current,
-                )
+        if not isinstance(flag, bool):
+            continue
+        if current is None:
             if kind == "bos":
                 add_bos = flag
             else:
                 add_eos = flag
+        elif current != flag:
+            logger.warning(
+                "tokenizer_config.json: add_%s_token=%s disagrees with tokenizer.json's "
+                "post_processor (%s); following the post_processor, which is what is applied",
+                kind,
+                flag,
+                current,
+            )
     if add_bos and "bos" not in ids:
         raise TokenizerError(
             f"{model_dir}: the tokenizer adds a BOS token but names none",
@@ -993,17 +1025,30 @@ def _post_processor_adds(
     add_eos: bool | None = None
     for p in procs:
         kind = p.get("type")
-        if kind == "ByteLevel":
-            continue  # offsets only
-        if kind != "TemplateProcessing":
-            logger.warning("tokenizer.json: post_processor %r not interpreted", kind)
+        if kind == "ByteLevel":  # offsets only: adds nothing
+            add_bos = False if add_bos is None else add_bos
+            add_eos = False if add_eos is None else add_eos
             continue
+        if kind in ("RobertaProcessing", "BertProcessing"):  # <cls> A <sep>
+            cls_, sep = p.get("cls") or [None, None], p.get("sep") or [None, None]
+            for k, (_, tid) in (("bos", cls_), ("eos", sep)):
+                if isinstance(tid, int):
+                    ids[k] = tid
+            add_bos, add_eos = isinstance(cls_[1], int), isinstance(sep[1], int)
+            continue
+        if kind != "TemplateProcessing":
+            raise TokenizerError(
+                f"tokenizer.json: post_processor {kind!r} is not understood",
+                "llama.cpp can only add one BOS and one EOS token",
+            )
         single = p.get("single") or []
         specials: dict[str, Any] = p.get("special_tokens") or {}
         token_of = _template_token_resolver(specials, by_text)
         first = token_of(single[0]) if single else None
         last = token_of(single[-1]) if len(single) > 1 else None
-        if len([i for i in single if "SpecialToken" in i]) > (first is not None) + (last is not None):
+        if len([i for i in single if "SpecialToken" in i]) > (first is not None) + (
+            last is not None
+        ):
             raise TokenizerError(
                 "tokenizer.json: post_processor puts special tokens inside the sequence",
                 "llama.cpp adds at most one BOS and one EOS",

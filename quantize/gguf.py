@@ -16,7 +16,9 @@ from quantkit.quantize.types import GGUFType
 
 
 def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
 
 
 def quantize_file(src: Path, dst: Path, qtype: GGUFType, *, threads: int | None = None) -> None:

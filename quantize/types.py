@@ -73,7 +73,5 @@ GGUF_TYPES: dict[str, GGUFType] = {
 def gguf_type(name: str) -> GGUFType:
     t = GGUF_TYPES.get(name.upper())
     if t is None:
-        raise InputError(
-            f"unknown GGUF type {name!r}", f"choose one of: {', '.join(GGUF_TYPES)}"
-        )
+        raise InputError(f"unknown GGUF type {name!r}", f"choose one of: {', '.join(GGUF_TYPES)}")
     return t

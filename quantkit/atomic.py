@@ -32,7 +32,9 @@ def check_writable(final: Path, *, force: bool) -> None:
     while not parent.exists():  # created later, only once the preflight has passed
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise OutputExistsError(f"{parent}: cannot create files there", "choose another output directory")
+        raise OutputExistsError(
+            f"{parent}: cannot create files there", "choose another output directory"
+        )
 
 
 @contextlib.contextmanager

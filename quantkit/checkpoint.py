@@ -43,7 +43,13 @@ SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit for the JSON header
 MAX_JSON_BYTES = 64 * 1024 * 1024  # config/index/tokenizer_config; tokenizer.json may be larger
-PICKLE_WEIGHTS = ("pytorch_model.bin", "model.bin", "consolidated.pth", "model.pt", "pytorch_model.pt")
+PICKLE_WEIGHTS = (
+    "pytorch_model.bin",
+    "model.bin",
+    "consolidated.pth",
+    "model.pt",
+    "pytorch_model.pt",
+)
 
 
 def read_json(path: Path, *, what: str | None = None, limit: int = MAX_JSON_BYTES) -> Any:
@@ -91,7 +97,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+                raise CheckpointError(
+                    f"{path}: truncated safetensors file ({size} bytes, no header)"
+                )
             (hlen,) = struct.unpack("<Q", head)
             if hlen > MAX_HEADER_BYTES:
                 raise CheckpointError(
@@ -179,7 +187,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
             raise CheckpointError(f"{path}: hole of {b - pos} bytes before tensor {name!r}")
         pos = e
     if pos != data_len:
-        raise CheckpointError(f"{path}: {data_len - pos} bytes after the last tensor belong to none")
+        raise CheckpointError(
+            f"{path}: {data_len - pos} bytes after the last tensor belong to none"
+        )
     return infos, {str(k): str(v) for k, v in meta.items()}
 
 
@@ -272,7 +282,9 @@ class Checkpoint:
                 continue
             dtype = dt.get(t.dtype)
             if dtype is None:
-                raise CheckpointError(f"{self.pickle_files[0]}: tensor {name!r} has dtype {t.dtype}")
+                raise CheckpointError(
+                    f"{self.pickle_files[0]}: tensor {name!r} has dtype {t.dtype}"
+                )
             self.tensors[name] = TensorInfo(
                 name, dtype, tuple(t.shape), self.pickle_files[0], 0, t.numel() * t.element_size()
             )
@@ -303,6 +315,20 @@ class Checkpoint:
             info.shape
         )
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's resident set (they stay in the page
+        cache). Without this, every page read through the map counts in RSS until the end, and
+        peak memory would grow with the model instead of the largest tensor."""
+        info = self.tensors[name]
+        m = self._maps.get(info.file)
+        if m is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = info.start // page * page
+        end = min(len(m), info.start + info.nbytes)
+        if end > start:
+            m.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def float32(self, name: str) -> np.ndarray:
         info = self.tensors[name]
         if info.dtype not in FLOAT_DTYPES:
@@ -325,7 +351,9 @@ class Checkpoint:
 
     def iter_names(self) -> Iterator[str]:
         # file order, then offset order: reads the disk front to back
-        yield from sorted(self.tensors, key=lambda n: (str(self.tensors[n].file), self.tensors[n].start))
+        yield from sorted(
+            self.tensors, key=lambda n: (str(self.tensors[n].file), self.tensors[n].start)
+        )
 
     @property
     def nbytes(self) -> int:
@@ -355,7 +383,8 @@ def _weight_files(root: Path) -> list[Path]:
                 raise CheckpointError(f"{index}: shard {name!r} lies outside the model folder")
             if not p.is_file():
                 raise CheckpointError(
-                    f"{index}: shard {name!r} is missing", "download or copy every shard the index lists"
+                    f"{index}: shard {name!r} is missing",
+                    "download or copy every shard the index lists",
                 )
             files.append(p)
         return files

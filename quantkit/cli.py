@@ -124,7 +124,12 @@ def convert(
                 {
                     "architecture": res.architecture,
                     "artifacts": [
-                        {"path": str(a.path), "type": a.type, "size": a.size, "seconds": round(a.seconds, 3)}
+                        {
+                            "path": str(a.path),
+                            "type": a.type,
+                            "size": a.size,
+                            "seconds": round(a.seconds, 3),
+                        }
                         for a in res.artifacts
                     ],
                     "unused_tensors": res.unused_tensors,
@@ -137,8 +142,11 @@ def convert(
     rows = [[a.type, human_bytes(a.size), f"{a.seconds:.1f}s", str(a.path)] for a in res.artifacts]
     click.echo(format_table(["type", "size", "time", "path"], rows))
     if res.unused_tensors:
-        click.echo(f"note: {len(res.unused_tensors)} checkpoint tensor(s) not needed by llama.cpp: "
-                   + ", ".join(res.unused_tensors[:5]), err=True)
+        click.echo(
+            f"note: {len(res.unused_tensors)} checkpoint tensor(s) not needed by llama.cpp: "
+            + ", ".join(res.unused_tensors[:5]),
+            err=True,
+        )
 
 
 @cli.command(epilog=EPILOG_INSPECT)
@@ -181,8 +189,12 @@ def inspect(path: Path, as_json: bool, show_all: bool) -> None:
 @cli.command(epilog=EPILOG_DEMO)
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), default=Path("quantkit-demo"),
-    show_default=True, help="Directory for the GGUF files.",
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("quantkit-demo"),
+    show_default=True,
+    help="Directory for the GGUF files.",
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 def demo(model: Path | None, output: Path, threads: int | None) -> None:
@@ -192,13 +204,19 @@ def demo(model: Path | None, output: Path, threads: int | None) -> None:
     from quantkit.demo_run import run_demo
 
     if model is None:
-        click.echo("quantkit demo: preparing the embedded default model (SmolLM2-135M-Instruct)...", err=True)
+        click.echo(
+            "quantkit demo: preparing the embedded default model (SmolLM2-135M-Instruct)...",
+            err=True,
+        )
         model = demo_model()
     output.mkdir(parents=True, exist_ok=True)
     rows, sample = run_demo(model, output, threads=threads, progress=_Progress())
-    click.echo(format_table(
-        ["type", "size", "bits/weight", "load", "ppl", "top-1 vs F16", "gen tok/s", "path"], rows
-    ))
+    click.echo(
+        format_table(
+            ["type", "size", "bits/weight", "load", "ppl", "top-1 vs F16", "gen tok/s", "path"],
+            rows,
+        )
+    )
     click.echo(f"\nQ8_0 greedy continuation: {sample!r}")
 
 

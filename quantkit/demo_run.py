@@ -24,7 +24,7 @@ PROMPT = "The capital of France is"
 def _nll(logits: np.ndarray, tokens: list[int]) -> np.ndarray:
     x = logits[:-1].astype(np.float64)
     m = x.max(axis=1, keepdims=True)
-    logz = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
+    logz = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
     return logz - x[np.arange(len(tokens) - 1), tokens[1:]]
 
 
@@ -32,7 +32,9 @@ def run_demo(model: Path, output: Path, *, threads: int | None = None, progress=
     from quantkit.gguf_file import read_gguf
     from quantkit.validate.llamacpp import LlamaCppModel
 
-    res = convert(model, ["gguf:F16", "gguf:Q8_0"], output, force=True, threads=threads, progress=progress)
+    res = convert(
+        model, ["gguf:F16", "gguf:Q8_0"], output, force=True, threads=threads, progress=progress
+    )
     rows = []
     ref_argmax = None
     sample = ""
@@ -51,8 +53,16 @@ def run_demo(model: Path, output: Path, *, threads: int | None = None, progress=
         finally:
             m.close()
         info = read_gguf(art.path)
-        rows.append([
-            art.type, human_bytes(art.size), f"{info.bpw:.2f}", f"{m.load_seconds:.2f}s",
-            f"{ppl:.2f}", agree, f"{tps:.1f}", str(art.path),
-        ])
+        rows.append(
+            [
+                art.type,
+                human_bytes(art.size),
+                f"{info.bpw:.2f}",
+                f"{m.load_seconds:.2f}s",
+                f"{ppl:.2f}",
+                agree,
+                f"{tps:.1f}",
+                str(art.path),
+            ]
+        )
     return rows, PROMPT + sample

@@ -130,7 +130,9 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
-    def value(self, vtype: int, what: str, *, keep_array: bool) -> tuple[Any, tuple[str, int] | None]:
+    def value(
+        self, vtype: int, what: str, *, keep_array: bool
+    ) -> tuple[Any, tuple[str, int] | None]:
         if vtype in SCALARS:
             return self.unpack(SCALARS[vtype], what), None
         if vtype == VT.STRING:
@@ -245,7 +247,9 @@ def _parse(c: _Cursor, size: int, keep_arrays: tuple[str, ...]) -> GGUFInfo:
             n *= d
         nbytes = n // block * tsize
         if offset % alignment:
-            raise GGUFFormatError(f"{c.path}: tensor {name!r} offset {offset} is not {alignment}-aligned")
+            raise GGUFFormatError(
+                f"{c.path}: tensor {name!r} offset {offset} is not {alignment}-aligned"
+            )
         if data_start + offset + nbytes > size:
             raise GGUFFormatError(
                 f"{c.path}: tensor {name!r} data ({nbytes} bytes at {data_start + offset}) runs past the end of the file ({size} bytes)",

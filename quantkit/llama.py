@@ -10,6 +10,7 @@ import collections
 import ctypes
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -25,6 +26,7 @@ def llama_cpp() -> ModuleType:
     global _lib, _CALLBACK
     if _lib is not None:
         return _lib
+    check_build()
     try:
         import llama_cpp as lib
     except ImportError as e:
@@ -50,6 +52,22 @@ def llama_cpp() -> ModuleType:
     lib.llama_backend_init()
     _lib = lib
     return lib
+
+
+def check_build() -> None:
+    """Refuse a llama.cpp built for another CPU (a venv carried to a machine with other ISA
+    flags would die with "Illegal instruction" or take the crashing AMX path; DESIGN.md)."""
+    from quantkit.buildflags import flags_key
+
+    marker = Path(sys.prefix) / ".llama-cpp-flags"
+    if not marker.is_file():
+        return  # not installed by scripts/install.sh; nothing recorded to compare
+    built = marker.read_text().strip().rpartition("-")[2]
+    if built != flags_key():
+        raise EngineError(
+            "llama-cpp-python in this environment was built for a CPU with other instruction sets",
+            "run scripts/install.sh again: it builds llama.cpp for this CPU",
+        )
 
 
 def recent_log(n: int = 20, *, errors_only: bool = False) -> list[str]:

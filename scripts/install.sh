@@ -57,6 +57,7 @@ if [ "$(cat "$marker" 2>/dev/null)" != "$llama_version-$key" ] || ! "$vpy" -c "i
     say "building llama-cpp-python $llama_version for this CPU (6-8 minutes on 2 cores)"
     say "CMAKE_ARGS=$cmake_args"
     tmp="$(mktemp -d "$wheel_dir.tmp.XXXX")"
+    trap 'rm -rf "$tmp"' EXIT  # an interrupted build leaves no half-made wheel dir
     CMAKE_ARGS="$cmake_args" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
       "$vpy" -m pip wheel -q --no-deps --no-cache-dir -w "$tmp" "$sdist"
     mv "$tmp"/llama_cpp_python-*.whl "$wheel_dir"/ && rm -rf "$tmp"

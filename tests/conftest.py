@@ -63,7 +63,9 @@ def save_bpe_tokenizer(out: Path, vocab_size: int = 512) -> None:
     fast.save_pretrained(out)
 
 
-def make_tiny_model(out: Path, arch: str, seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+def make_tiny_model(
+    out: Path, arch: str, seed: int = 0, dtype: str = "float32", **overrides
+) -> Path:
     """Build a random tiny model of ``arch`` (e.g. "LlamaForCausalLM") and save it with a tokenizer."""
     import torch
     import transformers
@@ -113,7 +115,9 @@ def gguf_logits(path: Path, tokens: list[int]):
         m.close()
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``quantkit`` as a user would (a fresh process), capturing output."""
     e = {**os.environ, **(env or {})}
     e.pop("QUANTKIT_DEBUG", None)

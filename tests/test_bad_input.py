@@ -9,7 +9,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import make_tiny_model, run_cli
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
@@ -46,7 +45,9 @@ def convert_fails(model: Path, out: Path, *extra: str) -> str:
     assert len(lines) == 1, r.stderr  # one line, no traceback
     assert "Traceback" not in r.stderr
     assert not out.exists(), "output written despite the error"
-    assert not [p for p in out.parent.iterdir() if p.name.endswith(".part")], "temporary left behind"
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".part")], (
+        "temporary left behind"
+    )
     return lines[0]
 
 
@@ -108,7 +109,10 @@ def test_misshaped_tensor(model: Path, tmp_path: Path) -> None:
     t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), dtype=np.float32)
     _save(model, t)
     msg = convert_fails(model, tmp_path / "o.gguf")
-    assert "mis-shaped tensors: model.layers.0.self_attn.k_proj.weight is [64, 64], expected [32, 64]" in msg
+    assert (
+        "mis-shaped tensors: model.layers.0.self_attn.k_proj.weight is [64, 64], expected [32, 64]"
+        in msg
+    )
 
 
 def test_truncated_safetensors(model: Path, tmp_path: Path) -> None:
@@ -139,7 +143,10 @@ def test_malformed_safetensors_header(model: Path, tmp_path: Path) -> None:
 
 
 def test_missing_shard(model: Path, tmp_path: Path) -> None:
-    idx = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
+    idx = {
+        "metadata": {},
+        "weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"},
+    }
     (model / "model.safetensors.index.json").write_text(json.dumps(idx))
     msg = convert_fails(model, tmp_path / "o.gguf")
     assert "model-00002-of-00002.safetensors" in msg and "missing" in msg
@@ -227,3 +234,45 @@ def test_f16_overflow_suggests_bf16(model: Path, tmp_path: Path) -> None:
     assert "beyond the F16 range" in msg and "BF16" in msg
     r = run_cli("convert", str(model), "--to", "gguf:BF16", "-o", str(tmp_path / "b.gguf"))
     assert r.returncode == 0, r.stderr
+
+
+def test_interrupted_conversion_leaves_nothing(demo_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM in the middle of writing: exit 130, no final file, no temporary."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "QUANTKIT_DEBUG"}
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "quantkit.cli",
+            "convert",
+            str(demo_model_dir),
+            "--to",
+            "F32",
+            "--to",
+            "BF16",
+            "--to",
+            "Q8_0",
+            "-o",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(out.glob("*.part")):
+        time.sleep(0.005)
+    assert any(out.glob("*.part")), "conversion never started writing"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    assert list(out.iterdir()) == [], [x.name for x in out.iterdir()]

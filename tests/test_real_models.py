@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import fixture_path, gguf_logits, hf_logits, run_cli
 
 TEXT = (
@@ -82,7 +81,9 @@ def test_demo_command(demo_model_dir: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split()[:2] == ["type", "size"]
-    assert any(ln.startswith("F16 ") for ln in lines) and any(ln.startswith("Q8_0 ") for ln in lines)
+    assert any(ln.startswith("F16 ") for ln in lines) and any(
+        ln.startswith("Q8_0 ") for ln in lines
+    )
     assert (tmp_path / "demo" / "smollm2-135m-instruct-Q8_0.gguf").is_file()
 
 

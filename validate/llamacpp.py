@@ -13,7 +13,6 @@ import numpy as np
 from quantkit.errors import EngineError
 from quantkit.llama import llama_cpp, recent_log
 
-
 KV_F32 = 0  # GGML_TYPE_F32 (ggml.h enum ggml_type)
 
 

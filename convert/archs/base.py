@@ -130,9 +130,7 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     Same transform as llama.cpp's convert (LlamaModel.permute), applied to weights and biases.
     """
     rows = w.shape[0]
-    return (
-        w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 class Architecture:
@@ -212,9 +210,7 @@ class Architecture:
     def unused(self, available: Iterable[str]) -> list[str]:
         """Checkpoint tensors the plan does not use (reported, not fatal: e.g. a tied lm_head)."""
         expected = self.expected()
-        return [
-            n for n in available if n not in expected and not n.endswith(self.ignored_suffixes)
-        ]
+        return [n for n in available if n not in expected and not n.endswith(self.ignored_suffixes)]
 
     @staticmethod
     def keeps_f32(gguf_name: str, shape: tuple[int, ...]) -> bool:
@@ -281,7 +277,9 @@ def _rope_yarn(w: gguf.GGUFWriter, rope: dict[str, Any], h: HParams) -> None:
     w.add_rope_scaling_factor(float(rope["factor"]))
     orig = rope.get("original_max_position_embeddings")
     if orig is None:
-        raise CheckpointError("config.json: yarn rope scaling without original_max_position_embeddings")
+        raise CheckpointError(
+            "config.json: yarn rope scaling without original_max_position_embeddings"
+        )
     w.add_rope_scaling_orig_ctx_len(int(orig))
     for key, add in (
         ("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),

@@ -52,9 +52,15 @@ LLAMA_TENSORS: tuple[TensorSpec, ...] = (
 
 # Optional biases (Llama's attention_bias / mlp_bias; always on for Qwen2's q/k/v).
 ATTN_QKV_BIAS: tuple[TensorSpec, ...] = (
-    TensorSpec(LAYER + "self_attn.q_proj.bias", lambda h: (_q_out(h),), when=lambda h: h.attention_bias),
-    TensorSpec(LAYER + "self_attn.k_proj.bias", lambda h: (_kv_out(h),), when=lambda h: h.attention_bias),
-    TensorSpec(LAYER + "self_attn.v_proj.bias", lambda h: (_kv_out(h),), when=lambda h: h.attention_bias),
+    TensorSpec(
+        LAYER + "self_attn.q_proj.bias", lambda h: (_q_out(h),), when=lambda h: h.attention_bias
+    ),
+    TensorSpec(
+        LAYER + "self_attn.k_proj.bias", lambda h: (_kv_out(h),), when=lambda h: h.attention_bias
+    ),
+    TensorSpec(
+        LAYER + "self_attn.v_proj.bias", lambda h: (_kv_out(h),), when=lambda h: h.attention_bias
+    ),
 )
 ATTN_O_BIAS = TensorSpec(
     LAYER + "self_attn.o_proj.bias", lambda h: (h.n_embd,), when=lambda h: h.attention_bias
@@ -107,7 +113,8 @@ class Qwen2(Architecture):
     hf_architectures = ("Qwen2ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.QWEN2  # NEOX rotary in llama.cpp: no Q/K permutation
     tensors = LLAMA_TENSORS + tuple(
-        TensorSpec(s.hf, s.shape) for s in ATTN_QKV_BIAS  # Qwen2 always has q/k/v biases
+        TensorSpec(s.hf, s.shape)
+        for s in ATTN_QKV_BIAS  # Qwen2 always has q/k/v biases
     )
 
 
