@@ -28,6 +28,7 @@ t1 = time.perf_counter()
 res = convert(sys.argv[1], [sys.argv[2]], sys.argv[3])
 t2 = time.perf_counter()
 print(json.dumps({"seconds": t2 - t1, "import_seconds": t1 - t0, "read_bytes": res.read_bytes,
+                  "stream_seconds": res.timings["stream"], "preflight_seconds": res.timings["preflight"],
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "torch_loaded": "torch" in sys.modules}))
 """
@@ -103,7 +104,10 @@ def main() -> None:
         f"convert    : {c_s:7.3f} s  {gb / c_s:6.2f} GB/s  peak RSS {med(conv, 'rss_mb'):7.1f} MB"
         f"  (+{med(conv, 'import_seconds'):.2f} s imports; torch imported: {conv[0]['torch_loaded']})"
     )
-    print(f"ratio convert/copy: {c_s / p_s:.2f}x")
+    s_s, f_s = med(conv, "stream_seconds"), med(conv, "preflight_seconds")
+    print(f"  of which : preflight (config, tensor index, tokenizer) {f_s:.3f} s,"
+          f" weight streaming {s_s:.3f} s")
+    print(f"ratio convert/copy: {c_s / p_s:.2f}x  (weight streaming alone: {s_s / p_s:.2f}x)")
 
 
 if __name__ == "__main__":

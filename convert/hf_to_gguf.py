@@ -56,6 +56,7 @@ class ConvertResult:
     architecture: str
     unused_tensors: list[str] = field(default_factory=list)
     read_bytes: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # preflight / stream / quantize, s
 
 
 def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
@@ -176,6 +177,7 @@ def convert(
     """Convert a local HF checkpoint to one GGUF file per target type."""
     types = parse_targets(targets)
     model_dir = Path(model)
+    t_start = time.perf_counter()
 
     # -- preflight: nothing is written until all of this holds -------------------------------
     ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
@@ -231,8 +233,9 @@ def convert(
                 sinks.append(_Sink(base_path, qbase[0], arch, vocab, stem))
 
             t0 = time.perf_counter()
+            timings = {"preflight": t0 - t_start}
             read = _stream(ckpt, arch, plan, sinks, progress)
-            elapsed = time.perf_counter() - t0
+            elapsed = timings["stream"] = time.perf_counter() - t0
             for t in floats:
                 size = tmps[t.name].stat().st_size
                 artifacts.append(Artifact(paths[t.name], t.name, size, len(plan), elapsed))
@@ -253,9 +256,10 @@ def convert(
                     )
                 if progress:
                     progress("quantize", len(quants), len(quants))
+                timings["quantize"] = time.perf_counter() - t0 - elapsed
         order = {t.name: i for i, t in enumerate(types)}
         artifacts.sort(key=lambda a: order[a.type])
-        return ConvertResult(artifacts, arch.arch_name, arch.unused(ckpt.tensors), read)
+        return ConvertResult(artifacts, arch.arch_name, arch.unused(ckpt.tensors), read, timings)
 
 
 def _stream(

@@ -638,6 +638,33 @@ def _merge_pairs(merges: list[Any], where: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _gguf_merges(merges: list[Any], where: str) -> list[str]:
+    """Merges as GGUF stores them ("left right"). The common string form is already that, so a
+    50k-merge vocabulary is checked without splitting and re-joining every entry."""
+    kinds = set(map(type, merges))
+    fast: list[str] | None = None
+    if kinds == {str}:
+        fast = list(merges)
+    elif kinds == {list}:
+        try:
+            fast = [a + " " + b for a, b in merges]
+        except (TypeError, ValueError):  # not pairs of strings: the slow path names the entry
+            fast = None
+    # each entry has at least its separator; exactly one space each means no part has one
+    if fast is not None and "\n".join(fast).count(" ") == len(fast):
+        return fast
+    out: list[str] = []
+    for a, b in _merge_pairs(merges, where):
+        if " " in a or " " in b:
+            # llama.cpp splits a merge at its first space (llama_vocab::impl::load)
+            raise TokenizerError(
+                f"{where}: merge ({a!r}, {b!r}) contains a space, which GGUF merges cannot carry",
+                "this is not a byte-level vocabulary; it cannot be converted",
+            )
+        out.append(f"{a} {b}")
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -750,15 +777,7 @@ def _load_bpe(
         types[a.id] = CONTROL if a.special or looks_special(a.content) else USER_DEFINED
     _check_unique(tokens, where)
 
-    merges: list[str] = []
-    for a, b in _merge_pairs(model.get("merges") or [], where):
-        if " " in a or " " in b:
-            # llama.cpp splits a merge at its first space (llama_vocab::impl::load)
-            raise TokenizerError(
-                f"{where}: merge ({a!r}, {b!r}) contains a space, which GGUF merges cannot carry",
-                "this is not a byte-level vocabulary; it cannot be converted",
-            )
-        merges.append(f"{a} {b}")
+    merges = _gguf_merges(model.get("merges") or [], where)
     pre = match_pre_tokenizer(tok, clean_spaces=_hf_cleans_spaces(tcfg), where=where)
     _warn_if_transformers_rebuilds(tok, tcfg, where)
     special_ids, add_bos, add_eos = _special_tokens(model_dir, tokens, types, tok, tcfg, config)

@@ -30,13 +30,16 @@ class GGUFWriter(gguf.GGUFWriter):
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         ltype = sub_type
         if ltype is None:
-            first = type(val[0])
-            if not all(type(v) is first for v in val):  # mixed: let gguf-py decide and complain
+            if len(set(map(type, val))) != 1:  # mixed: let gguf-py decide and complain
                 return super()._pack_val(val, vtype, add_vtype, sub_type)
             ltype = VT.get_type(val[0])
         if ltype == VT.STRING:
-            enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
-            body = b"".join(struct.pack("<Q", len(e)) + e for e in enc)
+            enc = [v.encode("utf-8") for v in val] if type(val[0]) is str else [bytes(v) for v in val]
+            lens = np.fromiter(map(len, enc), dtype="<u8", count=len(enc)).tobytes()
+            parts: list[bytes] = [b""] * (2 * len(enc))
+            parts[0::2] = [lens[i : i + 8] for i in range(0, len(lens), 8)]
+            parts[1::2] = enc
+            body = b"".join(parts)
         elif ltype in _NUMPY:
             body = np.asarray(val, dtype=_NUMPY[ltype]).tobytes()
         else:
