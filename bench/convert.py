@@ -105,8 +105,10 @@ def main() -> None:
         f"  (+{med(conv, 'import_seconds'):.2f} s imports; torch imported: {conv[0]['torch_loaded']})"
     )
     s_s, f_s = med(conv, "stream_seconds"), med(conv, "preflight_seconds")
-    print(f"  of which : preflight (config, tensor index, tokenizer) {f_s:.3f} s,"
-          f" weight streaming {s_s:.3f} s")
+    print(
+        f"  of which : preflight (config, tensor index, tokenizer) {f_s:.3f} s,"
+        f" weight streaming {s_s:.3f} s"
+    )
     print(f"ratio convert/copy: {c_s / p_s:.2f}x  (weight streaming alone: {s_s / p_s:.2f}x)")
 
 

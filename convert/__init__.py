@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
-from quantkit.convert.hf_to_gguf import Artifact, ConvertResult, convert, parse_targets
+from quantkit.convert.hf_to_gguf import (
+    Artifact,
+    ConvertResult,
+    QuantSettings,
+    convert,
+    parse_targets,
+)
 
-__all__ = ["Artifact", "ConvertResult", "convert", "parse_targets"]
+__all__ = ["Artifact", "ConvertResult", "QuantSettings", "convert", "parse_targets"]

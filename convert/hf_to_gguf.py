@@ -11,11 +11,13 @@ final name only when complete.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -26,6 +28,8 @@ from quantkit.convert.archs import Architecture, resolve
 from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
 from quantkit.convert.writer import GGUFWriter
 from quantkit.errors import CheckpointError, InputError
+from quantkit.quantize.audit import Audit, audit, file_type_of
+from quantkit.quantize.gguf import Fallback, QuantizeOptions, quantize_file
 from quantkit.quantize.types import GGUF_TYPES, GGUFType, gguf_type
 
 # progress(stage, done, total): the CLI draws bars from it; library code never prints.
@@ -45,9 +49,26 @@ BASE_STORAGE: dict[str, tuple[gguf.GGMLQuantizationType, np.dtype]] = {
 class Artifact:
     path: Path
     type: str
-    size: int
+    size: int  # bytes on disk (dry run: predicted)
     n_tensors: int
     seconds: float
+    audit: Audit | None = None
+    planned: dict[str, str] | None = None  # dry run: tensor -> type
+    fallbacks: list[Fallback] = field(default_factory=list)  # dry run: llama.cpp's plan
+
+    def to_json(self) -> dict:
+        d = {
+            "path": str(self.path),
+            "type": self.type,
+            "size": self.size,
+            "seconds": round(self.seconds, 3),
+        }
+        if self.audit is not None:
+            d["audit"] = {k: v for k, v in self.audit.to_json().items() if k != "tensors"}
+        if self.planned is not None:
+            d["planned"] = self.planned
+            d["fallbacks"] = [asdict(f) for f in self.fallbacks]
+        return d
 
 
 @dataclass
@@ -57,6 +78,7 @@ class ConvertResult:
     unused_tensors: list[str] = field(default_factory=list)
     read_bytes: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # preflight / stream / quantize, s
+    imatrix: Any = None  # the importance matrix used (quantize.imatrix.Imatrix), if any
 
 
 def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
@@ -164,6 +186,18 @@ def _cast(raw: np.ndarray, src: str, dst: np.dtype, tensor: str) -> np.ndarray:
     )
 
 
+@dataclass
+class QuantSettings:
+    """How quantized targets are made (all optional)."""
+
+    options: QuantizeOptions = field(default_factory=QuantizeOptions)
+    imatrix_file: Path | None = None  # reuse a saved importance matrix
+    calib: Path | None = None  # calibration text: compute the importance matrix on the way
+    calib_ctx: int = 512
+    calib_chunks: int | None = None
+    no_fallback: bool = False  # a tensor that cannot get its type is an error
+
+
 def convert(
     model: str | os.PathLike[str],
     targets: Sequence[str],
@@ -173,11 +207,22 @@ def convert(
     allow_pickle: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
+    quant: QuantSettings | None = None,
+    dry_run: bool = False,
 ) -> ConvertResult:
-    """Convert a local HF checkpoint to one GGUF file per target type."""
+    """Convert a local HF checkpoint to one GGUF file per target type.
+
+    ``dry_run``: write nothing; each artifact carries the planned per-tensor types and the
+    predicted size (llama.cpp's own dry run for quantized types).
+    """
     types = parse_targets(targets)
+    qs = quant or QuantSettings()
     model_dir = Path(model)
     t_start = time.perf_counter()
+    if model_dir.is_file() and model_dir.suffix.lower() == ".gguf":
+        return requantize(
+            model_dir, types, out, force=force, progress=progress, quant=qs, dry_run=dry_run
+        )
 
     # -- preflight: nothing is written until all of this holds -------------------------------
     ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
@@ -185,81 +230,254 @@ def convert(
         arch = resolve(ckpt.config)
         stem = default_name(model_dir, ckpt.config)
         paths = output_paths(Path(out) if out is not None else None, stem, types)
-        for p in paths.values():
-            check_writable(p, force=force)
+        if not dry_run:
+            for p in paths.values():
+                check_writable(p, force=force)
         available = {n: t.shape for n, t in ckpt.tensors.items()}
         plan = arch.plan(available)
         vocab = load_vocab(model_dir, vocab_size=arch.h.n_vocab)
         for pt in plan:
-            if pt.source is not None and ckpt.tensors[pt.source].dtype not in (
-                "F32",
-                "F16",
-                "BF16",
-            ):
+            if pt.source is not None and ckpt.tensors[pt.source].dtype not in BASE_STORAGE:
                 raise CheckpointError(
                     f"tensor {pt.source!r} is {ckpt.tensors[pt.source].dtype}; only F32/F16/BF16 weights convert",
                     "dequantize the checkpoint first",
                 )
-
-        # The float files asked for, plus (if any quantized type is asked) a base to quantize
-        # from: the requested float type closest to the source, else a temporary in the source's
-        # own precision, so quantization sees the weights exactly as trained.
         floats = [t for t in types if t.base]
         quants = [t for t in types if not t.base]
+        imatrix = _preflight_imatrix(quants, qs, dry_run)
+
+        # The float files asked for, plus (if any quantized type is asked) a base to quantize
+        # from: the requested float type matching the source precision (or F32), else a
+        # temporary in the source's own precision, so quantization sees the weights as trained.
         src_base = ckpt.source_dtype if ckpt.source_dtype in BASE_STORAGE else "F32"
-        qbase: tuple[str, Path] | None = None
+        base_name = None
         if quants:
-            chosen = next((t.name for t in floats if t.name == src_base), None) or next(
-                (t.name for t in floats if t.name == "F32"), None
+            base_name = next((t.name for t in floats if t.name in (src_base, "F32")), src_base)
+        timings = {"preflight": time.perf_counter() - t_start}
+
+        if imatrix is None and qs.calib is not None and quants:
+            from quantkit.quantize.imatrix import collect_imatrix
+
+            t1 = time.perf_counter()
+            imatrix = collect_imatrix(
+                model_dir,
+                qs.calib.read_text(encoding="utf-8", errors="replace"),
+                ctx=qs.calib_ctx,
+                chunks=qs.calib_chunks,
+                threads=threads,
+                progress=progress,
             )
-            if chosen:
-                qbase = (chosen, paths[chosen])
-            else:
-                first = paths[quants[0].name]
-                qbase = (src_base, first.with_name(f".{first.stem}.base-{src_base}.gguf"))
+            timings["imatrix"] = time.perf_counter() - t1
+        options = qs.options
+        if imatrix is not None:
+            options = replace(options, imatrix=imatrix.to_quantizer())
+        if threads and not options.threads:
+            options = replace(options, threads=threads)
 
         artifacts: list[Artifact] = []
         with ExitStack() as stack:
-            stack.enter_context(output_dirs(list(paths.values())))
-            # atomic_output renames each float file into place when the stack closes cleanly
-            tmps = {
-                t.name: stack.enter_context(atomic_output(paths[t.name], force=force))
-                for t in floats
-            }
-            sinks = [_Sink(tmps[t.name], t.name, arch, vocab, stem) for t in floats]
-            base_path = tmps.get(qbase[0]) if qbase else None
-            if qbase is not None and base_path is None:
-                base_path = stack.enter_context(scratch_file(qbase[1]))
-                sinks.append(_Sink(base_path, qbase[0], arch, vocab, stem))
+            if not dry_run:
+                stack.enter_context(output_dirs(list(paths.values())))
+            # atomic_output renames each float file into place when the stack closes cleanly;
+            # a dry run writes only the scratch base it needs for llama.cpp's planner
+            tmps = (
+                {}
+                if dry_run
+                else {
+                    t.name: stack.enter_context(atomic_output(paths[t.name], force=force))
+                    for t in floats
+                }
+            )
+            sinks = [
+                _Sink(tmps[t.name], t.name, arch, vocab, stem) for t in floats if t.name in tmps
+            ]
+            base_path = tmps.get(base_name) if base_name else None
+            if base_name is not None and base_path is None:
+                near = paths[quants[0].name]
+                if dry_run:
+                    near = Path(tempfile.gettempdir()) / near.name
+                base_path = stack.enter_context(scratch_file(near))
+                sinks.append(_Sink(base_path, base_name, arch, vocab, stem))
 
             t0 = time.perf_counter()
-            timings = {"preflight": t0 - t_start}
-            read = _stream(ckpt, arch, plan, sinks, progress)
+            read = _stream(ckpt, arch, plan, sinks, progress) if sinks else 0
             elapsed = timings["stream"] = time.perf_counter() - t0
             for t in floats:
-                size = tmps[t.name].stat().st_size
-                artifacts.append(Artifact(paths[t.name], t.name, size, len(plan), elapsed))
-
-            if quants:
-                from quantkit.quantize.gguf import quantize_file
-
-                assert base_path is not None
-                for i, q in enumerate(quants):
-                    if progress:
-                        progress("quantize", i, len(quants))
-                    t1 = time.perf_counter()
-                    with atomic_output(paths[q.name], force=force) as tmpq:
-                        quantize_file(base_path, tmpq, q, threads=threads)
-                        size = tmpq.stat().st_size
+                if dry_run:
+                    planned = {pt.name: "F32" if pt.keep_f32 else t.name for pt in plan}
+                    size = sum(_planned_bytes(pt.shape, planned[pt.name]) for pt in plan)
                     artifacts.append(
-                        Artifact(paths[q.name], q.name, size, len(plan), time.perf_counter() - t1)
+                        Artifact(paths[t.name], t.name, size, len(plan), 0.0, planned=planned)
                     )
-                if progress:
-                    progress("quantize", len(quants), len(quants))
+                    continue
+                size = tmps[t.name].stat().st_size
+                art = Artifact(paths[t.name], t.name, size, len(plan), elapsed)
+                artifacts.append(art)
+
+            for q in quants:
+                assert base_path is not None
+                t1 = time.perf_counter()
+                if dry_run or qs.no_fallback:
+                    rep = quantize_file(
+                        base_path, None, q, options, dry_run=True, progress=progress
+                    )
+                    if qs.no_fallback and rep.fallbacks:
+                        raise FallbackError(q.name, rep.fallbacks)
+                    if dry_run:
+                        artifacts.append(
+                            Artifact(
+                                paths[q.name],
+                                q.name,
+                                rep.predicted_bytes or 0,
+                                len(plan),
+                                0.0,
+                                planned=rep.planned,
+                                fallbacks=rep.fallbacks,
+                            )
+                        )
+                        continue
+                with atomic_output(paths[q.name], force=force) as tmpq:
+                    rep = quantize_file(base_path, tmpq, q, options, progress=progress)
+                    size = tmpq.stat().st_size
+                    aud = audit(tmpq, rep)
+                aud.path = str(paths[q.name])
+                artifacts.append(
+                    Artifact(
+                        paths[q.name], q.name, size, len(plan), time.perf_counter() - t1, audit=aud
+                    )
+                )
+            if quants:
                 timings["quantize"] = time.perf_counter() - t0 - elapsed
+        for a in artifacts:
+            if a.audit is None and not dry_run:
+                a.audit = audit(a.path)
         order = {t.name: i for i, t in enumerate(types)}
         artifacts.sort(key=lambda a: order[a.type])
-        return ConvertResult(artifacts, arch.arch_name, arch.unused(ckpt.tensors), read, timings)
+        return ConvertResult(
+            artifacts, arch.arch_name, arch.unused(ckpt.tensors), read, timings, imatrix
+        )
+
+
+def requantize(
+    src: Path,
+    types: list[GGUFType],
+    out: str | os.PathLike[str] | None,
+    *,
+    force: bool,
+    progress: Progress | None,
+    quant: QuantSettings,
+    dry_run: bool,
+) -> ConvertResult:
+    """Quantize an existing F32/F16/BF16 GGUF (no HF checkpoint needed) to each type."""
+    from quantkit.gguf_file import read_gguf
+
+    t_start = time.perf_counter()
+    info = read_gguf(src)
+    ftype = file_type_of(info)
+    if ftype is None or not ftype.base:
+        raise InputError(
+            f"{src}: is {ftype.name if ftype else 'of unknown file type'}, not F32/F16/BF16",
+            "quantize from a float GGUF (or the HF checkpoint); requantizing loses quality",
+        )
+    if quant.calib is not None:
+        raise InputError(
+            "--calib needs the HF checkpoint (the matrix is collected in torch)",
+            "compute it with `quantkit imatrix MODEL_DIR`, then pass --imatrix FILE",
+        )
+    floats = [q.name for q in types if q.base]
+    if floats:
+        raise InputError(
+            f"{src}: {', '.join(floats)} cannot be made from a {ftype.name} GGUF",
+            "convert the HF checkpoint for float types; a GGUF input takes quantized targets",
+        )
+    stem = src.stem.removesuffix(f"-{ftype.name}")
+    paths = output_paths(Path(out) if out is not None else None, stem, types)
+    imatrix = _preflight_imatrix([t for t in types if not t.base], quant, dry_run)
+    options = quant.options
+    if imatrix is not None:
+        options = replace(options, imatrix=imatrix.to_quantizer())
+    if not dry_run:
+        for p in paths.values():
+            check_writable(p, force=force)
+    timings = {"preflight": time.perf_counter() - t_start}
+    artifacts: list[Artifact] = []
+    with output_dirs([] if dry_run else list(paths.values())):
+        for q in types:
+            t1 = time.perf_counter()
+            if dry_run or quant.no_fallback:
+                rep = quantize_file(src, None, q, options, dry_run=True, progress=progress)
+                if quant.no_fallback and rep.fallbacks:
+                    raise FallbackError(q.name, rep.fallbacks)
+                if dry_run:
+                    artifacts.append(
+                        Artifact(
+                            paths[q.name],
+                            q.name,
+                            rep.predicted_bytes or 0,
+                            len(info.tensors),
+                            0.0,
+                            planned=rep.planned,
+                            fallbacks=rep.fallbacks,
+                        )
+                    )
+                    continue
+            with atomic_output(paths[q.name], force=force) as tmpq:
+                rep = quantize_file(src, tmpq, q, options, progress=progress)
+                size = tmpq.stat().st_size
+                aud = audit(tmpq, rep)
+            aud.path = str(paths[q.name])
+            artifacts.append(
+                Artifact(
+                    paths[q.name],
+                    q.name,
+                    size,
+                    len(info.tensors),
+                    time.perf_counter() - t1,
+                    audit=aud,
+                )
+            )
+    timings["quantize"] = time.perf_counter() - t_start - timings["preflight"]
+    arch = str(info.metadata.get("general.architecture", "?"))
+    return ConvertResult(artifacts, arch, [], 0, timings, imatrix)
+
+
+class FallbackError(InputError):
+    def __init__(self, qtype: str, fallbacks: list[Fallback]) -> None:
+        shown = ", ".join(
+            f"{f.tensor} {f.wanted}→{f.got} ({f.ncols} cols, block {f.block})"
+            for f in fallbacks[:4]
+        )
+        more = f" and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else ""
+        super().__init__(
+            f"{qtype}: {len(fallbacks)} tensor(s) cannot get their type: {shown}{more}",
+            "drop --no-fallback to accept llama.cpp's fallbacks, or pick a type with 32-wide blocks (Q4_0, Q5_0, Q8_0, IQ4_NL)",
+        )
+
+
+def _planned_bytes(shape: tuple[int, ...], type_name: str) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    return int(np.prod(shape, dtype=np.int64)) // block * size
+
+
+def _preflight_imatrix(quants: list[GGUFType], qs: QuantSettings, dry_run: bool):
+    """Load a given importance matrix; refuse types that need one when none will exist."""
+    if qs.imatrix_file is not None and qs.calib is not None:
+        raise InputError(
+            "both --imatrix and --calib given", "use one: --imatrix reuses a saved matrix"
+        )
+    if qs.calib is not None and not qs.calib.is_file():
+        raise InputError(f"{qs.calib}: calibration text not found")
+    needing = [q.name for q in quants if q.imatrix]
+    if needing and qs.imatrix_file is None and qs.calib is None and not dry_run:
+        raise InputError(
+            f"{', '.join(needing)} need an importance matrix (llama.cpp refuses them without one)",
+            "pass --calib TEXT to compute one on the way, or --imatrix FILE to reuse one",
+        )
+    if qs.imatrix_file is not None:
+        from quantkit.quantize.imatrix import load_imatrix
+
+        return load_imatrix(qs.imatrix_file)
+    return None
 
 
 def _stream(

@@ -19,7 +19,11 @@ _NUMPY = {VT.INT32: "<i4", VT.UINT32: "<u4", VT.FLOAT32: "<f4", VT.INT64: "<i8",
 
 class GGUFWriter(gguf.GGUFWriter):
     def _pack_val(
-        self, val: Any, vtype: gguf.GGUFValueType, add_vtype: bool, sub_type: gguf.GGUFValueType | None = None
+        self,
+        val: Any,
+        vtype: gguf.GGUFValueType,
+        add_vtype: bool,
+        sub_type: gguf.GGUFValueType | None = None,
     ) -> bytes:
         if (
             vtype != VT.ARRAY
@@ -34,7 +38,9 @@ class GGUFWriter(gguf.GGUFWriter):
                 return super()._pack_val(val, vtype, add_vtype, sub_type)
             ltype = VT.get_type(val[0])
         if ltype == VT.STRING:
-            enc = [v.encode("utf-8") for v in val] if type(val[0]) is str else [bytes(v) for v in val]
+            enc = (
+                [v.encode("utf-8") for v in val] if type(val[0]) is str else [bytes(v) for v in val]
+            )
             lens = np.fromiter(map(len, enc), dtype="<u8", count=len(enc)).tobytes()
             parts: list[bytes] = [b""] * (2 * len(enc))
             parts[0::2] = [lens[i : i + 8] for i in range(0, len(lens), 8)]

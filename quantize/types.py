@@ -18,11 +18,14 @@ from quantkit.errors import InputError
 F = gguf.LlamaFileType
 
 
+Q = gguf.GGMLQuantizationType
+
+
 @dataclass(frozen=True)
 class GGUFType:
     name: str
     ftype: gguf.LlamaFileType
-    bpw: float
+    main: gguf.GGMLQuantizationType  # the type most weights get (llama-quant.cpp default_type)
     imatrix: bool = False
     base: bool = False  # written directly by the converter (no llama.cpp quantizer pass)
 
@@ -30,44 +33,56 @@ class GGUFType:
     def quantized(self) -> bool:
         return not self.base
 
+    @property
+    def bpw(self) -> float:
+        """Nominal bits per weight of the main type: block bytes × 8 / block size."""
+        block, size = gguf.GGML_QUANT_SIZES[self.main]
+        return size * 8 / block
 
+    @property
+    def block(self) -> int:
+        return gguf.GGML_QUANT_SIZES[self.main][0]
+
+
+# Order: largest to smallest, as `quantkit types` lists them.
 GGUF_TYPES: dict[str, GGUFType] = {
     t.name: t
     for t in (
-        GGUFType("F32", F.ALL_F32, 32.0, base=True),
-        GGUFType("F16", F.MOSTLY_F16, 16.0, base=True),
-        GGUFType("BF16", F.MOSTLY_BF16, 16.0, base=True),
-        GGUFType("Q8_0", F.MOSTLY_Q8_0, 8.5),
-        GGUFType("Q6_K", F.MOSTLY_Q6_K, 6.5625),
-        GGUFType("Q5_1", F.MOSTLY_Q5_1, 6.0),
-        GGUFType("Q5_0", F.MOSTLY_Q5_0, 5.5),
-        GGUFType("Q5_K_M", F.MOSTLY_Q5_K_M, 5.5),
-        GGUFType("Q5_K_S", F.MOSTLY_Q5_K_S, 5.5),
-        GGUFType("Q4_1", F.MOSTLY_Q4_1, 5.0),
-        GGUFType("Q4_0", F.MOSTLY_Q4_0, 4.5),
-        GGUFType("Q4_K_M", F.MOSTLY_Q4_K_M, 4.5),
-        GGUFType("Q4_K_S", F.MOSTLY_Q4_K_S, 4.5),
-        GGUFType("IQ4_NL", F.MOSTLY_IQ4_NL, 4.5),
-        GGUFType("IQ4_XS", F.MOSTLY_IQ4_XS, 4.25),
-        GGUFType("Q3_K_L", F.MOSTLY_Q3_K_L, 3.4375),
-        GGUFType("Q3_K_M", F.MOSTLY_Q3_K_M, 3.4375),
-        GGUFType("Q3_K_S", F.MOSTLY_Q3_K_S, 3.4375),
-        GGUFType("IQ3_M", F.MOSTLY_IQ3_M, 3.4375),
-        GGUFType("IQ3_S", F.MOSTLY_IQ3_S, 3.4375),
-        GGUFType("IQ3_XS", F.MOSTLY_IQ3_XS, 3.4375),
-        GGUFType("IQ3_XXS", F.MOSTLY_IQ3_XXS, 3.0625, imatrix=True),
-        GGUFType("Q2_K", F.MOSTLY_Q2_K, 2.625),
-        GGUFType("Q2_K_S", F.MOSTLY_Q2_K_S, 2.625, imatrix=True),
-        GGUFType("IQ2_M", F.MOSTLY_IQ2_M, 2.5, imatrix=True),
-        GGUFType("IQ2_S", F.MOSTLY_IQ2_S, 2.5, imatrix=True),
-        GGUFType("IQ2_XS", F.MOSTLY_IQ2_XS, 2.3125, imatrix=True),
-        GGUFType("IQ2_XXS", F.MOSTLY_IQ2_XXS, 2.0625, imatrix=True),
-        GGUFType("TQ2_0", F.MOSTLY_TQ2_0, 2.0625),
-        GGUFType("IQ1_M", F.MOSTLY_IQ1_M, 1.75, imatrix=True),
-        GGUFType("TQ1_0", F.MOSTLY_TQ1_0, 1.6875),
-        GGUFType("IQ1_S", F.MOSTLY_IQ1_S, 1.5625, imatrix=True),
+        GGUFType("F32", F.ALL_F32, Q.F32, base=True),
+        GGUFType("F16", F.MOSTLY_F16, Q.F16, base=True),
+        GGUFType("BF16", F.MOSTLY_BF16, Q.BF16, base=True),
+        GGUFType("Q8_0", F.MOSTLY_Q8_0, Q.Q8_0),
+        GGUFType("Q6_K", F.MOSTLY_Q6_K, Q.Q6_K),
+        GGUFType("Q5_1", F.MOSTLY_Q5_1, Q.Q5_1),
+        GGUFType("Q5_K_M", F.MOSTLY_Q5_K_M, Q.Q5_K),
+        GGUFType("Q5_K_S", F.MOSTLY_Q5_K_S, Q.Q5_K),
+        GGUFType("Q5_0", F.MOSTLY_Q5_0, Q.Q5_0),
+        GGUFType("Q4_1", F.MOSTLY_Q4_1, Q.Q4_1),
+        GGUFType("Q4_K_M", F.MOSTLY_Q4_K_M, Q.Q4_K),
+        GGUFType("Q4_K_S", F.MOSTLY_Q4_K_S, Q.Q4_K),
+        GGUFType("Q4_0", F.MOSTLY_Q4_0, Q.Q4_0),
+        GGUFType("IQ4_NL", F.MOSTLY_IQ4_NL, Q.IQ4_NL),
+        GGUFType("IQ4_XS", F.MOSTLY_IQ4_XS, Q.IQ4_XS),
+        GGUFType("Q3_K_L", F.MOSTLY_Q3_K_L, Q.Q3_K),
+        GGUFType("Q3_K_M", F.MOSTLY_Q3_K_M, Q.Q3_K),
+        GGUFType("Q3_K_S", F.MOSTLY_Q3_K_S, Q.Q3_K),
+        GGUFType("IQ3_M", F.MOSTLY_IQ3_M, Q.IQ3_S),
+        GGUFType("IQ3_S", F.MOSTLY_IQ3_S, Q.IQ3_S),
+        GGUFType("IQ3_XS", F.MOSTLY_IQ3_XS, Q.IQ3_S),
+        GGUFType("IQ3_XXS", F.MOSTLY_IQ3_XXS, Q.IQ3_XXS, imatrix=True),
+        GGUFType("Q2_K", F.MOSTLY_Q2_K, Q.Q2_K),
+        GGUFType("Q2_K_S", F.MOSTLY_Q2_K_S, Q.Q2_K, imatrix=True),
+        GGUFType("IQ2_M", F.MOSTLY_IQ2_M, Q.IQ2_S, imatrix=True),
+        GGUFType("IQ2_S", F.MOSTLY_IQ2_S, Q.IQ2_XS, imatrix=True),
+        GGUFType("IQ2_XS", F.MOSTLY_IQ2_XS, Q.IQ2_XS, imatrix=True),
+        GGUFType("IQ2_XXS", F.MOSTLY_IQ2_XXS, Q.IQ2_XXS, imatrix=True),
+        GGUFType("TQ2_0", F.MOSTLY_TQ2_0, Q.TQ2_0),
+        GGUFType("IQ1_M", F.MOSTLY_IQ1_M, Q.IQ1_M, imatrix=True),
+        GGUFType("TQ1_0", F.MOSTLY_TQ1_0, Q.TQ1_0),
+        GGUFType("IQ1_S", F.MOSTLY_IQ1_S, Q.IQ1_S, imatrix=True),
     )
 }
+BY_FTYPE: dict[int, GGUFType] = {int(t.ftype): t for t in GGUF_TYPES.values()}
 
 
 def gguf_type(name: str) -> GGUFType:

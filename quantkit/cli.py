@@ -24,8 +24,10 @@ from quantkit.table import format_table, human_bytes
 EPILOG_CONVERT = """\b
 Examples:
   quantkit convert ./my-model --to gguf:F16 -o my-model-F16.gguf
-  quantkit convert ./my-model --to gguf:F16 --to gguf:Q8_0 -o out/
-  quantkit convert ./my-model --to Q8_0 --force -o out/
+  quantkit convert ./my-model --to gguf:F16 --to gguf:Q8_0 --to gguf:Q4_K_M -o out/
+  quantkit convert ./my-model --to gguf:IQ4_XS --calib calib.txt -o out/
+  quantkit convert ./my-model --to gguf:Q4_K_M --tensor-type 'attn_v=q6_k' --dry-run
+  quantkit convert ./my-model --to Q8_0 --force -o out/ --json
 """
 
 EPILOG_INSPECT = """\b
@@ -78,8 +80,9 @@ def cli() -> None:
     multiple=True,
     required=True,
     metavar="gguf:TYPE",
-    help="Output type, repeatable: gguf:F32, gguf:F16, gguf:BF16, gguf:Q8_0 (case-insensitive). "
-    "Several types share one read of the checkpoint.",
+    help="Output type, repeatable (case-insensitive; `quantkit types` lists them): gguf:F16, "
+    "gguf:Q8_0, gguf:Q4_K_M, gguf:IQ4_XS, ... Several types share one read of the checkpoint "
+    "and one base conversion.",
 )
 @click.option(
     "-o",
@@ -94,7 +97,56 @@ def cli() -> None:
     is_flag=True,
     help="Accept pytorch_model.bin checkpoints (loaded with torch.load(weights_only=True)).",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Quantizer threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for quantizing.")
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    help="Calibration text: compute an importance matrix on the way.",
+)
+@click.option(
+    "--imatrix",
+    "imatrix_file",
+    type=click.Path(path_type=Path),
+    help="Reuse an importance matrix (llama.cpp imatrix GGUF).",
+)
+@click.option(
+    "--ctx",
+    type=click.IntRange(min=8),
+    default=512,
+    show_default=True,
+    help="Importance matrix: tokens per chunk.",
+)
+@click.option(
+    "--chunks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Importance matrix: chunks of calibration text (default: all).",
+)
+@click.option(
+    "--tensor-type",
+    "overrides",
+    multiple=True,
+    metavar="REGEX=TYPE",
+    help="Per-tensor type override, repeatable, e.g. 'attn_v=q6_k'.",
+)
+@click.option("--output-type", metavar="TYPE", help="Type of output.weight (e.g. q8_0).")
+@click.option("--embedding-type", metavar="TYPE", help="Type of token_embd.weight (e.g. q8_0).")
+@click.option(
+    "--pure",
+    is_flag=True,
+    help="Every quantizable tensor in the file type's main type (no K-quant mixes).",
+)
+@click.option("--leave-output", is_flag=True, help="Leave output.weight unquantized.")
+@click.option(
+    "--no-fallback",
+    is_flag=True,
+    help="Fail if a tensor cannot get its type (e.g. K-quant rows not divisible by 256).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the planned per-tensor types and predicted sizes; write nothing.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
     model: Path,
@@ -103,11 +155,42 @@ def convert(
     force: bool,
     allow_pickle: bool,
     threads: int | None,
+    calib: Path | None,
+    imatrix_file: Path | None,
+    ctx: int,
+    chunks: int | None,
+    overrides: tuple[str, ...],
+    output_type: str | None,
+    embedding_type: str | None,
+    pure: bool,
+    leave_output: bool,
+    no_fallback: bool,
+    dry_run: bool,
     as_json: bool,
 ) -> None:
-    """Convert a local Hugging Face checkpoint (MODEL folder) to GGUF."""
+    """Convert a local Hugging Face checkpoint (MODEL folder) to GGUF, quantized by llama.cpp."""
+    from quantkit.convert import QuantSettings
     from quantkit.convert import convert as run_convert
+    from quantkit.quantize.gguf import QuantizeOptions, ggml_type, parse_overrides
 
+    for t in (output_type, embedding_type):
+        if t:
+            ggml_type(t)  # validate before any work
+    qs = QuantSettings(
+        options=QuantizeOptions(
+            threads=threads,
+            output_type=output_type,
+            embedding_type=embedding_type,
+            pure=pure,
+            leave_output=leave_output,
+            overrides=parse_overrides(overrides),
+        ),
+        imatrix_file=imatrix_file,
+        calib=calib,
+        calib_ctx=ctx,
+        calib_chunks=chunks,
+        no_fallback=no_fallback,
+    )
     t0 = time.perf_counter()
     res = run_convert(
         model,
@@ -117,36 +200,174 @@ def convert(
         allow_pickle=allow_pickle,
         threads=threads,
         progress=_Progress(),
+        quant=qs,
+        dry_run=dry_run,
     )
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "architecture": res.architecture,
-                    "artifacts": [
-                        {
-                            "path": str(a.path),
-                            "type": a.type,
-                            "size": a.size,
-                            "seconds": round(a.seconds, 3),
-                        }
-                        for a in res.artifacts
-                    ],
+                    "dry_run": dry_run,
+                    "artifacts": [a.to_json() for a in res.artifacts],
                     "unused_tensors": res.unused_tensors,
+                    "timings": {k: round(v, 3) for k, v in res.timings.items()},
                     "seconds": round(time.perf_counter() - t0, 3),
                 },
                 indent=2,
             )
         )
         return
-    rows = [[a.type, human_bytes(a.size), f"{a.seconds:.1f}s", str(a.path)] for a in res.artifacts]
-    click.echo(format_table(["type", "size", "time", "path"], rows))
+    if dry_run:
+        for a in res.artifacts:
+            click.echo(
+                f"{a.type}: {len(a.planned or {})} tensors, predicted {human_bytes(a.size)} → {a.path}"
+            )
+            hist: dict[str, int] = {}
+            for t in (a.planned or {}).values():
+                hist[t] = hist.get(t, 0) + 1
+            click.echo(
+                "  types: "
+                + ", ".join(f"{k} ×{v}" for k, v in sorted(hist.items(), key=lambda kv: -kv[1]))
+            )
+            if a.fallbacks:
+                click.echo(
+                    f"  fallbacks: {len(a.fallbacks)} (e.g. {a.fallbacks[0].tensor} {a.fallbacks[0].wanted}→{a.fallbacks[0].got})"
+                )
+        click.echo("\nper tensor:")
+        names = list((res.artifacts[0].planned or {}).keys())
+        click.echo(
+            format_table(
+                ["tensor"] + [a.type for a in res.artifacts],
+                [[n] + [(a.planned or {}).get(n, "") for a in res.artifacts] for n in names],
+            )
+        )
+        return
+    rows = []
+    for a in res.artifacts:
+        au = a.audit
+        rows.append(
+            [
+                a.type,
+                human_bytes(a.size),
+                f"{au.bpw:.2f}" if au else "",
+                str(len(au.fallbacks)) if au else "",
+                f"{a.seconds:.1f}s",
+                str(a.path),
+            ]
+        )
+    click.echo(format_table(["type", "size", "bits/weight", "fallbacks", "time", "path"], rows))
+    for a in res.artifacts:
+        if a.audit and a.audit.fallbacks:
+            f = a.audit.fallbacks
+            click.echo(
+                f"{a.type}: {len(f)} tensor(s) fell back, e.g. {f[0].tensor} {f[0].wanted}→{f[0].got} "
+                f"({f[0].ncols} cols not a multiple of {f[0].block}); `quantkit inspect {a.path}` lists all",
+                err=True,
+            )
     if res.unused_tensors:
         click.echo(
             f"note: {len(res.unused_tensors)} checkpoint tensor(s) not needed by llama.cpp: "
             + ", ".join(res.unused_tensors[:5]),
             err=True,
         )
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def types(as_json: bool) -> None:
+    """List the GGUF types quantkit writes, with nominal bits per weight."""
+    from quantkit.quantize.types import GGUF_TYPES
+
+    rows = [
+        {
+            "type": t.name,
+            "main_tensor_type": t.main.name,
+            "bits_per_weight": t.bpw,
+            "needs_imatrix": t.imatrix,
+            "made_by": "converter" if t.base else "llama.cpp quantizer",
+        }
+        for t in GGUF_TYPES.values()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(
+        format_table(
+            ["type", "main tensor type", "bits/weight", "importance matrix", "made by"],
+            [
+                [
+                    r["type"],
+                    r["main_tensor_type"],
+                    f"{r['bits_per_weight']:.4g}",
+                    "required"
+                    if r["needs_imatrix"]
+                    else "optional"
+                    if r["made_by"] != "converter"
+                    else "-",
+                    r["made_by"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    click.echo("\nbits/weight is the main type's; K-quant mixes put some tensors in larger types.")
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  quantkit imatrix ./my-model --calib calib.txt -o my-model.imatrix.gguf
+  quantkit imatrix ./my-model --calib calib.txt --ctx 512 --chunks 20 -o im.gguf
+  quantkit convert ./my-model --to gguf:IQ4_XS --imatrix im.gguf -o out/
+"""
+)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--calib", type=click.Path(path_type=Path), required=True, help="Calibration text file."
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), required=True, help="imatrix GGUF to write."
+)
+@click.option(
+    "--ctx", type=click.IntRange(min=8), default=512, show_default=True, help="Tokens per chunk."
+)
+@click.option(
+    "--chunks", type=click.IntRange(min=1), default=None, help="Number of chunks (default: all)."
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def imatrix(
+    model: Path,
+    calib: Path,
+    output: Path,
+    ctx: int,
+    chunks: int | None,
+    threads: int | None,
+    force: bool,
+) -> None:
+    """Compute an importance matrix (llama.cpp's imatrix GGUF) from calibration text, in torch."""
+    from quantkit.atomic import check_writable
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.convert.archs import resolve
+    from quantkit.errors import InputError
+    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+
+    check_writable(output, force=force)
+    if not calib.is_file():
+        raise InputError(f"{calib}: calibration text not found")
+    with Checkpoint.open(model) as ck:
+        resolve(ck.config)  # unsupported architectures fail before the model is loaded
+    im = collect_imatrix(
+        model,
+        calib.read_text(encoding="utf-8", errors="replace"),
+        ctx=ctx,
+        chunks=chunks,
+        threads=threads,
+        progress=_Progress(),
+    )
+    save_imatrix(im, output)
+    click.echo(f"wrote {output}: {len(im.entries)} tensors, {im.chunks} chunks of {ctx} tokens")
 
 
 @cli.command(epilog=EPILOG_INSPECT)
@@ -156,10 +377,14 @@ def convert(
 def inspect(path: Path, as_json: bool, show_all: bool) -> None:
     """Show a GGUF file's metadata and tensor table, with totals and bits per weight."""
     from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.audit import audit
 
     info = read_gguf(path)
+    aud = audit(path, info=info)
     if as_json:
-        click.echo(json.dumps(info.to_json(), indent=2, default=str))
+        d = info.to_json()
+        d["audit"] = {k: v for k, v in aud.to_json().items() if k != "tensors"}
+        click.echo(json.dumps(d, indent=2, default=str))
         return
     meta_rows = []
     for k, v in info.metadata.items():
@@ -182,8 +407,17 @@ def inspect(path: Path, as_json: bool, show_all: bool) -> None:
     hist = ", ".join(f"{k}: {v}" for k, v in info.type_histogram().items())
     click.echo(
         f"\n{len(info.tensors)} tensors, {info.n_params:,} parameters, "
-        f"{human_bytes(info.tensor_bytes)} of tensor data, {info.bpw:.2f} bits per weight ({hist})"
+        f"{human_bytes(info.tensor_bytes)} of tensor data, {info.bpw:.2f} bits per weight "
+        f"({aud.file_bpw:.2f} for the whole file); types: {hist}"
     )
+    if aud.fallbacks:
+        click.echo(f"\n{len(aud.fallbacks)} fallback(s) ({aud.fallback_source}):")
+        click.echo(
+            format_table(
+                ["tensor", "wanted", "got", "row", "block"],
+                [[f.tensor, f.wanted, f.got, str(f.ncols), str(f.block)] for f in aud.fallbacks],
+            )
+        )
 
 
 @cli.command(epilog=EPILOG_DEMO)

@@ -130,6 +130,23 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
+    def skip_strings(self, count: int, what: str) -> None:
+        """Step over ``count`` length-prefixed strings without copying or decoding them (a
+        50k-token vocabulary is walked in milliseconds)."""
+        buf, pos, end = self.buf, self.pos, self.end
+        unpack_from = struct.unpack_from
+        for i in range(count):
+            if end - pos < 8:
+                self.pos = pos
+                raise self.fail(f"{what}[{i}] length needs 8 bytes, {end - pos} left")
+            (n,) = unpack_from("<Q", buf, pos)
+            pos += 8
+            if n > end - pos:
+                self.pos = pos
+                raise self.fail(f"{what}[{i}] needs {n} bytes, {end - pos} left")
+            pos += n
+        self.pos = pos
+
     def value(
         self, vtype: int, what: str, *, keep_array: bool
     ) -> tuple[Any, tuple[str, int] | None]:
@@ -149,7 +166,10 @@ class _Cursor:
             if count > (self.end - self.pos) // min_item:
                 raise self.fail(f"{what}: array of {count} items cannot fit in the file")
             tname = VT(itype).name
-            if itype == VT.STRING:
+            if itype == VT.STRING and not keep_array:
+                self.skip_strings(count, what)
+                items = []
+            elif itype == VT.STRING:
                 items = [self.string(f"{what}[{i}]") for i in range(count)]
             else:
                 fmt = SCALARS[itype]

@@ -7,16 +7,19 @@ engine's own words into an error message) and forwards them only with QUANTKIT_D
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from quantkit.errors import EngineError
 
-_LOG: collections.deque[str] = collections.deque(maxlen=200)
+_LOG: collections.deque[str] = collections.deque(maxlen=2000)
+_LISTENERS: list[Callable[[str], None]] = []  # get every raw fragment (progress parsing)
 _CALLBACK: Any = None  # keep a reference: ctypes callbacks die with their Python object
 _lib: ModuleType | None = None
 
@@ -42,6 +45,8 @@ def llama_cpp() -> ModuleType:
         s = text.decode("utf-8", "replace")
         if debug:
             sys.stderr.write(s)
+        for fn in _LISTENERS:
+            fn(s)
         partial.append(s)
         if s.endswith("\n"):
             _LOG.append("".join(partial).rstrip())
@@ -68,6 +73,16 @@ def check_build() -> None:
             "llama-cpp-python in this environment was built for a CPU with other instruction sets",
             "run scripts/install.sh again: it builds llama.cpp for this CPU",
         )
+
+
+@contextlib.contextmanager
+def log_listener(fn: Callable[[str], None]) -> Iterator[None]:
+    """Call ``fn`` with every fragment llama.cpp logs while the block runs."""
+    _LISTENERS.append(fn)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(fn)
 
 
 def recent_log(n: int = 20, *, errors_only: bool = False) -> list[str]:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def make_chunks(tokens: list[int], n_ctx: int, n_chunks: int | None, bos: int | None) -> list[list[int]]:
+def make_chunks(
+    tokens: list[int], n_ctx: int, n_chunks: int | None, bos: int | None
+) -> list[list[int]]:
     n_max = len(tokens) // n_ctx
     n = n_max if n_chunks is None or n_chunks < 0 else min(n_chunks, n_max)
     out = []
@@ -42,7 +44,9 @@ class Accumulator:
     top1: list[bool] = field(default_factory=list)
     dp: list[float] = field(default_factory=list)  # |p_q(correct) − p_ref(correct)|
 
-    def add(self, logits: np.ndarray, targets: np.ndarray, ref_logprobs: np.ndarray | None = None) -> None:
+    def add(
+        self, logits: np.ndarray, targets: np.ndarray, ref_logprobs: np.ndarray | None = None
+    ) -> None:
         """``logits``: scored positions × vocab; ``targets``: the next token at each position."""
         lp = log_softmax(logits)
         idx = np.arange(len(targets))
