@@ -268,9 +268,7 @@ def convert(
                 progress=progress,
             )
             timings["imatrix"] = time.perf_counter() - t1
-        options = qs.options
-        if imatrix is not None:
-            options = replace(options, imatrix=imatrix.to_quantizer())
+        options = with_imatrix(qs.options, imatrix, qs.imatrix_file)
         if threads and not options.threads:
             options = replace(options, threads=threads)
 
@@ -393,9 +391,7 @@ def requantize(
     stem = src.stem.removesuffix(f"-{ftype.name}")
     paths = output_paths(Path(out) if out is not None else None, stem, types)
     imatrix = _preflight_imatrix([t for t in types if not t.base], quant, dry_run)
-    options = quant.options
-    if imatrix is not None:
-        options = replace(options, imatrix=imatrix.to_quantizer())
+    options = with_imatrix(quant.options, imatrix, quant.imatrix_file)
     if not dry_run:
         for p in paths.values():
             check_writable(p, force=force)
@@ -452,6 +448,19 @@ class FallbackError(InputError):
             f"{qtype}: {len(fallbacks)} tensor(s) cannot get their type: {shown}{more}",
             "drop --no-fallback to accept llama.cpp's fallbacks, or pick a type with 32-wide blocks (Q4_0, Q5_0, Q8_0, IQ4_NL)",
         )
+
+
+def with_imatrix(options: QuantizeOptions, im: Any, file: Path | None) -> QuantizeOptions:
+    """Options carrying an importance matrix and its provenance (recorded in the GGUF)."""
+    if im is None:
+        return options
+    return replace(
+        options,
+        imatrix=im.to_quantizer(),
+        imatrix_file=str(file) if file else None,
+        imatrix_dataset=im.dataset or None,
+        imatrix_chunks=im.chunks,
+    )
 
 
 def _planned_bytes(shape: tuple[int, ...], type_name: str) -> int:

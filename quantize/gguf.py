@@ -24,6 +24,7 @@ from quantkit.llama import clear_log, llama_cpp, log_listener, recent_log
 from quantkit.quantize.types import GGUFType
 
 GGML_TYPE_COUNT = 43  # ggml.h enum ggml_type of the pinned llama.cpp: "unset" in quantize params
+KV_INT, KV_STR = 0, 3  # enum llama_model_kv_override_type (include/llama.h)
 
 # llama.cpp log lines (src/llama-quant.cpp of the pinned version):
 #   "[  12/ 272] blk.0.attn_q.weight   - [  576,   576,     1,     1], type =    f16, "
@@ -106,6 +107,10 @@ class QuantizeOptions:
     leave_output: bool = False  # keep output.weight in the base precision
     overrides: list[tuple[str, gguf.GGMLQuantizationType]] = field(default_factory=list)
     imatrix: dict[str, np.ndarray] | None = None  # GGUF tensor name -> per-column importance
+    # provenance llama-quantize records in the file (quantize.imatrix.* keys)
+    imatrix_file: str | None = None
+    imatrix_dataset: str | None = None
+    imatrix_chunks: int = 0
 
 
 class _LogParser:
@@ -200,6 +205,24 @@ def quantize_file(
         arr[len(o.imatrix)].name, arr[len(o.imatrix)].size = None, 0  # terminator, as quantize.cpp
         keep.append(arr)
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(lib.llama_model_imatrix_data))
+        # the quantize.imatrix.* metadata llama-quantize writes (tools/quantize/quantize.cpp main)
+        kvs: list[tuple[str, int, str | int]] = []
+        if o.imatrix_file:
+            kvs.append(("quantize.imatrix.file", KV_STR, o.imatrix_file))
+        if o.imatrix_dataset:
+            kvs.append(("quantize.imatrix.dataset", KV_STR, o.imatrix_dataset))
+        kvs.append(("quantize.imatrix.entries_count", KV_INT, len(o.imatrix)))
+        if o.imatrix_chunks > 0:
+            kvs.append(("quantize.imatrix.chunks_count", KV_INT, o.imatrix_chunks))
+        kv = (lib.llama_model_kv_override * (len(kvs) + 1))()  # zeroed last entry ends the list
+        for i, (key, tag, val) in enumerate(kvs):
+            kv[i].key, kv[i].tag = key.encode(), tag
+            if tag == KV_STR:
+                kv[i].value.val_str = str(val).encode("utf-8")[:127]  # strncpy(…, 127) there
+            else:
+                kv[i].value.val_i64 = int(val)
+        keep.append(kv)
+        params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(lib.llama_model_kv_override))
 
     report = QuantizeReport()
     out = str(dst if dst is not None else src.with_name(src.name + ".dry-run")).encode()

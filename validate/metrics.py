@@ -70,6 +70,8 @@ class Accumulator:
         return ppl, err * ppl
 
     def kld_stats(self) -> dict[str, float]:
+        if not self.kld:
+            raise ValueError("no reference was given: KLD and top-1 are undefined")
         k = np.asarray(self.kld, dtype=np.float64)
         return {
             "mean": float(k.mean()),

@@ -1,0 +1,543 @@
+"""Importance matrix: collected in torch from calibration text, stored as llama.cpp stores it.
+
+The statistic is llama-imatrix's (llama.cpp ``tools/imatrix/imatrix.cpp``,
+``IMatrixCollector::collect_imatrix``): for every matrix multiplication whose weight is named
+``blk.*`` and whose activation (``src1``) is F32 with at least 16 token rows, each input column j
+of that weight gets Σ x_j² over the tokens, and the weight's entry counts the tokens. We hook the
+input of every ``nn.Linear`` that becomes such a weight, so the numbers are those llama.cpp would
+compute on the converted GGUF:
+
+- ``output.weight`` and ``token_embd.weight`` are never collected (llama-imatrix skips names not
+  starting with ``blk.`` unless ``--process-output``; the embedding is a ``get_rows``, not a
+  matmul). The quantizer just logs "did not find weights" for them.
+- The Q/K rotary permutation (``Architecture.transform``) reorders *output* rows of attn_q/attn_k;
+  a weight's imatrix is indexed by its *input* column (``ne[0]``), so it is unaffected.
+- Chunking is llama-imatrix's (``compute_imatrix``): the text is tokenized once (BOS in front when
+  the vocabulary adds one), chunk i is tokens [i·ctx, (i+1)·ctx) with its first token replaced by
+  BOS, each chunk is evaluated from an empty cache, every position is an output (so the last
+  layer sees every token). Counts are per token, so a chunk adds ctx to every dense entry.
+
+Data layout (the GGUF imatrix format, ``save_imatrix`` in imatrix.cpp and ``common_imatrix_load``
+in ``common/imatrix-loader.cpp``): per weight ``name`` the raw sums ``name.in_sum2`` (F32,
+ne = [n_cols, n_mats]) and the token counts ``name.counts`` (F32, ne = [1, n_mats]); n_mats is 1
+for a dense weight and n_expert for a 3-D MoE expert tensor (one row of sums and one count per
+expert), which is why ``Imatrix.entries`` keeps sums flat (n_mats·n_cols) next to n_mats counts.
+The quantizer gets the per-column mean sum/count (``tools/quantize/quantize.cpp``
+``load_imatrix``), 1.0 where a matrix saw no token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.errors import CheckpointError, InputError, UnsupportedArchitectureError
+
+# llama.cpp constants (common/imatrix-loader.h, ggml/include/ggml.h, gguf.h)
+KEY_DATASETS = "imatrix.datasets"
+KEY_CHUNK_COUNT = "imatrix.chunk_count"
+KEY_CHUNK_SIZE = "imatrix.chunk_size"
+KEY_TYPE = "general.type"
+SUFFIX_SUMS = ".in_sum2"
+SUFFIX_COUNTS = ".counts"
+MIN_TOKENS = 16  # llama-imatrix ignores matmuls over fewer token rows ("small batches")
+GGML_MAX_NAME = 64  # tensor names must be shorter (gguf_init_from_file rejects longer)
+GGUF_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
+GGUF_VERSION = 3
+GGML_TYPE_F32 = 0
+_VT_UINT32, _VT_STRING, _VT_ARRAY = 4, 8, 9  # enum gguf_type
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Imatrix:
+    """Per-weight activation statistics, keyed by GGUF tensor name (``blk.0.attn_q.weight``).
+
+    ``entries[name] = (sums, counts)``: ``sums`` float32 of n_mats × n_cols (flat, matrix-major),
+    Σ x² per input column; ``counts`` int64 of n_mats, the tokens each matrix saw.
+    ``chunks``: chunks evaluated; ``chunk_size``: tokens per chunk (0 when unknown, as in the
+    legacy format); ``dataset``: the calibration file name or ``sha256:<hex>`` of its text.
+    """
+
+    entries: dict[str, tuple[np.ndarray, np.ndarray]]
+    chunks: int
+    dataset: str
+    chunk_size: int = 0
+
+    def n_mats(self, name: str) -> int:
+        return len(self.entries[name][1])
+
+    def n_cols(self, name: str) -> int:
+        sums, counts = self.entries[name]
+        return len(sums) // len(counts)
+
+    def to_quantizer(self) -> dict[str, np.ndarray]:
+        """What ``llama_model_imatrix_data.data`` takes: per column sum/count, matrix by matrix.
+
+        As quantize.cpp ``load_imatrix`` (GGUF path): ``sums[j·n_cols + i] / (float) counts[j]``
+        in float32, and 1.0 for every column of a matrix whose count is 0 (an unused expert).
+        """
+        out: dict[str, np.ndarray] = {}
+        for name, (sums, counts) in self.entries.items():
+            _check_entry(name, sums, counts)
+            s = np.asarray(sums, dtype=np.float32).reshape(len(counts), -1)
+            c = np.asarray(counts).astype(np.float32)[:, None]
+            mean = np.where(c > 0, s / np.where(c > 0, c, np.float32(1)), np.float32(1))
+            out[name] = np.ascontiguousarray(mean.reshape(-1), dtype=np.float32)
+        return out
+
+
+def _check_entry(name: str, sums: np.ndarray, counts: np.ndarray) -> None:
+    if sums.ndim != 1 or counts.ndim != 1 or len(counts) == 0 or len(sums) == 0:
+        raise InputError(f"imatrix entry {name!r}: sums and counts must be non-empty 1-D arrays")
+    if len(sums) % len(counts):
+        raise InputError(
+            f"imatrix entry {name!r}: {len(sums)} sums do not split into {len(counts)} matrices"
+        )
+
+
+# -- chunking ------------------------------------------------------------------------------------
+
+
+def chunk_tokens(
+    tokens: list[int], ctx: int, chunks: int | None, bos: int | None
+) -> list[list[int]]:
+    """llama-imatrix's chunks: ``n = min(chunks, len(tokens) // ctx)`` windows of ``ctx`` tokens,
+    the first token of each replaced by ``bos`` when the vocabulary adds one. ``tokens`` must
+    already start with BOS in that case (llama.cpp tokenizes with ``add_special=true``)."""
+    n_max = len(tokens) // ctx
+    n = n_max if chunks is None or chunks < 0 else min(chunks, n_max)
+    out = []
+    for i in range(n):
+        chunk = list(tokens[i * ctx : (i + 1) * ctx])
+        if bos is not None:
+            chunk[0] = bos
+        out.append(chunk)
+    return out
+
+
+def bos_added(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer puts one in front of a text, else None.
+
+    quantkit's converter writes ``tokenizer.ggml.add_bos_token`` from the same behaviour
+    (convert/tokenizer.py), so this is also what llama.cpp does with the converted file.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if with_special[:1] == [bos] and plain[:1] != [bos]:
+        return int(bos)
+    return None
+
+
+# -- collection ----------------------------------------------------------------------------------
+
+
+class _Accumulator:
+    """Σ x² per input column and token counts for one GGUF weight (n_mats matrices)."""
+
+    def __init__(self, n_cols: int, n_mats: int = 1) -> None:
+        import torch
+
+        self.sums = torch.zeros(n_mats, n_cols, dtype=torch.float64)
+        self.counts = np.zeros(n_mats, dtype=np.int64)
+
+    def add(self, sq: Any, n_rows: int, mat: int = 0) -> None:
+        self.sums[mat] += sq
+        self.counts[mat] += n_rows
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.sums.numpy().astype(np.float32).reshape(-1), self.counts.copy()
+
+
+class _SquareSums:
+    """Σ x² over the token rows of an activation, computed once when several weights read the
+    same tensor in a row (attn_q/k/v, ffn_gate/up): the hooks see the same tensor object, and
+    its version counter tells an in-place change apart."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._f64 = torch.float64
+        self._key: tuple[Any, int] | None = None
+        self._value: tuple[Any, int] | None = None
+
+    def __call__(self, x: Any) -> tuple[Any, int]:
+        key = (x, x._version)
+        if self._key is None or self._key[0] is not x or self._key[1] != key[1]:
+            rows = x.reshape(-1, x.shape[-1]).float()
+            self._key = key
+            self._value = ((rows * rows).sum(0, dtype=self._f64), rows.shape[0])
+        assert self._value is not None
+        return self._value
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+
+def text_dataset_name(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def collect_imatrix(
+    model_dir: Path,
+    text: str,
+    *,
+    ctx: int = 512,
+    chunks: int | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    dataset: str | None = None,
+) -> Imatrix:
+    """Run the HF model in torch (CPU, float32) over ``text`` and collect llama-imatrix's statistic.
+
+    ``chunks``: at most this many chunks of ``ctx`` tokens (None: all full chunks of the text).
+    ``dataset``: the name recorded in the file (default ``sha256:`` of the text).
+    ``progress(stage, done, total)`` is called as ("imatrix", chunks done, chunks in all).
+    Unlike llama-imatrix, one chunk of text is enough (it asks for two, for its perplexity), and
+    every token counts: llama-imatrix would skip a trailing micro-batch under 16 tokens when
+    ctx > n_ubatch (512) and ctx % 512 < 16, which this does not reproduce.
+
+    MoE (later): the accumulator already holds n_mats rows; each HF expert projection adds
+    into row ``expert`` of its merged ``*_exps`` entry with the tokens routed to it.
+    """
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.convert.archs import resolve
+
+    model_dir = Path(model_dir)
+    if ctx < MIN_TOKENS:
+        raise InputError(
+            f"imatrix context of {ctx} tokens is too small",
+            f"llama.cpp ignores batches under {MIN_TOKENS} tokens; use ctx >= {MIN_TOKENS}",
+        )
+    with Checkpoint.open(model_dir) as ckpt:  # preflight: safetensors only, known architecture
+        arch = resolve(ckpt.config)
+        arch.plan({n: t.shape for n, t in ckpt.tensors.items()})
+    expected = arch.expected()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    bos = bos_added(tok)
+    # split_special_tokens: text that looks like a special token is plain text, as llama-imatrix
+    # tokenizes (parse_special is off unless asked for)
+    ids = tok(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    tokens = ([bos] if bos is not None else []) + list(ids)
+    todo = chunk_tokens(tokens, ctx, chunks, bos)
+    if not todo:
+        raise InputError(
+            f"the calibration text is {len(tokens)} tokens, less than one chunk of {ctx}",
+            "give a longer text or a smaller context",
+        )
+
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    handles = []
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=torch.float32,
+            attn_implementation="eager",
+            trust_remote_code=False,
+            use_safetensors=True,
+        ).eval()
+        accs: dict[str, _Accumulator] = {}
+        square_sums = _SquareSums()
+        for mod_name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or f"{mod_name}.weight" not in expected:
+                continue
+            gguf_name = arch.gguf_name(f"{mod_name}.weight")
+            if not gguf_name.startswith("blk."):
+                continue  # output.weight: llama-imatrix collects it only with --process-output
+            acc = accs[gguf_name] = _Accumulator(module.in_features)
+
+            def hook(_mod: Any, args: tuple[Any, ...], acc: _Accumulator = acc) -> None:
+                acc.add(*square_sums(args[0].detach()))
+
+            handles.append(module.register_forward_pre_hook(hook))
+        # every 2-D blk.* weight is a matmul llama.cpp collects: refuse to leave one out (a
+        # model whose projections are not nn.Linear, e.g. fused MoE experts, is not handled yet)
+        wanted = {arch.gguf_name(n) for n, shape in expected.items() if len(shape) >= 2}
+        missed = sorted(n for n in wanted if n.startswith("blk.") and n not in accs)
+        if missed or not accs:
+            raise UnsupportedArchitectureError(
+                f"imatrix collection has no hook for {', '.join(missed[:3]) or 'any weight'}"
+                + (f" (+{len(missed) - 3} more)" if len(missed) > 3 else ""),
+                "quantize this model without an imatrix",
+            )
+        # logits are not needed: run the decoder body and skip the vocabulary projection
+        body = getattr(model, model.base_model_prefix, model)
+        if progress:
+            progress("imatrix", 0, len(todo))
+        # no_grad, not inference_mode: inference tensors have no version counter (_SquareSums)
+        with torch.no_grad():
+            for i, chunk in enumerate(todo):
+                body(input_ids=torch.tensor([chunk]), use_cache=False)
+                square_sums.clear()
+                if progress:
+                    progress("imatrix", i + 1, len(todo))
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_num_threads(saved_threads)
+
+    entries = {}
+    for name in sorted(accs):
+        sums, counts = accs[name].result()
+        if not counts.all():
+            raise UnsupportedArchitectureError(
+                f"imatrix collection: {name} was never used by the torch model",
+                "quantize this model without an imatrix",
+            )
+        if not np.isfinite(sums).all():
+            raise CheckpointError(
+                f"{model_dir}: non-finite activations at the input of {name}",
+                "the model overflows on this text in float32; check the checkpoint",
+            )
+        entries[name] = (sums, counts)
+    return Imatrix(entries, len(todo), dataset or text_dataset_name(text), ctx)
+
+
+# -- GGUF imatrix file ---------------------------------------------------------------------------
+
+
+def _gguf_str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def _pad(n: int) -> int:
+    return -(-n // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+
+
+def _n_dims(ne: tuple[int, ...]) -> int:
+    # ggml_n_dims: trailing dimensions of 1 are not written
+    for i in range(len(ne) - 1, 0, -1):
+        if ne[i] > 1:
+            return i + 1
+    return 1
+
+
+def imatrix_gguf_bytes(im: Imatrix) -> bytes:
+    """The file imatrix.cpp ``save_imatrix`` writes (``gguf_write_to_file``) for these data."""
+    for key, v in (("chunk count", im.chunks), ("chunk size", im.chunk_size)):
+        if not 0 <= int(v) < 2**32:
+            raise InputError(f"imatrix {key} {v} does not fit the file's uint32")
+    datasets = [im.dataset] if im.dataset else []
+    kv = _gguf_str(KEY_TYPE) + struct.pack("<I", _VT_STRING) + _gguf_str("imatrix")
+    kv += _gguf_str(KEY_DATASETS) + struct.pack("<IIQ", _VT_ARRAY, _VT_STRING, len(datasets))
+    kv += b"".join(_gguf_str(d) for d in datasets)
+    kv += _gguf_str(KEY_CHUNK_COUNT) + struct.pack("<II", _VT_UINT32, int(im.chunks))
+    kv += _gguf_str(KEY_CHUNK_SIZE) + struct.pack("<II", _VT_UINT32, int(im.chunk_size))
+
+    infos, blobs, offset = b"", [], 0
+    for name in sorted(im.entries):  # deterministic order, as imatrix.cpp sorts
+        sums, counts = im.entries[name]
+        _check_entry(name, sums, counts)
+        n_mats = len(counts)
+        n_cols = len(sums) // n_mats
+        if not np.isfinite(sums).all():
+            raise InputError(f"imatrix entry {name!r} has non-finite sums")
+        if (np.asarray(counts) < 0).any():
+            raise InputError(f"imatrix entry {name!r} has negative counts")
+        for tname, ne, data in (
+            (name + SUFFIX_SUMS, (n_cols, n_mats), np.asarray(sums, dtype="<f4")),
+            (name + SUFFIX_COUNTS, (1, n_mats), np.asarray(counts).astype("<f4")),
+        ):
+            if len(tname.encode("utf-8")) >= GGML_MAX_NAME:
+                raise InputError(
+                    f"imatrix tensor name {tname!r} is too long for GGUF ({GGML_MAX_NAME - 1} bytes at most)"
+                )
+            nd = _n_dims(ne)
+            infos += _gguf_str(tname) + struct.pack(
+                f"<I{nd}qIQ", nd, *ne[:nd], GGML_TYPE_F32, offset
+            )
+            raw = data.tobytes()
+            blobs.append(raw + b"\0" * (_pad(len(raw)) - len(raw)))
+            offset += _pad(len(raw))
+    n_tensors = 2 * len(im.entries)
+    head = b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, n_tensors, 4) + kv + infos
+    head += b"\0" * (_pad(len(head)) - len(head))
+    return head + b"".join(blobs)
+
+
+def save_imatrix(im: Imatrix, path: Path) -> None:
+    """Write ``im`` in llama.cpp's GGUF imatrix format, to a temporary name renamed when complete."""
+    from quantkit.atomic import atomic_output
+
+    data = imatrix_gguf_bytes(im)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, force=True) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def load_imatrix(path: Path) -> Imatrix:
+    """Read an imatrix file: llama.cpp's GGUF format, or the legacy ``.dat`` format."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such imatrix file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not an imatrix file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if magic == b"GGUF":
+        return _load_gguf(path)
+    return _load_legacy(path)
+
+
+def _load_gguf(path: Path) -> Imatrix:
+    from quantkit.gguf_file import read_gguf
+
+    info = read_gguf(path, keep_arrays=(KEY_DATASETS,))
+    bad = f"{path}: not a usable imatrix"
+    if not info.tensors:
+        raise InputError(f"{bad}: no data")
+    # quantize.cpp refuses a GGUF imatrix without all three keys ("missing imatrix metadata")
+    missing = [
+        k
+        for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE)
+        if k not in info.metadata and k not in info.arrays
+    ]
+    if missing:
+        raise InputError(f"{bad}: missing metadata {', '.join(missing)}")
+    if KEY_DATASETS in info.arrays and info.arrays[KEY_DATASETS][0] != "STRING":
+        raise InputError(f"{bad}: {KEY_DATASETS} is not an array of strings")
+    datasets = info.metadata.get(KEY_DATASETS)
+    if not isinstance(datasets, list):
+        raise InputError(f"{bad}: {KEY_DATASETS} is not an array of strings")
+    nums = {}
+    for key in (KEY_CHUNK_COUNT, KEY_CHUNK_SIZE):
+        v = info.metadata.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**32:
+            raise InputError(f"{bad}: {key} is not a uint32")
+        nums[key] = v
+
+    pairs: dict[str, list[Any]] = {}
+    for t in info.tensors:
+        for suffix, slot in ((SUFFIX_SUMS, 0), (SUFFIX_COUNTS, 1)):
+            if t.name.endswith(suffix) and len(t.name) > len(suffix):
+                pairs.setdefault(t.name[: -len(suffix)], [None, None])[slot] = t
+    if not pairs:
+        raise InputError(f"{bad}: no {SUFFIX_SUMS}/{SUFFIX_COUNTS} tensors")
+    entries: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for name in sorted(pairs):
+            sums_t, counts_t = pairs[name]
+            if sums_t is None or counts_t is None:
+                raise InputError(f"{bad}: mismatched sums and counts for {name}")
+            if sums_t.type != "F32" or counts_t.type != "F32":
+                raise InputError(f"{bad}: sums and counts for {name} must be F32")
+            nval, ncounts = sums_t.n_elements, counts_t.n_elements
+            if ncounts == 0 or nval == 0 or nval % ncounts:
+                raise InputError(
+                    f"{bad}: {name} has {nval} sums for {ncounts} counts (not a whole number per matrix)"
+                )
+            sums = np.frombuffer(buf, "<f4", nval, sums_t.offset).astype(np.float32)
+            raw_counts = np.frombuffer(buf, "<f4", ncounts, counts_t.offset).astype(np.float64)
+            if not np.isfinite(sums).all():
+                raise InputError(f"{bad}: non-finite sums for {name}")
+            if (
+                not np.isfinite(raw_counts).all()
+                or (raw_counts < 0).any()
+                or (raw_counts >= 2**62).any()
+            ):
+                raise InputError(f"{bad}: invalid counts for {name}")
+            # std::lround: halves away from zero (counts are non-negative here)
+            counts = np.floor(raw_counts + 0.5).astype(np.int64)
+            entries[name] = (sums, counts)
+    return Imatrix(
+        entries,
+        nums[KEY_CHUNK_COUNT],
+        str(datasets[0]) if datasets else "",
+        nums[KEY_CHUNK_SIZE],
+    )
+
+
+def _load_legacy(path: Path) -> Imatrix:
+    """The pre-GGUF ``.dat`` format (imatrix.cpp ``save_imatrix_legacy``): per entry the mean
+    times ``ncall`` and ``ncall``; kept as sums = stored values, counts = [ncall], so the
+    quantizer gets stored/ncall exactly as quantize.cpp computes it (stored values as they are
+    when ncall is 0)."""
+    bad = f"{path}: not an imatrix file (neither GGUF nor the legacy format)"
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path}: empty file, not an imatrix")
+    if size > 2**31:
+        raise InputError(f"{bad}: too large for the legacy format")
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str, what: str) -> Any:
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if len(data) - pos < size:
+            raise InputError(f"{bad}: truncated at {what}")
+        v = struct.unpack_from(fmt, data, pos)
+        pos += size
+        return v[0] if len(v) == 1 else v
+
+    n_entries = take("<i", "the entry count")
+    # smallest entry: name length (4) + 1 byte of name + ncall (4) + nval (4) + one float (4)
+    if n_entries < 1 or n_entries > (len(data) - pos) // 17:
+        raise InputError(f"{bad}: entry count {n_entries} does not fit the file")
+    entries: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    max_ncall = 0
+    for i in range(n_entries):
+        length = take("<i", f"entry {i + 1}'s name length")
+        if not 0 < length <= len(data) - pos:
+            raise InputError(f"{bad}: entry {i + 1} has a name of {length} bytes")
+        raw = data[pos : pos + length].split(b"\0", 1)[0]
+        pos += length
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{bad}: entry {i + 1} has a name that is not UTF-8") from None
+        ncall, nval = take("<ii", f"entry {name!r}'s sizes")
+        if nval < 1 or nval > (len(data) - pos) // 4:
+            raise InputError(f"{bad}: entry {name!r} claims {nval} values")
+        sums = np.frombuffer(data, "<f4", nval, pos).astype(np.float32)
+        pos += 4 * nval
+        if not np.isfinite(sums).all():
+            raise InputError(f"{bad}: non-finite values for {name}")
+        entries[name] = (sums, np.array([ncall if ncall > 0 else 1], dtype=np.int64))
+        max_ncall = max(max_ncall, ncall)
+    chunks, dataset = max_ncall, ""
+    if len(data) - pos >= 4:  # optional: chunk count, then the dataset name
+        chunks = take("<i", "the chunk count")
+        if len(data) - pos >= 4:
+            length = take("<i", "the dataset name length")
+            if 0 < length <= len(data) - pos:
+                dataset = data[pos : pos + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return Imatrix(entries, max(0, chunks), dataset, 0)
+
+
+__all__ = [
+    "Imatrix",
+    "bos_added",
+    "chunk_tokens",
+    "collect_imatrix",
+    "imatrix_gguf_bytes",
+    "load_imatrix",
+    "save_imatrix",
+    "text_dataset_name",
+]
