@@ -314,36 +314,10 @@ def convert(
 
             for q in quants:
                 assert base_path is not None
-                t1 = time.perf_counter()
-                if dry_run or qs.no_fallback:
-                    rep = quantize_file(
-                        base_path, None, q, options, dry_run=True, progress=progress
-                    )
-                    if qs.no_fallback and rep.fallbacks:
-                        raise FallbackError(q.name, rep.fallbacks)
-                    if dry_run:
-                        artifacts.append(
-                            Artifact(
-                                paths[q.name],
-                                q.name,
-                                rep.predicted_bytes or 0,
-                                len(plan),
-                                0.0,
-                                planned=rep.planned,
-                                fallbacks=rep.fallbacks,
-                            )
-                        )
-                        continue
-                with atomic_output(paths[q.name], force=force) as tmpq:
-                    rep = quantize_file(base_path, tmpq, q, options, progress=progress)
-                    size = tmpq.stat().st_size
-                    aud = audit(tmpq, rep)
-                aud.path = str(paths[q.name])
                 artifacts.append(
-                    Artifact(
-                        paths[q.name], q.name, size, len(plan), time.perf_counter() - t1, audit=aud
-                    )
-                )
+                    _quantize_one(base_path, q, paths[q.name], options, qs, len(plan),
+                                  force=force, dry_run=dry_run, progress=progress)
+                )  # fmt: skip
             if quants:
                 timings["quantize"] = time.perf_counter() - t0 - elapsed
         for a in artifacts:
@@ -399,42 +373,42 @@ def requantize(
     artifacts: list[Artifact] = []
     with output_dirs([] if dry_run else list(paths.values())):
         for q in types:
-            t1 = time.perf_counter()
-            if dry_run or quant.no_fallback:
-                rep = quantize_file(src, None, q, options, dry_run=True, progress=progress)
-                if quant.no_fallback and rep.fallbacks:
-                    raise FallbackError(q.name, rep.fallbacks)
-                if dry_run:
-                    artifacts.append(
-                        Artifact(
-                            paths[q.name],
-                            q.name,
-                            rep.predicted_bytes or 0,
-                            len(info.tensors),
-                            0.0,
-                            planned=rep.planned,
-                            fallbacks=rep.fallbacks,
-                        )
-                    )
-                    continue
-            with atomic_output(paths[q.name], force=force) as tmpq:
-                rep = quantize_file(src, tmpq, q, options, progress=progress)
-                size = tmpq.stat().st_size
-                aud = audit(tmpq, rep)
-            aud.path = str(paths[q.name])
             artifacts.append(
-                Artifact(
-                    paths[q.name],
-                    q.name,
-                    size,
-                    len(info.tensors),
-                    time.perf_counter() - t1,
-                    audit=aud,
-                )
-            )
+                _quantize_one(src, q, paths[q.name], options, quant, len(info.tensors),
+                              force=force, dry_run=dry_run, progress=progress)
+            )  # fmt: skip
     timings["quantize"] = time.perf_counter() - t_start - timings["preflight"]
     arch = str(info.metadata.get("general.architecture", "?"))
     return ConvertResult(artifacts, arch, [], 0, timings, imatrix)
+
+
+def _quantize_one(
+    base: Path,
+    q: GGUFType,
+    path: Path,
+    options: QuantizeOptions,
+    qs: QuantSettings,
+    n_tensors: int,
+    *,
+    force: bool,
+    dry_run: bool,
+    progress: Progress | None,
+) -> Artifact:
+    """One quantized type from a float base: planned (dry run) or written and audited."""
+    t1 = time.perf_counter()
+    if dry_run or qs.no_fallback:
+        rep = quantize_file(base, None, q, options, dry_run=True, progress=progress)
+        if qs.no_fallback and rep.fallbacks:
+            raise FallbackError(q.name, rep.fallbacks)
+        if dry_run:
+            return Artifact(path, q.name, rep.predicted_bytes or 0, n_tensors, 0.0,
+                            planned=rep.planned, fallbacks=rep.fallbacks)  # fmt: skip
+    with atomic_output(path, force=force) as tmp:
+        rep = quantize_file(base, tmp, q, options, progress=progress)
+        size = tmp.stat().st_size
+        aud = audit(tmp, rep)
+    aud.path = str(path)
+    return Artifact(path, q.name, size, n_tensors, time.perf_counter() - t1, audit=aud)
 
 
 class FallbackError(InputError):

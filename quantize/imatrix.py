@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import CheckpointError, InputError, UnsupportedArchitectureError
+from quantkit.validate.metrics import make_chunks
 
 # llama.cpp constants (common/imatrix-loader.h, ggml/include/ggml.h, gguf.h)
 KEY_DATASETS = "imatrix.datasets"
@@ -113,16 +114,9 @@ def chunk_tokens(
 ) -> list[list[int]]:
     """llama-imatrix's chunks: ``n = min(chunks, len(tokens) // ctx)`` windows of ``ctx`` tokens,
     the first token of each replaced by ``bos`` when the vocabulary adds one. ``tokens`` must
-    already start with BOS in that case (llama.cpp tokenizes with ``add_special=true``)."""
-    n_max = len(tokens) // ctx
-    n = n_max if chunks is None or chunks < 0 else min(chunks, n_max)
-    out = []
-    for i in range(n):
-        chunk = list(tokens[i * ctx : (i + 1) * ctx])
-        if bos is not None:
-            chunk[0] = bos
-        out.append(chunk)
-    return out
+    already start with BOS in that case (llama.cpp tokenizes with ``add_special=true``). This is
+    llama-perplexity's chunking too, so the one implementation serves both."""
+    return make_chunks(tokens, ctx, chunks, bos)
 
 
 def bos_added(tokenizer: Any) -> int | None:
