@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--calib-chunks", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--types", default="Q8_0,Q6_K,Q4_K_M,Q3_K_M,Q2_K,IQ4_XS")
+    ap.add_argument("--types", default="Q4_K_M,IQ4_XS")
+    ap.add_argument("--kld", action="store_true", help="also KLD / top-1 against F16 (slower)")
     args = ap.parse_args()
 
     from quantkit.convert import QuantSettings, convert
@@ -39,6 +40,10 @@ def main() -> None:
     model = demo_model()
     calib = (FIXTURES / "tinystories" / "tinystories_train_head.txt").read_text()
     wiki = (FIXTURES / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    print(
+        f"calibrating {args.calib_chunks}×{args.ctx}, evaluating {args.chunks}×{args.ctx} (flash attention on, as llama-perplexity)",
+        flush=True,
+    )
     types = args.types.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

@@ -420,6 +420,151 @@ def inspect(path: Path, as_json: bool, show_all: bool) -> None:
         )
 
 
+EPILOG_VALIDATE = """\b
+Examples:
+  quantkit validate out/m-Q8_0.gguf out/m-Q4_K_M.gguf --reference ./m --data wiki.test.raw
+  quantkit validate out/*.gguf --reference ./m --data eval.txt --ctx 512 --chunks 20 \\
+      --json report.json --md report.md --plot report.png
+  quantkit validate out/m-Q4_K_M.gguf --reference ./m --data eval.txt \\
+      --max-kld 0.05 --max-ppl-increase 5 --min-top1 85     # CI gate: exit 1 if one fails
+\b
+Exit codes: 0 every gate holds, 1 a gate failed (the table and report say which),
+2 bad input or an artifact/reference that could not be scored.
+"""
+
+
+@cli.command(epilog=EPILOG_VALIDATE)
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The original Hugging Face checkpoint (folder); its tokenizer tokenizes the text.",
+)
+@click.option(
+    "--data", type=click.Path(path_type=Path), required=True, help="Evaluation text file."
+)
+@click.option(
+    "--ctx", type=click.IntRange(min=8), default=512, show_default=True, help="Tokens per chunk."
+)
+@click.option(
+    "--chunks", type=click.IntRange(min=1), default=None, help="Number of chunks (default: all)."
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine threads.")
+@click.option(
+    "--pp", type=click.IntRange(min=0), default=512, show_default=True, help="Speed: prompt tokens."
+)
+@click.option(
+    "--tg",
+    type=click.IntRange(min=0),
+    default=128,
+    show_default=True,
+    help="Speed: generated tokens.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=3600,
+    show_default=True,
+    help="Seconds per engine process before it is killed and its artifact failed.",
+)
+@click.option(
+    "--reference-dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default=None,
+    help="Run the reference in this dtype (default: the checkpoint's own).",
+)
+@click.option("--kv-f32", is_flag=True, help="llama.cpp: F32 KV cache (default F16).")
+@click.option(
+    "--no-flash-attn",
+    is_flag=True,
+    help="llama.cpp: no flash attention (default on, as llama-perplexity has it on CPU).",
+)
+@click.option("--no-cache", is_flag=True, help="Do not read or write the reference cache.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the JSON report.")
+@click.option("--md", "md_out", type=click.Path(path_type=Path), help="Write a Markdown report.")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write a PNG chart.")
+@click.option("--max-kld", type=float, default=None, help="Gate: mean KLD at most this.")
+@click.option(
+    "--max-ppl-increase",
+    type=float,
+    default=None,
+    metavar="PCT",
+    help="Gate: PPL at most this many percent above the reference's.",
+)
+@click.option(
+    "--min-top1", type=float, default=None, metavar="PCT", help="Gate: top-1 agreement, percent."
+)
+@click.option(
+    "--default-gates",
+    is_flag=True,
+    help="Apply the per-type default gates (docs/report-schema.md) where no option is given.",
+)
+def validate(
+    artifacts: tuple[Path, ...],
+    reference: Path,
+    data: Path,
+    ctx: int,
+    chunks: int | None,
+    threads: int | None,
+    pp: int,
+    tg: int,
+    timeout: float,
+    reference_dtype: str | None,
+    kv_f32: bool,
+    no_flash_attn: bool,
+    no_cache: bool,
+    json_out: Path | None,
+    md_out: Path | None,
+    plot_out: Path | None,
+    max_kld: float | None,
+    max_ppl_increase: float | None,
+    min_top1: float | None,
+    default_gates: bool,
+) -> None:
+    """Score ARTIFACTS (GGUF files, HF folders) against the REFERENCE checkpoint on the same
+    token ids: perplexity, KL divergence, top-1 agreement, speed and memory, each in its engine."""
+    from quantkit.errors import GateFailed
+    from quantkit.validate.harness import Gates, Settings, ValidationError
+    from quantkit.validate.harness import validate as run_validate
+    from quantkit.validate.report import markdown, plot, terminal_table
+
+    settings = Settings(
+        ctx=ctx,
+        chunks=chunks,
+        threads=threads,
+        pp=pp,
+        tg=tg,
+        timeout=timeout,
+        reference_dtype=reference_dtype,
+        kv_f32=kv_f32,
+        flash_attn=not no_flash_attn,
+        cache=not no_cache,
+        gates=Gates(max_kld, max_ppl_increase, min_top1, default_gates),
+    )
+    report = run_validate(list(artifacts), reference, data, settings, progress=_Progress())
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+    if md_out:
+        md_out.write_text(markdown(report))
+    if plot_out:
+        plot(report, plot_out)
+    click.echo(terminal_table(report))
+    if report["failed_artifacts"]:
+        raise ValidationError(
+            f"{len(report['failed_artifacts'])} artifact(s) could not be scored: "
+            + ", ".join(report["failed_artifacts"])
+        )
+    if report["failed_gates"]:
+        raise GateFailed(
+            "gate failed: "
+            + "; ".join(
+                f"{g['artifact']} --{g['gate']} {g['threshold']:g} (measured {g['value']})"
+                for g in report["failed_gates"]
+            )
+        )
+
+
 @cli.command(epilog=EPILOG_DEMO)
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option(

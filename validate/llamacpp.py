@@ -26,9 +26,12 @@ class LlamaCppModel:
         n_ctx: int = 512,
         threads: int | None = None,
         kv_f32: bool = False,
+        flash_attn: bool = False,
     ) -> None:
         """``kv_f32``: keep the KV cache in F32 instead of llama.cpp's default F16 — for exactness
-        checks against transformers, where an F16 cache alone moves logits by ~1e-3."""
+        checks against transformers, where an F16 cache alone moves logits by ~1e-3.
+        ``flash_attn``: llama.cpp's flash-attention path (llama-perplexity's default, "auto",
+        takes it on CPU; llama-cpp-python's default does not)."""
         lib = llama_cpp()
         from llama_cpp import Llama
 
@@ -44,6 +47,7 @@ class LlamaCppModel:
                 n_threads=threads,
                 n_threads_batch=threads,
                 verbose=False,
+                flash_attn=flash_attn,
                 **({"type_k": KV_F32, "type_v": KV_F32} if kv_f32 else {}),
             )
         except (ValueError, RuntimeError) as e:

@@ -80,3 +80,57 @@ class Accumulator:
             "top1": float(np.mean(self.top1)),
             "mean_abs_dp": float(np.mean(self.dp)),
         }
+
+
+def renormalize(logprobs: np.ndarray) -> np.ndarray:
+    """Stored (possibly float16) log-probs → float32 log-probs that sum to 1 again.
+
+    Renormalizing makes the float16 rounding error enter KLD only at second order when the two
+    distributions are close (docs/report-schema.md, "Reference cache")."""
+    x = np.asarray(logprobs, dtype=np.float32)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True, dtype=np.float64))).astype(
+        np.float32
+    )
+
+
+def position_stats(
+    lp_q: np.ndarray, targets: np.ndarray, lp_ref: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exact per-position (NLL, KLD(ref‖q), top-1 agreement, |Δp| of the target) from full
+    log-prob arrays (positions × vocab)."""
+    idx = np.arange(len(targets))
+    p_ref = np.exp(lp_ref)
+    kld = (p_ref * (lp_ref - lp_q)).sum(axis=1, dtype=np.float64)
+    lq_t = lp_q[idx, targets].astype(np.float64)
+    nll = -lq_t
+    top1 = lp_q.argmax(1) == lp_ref.argmax(1)
+    dp = np.abs(np.exp(lq_t) - p_ref[idx, targets])
+    return nll, np.maximum(kld, 0.0), top1, dp
+
+
+def position_stats_topk(
+    topk_ids: np.ndarray,
+    topk_lp: np.ndarray,
+    target_lp: np.ndarray,
+    targets: np.ndarray,
+    lp_ref: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Approximate stats when the engine returns only its top-k log-probs (e.g. vLLM).
+
+    KLD is taken over the engine's top-k tokens plus one bucket for all remaining mass:
+    Σ_{i∈K} p_i log(p_i/q_i) + P_rest log(P_rest/Q_rest). By the log-sum inequality this is a
+    lower bound of the exact KLD (equal when k covers the vocabulary)."""
+    idx = np.arange(len(targets))[:, None]
+    p_ref = np.exp(lp_ref.astype(np.float64))
+    pk = p_ref[idx, topk_ids]
+    lqk = topk_lp.astype(np.float64)
+    qk = np.exp(lqk)
+    lpk = np.log(np.maximum(pk, 1e-300))
+    p_rest = np.clip(1.0 - pk.sum(1), 1e-300, 1.0)
+    q_rest = np.clip(1.0 - qk.sum(1), 1e-300, 1.0)
+    kld = (pk * (lpk - lqk)).sum(1) + p_rest * np.log(p_rest / q_rest)
+    nll = -target_lp.astype(np.float64)
+    top1 = topk_ids[:, 0] == lp_ref.argmax(1)
+    dp = np.abs(np.exp(-nll) - p_ref[np.arange(len(targets)), targets])
+    return nll, np.maximum(kld, 0.0), top1, dp

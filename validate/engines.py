@@ -1,0 +1,274 @@
+"""Engines behind one interface: load, score token ids, speed run, unload.
+
+An engine scores *the harness's* token ids (one tokenization, one chunking) and returns, for every
+scored position, the log-probabilities of the next token: the full distribution (llama.cpp,
+transformers → exact KLD) or only the top-k plus the target (an engine such as vLLM that returns
+``prompt_logprobs`` → approximate KLD, labelled as such). Engines run inside the worker process
+(``quantkit.validate.worker``), never in the harness's own process, so an engine that crashes or
+hangs fails only its artifact.
+
+Adding an engine (e.g. vLLM in its own virtual environment): subclass ``Engine``, set ``name`` and
+``distribution`` ("top-k" when only ``prompt_logprobs`` come back: return ``Scored(topk_ids=…,
+topk_logprobs=…, target_logprobs=…)``, top-k sorted by decreasing log-prob), register it in
+``ENGINES`` and teach ``engine_for`` which artifacts it takes (a compressed-tensors folder). An
+engine that needs another interpreter sets ``python``: the harness starts
+``python -m quantkit.validate.worker`` with it, so quantkit must be importable there
+(``pip install --no-deps -e .`` into that venv); the job file, the chunk ids and the cached
+reference log-probs are plain JSON / ``.npy`` files, so the two environments share nothing else.
+The harness, the metrics and the report do not change.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+def log_softmax32(logits: np.ndarray) -> np.ndarray:
+    """log-softmax along the last axis in float32 (max-shifted; error ~1e-7 relative)."""
+    x = np.asarray(logits, dtype=np.float32)
+    m = x.max(axis=-1, keepdims=True)
+    x = x - m
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+
+
+@dataclass
+class Scored:
+    """Log-probabilities of the next token at the scored positions of one chunk.
+
+    Either ``logprobs`` (positions × vocab, full distribution) or ``topk_ids``/``topk_logprobs``
+    (positions × k) plus ``target_logprobs`` (positions,) is set.
+    """
+
+    logprobs: np.ndarray | None = None
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+    target_logprobs: np.ndarray | None = None
+
+
+class Engine(ABC):
+    """One inference engine holding one model."""
+
+    name: ClassVar[str]
+    distribution: ClassVar[str] = "full"  # "full" | "top-k"
+    python: ClassVar[str | None] = None  # interpreter for the worker; None: this one
+
+    def __init__(self, path: str | Path, *, n_ctx: int, threads: int, **options: Any) -> None:
+        self.path = Path(path)
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self.options = options
+        self.load_seconds = 0.0
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def version(self) -> str: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Engine settings worth recording next to the figures (dtype, device, KV type)."""
+        return {}
+
+    def tokenize(self, text: str) -> tuple[list[int], bool] | None:
+        """The engine's own tokenization of ``text`` (without BOS) and whether it adds a BOS;
+        None when the engine uses the reference tokenizer."""
+        return None
+
+    @abstractmethod
+    def score(self, chunk: list[int], first: int) -> Scored:
+        """Log-probs of tokens ``chunk[first+1:]`` given their prefixes (positions first … n−2)."""
+
+    @abstractmethod
+    def speed(self, tokens: list[int], pp: int, tg: int) -> dict[str, float | None]:
+        """llama-bench style: pp tokens in one batch from an empty cache, then tg tokens one by one
+        from an empty cache. Returns ``pp_tps`` and ``tg_tps``."""
+
+    @abstractmethod
+    def unload(self) -> None: ...
+
+
+class LlamaCppEngine(Engine):
+    """A GGUF in llama.cpp (llama-cpp-python), full logits, only the scored positions computed
+    (as llama-perplexity asks for them)."""
+
+    name = "llama.cpp"
+
+    def load(self) -> None:
+        from quantkit.validate.llamacpp import LlamaCppModel
+
+        self.model = LlamaCppModel(
+            self.path,
+            n_ctx=self.n_ctx,
+            threads=self.threads,
+            kv_f32=bool(self.options.get("kv_f32")),
+            flash_attn=bool(self.options.get("flash_attn", True)),
+        )
+        self.load_seconds = self.model.load_seconds
+        from quantkit.llama import llama_cpp
+
+        self.lib = llama_cpp()
+        self.ctx = self.model.llm._ctx.ctx
+        self.batch = self.lib.llama_batch_init(self.n_ctx, 0, 1)
+
+    def version(self) -> str:
+        import importlib.metadata
+
+        return f"llama-cpp-python {importlib.metadata.version('llama-cpp-python')}"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kv_cache": "F32" if self.options.get("kv_f32") else "F16",
+            "flash_attn": bool(self.options.get("flash_attn", True)),
+        }
+
+    def tokenize(self, text: str) -> tuple[list[int], bool] | None:
+        llm = self.model.llm
+        add_bos = bool(llm._model.add_bos_token()) if hasattr(llm._model, "add_bos_token") else True
+        return self.model.tokenize(text, add_bos=False, special=False), add_bos
+
+    def _clear(self) -> None:
+        self.model.llm._ctx.kv_cache_clear()
+
+    def _decode(self, tokens: list[int], pos0: int, out_from: int | None) -> int:
+        b = self.batch
+        n = len(tokens)
+        b.n_tokens = n
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = out_from is not None and out_from <= i < n - 1
+        if out_from is None:
+            b.logits[n - 1] = True
+        rc = self.lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            from quantkit.errors import EngineError
+
+            raise EngineError(f"llama_decode returned {rc}")
+        return rc
+
+    def score(self, chunk: list[int], first: int) -> Scored:
+        n = len(chunk)
+        self._clear()
+        self._decode(chunk, 0, first)
+        ptr = self.lib.llama_get_logits(self.ctx)
+        logits = np.ctypeslib.as_array(ptr, shape=(n - 1 - first, self.model.n_vocab))
+        return Scored(logprobs=log_softmax32(logits))
+
+    def speed(self, tokens: list[int], pp: int, tg: int) -> dict[str, float | None]:
+        toks = (tokens * (1 + max(pp, tg) // max(1, len(tokens))))[: max(pp, tg)]
+        out: dict[str, float | None] = {"pp_tps": None, "tg_tps": None}
+        if pp > 0:
+            self._clear()
+            t0 = time.perf_counter()
+            self._decode(toks[:pp], 0, None)
+            out["pp_tps"] = pp / (time.perf_counter() - t0)
+        if tg > 0:
+            self._clear()
+            t0 = time.perf_counter()
+            for i in range(tg):
+                self._decode([toks[i]], i, None)
+            out["tg_tps"] = tg / (time.perf_counter() - t0)
+        return out
+
+    def unload(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            self.lib.llama_batch_free(self.batch)
+            self.batch = None
+        self.model.close()
+
+
+class TransformersEngine(Engine):
+    """An HF checkpoint in transformers on CPU (CUDA when present), eager attention, in the
+    checkpoint's own dtype unless ``dtype`` is given."""
+
+    name = "transformers"
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(self.threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = self.options.get("dtype") or "auto"
+        t0 = time.perf_counter()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                self.path,
+                dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                attn_implementation="eager",
+            )
+            .to(self.device)
+            .eval()
+        )
+        self.load_seconds = time.perf_counter() - t0
+        self.torch = torch
+
+    def version(self) -> str:
+        import transformers
+
+        return f"transformers {transformers.__version__}, torch {self.torch.__version__}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": str(self.model.dtype).replace("torch.", ""), "device": self.device}
+
+    def score(self, chunk: list[int], first: int) -> Scored:
+        torch = self.torch
+        with torch.no_grad():
+            ids = torch.tensor([chunk], device=self.device)
+            logits = self.model(ids).logits[0, first : len(chunk) - 1].float().cpu().numpy()
+        return Scored(logprobs=log_softmax32(logits))
+
+    def speed(self, tokens: list[int], pp: int, tg: int) -> dict[str, float | None]:
+        torch = self.torch
+        toks = (tokens * (1 + max(pp, tg) // max(1, len(tokens))))[: max(pp, tg)]
+        out: dict[str, float | None] = {"pp_tps": None, "tg_tps": None}
+        with torch.no_grad():
+            if pp > 0:
+                t0 = time.perf_counter()
+                self.model(torch.tensor([toks[:pp]], device=self.device), use_cache=False)
+                out["pp_tps"] = pp / (time.perf_counter() - t0)
+            if tg > 0:
+                past = None
+                t0 = time.perf_counter()
+                for i in range(tg):
+                    r = self.model(
+                        torch.tensor([[toks[i]]], device=self.device),
+                        past_key_values=past,
+                        use_cache=True,
+                    )
+                    past = r.past_key_values
+                out["tg_tps"] = tg / (time.perf_counter() - t0)
+        return out
+
+    def unload(self) -> None:
+        del self.model
+
+
+ENGINES: dict[str, type[Engine]] = {
+    LlamaCppEngine.name: LlamaCppEngine,
+    TransformersEngine.name: TransformersEngine,
+}
+
+
+def engine_for(path: str | Path) -> str:
+    """The engine that runs an artifact: llama.cpp for GGUF, transformers for an HF folder."""
+    p = Path(path)
+    if p.is_file():
+        with p.open("rb") as f:
+            if f.read(4) == b"GGUF" or p.suffix.lower() == ".gguf":
+                return LlamaCppEngine.name
+    if p.suffix.lower() == ".gguf":
+        return LlamaCppEngine.name
+    if p.is_dir() and (p / "config.json").is_file():
+        return TransformersEngine.name
+    from quantkit.errors import InputError
+
+    raise InputError(f"{p}: not a GGUF file or a Hugging Face model folder")

@@ -1,0 +1,487 @@
+"""The validation harness: one tokenization, one chunking, every artifact in its own engine process.
+
+1. The text is tokenized once with the reference (HF) tokenizer and cut into llama-perplexity
+   chunks (``metrics.make_chunks``: BOS at chunk start when the tokenizer adds one; the first half
+   of each chunk is context, the second half is scored).
+2. The reference checkpoint is scored once in transformers (a worker process); the log-probs of
+   the scored positions are cached on disk under a content hash of the model files, the text,
+   ``ctx`` and ``chunks`` (``reference_key``), so later runs and every artifact reuse them.
+3. Each artifact is scored in a worker process of its engine with a timeout; a crash, a hang or a
+   corrupt file fails that artifact (error + log tail in the report) and the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.errors import InputError, QuantkitError
+from quantkit.validate.engines import ENGINES, engine_for
+from quantkit.validate.metrics import make_chunks
+
+CACHE_VERSION = "1"
+LOG_TAIL_LINES = 25
+
+Progress = Callable[[str, int, int], None]
+
+
+class ValidationError(QuantkitError):
+    """The validation could not be carried out (reference failed, an artifact failed)."""
+
+
+# Per-type starting points for --default-gates (docs/report-schema.md): mean KLD, PPL increase %,
+# top-1 %. Small models (≤ 1B) quantize worse than these suggest for 7B+; tune per model.
+DEFAULT_GATES: dict[str, tuple[float, float, float]] = {
+    "F32": (0.001, 0.5, 98.0),
+    "F16": (0.001, 0.5, 98.0),
+    "BF16": (0.001, 0.5, 98.0),
+    "Q8_0": (0.005, 1.0, 95.0),
+    "Q6_K": (0.01, 2.0, 93.0),
+    "Q5_K_M": (0.02, 3.0, 90.0),
+    "Q5_K_S": (0.025, 3.5, 90.0),
+    "Q5_0": (0.03, 4.0, 89.0),
+    "Q5_1": (0.03, 4.0, 89.0),
+    "Q4_K_M": (0.05, 6.0, 85.0),
+    "Q4_K_S": (0.06, 7.0, 84.0),
+    "IQ4_XS": (0.06, 7.0, 84.0),
+    "IQ4_NL": (0.06, 7.0, 84.0),
+    "Q4_0": (0.08, 9.0, 82.0),
+    "Q4_1": (0.08, 9.0, 82.0),
+    "Q3_K_L": (0.12, 12.0, 78.0),
+    "Q3_K_M": (0.15, 15.0, 76.0),
+    "Q3_K_S": (0.2, 20.0, 72.0),
+    "Q2_K": (0.4, 40.0, 65.0),
+}
+
+
+@dataclass
+class Gates:
+    max_kld: float | None = None
+    max_ppl_increase_pct: float | None = None
+    min_top1_pct: float | None = None
+    per_type_defaults: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_kld": self.max_kld,
+            "max_ppl_increase_pct": self.max_ppl_increase_pct,
+            "min_top1_pct": self.min_top1_pct,
+            "per_type_defaults": self.per_type_defaults,
+        }
+
+    def check(self, art: dict[str, Any]) -> list[dict[str, Any]]:
+        q = art.get("quality") or {}
+        ft = (art.get("size") or {}).get("file_type")
+        d = DEFAULT_GATES.get(ft or "") if self.per_type_defaults else None
+        specs = [
+            ("max-kld", self.max_kld, d and d[0], q.get("kld_mean"), "max"),
+            (
+                "max-ppl-increase",
+                self.max_ppl_increase_pct,
+                d and d[1],
+                q.get("ppl_increase_pct"),
+                "max",
+            ),
+            ("min-top1", self.min_top1_pct, d and d[2], q.get("top1_pct"), "min"),
+        ]
+        out = []
+        for name, given, default, value, kind in specs:
+            thr = given if given is not None else default
+            if thr is None:
+                continue
+            ok = value is not None and (value <= thr if kind == "max" else value >= thr)
+            out.append(
+                {
+                    "gate": name,
+                    "threshold": thr,
+                    "source": "option" if given is not None else "type default",
+                    "value": value,
+                    "passed": bool(ok),
+                }
+            )
+        return out
+
+
+@dataclass
+class Settings:
+    ctx: int = 512
+    chunks: int | None = None
+    threads: int | None = None
+    pp: int = 512
+    tg: int = 128
+    timeout: float = 3600.0
+    reference_dtype: str | None = None  # None: the checkpoint's own dtype
+    kv_f32: bool = False
+    flash_attn: bool = True  # llama.cpp: as llama-perplexity's default ("auto" → on for CPU)
+    cache: bool = True
+    gates: Gates = field(default_factory=Gates)
+
+
+def cache_root() -> Path:
+    from quantkit.demo import cache_dir
+
+    return cache_dir() / "validate" / "reference"
+
+
+def sha256_file(path: Path, h: Any = None) -> str:
+    h = h or hashlib.sha256()
+    with path.open("rb") as f:
+        while b := f.read(1 << 22):
+            h.update(b)
+    return h.hexdigest()
+
+
+def model_hash(model: Path) -> str:
+    """sha256 over a model folder's files (names and contents), or one file's content."""
+    h = hashlib.sha256()
+    files = sorted(p for p in model.rglob("*") if p.is_file()) if model.is_dir() else [model]
+    for p in files:
+        h.update(str(p.relative_to(model) if model.is_dir() else p.name).encode() + b"\0")
+        sha256_file(p, h)
+    return h.hexdigest()
+
+
+def reference_key(model: Path, text: str, ctx: int, chunks: int | None, dtype: str | None) -> str:
+    h = hashlib.sha256()
+    for part in (CACHE_VERSION, model_hash(model), hashlib.sha256(text.encode()).hexdigest()):
+        h.update(part.encode() + b"\0")
+    h.update(f"ctx={ctx};chunks={chunks};dtype={dtype}".encode())
+    return h.hexdigest()[:32]
+
+
+def tokenize_reference(model: Path, text: str) -> tuple[list[int], int | None]:
+    """Token ids of ``text`` with the reference tokenizer (BOS first when it adds one) and the
+    BOS id that starts every chunk (None when the tokenizer adds none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except Exception as e:
+        raise InputError(f"{model}: cannot load the reference tokenizer ({e})") from None
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    bos = tok.bos_token_id
+    adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
+    return ([bos] + list(ids) if adds_bos else list(ids)), (bos if adds_bos else None)
+
+
+def host_info(threads: int) -> dict[str, Any]:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        try:
+            r = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            gpu = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout else None
+        except (OSError, subprocess.TimeoutExpired):
+            gpu = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "gpu": gpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def log_tail(log: Path, n: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return [ln[:400] for ln in lines[-n:]]
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_worker(
+    job: dict[str, Any], workdir: Path, timeout: float, progress: Progress | None, label: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Start one worker process for ``job`` and wait (with ``timeout``); returns its result (``ok``
+    False with ``error`` on a crash, a hang or an exception) and the tail of its log."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    job = {**job, "dir": str(workdir)}
+    (workdir / "job.json").write_text(json.dumps(job))
+    log = workdir / "worker.log"
+    engine = ENGINES[job["engine"]]
+    python = engine.python or sys.executable
+    env = {**os.environ, "QUANTKIT_DEBUG": "1", "PYTHONUNBUFFERED": "1"}
+    seen = 0
+    with log.open("wb") as lf:
+        proc = subprocess.Popen(
+            [python, "-m", "quantkit.validate.worker", str(workdir / "job.json")],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        t0 = time.monotonic()
+        rc: int | None = None
+        try:
+            while rc is None:
+                try:
+                    rc = proc.wait(timeout=max(0.001, min(0.5, t0 + timeout - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() - t0 >= timeout:
+                        _kill(proc)
+                        return (
+                            {"ok": False, "error": f"timed out after {timeout:g} s"},
+                            log_tail(log),
+                        )
+                if progress is not None:
+                    try:
+                        lines = (workdir / "progress").read_text().splitlines()
+                    except OSError:
+                        lines = []
+                    for ln in lines[seen:]:
+                        stage, done, total = ln.split()
+                        progress(f"{label} {stage}", int(done), int(total))
+                    seen = len(lines)
+        except BaseException:
+            _kill(proc)  # interrupted (Ctrl-C, SIGTERM): the worker is in its own session
+            raise
+    res_file = workdir / "result.json"
+    if res_file.is_file():
+        res = json.loads(res_file.read_text())
+    else:
+        why = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+        res = {"ok": False, "error": f"the engine process died ({why}) without a result"}
+    return res, ([] if res.get("ok") else log_tail(log))
+
+
+def validate(
+    artifacts: list[Path],
+    reference: Path,
+    data: Path,
+    settings: Settings | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score every artifact against the reference; returns the report (docs/report-schema.md)."""
+    from quantkit import __version__
+
+    s = settings or Settings()
+    if not reference.exists():
+        raise InputError(f"{reference}: reference model not found")
+    if not (reference / "config.json").is_file():
+        raise InputError(f"{reference}: not a Hugging Face model folder (no config.json)")
+    if not data.is_file():
+        raise InputError(f"{data}: text not found")
+    for a in artifacts:
+        if not a.exists():
+            raise InputError(f"{a}: artifact not found")
+    threads = s.threads or os.cpu_count() or 1
+    text = data.read_text(encoding="utf-8", errors="replace")
+    ids, bos = tokenize_reference(reference, text)
+    chunks = make_chunks(ids, s.ctx, s.chunks, bos)
+    if not chunks:
+        raise InputError(
+            f"{data}: {len(ids)} tokens, fewer than one chunk of --ctx {s.ctx}",
+            "give a longer text or a smaller --ctx",
+        )
+    first = s.ctx // 2
+    try:
+        vocab = int(json.loads((reference / "config.json").read_text()).get("vocab_size") or 0)
+    except (ValueError, OSError):
+        vocab = 0
+    est = len(chunks) * (s.ctx - 1 - first) * vocab * 2
+    if est > 4 * 2**30:
+        print(
+            f"quantkit validate: note: the reference log-probs for {len(chunks)} chunks take "
+            f"~{est / 2**30:.0f} GiB (float16) in the cache; --chunks limits them",
+            file=sys.stderr,
+        )
+    report: dict[str, Any] = {
+        "schema": "quantkit.validate.report",
+        "schema_version": 1,
+        "quantkit_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": host_info(threads),
+        "data": {
+            "path": str(data),
+            "sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "tokens": len(ids),
+            "ctx": s.ctx,
+            "chunks": len(chunks),
+            "scored_per_chunk": s.ctx - 1 - first,
+            "scored_tokens": len(chunks) * (s.ctx - 1 - first),
+            "bos": bos,
+            "tokenizer": str(reference),
+        },
+        "gates": s.gates.to_json(),
+    }
+    with tempfile.TemporaryDirectory(prefix="quantkit-validate-") as tmp:
+        run_dir = Path(tmp)
+        np.save(run_dir / "chunks.npy", np.asarray(chunks, dtype=np.int32))
+        np.save(run_dir / "ids.npy", np.asarray(ids[1:] if bos is not None else ids, np.int32))
+        base_job = {
+            "chunks": str(run_dir / "chunks.npy"),
+            "first": first,
+            "threads": threads,
+        }
+        # reference, once, cached by content
+        key = reference_key(reference, text, s.ctx, s.chunks, s.reference_dtype)
+        cdir = cache_root() / key if s.cache else run_dir / "reference"
+        hit = (cdir / "result.json").is_file() and (cdir / "logprobs.npy").is_file()
+        if hit:
+            ref_res = json.loads((cdir / "result.json").read_text())
+        else:
+            cdir.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cdir.parent))
+            job = {
+                **base_job,
+                "role": "reference",
+                "engine": "transformers",
+                "path": str(reference),
+                "ref_out": str(staging),
+                "pp": 0,
+                "tg": 0,
+                "options": {"dtype": s.reference_dtype},
+            }
+            try:
+                ref_res, tail = run_worker(
+                    job, run_dir / "ref-worker", s.timeout, progress, "reference"
+                )
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            if not ref_res.get("ok"):
+                shutil.rmtree(staging, ignore_errors=True)
+                last = tail[-1] if tail else ""
+                raise ValidationError(
+                    f"the reference {reference} could not be scored: {ref_res.get('error')}"
+                    + (f" (log: {last})" if last else "")
+                )
+            (staging / "result.json").write_text(json.dumps(ref_res))
+            if cdir.exists():
+                shutil.rmtree(cdir, ignore_errors=True)
+            os.replace(staging, cdir)
+        ref_ppl = ref_res["quality"]["ppl"]
+        report["reference"] = {
+            "model": str(reference),
+            "engine": ref_res["engine"],
+            "ppl": ref_ppl,
+            "ppl_stderr": ref_res["quality"]["ppl_stderr"],
+            "load_seconds": ref_res["load_seconds"],
+            "peak_rss_bytes": ref_res["peak_rss_bytes"],
+            "cache": {
+                "key": key,
+                "hit": hit,
+                "path": str(cdir) if s.cache else None,
+                "dtype": ref_res["ref_dtype"],
+                "vocab": ref_res["vocab"],
+            },
+        }
+        arts = []
+        for i, a in enumerate(artifacts):
+            entry: dict[str, Any] = {"path": str(a), "name": a.name}
+            try:
+                eng = engine_for(a)
+            except InputError as e:
+                entry.update(status="failed", error=str(e), log_tail=[])
+                arts.append(entry)
+                continue
+            job = {
+                **base_job,
+                "role": "artifact",
+                "engine": eng,
+                "path": str(a),
+                "text": str(data),
+                "ref_ids": str(run_dir / "ids.npy"),
+                "ref_adds_bos": bos is not None,
+                "ref_logprobs": str(cdir / "logprobs.npy"),
+                "pp": s.pp,
+                "tg": s.tg,
+                "options": (
+                    {"kv_f32": s.kv_f32, "flash_attn": s.flash_attn} if eng == "llama.cpp" else {}
+                ),
+            }
+            res, tail = run_worker(job, run_dir / f"art-{i}", s.timeout, progress, a.name)
+            entry["format"] = "gguf" if eng == "llama.cpp" else "hf"
+            entry["file_bytes"] = (
+                a.stat().st_size
+                if a.is_file()
+                else sum(p.stat().st_size for p in a.rglob("*") if p.is_file())
+            )
+            if not res.get("ok"):
+                entry.update(status="failed", error=res.get("error"), log_tail=tail)
+                entry["peak_rss_bytes"] = res.get("peak_rss_bytes")
+                arts.append(entry)
+                continue
+            q = res["quality"]
+            q["ppl_increase_pct"] = 100 * (q["ppl"] / ref_ppl - 1)
+            au = res.get("audit") or {}
+            entry.update(
+                status="ok",
+                error=None,
+                log_tail=[],
+                engine={**res["engine"], "threads": threads},
+                size={
+                    "file_bytes": entry["file_bytes"],
+                    "file_type": au.get("file_type"),
+                    "n_params": au.get("n_params"),
+                    "bits_per_weight": au.get("bits_per_weight"),
+                    "type_histogram": au.get("type_histogram"),
+                    "fallbacks": au.get("fallbacks"),
+                },
+                tokenization=res.get("tokenization"),
+                quality=q,
+                speed={
+                    "pp": (res.get("speed") or {}).get("pp", 0),
+                    "tg": (res.get("speed") or {}).get("tg", 0),
+                    "pp_tps": (res.get("speed") or {}).get("pp_tps"),
+                    "tg_tps": (res.get("speed") or {}).get("tg_tps"),
+                    "load_seconds": res["load_seconds"],
+                    "score_seconds": res["score_seconds"],
+                    "score_tps": res["score_tps"],
+                    "peak_rss_bytes": res["peak_rss_bytes"],
+                },
+            )
+            entry["gates"] = s.gates.check(entry)
+            entry["passed"] = all(g["passed"] for g in entry["gates"])
+            arts.append(entry)
+    for e in arts:
+        e.setdefault("gates", [])
+        e.setdefault("passed", False)
+        e.pop("file_bytes", None)
+    report["artifacts"] = arts
+    report["failed_gates"] = [
+        {"artifact": e["name"], **g} for e in arts for g in e["gates"] if not g["passed"]
+    ]
+    report["failed_artifacts"] = [e["name"] for e in arts if e["status"] != "ok"]
+    report["passed"] = not report["failed_gates"] and not report["failed_artifacts"]
+    return report
