@@ -72,22 +72,24 @@ def main() -> None:
             n_ctx=args.ctx,
             n_chunks=args.chunks,
             bos=bos,
-            reference=f16,
+            reference=f16 if args.kld else None,
             threads=args.threads,
         )
         t_eval = time.perf_counter() - t0
+        sizes = {str(p): Path(p).stat().st_size for p in paths}  # before the temp dir goes
 
     print(
         f"imatrix: {im.chunks} chunks × {args.ctx} tokens in {t_im:.1f} s; evaluation {t_eval:.1f} s"
     )
-    print(f"wiki.test.raw, ctx {args.ctx}, {args.chunks} chunks; KLD/top-1 against F16\n")
+    print(
+        f"wiki.test.raw, ctx {args.ctx}, {args.chunks} chunks"
+        + ("; KLD/top-1 against F16" if args.kld else "")
+    )
     print(f"{'file':<12} {'imatrix':<8} {'size MB':>8} {'PPL':>18} {'mean KLD':>10} {'top-1':>7}")
-    sizes = {str(a.path): a.size for a in plain + withim}
-    sizes[str(f16)] = f16.stat().st_size
     for p in paths:
         acc = res[str(p)]
         ppl, err = acc.ppl()
-        kl = acc.kld_stats()
+        kl = acc.kld_stats() if args.kld else {"mean": float("nan"), "top1": float("nan")}
         name = Path(p).stem.split("-")[-1] if "-" in Path(p).stem else Path(p).stem
         tag = "yes" if "/imatrix/" in str(p) else ("-" if p == f16 else "no")
         print(
