@@ -25,6 +25,7 @@ import numpy as np
 from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
 from quantkit.checkpoint import Checkpoint
 from quantkit.convert.archs import Architecture, resolve
+from quantkit.convert.archs.base import PlannedTensor
 from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
 from quantkit.convert.writer import GGUFWriter
 from quantkit.errors import CheckpointError, InputError
@@ -322,7 +323,7 @@ def convert(
                 timings["quantize"] = time.perf_counter() - t0 - elapsed
         for a in artifacts:
             if a.audit is None and not dry_run:
-                a.audit = audit(a.path)
+                a.audit = _float_audit(a, plan)
         order = {t.name: i for i, t in enumerate(types)}
         artifacts.sort(key=lambda a: order[a.type])
         return ConvertResult(
@@ -434,6 +435,30 @@ def with_imatrix(options: QuantizeOptions, im: Any, file: Path | None) -> Quanti
         imatrix_file=str(file) if file else None,
         imatrix_dataset=im.dataset or None,
         imatrix_chunks=im.chunks,
+    )
+
+
+def _float_audit(art: Artifact, plan: list[PlannedTensor]) -> Audit:
+    """The audit of a float file we just wrote, from its plan (no need to read it back: every
+    tensor is the base type or F32 by construction, and there are no fallbacks)."""
+    types = {pt.name: "F32" if pt.keep_f32 else art.type for pt in plan}
+    tensors = [
+        {"name": pt.name, "type": types[pt.name], "shape": list(reversed(pt.shape)),
+         "bytes": _planned_bytes(pt.shape, types[pt.name])}
+        for pt in plan
+    ]  # fmt: skip
+    hist: dict[str, int] = {}
+    for t in tensors:
+        hist[t["type"]] = hist.get(t["type"], 0) + 1
+    return Audit(
+        path=str(art.path),
+        file_type=art.type,
+        file_size=art.size,
+        n_params=sum(int(np.prod(pt.shape, dtype=np.int64)) for pt in plan),
+        tensor_bytes=sum(t["bytes"] for t in tensors),
+        histogram=dict(sorted(hist.items(), key=lambda kv: -kv[1])),
+        tensors=tensors,
+        fallback_source="inferred from shapes",  # as audit() says for a float file: none can occur
     )
 
 
