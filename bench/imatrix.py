@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from quantkit.text import read_text
+
 FALLBACK_TEXT = (
     "Once upon a time there was a little girl named Lily. She loved to play outside in the sun "
     "with her dog Max. One day they found a big red ball in the park and played until dark. "
@@ -53,7 +55,7 @@ def main() -> None:
         / "shared/fixtures/tinystories/tinystories_train_head.txt"
     )
     text_path = args.text or (fixture if fixture.is_file() else None)
-    text = text_path.read_text() if text_path else FALLBACK_TEXT
+    text = read_text(text_path) if text_path else FALLBACK_TEXT
     threads = args.threads or len(os.sched_getaffinity(0))
     n_tok = args.ctx * args.chunks
 

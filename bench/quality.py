@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from quantkit.text import read_text
+
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
@@ -38,8 +40,8 @@ def main() -> None:
     from quantkit.validate.quality import llama_tokens, score_files
 
     model = demo_model()
-    calib = (FIXTURES / "tinystories" / "tinystories_train_head.txt").read_text()
-    wiki = (FIXTURES / "wikitext-2-raw" / "wiki.test.raw").read_text()
+    calib = read_text(FIXTURES / "tinystories" / "tinystories_train_head.txt")
+    wiki = read_text(FIXTURES / "wikitext-2-raw" / "wiki.test.raw")
     print(
         f"calibrating {args.calib_chunks}×{args.ctx}, evaluating {args.chunks}×{args.ctx} (flash attention on, as llama-perplexity)",
         flush=True,

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from quantkit.text import read_text
+
 
 def direct_quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
     from quantkit.llama import llama_cpp
@@ -82,7 +84,7 @@ def main() -> None:
         for _ in range(args.repeat):
             t0 = time.perf_counter()
             im = collect_imatrix(
-                model, text.read_text(), ctx=ctx, chunks=chunks, threads=args.threads
+                model, read_text(text), ctx=ctx, chunks=chunks, threads=args.threads
             )
             runs.append(time.perf_counter() - t0)
         sec = statistics.median(runs)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quantkit.text import read_text
+
 FIXTURE_TEXT = Path(__file__).resolve().parents[2] / "shared/fixtures/wikitext-2-raw/wiki.test.raw"
 
 
@@ -79,7 +81,7 @@ def main() -> None:
         from quantkit.demo import demo_model
 
         path = convert(demo_model(), ["Q8_0"], tmp / "m-Q8_0.gguf").artifacts[0].path
-    text = args.text.read_text(encoding="utf-8", errors="replace")[:400_000]
+    text = read_text(args.text)[:400_000]
     from quantkit.validate.metrics import make_chunks
 
     ids, bos = llama_tokens(path, text, n_ctx=args.ctx)

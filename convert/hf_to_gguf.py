@@ -32,6 +32,7 @@ from quantkit.errors import CheckpointError, InputError
 from quantkit.quantize.audit import Audit, audit, file_type_of
 from quantkit.quantize.gguf import Fallback, QuantizeOptions, quantize_file
 from quantkit.quantize.types import GGUF_TYPES, GGUFType, gguf_type
+from quantkit.text import read_text
 
 # progress(stage, done, total): the CLI draws bars from it; library code never prints.
 Progress = Callable[[str, int, int], None]
@@ -262,7 +263,7 @@ def convert(
             t1 = time.perf_counter()
             imatrix = collect_imatrix(
                 model_dir,
-                qs.calib.read_text(encoding="utf-8", errors="replace"),
+                read_text(qs.calib),
                 ctx=qs.calib_ctx,
                 chunks=qs.calib_chunks,
                 threads=threads,

@@ -20,6 +20,7 @@ from quantkit import __version__
 from quantkit.atomic import cleanup_all
 from quantkit.errors import Interrupted, QuantkitError, exit_code_for
 from quantkit.table import format_table, human_bytes
+from quantkit.text import read_text
 
 EPILOG_CONVERT = """\b
 Examples:
@@ -360,7 +361,7 @@ def imatrix(
         resolve(ck.config)  # unsupported architectures fail before the model is loaded
     im = collect_imatrix(
         model,
-        calib.read_text(encoding="utf-8", errors="replace"),
+        read_text(calib),
         ctx=ctx,
         chunks=chunks,
         threads=threads,

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import InputError, QuantkitError
+from quantkit.text import read_text
 from quantkit.validate.engines import ENGINES, engine_for
 from quantkit.validate.metrics import make_chunks
 
@@ -305,7 +306,7 @@ def validate(
         if not a.exists():
             raise InputError(f"{a}: artifact not found")
     threads = s.threads or os.cpu_count() or 1
-    text = data.read_text(encoding="utf-8", errors="replace")
+    text = read_text(data)
     ids, bos = tokenize_reference(reference, text)
     chunks = make_chunks(ids, s.ctx, s.chunks, bos)
     if not chunks:

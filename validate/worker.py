@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from quantkit.text import read_text
+
 REF_F32_LIMIT = 256 * 2**20  # reference log-probs up to this size are stored in float32
 
 
@@ -89,7 +91,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     res["load_seconds"] = eng.load_seconds
     try:
         if job["role"] == "artifact" and job.get("text"):
-            own = eng.tokenize(Path(job["text"]).read_text(encoding="utf-8", errors="replace"))
+            own = eng.tokenize(read_text(job["text"]))
             if own is not None:
                 ids, adds_bos = own
                 ref_ids = np.load(job["ref_ids"]).tolist()
