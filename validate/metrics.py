@@ -49,13 +49,18 @@ class Accumulator:
     ) -> None:
         """``logits``: scored positions × vocab; ``targets``: the next token at each position."""
         lp = log_softmax(logits)
-        idx = np.arange(len(targets))
-        self.nll.extend((-lp[idx, targets]).tolist())
-        if ref_logprobs is not None:
-            p_ref = np.exp(ref_logprobs)
-            self.kld.extend((p_ref * (ref_logprobs - lp)).sum(axis=1).tolist())
-            self.top1.extend((lp.argmax(1) == ref_logprobs.argmax(1)).tolist())
-            self.dp.extend(np.abs(np.exp(lp[idx, targets]) - p_ref[idx, targets]).tolist())
+        if ref_logprobs is None:
+            self.nll.extend((-lp[np.arange(len(targets)), targets]).tolist())
+        else:
+            self.extend(position_stats(lp, targets, ref_logprobs))
+
+    def extend(self, stats: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Append per-position (NLL, KLD, top-1, |Δp|) from ``position_stats(_topk)``."""
+        nll, kld, top1, dp = stats
+        self.nll.extend(nll.tolist())
+        self.kld.extend(kld.tolist())
+        self.top1.extend(top1.tolist())
+        self.dp.extend(dp.tolist())
 
     def ppl(self) -> tuple[float, float]:
         """(PPL, standard error) as llama-perplexity reports them."""

@@ -151,10 +151,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                         sc.topk_ids, sc.topk_logprobs, sc.target_logprobs, targets, lp_ref
                     )
                 t_score += time.perf_counter() - t0
-                acc.nll.extend(st[0].tolist())
-                acc.kld.extend(st[1].tolist())
-                acc.top1.extend(st[2].tolist())
-                acc.dp.extend(st[3].tolist())
+                acc.extend(st)
         _progress(job, "score", n_chunks, n_chunks)
         ppl, err = acc.ppl()
         res["quality"] = {"ppl": ppl, "ppl_stderr": err}
