@@ -81,6 +81,8 @@ class ConvertResult:
     read_bytes: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # preflight / stream / quantize, s
     imatrix: Any = None  # the importance matrix used (quantize.imatrix.Imatrix), if any
+    converter: str = "native"  # or "upstream": llama.cpp's own converter (convert/upstream.py)
+    notes: list[str] = field(default_factory=list)  # things the user should know (tokenizer, ...)
 
 
 def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
@@ -211,11 +213,14 @@ def convert(
     progress: Progress | None = None,
     quant: QuantSettings | None = None,
     dry_run: bool = False,
+    converter: str = "auto",
 ) -> ConvertResult:
     """Convert a local HF checkpoint to one GGUF file per target type.
 
     ``dry_run``: write nothing; each artifact carries the planned per-tensor types and the
     predicted size (llama.cpp's own dry run for quantized types).
+    ``converter``: "native" (quantkit's architecture classes), "upstream" (llama.cpp's own
+    convert_hf_to_gguf.py of the engine's version), "auto" (native when a class exists).
     """
     types = parse_targets(targets)
     qs = quant or QuantSettings()
@@ -225,6 +230,11 @@ def convert(
         return requantize(
             model_dir, types, out, force=force, progress=progress, quant=qs, dry_run=dry_run
         )
+    if _use_upstream(model_dir, converter):
+        from quantkit.convert.upstream import convert_upstream
+
+        return convert_upstream(model_dir, types, out, force=force, allow_pickle=allow_pickle,
+                                threads=threads, progress=progress, quant=qs, dry_run=dry_run)  # fmt: skip
 
     # -- preflight: nothing is written until all of this holds -------------------------------
     ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
@@ -239,11 +249,12 @@ def convert(
         plan = arch.plan(available)
         vocab = load_vocab(model_dir, vocab_size=arch.h.n_vocab)
         for pt in plan:
-            if pt.source is not None and ckpt.tensors[pt.source].dtype not in BASE_STORAGE:
-                raise CheckpointError(
-                    f"tensor {pt.source!r} is {ckpt.tensors[pt.source].dtype}; only F32/F16/BF16 weights convert",
-                    "dequantize the checkpoint first",
-                )
+            for source in pt.sources or ([pt.source] if pt.source else []):
+                if ckpt.tensors[source].dtype not in BASE_STORAGE:
+                    raise CheckpointError(
+                        f"tensor {source!r} is {ckpt.tensors[source].dtype}; only F32/F16/BF16 weights convert",
+                        "dequantize the checkpoint first",
+                    )
         floats = [t for t in types if t.base]
         quants = [t for t in types if not t.base]
         imatrix = _preflight_imatrix(quants, qs, dry_run)
@@ -330,6 +341,33 @@ def convert(
         return ConvertResult(
             artifacts, arch.arch_name, arch.unused(ckpt.tensors), read, timings, imatrix
         )
+
+
+CONVERTERS = ("auto", "native", "upstream")
+
+
+def _use_upstream(model_dir: Path, converter: str) -> bool:
+    """auto: llama.cpp's converter only for an architecture with no native class."""
+    if converter not in CONVERTERS:
+        raise InputError(f"unknown converter {converter!r}", f"use one of: {', '.join(CONVERTERS)}")
+    if converter != "auto" or not (model_dir / "config.json").is_file():
+        return converter == "upstream"
+    from quantkit.checkpoint import read_json
+    from quantkit.convert.archs import REGISTRY
+
+    config = read_json(model_dir / "config.json")
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(archs, list) or not archs or config.get("auto_map"):
+        return False  # the native preflight says what is wrong
+    if any(a in REGISTRY for a in archs if isinstance(a, str)):
+        return False
+    from quantkit.convert.upstream import known_architectures
+    from quantkit.errors import QuantkitError
+
+    try:
+        return archs[0] in known_architectures()
+    except QuantkitError:  # no llama.cpp source in the cache: the native error is the clearer one
+        return False
 
 
 def requantize(
@@ -489,6 +527,44 @@ def _preflight_imatrix(quants: list[GGUFType], qs: QuantSettings, dry_run: bool)
     return None
 
 
+def _checked(ckpt: Checkpoint, arch: Architecture, source: str) -> np.ndarray:
+    """One checkpoint tensor as stored, checked finite and transformed for llama.cpp."""
+    info = ckpt.tensors[source]
+    raw = ckpt.raw(source)
+    if not _finite(raw, info.dtype):
+        raise CheckpointError(
+            f"{info.file.name}: tensor {source!r} contains NaN or Inf",
+            "the checkpoint is corrupt or diverged in training; fix the weights first",
+        )
+    return arch.transform(source, raw)
+
+
+def _stacked(
+    ckpt: Checkpoint, arch: Architecture, sources: tuple[str, ...]
+) -> tuple[np.ndarray, str, int]:
+    """Several same-shaped tensors (one MoE projection of every expert) stacked along a new
+    first axis, read one at a time into the stacked array: the stacked tensor is the only
+    allocation. Sources of mixed dtypes are widened to F32."""
+    dtypes = {ckpt.tensors[s].dtype for s in sources}
+    src = dtypes.pop() if len(dtypes) == 1 else "F32"
+    out: np.ndarray | None = None
+    nbytes = 0
+    for i, s in enumerate(sources):
+        part = _checked(ckpt, arch, s)
+        if src == "F32" and ckpt.tensors[s].dtype == "BF16":
+            part = (part.astype(np.uint32) << 16).view(np.float32)
+        if out is None:
+            out = np.empty(
+                (len(sources), *part.shape), dtype=np.float32 if src == "F32" else part.dtype
+            )
+        out[i] = part
+        nbytes += ckpt.tensors[s].nbytes
+        del part
+        ckpt.release(s)
+    assert out is not None
+    return out, src, nbytes
+
+
 def _stream(
     ckpt: Checkpoint,
     arch: Architecture,
@@ -509,7 +585,10 @@ def _stream(
     for i, pt in enumerate(plan):
         if progress:
             progress("convert", i, len(plan))
-        if pt.source is None:
+        if pt.sources:
+            raw, src, nbytes = _stacked(ckpt, arch, pt.sources)
+            read += nbytes
+        elif pt.source is None:
             raw, src = arch.extra_tensor(pt.name), "F32"
         else:
             info = ckpt.tensors[pt.source]

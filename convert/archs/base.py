@@ -121,6 +121,8 @@ class PlannedTensor:
     shape: tuple[int, ...]  # numpy (row-major) shape
     source: str | None  # HF tensor name, or None for a tensor the architecture computes
     keep_f32: bool  # norms, biases and other 1-D tensors stay F32 whatever the file type
+    # several HF tensors stacked along a new first axis, in order (MoE experts -> one 3-D tensor)
+    sources: tuple[str, ...] = ()
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -198,13 +200,17 @@ class Architecture:
                 "; ".join(problems),
                 "the weights do not match config.json — check that the checkpoint is complete",
             )
-        plan = []
-        for hf_name in expected:
-            shape = expected[hf_name]
-            name = self.gguf_name(hf_name)
-            plan.append(PlannedTensor(name, shape, hf_name, self.keeps_f32(name, shape)))
+        plan = self.plan_tensors(expected)
         for name, shape in self.extra_tensor_shapes().items():
             plan.append(PlannedTensor(name, shape, None, True))
+        return plan
+
+    def plan_tensors(self, expected: dict[str, tuple[int, ...]]) -> list[PlannedTensor]:
+        """One output tensor per checkpoint tensor (MoE classes stack experts instead)."""
+        plan = []
+        for hf_name, shape in expected.items():
+            name = self.gguf_name(hf_name)
+            plan.append(PlannedTensor(name, shape, hf_name, self.keeps_f32(name, shape)))
         return plan
 
     def unused(self, available: Iterable[str]) -> list[str]:
