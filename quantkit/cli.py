@@ -148,6 +148,15 @@ def cli() -> None:
     is_flag=True,
     help="Print the planned per-tensor types and predicted sizes; write nothing.",
 )
+@click.option(
+    "--converter",
+    type=click.Choice(["auto", "native", "upstream"]),
+    default="auto",
+    show_default=True,
+    help="native: quantkit's architecture classes; upstream: llama.cpp's own "
+    "convert_hf_to_gguf.py of the engine's version; auto: native where a class exists "
+    "(`quantkit archs` lists both).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
     model: Path,
@@ -167,6 +176,7 @@ def convert(
     leave_output: bool,
     no_fallback: bool,
     dry_run: bool,
+    converter: str,
     as_json: bool,
 ) -> None:
     """Convert a local Hugging Face checkpoint (MODEL folder) to GGUF, quantized by llama.cpp."""
@@ -203,12 +213,23 @@ def convert(
         progress=_Progress(),
         quant=qs,
         dry_run=dry_run,
+        converter=converter,
     )
+    if res.converter == "upstream":
+        click.echo(
+            "quantkit: converted with llama.cpp's own convert_hf_to_gguf.py (fallback: quantkit "
+            "has no native class for this architecture)",
+            err=True,
+        )
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "architecture": res.architecture,
+                    "converter": res.converter,
+                    "notes": res.notes,
                     "dry_run": dry_run,
                     "artifacts": [a.to_json() for a in res.artifacts],
                     "unused_tensors": res.unused_tensors,
@@ -313,6 +334,47 @@ def types(as_json: bool) -> None:
         )
     )
     click.echo("\nbits/weight is the main type's; K-quant mixes put some tensors in larger types.")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def archs(as_json: bool) -> None:
+    """List the architectures that convert: quantkit's native classes, then those llama.cpp's
+    own converter (of the engine's version) knows, used as the fallback."""
+    import gguf
+
+    from quantkit.convert.archs import REGISTRY
+    from quantkit.convert.upstream import engine_version, known_architectures
+
+    version = engine_version()
+    upstream = set(known_architectures())
+    rows = [
+        {"architecture": name, "converter": "native",
+         "gguf_arch": gguf.MODEL_ARCH_NAMES[cls.gguf_arch], "upstream_knows": name in upstream}
+        for name, cls in sorted(REGISTRY.items())
+    ]  # fmt: skip
+    rows += [
+        {"architecture": name, "converter": "upstream", "gguf_arch": None, "upstream_knows": True}
+        for name in sorted(upstream - set(REGISTRY))
+    ]
+    if as_json:
+        click.echo(json.dumps({"llama_cpp_python": version, "architectures": rows}, indent=2))
+        return
+    click.echo(
+        format_table(
+            ["architecture", "converter", "gguf arch"],
+            [
+                [r["architecture"], r["converter"] if r["converter"] == "native" else
+                 "llama.cpp (fallback)", r["gguf_arch"] or ""]
+                for r in rows
+            ],
+        )
+    )  # fmt: skip
+    n_native = sum(r["converter"] == "native" for r in rows)
+    click.echo(
+        f"\n{n_native} native, {len(rows) - n_native} through llama.cpp's convert_hf_to_gguf.py "
+        f"(llama-cpp-python {version}); `quantkit convert --converter` chooses."
+    )
 
 
 @cli.command(
