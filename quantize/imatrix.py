@@ -81,6 +81,26 @@ class Imatrix:
         sums, counts = self.entries[name]
         return len(sums) // len(counts)
 
+    def expert_coverage(self) -> dict[str, list[int]]:
+        """Tokens each expert saw, per 3-D expert tensor (n_mats > 1), in expert order."""
+        return {
+            name: [int(c) for c in counts]
+            for name, (_, counts) in sorted(self.entries.items())
+            if len(counts) > 1
+        }
+
+    def unrouted(self) -> dict[str, list[int]]:
+        """Experts calibration never routed a token to, per expert tensor (only those with any).
+
+        They stay in the matrix with a count of 0, as llama-imatrix saves partial data; the
+        quantizer then gives their columns uniform importance (1.0, see ``to_quantizer``),
+        i.e. those experts are quantized as if there were no importance matrix."""
+        return {
+            name: [i for i, c in enumerate(counts) if c == 0]
+            for name, counts in self.expert_coverage().items()
+            if 0 in counts
+        }
+
     def to_quantizer(self) -> dict[str, np.ndarray]:
         """What ``llama_model_imatrix_data.data`` takes: per column sum/count, matrix by matrix.
 
@@ -203,8 +223,10 @@ def collect_imatrix(
     every token counts: llama-imatrix would skip a trailing micro-batch under 16 tokens when
     ctx > n_ubatch (512) and ctx % 512 < 16, which this does not reproduce.
 
-    MoE (later): the accumulator already holds n_mats rows; each HF expert projection adds
-    into row ``expert`` of its merged ``*_exps`` entry with the tokens routed to it.
+    MoE: every expert tensor (``blk.N.ffn_{gate,up,down}_exps``) gets one row of sums and one
+    count per expert, from the tokens the router sent to that expert, as llama-imatrix counts a
+    ``MUL_MAT_ID`` (imatrix.cpp: ``e.counts[ex]++`` per routed row). The router
+    (``ffn_gate_inp``) is an ordinary matmul over every token.
     """
     from quantkit.checkpoint import Checkpoint
     from quantkit.convert.archs import resolve
@@ -217,7 +239,7 @@ def collect_imatrix(
         )
     with Checkpoint.open(model_dir) as ckpt:  # preflight: safetensors only, known architecture
         arch = resolve(ckpt.config)
-        arch.plan({n: t.shape for n, t in ckpt.tensors.items()})
+        plan = arch.plan({n: t.shape for n, t in ckpt.tensors.items()})
     expected = arch.expected()
 
     import torch
@@ -250,21 +272,31 @@ def collect_imatrix(
         ).eval()
         accs: dict[str, _Accumulator] = {}
         square_sums = _SquareSums()
+        to_checkpoint = getattr(arch, "checkpoint_name", lambda n: n)
         for mod_name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or f"{mod_name}.weight" not in expected:
+            # nn.Linear, and modules applying their own 2-D weight as one (MoE routers)
+            weight = getattr(module, "weight", None)
+            ckpt_name = to_checkpoint(f"{mod_name}.weight")
+            if (
+                ckpt_name not in expected
+                or not isinstance(weight, torch.nn.Parameter)
+                or weight.dim() != 2
+                or isinstance(module, torch.nn.Embedding)
+            ):
                 continue
-            gguf_name = arch.gguf_name(f"{mod_name}.weight")
+            gguf_name = arch.gguf_name(ckpt_name)
             if not gguf_name.startswith("blk."):
                 continue  # output.weight: llama-imatrix collects it only with --process-output
-            acc = accs[gguf_name] = _Accumulator(module.in_features)
+            acc = accs[gguf_name] = _Accumulator(int(weight.shape[1]))
 
             def hook(_mod: Any, args: tuple[Any, ...], acc: _Accumulator = acc) -> None:
                 acc.add(*square_sums(args[0].detach()))
 
             handles.append(module.register_forward_pre_hook(hook))
+        handles += _hook_experts(model, arch, accs)
         # every 2-D blk.* weight is a matmul llama.cpp collects: refuse to leave one out (a
-        # model whose projections are not nn.Linear, e.g. fused MoE experts, is not handled yet)
-        wanted = {arch.gguf_name(n) for n, shape in expected.items() if len(shape) >= 2}
+        # model whose projections are neither nn.Linear nor known expert modules)
+        wanted = {pt.name for pt in plan if len(pt.shape) >= 2}
         missed = sorted(n for n in wanted if n.startswith("blk.") and n not in accs)
         if missed or not accs:
             raise UnsupportedArchitectureError(
@@ -291,7 +323,9 @@ def collect_imatrix(
     entries = {}
     for name in sorted(accs):
         sums, counts = accs[name].result()
-        if not counts.all():
+        if len(counts) > 1 and counts.any():
+            pass  # an expert tensor: experts never routed to keep count 0 (see Imatrix.unrouted)
+        elif not counts.all():
             raise UnsupportedArchitectureError(
                 f"imatrix collection: {name} was never used by the torch model",
                 "quantize this model without an imatrix",
@@ -303,6 +337,58 @@ def collect_imatrix(
             )
         entries[name] = (sums, counts)
     return Imatrix(entries, len(todo), dataset or text_dataset_name(text), ctx)
+
+
+def _hook_experts(model: Any, arch: Any, accs: dict[str, _Accumulator]) -> list[Any]:
+    """Hooks on each MoE layer's fused experts module (transformers 5: ``gate_up_proj``
+    [E, 2·ff, n_embd], ``down_proj`` [E, n_embd, ff], called as ``experts(x, top_k_index,
+    top_k_weights)``): per expert, Σ x² of the tokens routed to it for gate/up, and Σ a² of its
+    activation ``act(x·Wg) * (x·Wu)`` for down (the input of llama.cpp's ffn_down_exps; routing
+    weights are applied after it, in llama.cpp as in transformers)."""
+    import torch
+
+    specs = getattr(arch, "expert_tensors", ())
+    if not specs:
+        return []
+    modules = dict(model.named_modules())
+    handles = []
+    n_expert = arch.h.n_expert
+    for bid in range(arch.h.n_layer):
+        by_role = {spec.role: spec for spec in specs}
+        module = modules.get(arch.torch_experts_module(bid))
+        if (
+            module is None
+            or not hasattr(module, "gate_up_proj")
+            or not hasattr(module, "down_proj")
+        ):
+            continue  # reported as missed by the caller
+        slots = {}
+        for role, spec in by_role.items():
+            name = arch.gguf_name(spec.merged.format(bid=bid))
+            cols = arch.h.n_ff_exp if role == "down" else arch.h.n_embd
+            slots[role] = accs[name] = _Accumulator(cols, n_expert)
+
+        def hook(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any], slots=slots) -> None:
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            got = dict(zip(names, args, strict=False)) | {
+                k: kwargs[k] for k in names if k in kwargs
+            }
+            x = got["hidden_states"].detach().reshape(-1, mod.gate_up_proj.shape[-1]).float()
+            idx = got["top_k_index"].detach().reshape(x.shape[0], -1)
+            for e in range(n_expert):
+                rows = (idx == e).any(-1).nonzero().squeeze(-1)
+                if rows.numel() == 0:
+                    continue
+                xe = x[rows]
+                sq = (xe * xe).sum(0, dtype=torch.float64)
+                slots["gate"].add(sq, rows.numel(), e)
+                slots["up"].add(sq, rows.numel(), e)
+                gate, up = torch.nn.functional.linear(xe, mod.gate_up_proj[e].float()).chunk(2, -1)
+                a = mod.act_fn(gate) * up
+                slots["down"].add((a * a).sum(0, dtype=torch.float64), rows.numel(), e)
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
 
 
 # -- GGUF imatrix file ---------------------------------------------------------------------------

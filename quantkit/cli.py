@@ -223,6 +223,8 @@ def convert(
         )
     for note in res.notes:
         click.echo(f"note: {note}", err=True)
+    if res.imatrix is not None:
+        _echo_expert_coverage(res.imatrix, table=not as_json)
     if as_json:
         click.echo(
             json.dumps(
@@ -230,6 +232,7 @@ def convert(
                     "architecture": res.architecture,
                     "converter": res.converter,
                     "notes": res.notes,
+                    **({"imatrix": _imatrix_json(res.imatrix)} if res.imatrix is not None else {}),
                     "dry_run": dry_run,
                     "artifacts": [a.to_json() for a in res.artifacts],
                     "unused_tensors": res.unused_tensors,
@@ -431,6 +434,42 @@ def imatrix(
     )
     save_imatrix(im, output)
     click.echo(f"wrote {output}: {len(im.entries)} tensors, {im.chunks} chunks of {ctx} tokens")
+    _echo_expert_coverage(im)
+
+
+def _imatrix_json(im: Any) -> dict[str, Any]:
+    return {
+        "entries": len(im.entries),
+        "chunks": im.chunks,
+        "expert_coverage": im.expert_coverage(),  # tensor -> tokens per expert
+        "unrouted_experts": im.unrouted(),  # tensor -> experts that saw no token
+    }
+
+
+def _echo_expert_coverage(im: Any, *, table: bool = True) -> None:
+    """MoE: tokens per expert, one row per layer (gate/up/down of a layer share the routing);
+    experts never routed to get a note on stderr."""
+    cov = im.expert_coverage()
+    if not cov:
+        return
+    layers: dict[str, list[int]] = {}
+    for name, counts in cov.items():
+        layers.setdefault(name.split(".ffn_")[0], counts)
+    rows = [
+        [layer, " ".join(str(c) for c in counts),
+         ", ".join(str(i) for i, c in enumerate(counts) if c == 0) or "-"]
+        for layer, counts in layers.items()
+    ]  # fmt: skip
+    if table:
+        click.echo("importance matrix, tokens per expert:")
+        click.echo(format_table(["layer", "tokens per expert", "never routed"], rows))
+    n = sum(c == 0 for counts in layers.values() for c in counts)
+    if n:
+        click.echo(
+            f"note: {n} expert(s) saw no calibration token; llama.cpp quantizes them with uniform "
+            "importance (as without an imatrix). More or more varied calibration text covers them.",
+            err=True,
+        )
 
 
 @cli.command(epilog=EPILOG_INSPECT)

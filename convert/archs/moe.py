@@ -62,6 +62,7 @@ class ExpertSpec:
     hf: str
     merged: str
     shape: Any  # HParams -> per-expert (rows, cols), HF order
+    role: str  # "gate" | "up" | "down": which product of the expert MLP it is (imatrix hooks)
 
 
 # The attention and norms every one of these families has (shapes in HF's out × in order).
@@ -181,6 +182,20 @@ class MoEArchitecture(Architecture):
         # router weights stay F32 (llama.cpp conversion/base.py: FFN_GATE_INP, FFN_GATE_INP_SHEXP)
         return Architecture.keeps_f32(gguf_name, shape) or ".ffn_gate_inp" in gguf_name
 
+    # -- the model in torch (imatrix collection) --------------------------------------------------
+    # transformers 5 fuses each layer's experts into one module (gate_up_proj, down_proj) and, for
+    # Mixtral, names modules differently from the checkpoint it reads and writes
+    TORCH_EXPERTS: ClassVar[str] = LAYER + "mlp.experts"
+    TORCH_RENAMES: ClassVar[tuple[tuple[str, str], ...]] = ()  # (torch, checkpoint) fragments
+
+    def torch_experts_module(self, bid: int) -> str:
+        return self.TORCH_EXPERTS.format(bid=bid)
+
+    def checkpoint_name(self, torch_name: str) -> str:
+        for a, b in self.TORCH_RENAMES:
+            torch_name = torch_name.replace(a, b)
+        return torch_name
+
     # -- metadata --------------------------------------------------------------------------------
     def write_hparams(self, w: gguf.GGUFWriter) -> None:
         super().write_hparams(w)
@@ -193,8 +208,9 @@ MIXTRAL_EXPERTS: tuple[ExpertSpec, ...] = tuple(
         LAYER + f"block_sparse_moe.experts.{{xid}}.{w}.weight",
         f"layers.{{bid}}.feed_forward.experts.{w}.weight",  # llama.cpp's merged name
         shape,
+        role,
     )
-    for w, shape in (("w1", _gate_up), ("w2", _down), ("w3", _gate_up))
+    for w, shape, role in (("w1", _gate_up, "gate"), ("w2", _down, "down"), ("w3", _gate_up, "up"))
 )
 
 QWEN_EXPERTS: tuple[ExpertSpec, ...] = tuple(
@@ -202,8 +218,13 @@ QWEN_EXPERTS: tuple[ExpertSpec, ...] = tuple(
         LAYER + f"mlp.experts.{{xid}}.{w}.weight",
         LAYER + f"mlp.experts.{w}.weight",  # llama.cpp's merged name
         shape,
+        role,
     )
-    for w, shape in (("gate_proj", _gate_up), ("up_proj", _gate_up), ("down_proj", _down))
+    for w, shape, role in (
+        ("gate_proj", _gate_up, "gate"),
+        ("up_proj", _gate_up, "up"),
+        ("down_proj", _down, "down"),
+    )
 )
 
 
@@ -219,6 +240,7 @@ class Mixtral(MoEArchitecture, Llama):
     tensors = ATTN + (_router("block_sparse_moe."),)
     expert_tensors = MIXTRAL_EXPERTS
     expert_ff_keys = ("intermediate_size",)
+    TORCH_RENAMES = ((".mlp.gate.", ".block_sparse_moe.gate."),)
 
 
 @register
