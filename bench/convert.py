@@ -1,6 +1,13 @@
 """Conversion speed and memory against a plain copy of the same bytes, in the same run.
 
     .venv/bin/python bench/convert.py [MODEL_DIR] [--to F16] [--repeat 3]
+    .venv/bin/python bench/convert.py --moe-gb 2.0 [--repeat 1]
+
+``--moe-gb``: generate a Mixtral-shaped sharded safetensors checkpoint of at least that many GB
+(random F16 weights, under the temp dir, deleted afterwards) and a 2-layer one with the same
+largest output tensor (a stacked expert tensor), convert both, and compare peak RSS with the
+largest output tensor: streaming means the two peaks are equal and the difference to that
+tensor is a fixed overhead, however large the model.
 
 MODEL_DIR defaults to the embedded SmolLM2-135M-Instruct checkpoint. Each conversion and each
 copy runs in a fresh subprocess so that its peak RSS (ru_maxrss) is its own; the page cache is
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +66,113 @@ def child(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# Mixtral-shaped: each stacked expert tensor is n_expert × n_ff × n_embd F16 = 64 MiB, larger
+# than any other tensor (embeddings are 8192 × 1024)
+MOE_SHAPE = dict(hidden_size=1024, intermediate_size=4096, num_local_experts=8, n_vocab=8192)
+
+
+def write_moe_checkpoint(out: Path, n_layer: int, shard_bytes: int = 1 << 30) -> int:
+    """A random Mixtral checkpoint in F16, written shard by shard (one tensor in memory at a
+    time); returns the bytes of its largest output tensor (a stacked expert tensor)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    h, ff, ne, nv = (MOE_SHAPE[k] for k in ("hidden_size", "intermediate_size",
+                                              "num_local_experts", "n_vocab"))  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (nv, h))]
+    for b in range(n_layer):
+        p = f"model.layers.{b}."
+        shapes += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
+        shapes += [
+            (p + f"self_attn.{x}_proj.weight", (h if x in "qo" else h // 4, h)) for x in "qkvo"
+        ]
+        shapes += [(p + "block_sparse_moe.gate.weight", (ne, h))]
+        for x in range(ne):
+            for w, shp in (("w1", (ff, h)), ("w2", (h, ff)), ("w3", (ff, h))):
+                shapes.append((p + f"block_sparse_moe.experts.{x}.{w}.weight", shp))
+    shapes += [("model.norm.weight", (h,)), ("lm_head.weight", (nv, h))]
+    index, shard, size, n = {}, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size, n
+        name = f"model-{n:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        index.update({k: name for k in shard})
+        shard, size, n = {}, 0, n + 1
+
+    for name, shp in shapes:
+        a = rng.standard_normal(shp, dtype=np.float32) * 0.02
+        if name.endswith("norm.weight"):
+            a += 1.0
+        shard[name] = a.astype(np.float16)
+        size += shard[name].nbytes
+        if size >= shard_bytes:
+            flush()
+    if shard:
+        flush()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": index})
+    )
+    config = {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "hidden_size": h, "intermediate_size": ff, "num_hidden_layers": n_layer,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "num_local_experts": ne,
+        "num_experts_per_tok": 2, "vocab_size": nv, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "torch_dtype": "float16",
+        "tie_word_embeddings": False,
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        ["a small tokenizer for a generated checkpoint"] * 10,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                            show_progress=False),
+    )  # fmt: skip
+    tok.save(str(out / "tokenizer.json"))
+    return ne * ff * h * 2
+
+
+def moe_bench(gb: float, repeat: int) -> None:
+    h, ff, ne = (MOE_SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_local_experts"))
+    per_layer = (3 * ne * ff * h + 2 * h * h + 2 * h * h // 4) * 2
+    n_big = max(3, int(-(-gb * 1e9 // per_layer)))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="quantkit-moe-bench-") as tmp:
+        for n_layer in (2, n_big):
+            model = Path(tmp) / f"moe-{n_layer}"
+            largest = write_moe_checkpoint(model, n_layer)
+            total = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+            files = sorted(str(p) for p in model.glob("*.safetensors"))
+            conv, copy = [], []
+            for _ in range(repeat):
+                copy.append(child(CHILD_COPY, tmp, *files))
+                conv.append(child(CHILD_CONVERT, str(model), "gguf:F16", str(Path(tmp) / "o.gguf")))
+                (Path(tmp) / "o.gguf").unlink(missing_ok=True)
+            for p in Path(tmp).glob("copy-*"):
+                p.unlink()
+            rss = statistics.median(r["rss_mb"] for r in conv)
+            rows.append((n_layer, len(files), total, largest, rss,
+                         statistics.median(r["seconds"] for r in conv),
+                         statistics.median(r["seconds"] for r in copy)))  # fmt: skip
+            shutil.rmtree(model)
+    print(f"Mixtral-shaped F16 checkpoints → gguf:F16, {repeat} round(s), medians")
+    print(f"{'layers':>6} {'shards':>6} {'model GB':>9} {'largest out MB':>15} {'peak RSS MB':>12}"
+          f" {'RSS - largest':>14} {'convert s':>10} {'copy s':>7}")  # fmt: skip
+    for n_layer, n_files, total, largest, rss, c_s, p_s in rows:
+        print(f"{n_layer:6d} {n_files:6d} {total / 1e9:9.2f} {largest / 2**20:15.1f} {rss:12.1f}"
+              f" {rss - largest / 2**20:14.1f} {c_s:10.2f} {p_s:7.2f}")  # fmt: skip
+    (_, _, t0, _, r0, _, _), (_, _, t1, _, r1, _, _) = rows
+    print(f"model size ×{t1 / t0:.1f}, peak RSS ×{r1 / r0:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,7 +182,11 @@ def main() -> None:
     )
     ap.add_argument("--to", default="F16", help="GGUF type (default F16)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--moe-gb", type=float, help="generate a MoE checkpoint of this size instead")
     args = ap.parse_args()
+    if args.moe_gb:
+        moe_bench(args.moe_gb, args.repeat)
+        return
 
     if args.model:
         model = Path(args.model)

@@ -217,8 +217,12 @@ def convert(
     )
     if res.converter == "upstream":
         click.echo(
-            "quantkit: converted with llama.cpp's own convert_hf_to_gguf.py (fallback: quantkit "
-            "has no native class for this architecture)",
+            "quantkit: converted with llama.cpp's own convert_hf_to_gguf.py ("
+            + (
+                "--converter upstream)"
+                if converter == "upstream"
+                else "fallback: quantkit has no native class for this architecture)"
+            ),
             err=True,
         )
     for note in res.notes:
