@@ -148,7 +148,14 @@ def moe_bench(gb: float, repeat: int) -> None:
     with tempfile.TemporaryDirectory(prefix="quantkit-moe-bench-") as tmp:
         for n_layer in (2, n_big):
             model = Path(tmp) / f"moe-{n_layer}"
-            largest = write_moe_checkpoint(model, n_layer)
+            # generated in a subprocess: a child forked from a process that held the shards
+            # would start with that RSS in its ru_maxrss (Linux keeps it across exec)
+            largest = int(
+                subprocess.run(
+                    [sys.executable, __file__, "--write-moe", str(model), str(n_layer)],
+                    check=True, capture_output=True, text=True,
+                ).stdout.split()[-1]
+            )  # fmt: skip
             total = sum(p.stat().st_size for p in model.glob("*.safetensors"))
             files = sorted(str(p) for p in model.glob("*.safetensors"))
             conv, copy = [], []
@@ -183,7 +190,11 @@ def main() -> None:
     ap.add_argument("--to", default="F16", help="GGUF type (default F16)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--moe-gb", type=float, help="generate a MoE checkpoint of this size instead")
+    ap.add_argument("--write-moe", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write_moe:
+        print(write_moe_checkpoint(Path(args.write_moe[0]), int(args.write_moe[1])))
+        return
     if args.moe_gb:
         moe_bench(args.moe_gb, args.repeat)
         return
