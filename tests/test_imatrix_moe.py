@@ -181,7 +181,12 @@ def test_iq4_xs_with_calibration_lists_coverage_and_loads(moe: Path, tmp_path: P
         assert m.llm.n_tokens > len(m.tokenize("Once upon a time"))
     finally:
         m.close()
-    human = run_cli("imatrix", str(moe), "--calib", str(head), "--ctx", "128",
-                    "--chunks", "1", "-o", str(tmp_path / "im.gguf"))  # fmt: skip
-    assert human.returncode == 0, human.stderr
-    assert "tokens per expert" in human.stdout and "never routed" in human.stdout
+    # the human table, in-process (a second fresh process would import torch again)
+    from click.testing import CliRunner
+
+    from quantkit.cli import cli
+
+    human = CliRunner().invoke(cli, ["imatrix", str(moe), "--calib", str(head), "--ctx", "128",
+                                     "--chunks", "1", "-o", str(tmp_path / "im.gguf")])  # fmt: skip
+    assert human.exit_code == 0, human.output
+    assert "tokens per expert" in human.output and "never routed" in human.output
