@@ -354,5 +354,6 @@ def resolve(config: dict[str, Any]) -> Architecture:
         )
     raise UnsupportedArchitectureError(
         f"config.json: architecture {archs[0]!r} is not supported",
-        f"supported: {', '.join(supported())}",
+        f"natively supported: {', '.join(supported())}; `quantkit archs` also lists those "
+        "llama.cpp's own converter handles (--converter auto|upstream)",
     )
