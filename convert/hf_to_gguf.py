@@ -520,7 +520,7 @@ def _stream(
                     f"{info.file.name}: tensor {pt.source!r} contains NaN or Inf",
                     "the checkpoint is corrupt or diverged in training; fix the weights first",
                 )
-            raw = arch.transform(pt.source, raw)
+            raw, src = arch.transform_raw(pt.source, raw, src)
         for s in sinks:
             _, dt = s.storage(pt.keep_f32)
             s.writer.write_tensor_data(_cast(raw, src, dt, pt.source or pt.name))

@@ -592,6 +592,10 @@ def _spm_prefix_rule(normalizer: Any, pre: Any, where: str) -> bool:
             "provide the original tokenizer.model",
         )
     for p in pres:
+        if replace and p.get("type") == "Split" and (p.get("pattern") or {}).get("String") == " ":
+            # transformers 5's GemmaTokenizer splits on " " after its normalizer turned every
+            # " " into "▁": nothing is left to split on, so the step is a no-op
+            continue
         if p.get("type") != "Metaspace":
             raise TokenizerError(
                 f"{where}: SentencePiece-style tokenizer with pre_tokenizer {p.get('type')!r}",

@@ -133,6 +133,13 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored array (BF16 as its uint16 bits) widened to float32, exactly."""
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
 class Architecture:
     """Base class: a Llama-shaped decoder. Subclasses change data, rarely code."""
 
@@ -217,6 +224,12 @@ class Architecture:
         # llama.cpp's converter keeps 1-D tensors and norms in F32 (conversion/base.py
         # prepare_tensors: "Most of the codebase that takes in 1D tensors or norms only handles F32")
         return len(shape) <= 1 or gguf_name.endswith("_norm.weight")
+
+    def transform_raw(self, hf_name: str, raw: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+        """The tensor as stored (``dtype`` is its safetensors dtype; BF16 arrives as uint16)
+        → the array to write and its dtype. Layout-only transforms (``transform``) work on any
+        dtype; an arithmetic one (Gemma's norm offset) widens with ``to_f32`` first."""
+        return self.transform(hf_name, raw), dtype
 
     def transform(self, hf_name: str, data: np.ndarray) -> np.ndarray:
         if self.permute_qk:
