@@ -30,7 +30,7 @@ import numpy as np
 
 from quantkit.convert.archs.base import Architecture, TensorSpec, register, to_f32
 from quantkit.convert.archs.llama import LAYER, LLAMA_TENSORS, QK_NORM
-from quantkit.errors import CheckpointError, UnsupportedArchitectureError
+from quantkit.errors import CheckpointError
 
 GEMMA_NORMS: tuple[TensorSpec, ...] = (
     TensorSpec(LAYER + "pre_feedforward_layernorm.weight", lambda h: (h.n_embd,)),
@@ -64,10 +64,10 @@ class _Gemma(Architecture):
         super().__init__(config)
         problems = self.unsupported()
         if problems:
-            raise UnsupportedArchitectureError(
+            raise CheckpointError(
                 f"config.json: {self.hf_architectures[0]} with {'; '.join(problems)}",
-                "llama.cpp's graph for this architecture cannot compute it; "
-                "try `--converter upstream` if llama.cpp's converter accepts it",
+                "llama.cpp's graph for this architecture has no way to compute it, so a GGUF "
+                "of this model would give different outputs than transformers",
             )
         self.sliding = self._layer_types()
         self.q_fix = self._query_scale_fix()

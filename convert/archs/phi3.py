@@ -22,7 +22,7 @@ import numpy as np
 
 from quantkit.convert.archs.base import Architecture, HParams, TensorSpec, register
 from quantkit.convert.archs.llama import LAYER
-from quantkit.errors import CheckpointError, UnsupportedArchitectureError
+from quantkit.errors import CheckpointError
 
 
 def _qkv_out(h: HParams) -> int:
@@ -64,9 +64,10 @@ class Phi3(Architecture):
         if act != "silu":
             problems.append(f"hidden_act {act!r} (llama.cpp's phi3 graph uses SwiGLU)")
         if problems:
-            raise UnsupportedArchitectureError(
+            raise CheckpointError(
                 f"config.json: Phi3ForCausalLM with {'; '.join(problems)}",
-                "llama.cpp's graph for phi3 cannot compute it",
+                "llama.cpp's graph for phi3 has no way to compute it, so a GGUF of this model "
+                "would give different outputs than transformers",
             )
         prf = h.rope.get("partial_rotary_factor", config.get("partial_rotary_factor"))
         self.rope_dims = int(h.head_dim * float(prf or 1.0))
