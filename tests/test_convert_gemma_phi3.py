@@ -429,3 +429,28 @@ def test_registry_lists_the_new_architectures() -> None:
     from quantkit.convert.archs import supported
 
     assert {"Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"} <= set(supported())
+
+
+def test_gemma2_disabled_caps_become_identity_caps(tmp_path: Path) -> None:
+    """llama.cpp's Gemma 2 graph always soft-caps; a config with the caps off gets caps far
+    above any logit (tanh(x/c)·c = x to float precision), not llama.cpp's defaults of 50/30."""
+    import gguf
+
+    from quantkit.convert.archs import resolve
+    from quantkit.convert.archs.gemma import NO_CAP
+
+    arch = resolve(
+        _config("Gemma2ForCausalLM", attn_logit_softcapping=None, final_logit_softcapping=None)
+    )
+    w = gguf.GGUFWriter(str(tmp_path / "keys.gguf"), arch.arch_name)
+    arch.write_hparams(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = gguf.GGUFReader(tmp_path / "keys.gguf")
+    assert _kv(r, "gemma2.attn_logit_softcapping") == NO_CAP
+    assert _kv(r, "gemma2.final_logit_softcapping") == NO_CAP
+    # x = 30 (a large score): relative change of the cap, in float32
+    x = np.float32(30.0)
+    assert abs(np.tanh(x / np.float32(NO_CAP)) * np.float32(NO_CAP) - x) <= 1e-5 * x
