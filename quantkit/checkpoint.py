@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from quantkit import schemas
 from quantkit.errors import CheckpointError
 
 # safetensors dtype -> (numpy dtype, itemsize). BF16 is read as raw uint16 and widened on demand.
@@ -74,6 +75,8 @@ def read_json(path: Path, *, what: str | None = None, limit: int = MAX_JSON_BYTE
         return json.loads(path.read_bytes(), object_pairs_hook=no_dupes)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:  # "[[[[…" deeper than the interpreter's stack
+        raise CheckpointError(f"{path}: {what} is nested too deeply to be real JSON") from None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
         header = json.loads(raw, object_pairs_hook=hook)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     if dupes:
@@ -226,8 +231,7 @@ class Checkpoint:
                 "point at a Hugging Face model folder (config.json + *.safetensors + tokenizer files)",
             )
         config = read_json(cfg_path)
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{cfg_path}: config.json is not a JSON object")
+        schemas.check("config.json", config, cfg_path)
 
         files = _weight_files(root)
         if files:
