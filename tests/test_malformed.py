@@ -482,7 +482,7 @@ def prepare(case: Case, good: Path, tmp: Path, bad: bool) -> tuple[list[str], Pa
         return ["convert", str(model), "--to", "gguf:F16", "-o", str(out)], out
     tmp.mkdir(parents=True)
     case.edit(tmp, bad)
-    return ["inspect", str(tmp / "m.gguf"), "--json"], tmp / "none"
+    return ["inspect", str(tmp / "m.gguf"), "--json"], tmp / "out" / "none"
 
 
 def test_corpus_size() -> None:
@@ -507,6 +507,8 @@ def test_malformed(
     assert case.file in lines[0], f"the message does not name {case.file}: {lines[0]}"
     assert peak < MEMORY_BOUND, f"{peak / 2**20:.1f} MiB traced"
     assert not out.parent.exists() or not any(out.parent.iterdir()), "output written"
+    inputs = {"model", "m.gguf"}
+    assert {p.name for p in (tmp_path / "bad").iterdir()} <= inputs | {"out"}, "stray files"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
