@@ -149,7 +149,7 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
         if not isinstance(entry, dict):
             raise CheckpointError(f"{path}: tensor {name!r} entry is not an object")
         dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # (a list is unhashable)
             raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         if not (
             isinstance(shape, list)

@@ -319,6 +319,9 @@ CASES: list[Case] = [
          f"tensor '{NORM0}' has unknown dtype 'F128'"),
     Case("st-dtype-number", "convert", set_entry(NORM0, "dtype", 4, "F32"),
          f"tensor '{NORM0}' has unknown dtype 4"),
+    # found by bench/fuzz.py: a list is unhashable, and the dtype lookup raised TypeError
+    Case("st-dtype-list", "convert", set_entry(NORM0, "dtype", ["F32"], "F32"),
+         f"tensor '{NORM0}' has unknown dtype ['F32']"),
     Case("st-wrong-dtype-size", "convert", set_entry(NORM0, "dtype", "F16", "F32"),
          f"tensor '{NORM0}' has 256 bytes but shape [64] × F16 needs 128"),
     Case("st-negative-dim", "convert", set_entry(NORM0, "shape", [-64], [64]),
