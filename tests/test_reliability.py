@@ -264,3 +264,25 @@ def test_two_validates_share_one_reference_cache(good: Path, tmp_path: Path) -> 
     ], "a temporary was left in the cache"
     res = json.loads((entries[0] / "result.json").read_text())
     assert res["logprobs_sha256"] == sha256(entries[0] / "logprobs.npy")
+
+
+def test_inspect_escapes_control_characters(tmp_path: Path, capsys) -> None:
+    """Names and values read from a GGUF cannot send escape sequences to the terminal."""
+    import struct
+
+    from test_malformed import STRING, gguf_blob, gs
+
+    from quantkit.cli import main
+
+    evil = "\x1b]0;owned\x07\x1b[2J"
+    f = tmp_path / "e.gguf"
+    f.write_bytes(
+        gguf_blob(
+            kvs=[gs("general.name") + struct.pack("<I", STRING) + gs(evil)],
+            tensors=[("tok\x1b[31m", [8], 0, 0)],
+        )
+    )
+    main(["inspect", str(f)])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;owned\\x07\\x1b[2J" in out and "tok\\x1b[31m" in out

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from quantkit import schemas
 from quantkit.atomic import atomic_dir, file_lock
+from quantkit.checkpoint import read_json
 from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
 from quantkit.text import read_text
@@ -363,10 +365,10 @@ def validate(
             "give a longer text or a smaller --ctx",
         )
     first = s.ctx // 2
-    try:
-        vocab = int(json.loads((reference / "config.json").read_text()).get("vocab_size") or 0)
-    except (ValueError, OSError):
-        vocab = 0
+    cfg_path = reference / "config.json"
+    cfg = read_json(cfg_path)
+    schemas.check("config.json", cfg, cfg_path)
+    vocab = int(cfg.get("vocab_size") or 0)
     est = len(chunks) * (s.ctx - 1 - first) * vocab * 2
     if est > 4 * 2**30:
         print(
