@@ -249,7 +249,7 @@ def convert(
     # -- preflight: nothing is written until all of this holds -------------------------------
     ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
     with ckpt:
-        arch = resolve(ckpt.config)
+        arch = resolve(ckpt.config, ckpt.path / "config.json")
         stem = default_name(model_dir, ckpt.config)
         paths = output_paths(Path(out) if out is not None else None, stem, types)
         if not dry_run:

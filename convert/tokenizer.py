@@ -687,11 +687,9 @@ def load_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
     tok = _read_json(model_dir / "tokenizer.json")
     tcfg = _read_json(model_dir / "tokenizer_config.json")
     # schema first: every key read below has the type and range it needs (quantkit/schemas.py)
-    for name, data in (
-        ("config.json", config),
-        ("tokenizer.json", tok),
-        ("tokenizer_config.json", tcfg),
-    ):
+    if config is not None and not isinstance(config, dict):
+        raise TokenizerError(f"{model_dir / 'config.json'}: not a JSON object", None)
+    for name, data in (("tokenizer.json", tok), ("tokenizer_config.json", tcfg)):
         if data is not None:
             schemas.check(name, data, model_dir / name)
     if vocab_size is None:

@@ -374,7 +374,8 @@ def imatrix(
     if not calib.is_file():
         raise InputError(f"{calib}: calibration text not found")
     with Checkpoint.open(model) as ck:
-        resolve(ck.config)  # unsupported architectures fail before the model is loaded
+        # unsupported architectures fail before the model is loaded
+        resolve(ck.config, ck.path / "config.json")
     im = collect_imatrix(
         model,
         read_text(calib),

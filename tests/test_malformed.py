@@ -381,6 +381,11 @@ CASES: list[Case] = [
          "key 'rms_norm_eps': Input should be a finite number"),
     Case("cfg-tied-string", "convert", set_key("config.json", "tie_word_embeddings", "no", False),
          "key 'tie_word_embeddings': Input should be a valid boolean"),
+    # an unsupported family is refused for that, not for its own keys; unknown keys are fine
+    Case("cfg-unsupported-family", "convert", json_edit("config.json", lambda d, bad: {
+        **d, "ffn_multipliers": [0.5, 4.0],
+        **({"architectures": ["OpenELMForCausalLM"], "intermediate_size": [128, 256]} if bad else {})}),
+         "architecture 'OpenELMForCausalLM' is not supported"),
     # --- tokenizer files -------------------------------------------------------------------------
     Case("tok-missing", "convert", _delete(K), "no tokenizer.json or tokenizer.model"),
     Case("tok-broken-json", "convert", _write(K, '{"model": {'), "tokenizer.json: not valid JSON"),

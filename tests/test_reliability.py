@@ -107,6 +107,11 @@ def test_free_space_checked_before_writing(
     assert len(err.splitlines()) == 1 and "not enough free space: need" in err, err
     assert "1.0 MB free" in err and "-o" in err
     assert not out2.exists()
+    # requantizing an existing float GGUF is checked the same way
+    f16 = next(a.path for a in res.artifacts if a.type == "F16")
+    with pytest.raises(diskspace.DiskSpaceError, match="not enough free space"):
+        convert(f16, ["Q4_0"], out2)
+    assert not out2.exists()
 
 
 # -- engine processes ------------------------------------------------------------------------

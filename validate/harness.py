@@ -367,7 +367,10 @@ def validate(
     first = s.ctx // 2
     cfg_path = reference / "config.json"
     cfg = read_json(cfg_path)
-    schemas.check("config.json", cfg, cfg_path)
+    if not isinstance(cfg, dict):
+        raise InputError(f"{cfg_path}: config.json is not a JSON object")
+    # the one key read here; the reference may be any family transformers loads
+    schemas.check("config.json", {"vocab_size": cfg.get("vocab_size")}, cfg_path)
     vocab = int(cfg.get("vocab_size") or 0)
     est = len(chunks) * (s.ctx - 1 - first) * vocab * 2
     if est > 4 * 2**30:
