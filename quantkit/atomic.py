@@ -15,14 +15,14 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+
+from quantkit.errors import OutputExistsError
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no advisory locks; unique temporaries still keep files whole
     fcntl = None  # type: ignore[assignment]
-from pathlib import Path
-
-from quantkit.errors import OutputExistsError
 
 _LIVE: set[Path] = set()  # temporaries of this process, removed by the CLI's signal handler
 
