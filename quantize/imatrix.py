@@ -216,7 +216,7 @@ def collect_imatrix(
             f"llama.cpp ignores batches under {MIN_TOKENS} tokens; use ctx >= {MIN_TOKENS}",
         )
     with Checkpoint.open(model_dir) as ckpt:  # preflight: safetensors only, known architecture
-        arch = resolve(ckpt.config)
+        arch = resolve(ckpt.config, ckpt.path / "config.json")
         arch.plan({n: t.shape for n, t in ckpt.tensors.items()})
     expected = arch.expected()
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import gguf
 import numpy as np
 
+from quantkit import schemas
 from quantkit.errors import CheckpointError, UnsupportedArchitectureError
 
 REGISTRY: dict[str, type[Architecture]] = {}
@@ -343,7 +345,10 @@ def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def resolve(config: dict[str, Any]) -> Architecture:
+def resolve(config: dict[str, Any], path: Path | str = "config.json") -> Architecture:
+    """The registered class for ``config``'s architecture, built from it. The config is checked
+    against its schema (quantkit/schemas.py) only once the architecture is known to be
+    supported: an unsupported family is refused for that, whatever its other keys hold."""
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not archs:
         raise UnsupportedArchitectureError(
@@ -353,6 +358,7 @@ def resolve(config: dict[str, Any]) -> Architecture:
     for name in archs:
         cls = REGISTRY.get(name)
         if cls is not None:
+            schemas.check("config.json", config, path)
             return cls(config)
     if config.get("auto_map"):
         raise UnsupportedArchitectureError(
