@@ -25,9 +25,10 @@ import numpy as np
 from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
 from quantkit.checkpoint import Checkpoint
 from quantkit.convert.archs import Architecture, resolve
-from quantkit.convert.archs.base import PlannedTensor
+from quantkit.convert.archs.base import PlannedTensor, to_f32
 from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
 from quantkit.convert.writer import GGUFWriter
+from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
 from quantkit.quantize.audit import Audit, audit, file_type_of
 from quantkit.quantize.gguf import Fallback, QuantizeOptions, quantize_file
@@ -83,6 +84,8 @@ class ConvertResult:
     imatrix: Any = None  # the importance matrix used (quantize.imatrix.Imatrix), if any
     converter: str = "native"  # or "upstream": llama.cpp's own converter (convert/upstream.py)
     notes: list[str] = field(default_factory=list)  # things the user should know (tokenizer, ...)
+    # --clamp-f16: tensors clamped to the F16 range, with their largest magnitude before
+    clamped_f16: dict[str, float] = field(default_factory=dict)
 
 
 def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
@@ -167,8 +170,18 @@ def _finite(raw: np.ndarray, dtype: str) -> bool:
     return True
 
 
-def _cast(raw: np.ndarray, src: str, dst: np.dtype, tensor: str) -> np.ndarray:
-    """Stored array (BF16 as uint16) → the output storage dtype (BF16 as uint16)."""
+def _cast(
+    raw: np.ndarray,
+    src: str,
+    dst: np.dtype,
+    tensor: str,
+    clamped: dict[str, float] | None = None,
+    where: str = "",
+) -> np.ndarray:
+    """Stored array (BF16 as uint16) → the output storage dtype (BF16 as uint16).
+
+    A value beyond the F16 range is an error, unless ``clamped`` is given: then the tensor is
+    clamped to ±65504 and recorded there with its largest magnitude."""
     if dst == np.float16 and src == "F16" or dst == np.uint16 and src == "BF16":
         return np.ascontiguousarray(raw)
     f32 = (
@@ -179,10 +192,13 @@ def _cast(raw: np.ndarray, src: str, dst: np.dtype, tensor: str) -> np.ndarray:
     if dst == np.float16:
         big = float(np.max(np.abs(f32))) if f32.size else 0.0
         if big > F16_MAX:
-            raise CheckpointError(
-                f"tensor {tensor!r} has values up to {big:.4g}, beyond the F16 range (±65504)",
-                "convert to gguf:BF16 or gguf:F32 instead",
-            )
+            if clamped is None:
+                raise CheckpointError(
+                    f"{where}tensor {tensor!r} has values up to {big:.4g}, beyond the F16 range (±65504)",
+                    "convert to gguf:BF16 or gguf:F32 instead (or pass --clamp-f16 to clamp them)",
+                )
+            clamped[tensor] = max(big, clamped.get(tensor, 0.0))
+            f32 = np.clip(f32, -F16_MAX, F16_MAX)
         return f32.astype(np.float16)
     # F32 → BF16 with round-to-nearest-even, as gguf-py's quants do it
     return (
@@ -214,8 +230,12 @@ def convert(
     quant: QuantSettings | None = None,
     dry_run: bool = False,
     converter: str = "auto",
+    clamp_f16: bool = False,
 ) -> ConvertResult:
     """Convert a local HF checkpoint to one GGUF file per target type.
+
+    ``clamp_f16``: values beyond the F16 range are clamped (listed in ``clamped_f16``) instead of
+    failing the conversion.
 
     ``dry_run``: write nothing; each artifact carries the planned per-tensor types and the
     predicted size (llama.cpp's own dry run for quantized types).
@@ -239,7 +259,7 @@ def convert(
     # -- preflight: nothing is written until all of this holds -------------------------------
     ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
     with ckpt:
-        arch = resolve(ckpt.config)
+        arch = resolve(ckpt.config, ckpt.path / "config.json")
         stem = default_name(model_dir, ckpt.config)
         paths = output_paths(Path(out) if out is not None else None, stem, types)
         if not dry_run:
@@ -250,9 +270,10 @@ def convert(
         vocab = load_vocab(model_dir, vocab_size=arch.h.n_vocab)
         for pt in plan:
             for source in pt.sources or ([pt.source] if pt.source else []):
-                if ckpt.tensors[source].dtype not in BASE_STORAGE:
+                info = ckpt.tensors[source]
+                if info.dtype not in BASE_STORAGE:
                     raise CheckpointError(
-                        f"tensor {source!r} is {ckpt.tensors[source].dtype}; only F32/F16/BF16 weights convert",
+                        f"{info.file.name}: tensor {source!r} is {info.dtype}; only F32/F16/BF16 weights convert",
                         "dequantize the checkpoint first",
                     )
         floats = [t for t in types if t.base]
@@ -266,6 +287,12 @@ def convert(
         base_name = None
         if quants:
             base_name = next((t.name for t in floats if t.name in (src_base, "F32")), src_base)
+        if not dry_run:
+            planned = [(paths[t.name], _float_bytes(plan, t.name, vocab)) for t in floats]
+            planned += [(paths[q.name], _quant_bytes(plan, q, vocab)) for q in quants]
+            if base_name is not None and base_name not in {t.name for t in floats}:
+                planned.append((paths[quants[0].name], _float_bytes(plan, base_name, vocab)))
+            check_free_space(planned)
         timings = {"preflight": time.perf_counter() - t_start}
 
         if imatrix is None and qs.calib is not None and quants:
@@ -311,7 +338,8 @@ def convert(
                 sinks.append(_Sink(base_path, base_name, arch, vocab, stem))
 
             t0 = time.perf_counter()
-            read = _stream(ckpt, arch, plan, sinks, progress) if sinks else 0
+            clamped: dict[str, float] | None = {} if clamp_f16 else None
+            read = _stream(ckpt, arch, plan, sinks, progress, clamped) if sinks else 0
             elapsed = timings["stream"] = time.perf_counter() - t0
             for t in floats:
                 if dry_run:
@@ -339,7 +367,13 @@ def convert(
         order = {t.name: i for i, t in enumerate(types)}
         artifacts.sort(key=lambda a: order[a.type])
         return ConvertResult(
-            artifacts, arch.arch_name, arch.unused(ckpt.tensors), read, timings, imatrix
+            artifacts,
+            arch.arch_name,
+            arch.unused(ckpt.tensors),
+            read,
+            timings,
+            imatrix,
+            clamped_f16=clamped or {},
         )
 
 
@@ -409,6 +443,13 @@ def requantize(
     if not dry_run:
         for p in paths.values():
             check_writable(p, force=force)
+        src_bytes = info.tensor_bytes
+        meta = info.size - src_bytes
+        ratio = {q.name: q.bpw / (src_bytes * 8 / max(1, info.n_params)) for q in types}
+        check_free_space(
+            [(paths[q.name], meta + int(src_bytes * min(1.0, ratio[q.name] * QUANT_MIX)))
+             for q in types]
+        )  # fmt: skip
     timings = {"preflight": time.perf_counter() - t_start}
     artifacts: list[Artifact] = []
     with output_dirs([] if dry_run else list(paths.values())):
@@ -501,6 +542,32 @@ def _float_audit(art: Artifact, plan: list[PlannedTensor]) -> Audit:
     )
 
 
+# K-quant mixes give some tensors a larger type than the main one (Q4_K_M files come out ~8 %
+# above Q4_K's 4.5 bits, Q2_K ~15 % above 2.625); predictions allow 25 %.
+QUANT_MIX = 1.25
+
+
+def _vocab_bytes(vocab: Vocab) -> int:
+    """Roughly what the tokenizer metadata takes: token texts, scores, types, merges, template."""
+    n = sum(len(t.encode("utf-8", "surrogatepass")) + 16 for t in vocab.tokens)
+    n += sum(len(m.encode("utf-8", "surrogatepass")) + 8 for m in vocab.merges or [])
+    return n + len((vocab.chat_template or "").encode("utf-8", "surrogatepass")) + 64 * 1024
+
+
+def _float_bytes(plan: list[PlannedTensor], base: str, vocab: Vocab) -> int:
+    return _vocab_bytes(vocab) + sum(
+        _planned_bytes(pt.shape, "F32" if pt.keep_f32 else base) for pt in plan
+    )
+
+
+def _quant_bytes(plan: list[PlannedTensor], q: GGUFType, vocab: Vocab) -> int:
+    total = _vocab_bytes(vocab)
+    for pt in plan:
+        n = int(np.prod(pt.shape, dtype=np.int64))
+        total += n * 4 if pt.keep_f32 else int(min(n * q.bpw * QUANT_MIX, n * 32) / 8)
+    return total
+
+
 def _planned_bytes(shape: tuple[int, ...], type_name: str) -> int:
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     return int(np.prod(shape, dtype=np.int64)) // block * size
@@ -527,8 +594,8 @@ def _preflight_imatrix(quants: list[GGUFType], qs: QuantSettings, dry_run: bool)
     return None
 
 
-def _checked(ckpt: Checkpoint, arch: Architecture, source: str) -> np.ndarray:
-    """One checkpoint tensor as stored, checked finite and transformed for llama.cpp."""
+def _checked(ckpt: Checkpoint, arch: Architecture, source: str) -> tuple[np.ndarray, str]:
+    """One checkpoint tensor, checked finite and transformed for llama.cpp, with its dtype."""
     info = ckpt.tensors[source]
     raw = ckpt.raw(source)
     if not _finite(raw, info.dtype):
@@ -536,7 +603,7 @@ def _checked(ckpt: Checkpoint, arch: Architecture, source: str) -> np.ndarray:
             f"{info.file.name}: tensor {source!r} contains NaN or Inf",
             "the checkpoint is corrupt or diverged in training; fix the weights first",
         )
-    return arch.transform(source, raw)
+    return arch.transform_raw(source, raw, info.dtype)
 
 
 def _stacked(
@@ -550,13 +617,13 @@ def _stacked(
     out: np.ndarray | None = None
     nbytes = 0
     for i, s in enumerate(sources):
-        part = _checked(ckpt, arch, s)
-        if src == "F32" and ckpt.tensors[s].dtype == "BF16":
-            part = (part.astype(np.uint32) << 16).view(np.float32)
+        part, dtype = _checked(ckpt, arch, s)
+        if dtype != src:
+            part = to_f32(part, dtype)
+            if src != "F32":  # a transform changed one expert's dtype: not a layout we stack
+                raise CheckpointError(f"tensor {s!r}: {dtype} after transform, {src} expected")
         if out is None:
-            out = np.empty(
-                (len(sources), *part.shape), dtype=np.float32 if src == "F32" else part.dtype
-            )
+            out = np.empty((len(sources), *part.shape), dtype=part.dtype)
         out[i] = part
         nbytes += ckpt.tensors[s].nbytes
         del part
@@ -571,6 +638,7 @@ def _stream(
     plan: list,
     sinks: list[_Sink],
     progress: Progress | None,
+    clamped: dict[str, float] | None = None,
 ) -> int:
     """Write every planned tensor into every sink; return the bytes read from the checkpoint."""
     for s in sinks:
@@ -599,10 +667,11 @@ def _stream(
                     f"{info.file.name}: tensor {pt.source!r} contains NaN or Inf",
                     "the checkpoint is corrupt or diverged in training; fix the weights first",
                 )
-            raw = arch.transform(pt.source, raw)
+            raw, src = arch.transform_raw(pt.source, raw, src)
         for s in sinks:
             _, dt = s.storage(pt.keep_f32)
-            s.writer.write_tensor_data(_cast(raw, src, dt, pt.source or pt.name))
+            where = f"{ckpt.tensors[pt.source].file.name}: " if pt.source else ""
+            s.writer.write_tensor_data(_cast(raw, src, dt, pt.source or pt.name, clamped, where))
         del raw
         if pt.source is not None:
             ckpt.release(pt.source)

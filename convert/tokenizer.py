@@ -29,6 +29,7 @@ from typing import Any
 
 import gguf
 
+from quantkit import schemas
 from quantkit.errors import TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -384,6 +385,8 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})", "re-save the tokenizer") from None
+    except RecursionError:  # "[[[[…" deeper than the interpreter's stack
+        raise TokenizerError(f"{path}: nested too deeply to be real JSON", None) from None
 
 
 def _content(entry: Any) -> str | None:
@@ -592,6 +595,10 @@ def _spm_prefix_rule(normalizer: Any, pre: Any, where: str) -> bool:
             "provide the original tokenizer.model",
         )
     for p in pres:
+        if replace and p.get("type") == "Split" and (p.get("pattern") or {}).get("String") == " ":
+            # transformers 5's GemmaTokenizer splits on " " after its normalizer turned every
+            # " " into "▁": nothing is left to split on, so the step is a no-op
+            continue
         if p.get("type") != "Metaspace":
             raise TokenizerError(
                 f"{where}: SentencePiece-style tokenizer with pre_tokenizer {p.get('type')!r}",
@@ -681,12 +688,16 @@ def load_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
     if not model_dir.is_dir():
         raise TokenizerError(f"{model_dir}: not a directory", "pass the model directory")
     config = _read_json(model_dir / "config.json")
-    if vocab_size is None:
-        vocab_size = _config_vocab_size(config)
     tok = _read_json(model_dir / "tokenizer.json")
     tcfg = _read_json(model_dir / "tokenizer_config.json")
-    if tok is not None and not isinstance(tok, dict):
-        raise TokenizerError(f"{model_dir / 'tokenizer.json'}: not a JSON object", None)
+    # schema first: every key read below has the type and range it needs (quantkit/schemas.py)
+    if config is not None and not isinstance(config, dict):
+        raise TokenizerError(f"{model_dir / 'config.json'}: not a JSON object", None)
+    for name, data in (("tokenizer.json", tok), ("tokenizer_config.json", tcfg)):
+        if data is not None:
+            schemas.check(name, data, model_dir / name)
+    if vocab_size is None:
+        vocab_size = _config_vocab_size(config)
     spm_path = model_dir / "tokenizer.model"
 
     if tok is not None:

@@ -285,8 +285,10 @@ def convert_upstream(
         output_paths,
         with_imatrix,
     )
+    from quantkit.diskspace import check_free_space
     from quantkit.gguf_file import read_gguf
     from quantkit.quantize.audit import audit
+    from quantkit.quantize.types import GGUF_TYPES
 
     t_start = time.perf_counter()
     if dry_run:
@@ -304,11 +306,18 @@ def convert_upstream(
     with Checkpoint.open(model_dir, allow_pickle=allow_pickle) as ckpt:  # headers, pickle policy
         stem = default_name(model_dir, ckpt.config)
         src_base = ckpt.source_dtype if ckpt.source_dtype in CONVERTER_OUTTYPE else "F32"
+        n_params = sum(t.n_elements for t in ckpt.tensors.values())
     paths = output_paths(Path(out) if out is not None else None, stem, types)
     for p in paths.values():
         check_writable(p, force=force)
     floats = [t for t in types if t.base]
     quants = [t for t in types if not t.base]
+    # free space from the parameter count and each type's nominal bits per weight (llama.cpp's
+    # converter plans its own tensors, so there is no per-tensor plan to sum here)
+    planned = [(paths[t.name], int(n_params * t.bpw / 8)) for t in types]
+    if quants and src_base not in {t.name for t in floats}:
+        planned.append((paths[quants[0].name], int(n_params * GGUF_TYPES[src_base].bpw / 8)))
+    check_free_space(planned)
     imatrix = _preflight_imatrix(quants, quant, dry_run)
     options = with_imatrix(quant.options, imatrix, quant.imatrix_file)
     if threads and not options.threads:

@@ -238,7 +238,7 @@ def collect_imatrix(
             f"llama.cpp ignores batches under {MIN_TOKENS} tokens; use ctx >= {MIN_TOKENS}",
         )
     with Checkpoint.open(model_dir) as ckpt:  # preflight: safetensors only, known architecture
-        arch = resolve(ckpt.config)
+        arch = resolve(ckpt.config, ckpt.path / "config.json")
         plan = arch.plan({n: t.shape for n, t in ckpt.tensors.items()})
     expected = arch.expected()
 

@@ -3,6 +3,9 @@
 Each output is written to a unique temporary name in the same directory (so the final rename is
 atomic on POSIX) and renamed on success; on error or interrupt the temporary is removed. Unique
 names (pid + random) keep two concurrent quantkit processes from writing into each other's file.
+Shared caches (the demo model, the validation reference) are built under an exclusive file lock
+(``file_lock``), so a second process waits for the first and then reuses its entry instead of
+building it again or replacing it while the first still reads it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from quantkit.errors import OutputExistsError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks; unique temporaries still keep files whole
+    fcntl = None  # type: ignore[assignment]
 
 _LIVE: set[Path] = set()  # temporaries of this process, removed by the CLI's signal handler
 
@@ -100,3 +108,38 @@ def scratch_file(near: Path) -> Iterator[Path]:
         yield tmp
     finally:
         remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a new empty folder next to ``final``; on success it replaces ``final`` (a stale or
+    broken entry is removed first), else it is deleted. Callers sharing ``final`` with other
+    processes hold ``file_lock`` around this."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    tmp.mkdir()
+    _LIVE.add(tmp)
+    try:
+        yield tmp
+        if final.exists() or final.is_symlink():
+            remove(final)
+        os.replace(tmp, final)
+        _LIVE.discard(tmp)
+    finally:
+        if tmp in _LIVE:
+            remove(tmp)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if absent, never deleted: deleting a
+    lock file lets a third process lock a different inode). The kernel releases it if the process
+    dies, so a killed run never leaves the cache locked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

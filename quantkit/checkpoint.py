@@ -74,6 +74,8 @@ def read_json(path: Path, *, what: str | None = None, limit: int = MAX_JSON_BYTE
         return json.loads(path.read_bytes(), object_pairs_hook=no_dupes)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:  # "[[[[…" deeper than the interpreter's stack
+        raise CheckpointError(f"{path}: {what} is nested too deeply to be real JSON") from None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
         header = json.loads(raw, object_pairs_hook=hook)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     if dupes:
@@ -144,7 +148,7 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
         if not isinstance(entry, dict):
             raise CheckpointError(f"{path}: tensor {name!r} entry is not an object")
         dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # (a list is unhashable)
             raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         if not (
             isinstance(shape, list)

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from quantkit import __version__
-from quantkit.atomic import cleanup_all
+from quantkit.atomic import atomic_output, cleanup_all
 from quantkit.errors import Interrupted, QuantkitError, exit_code_for
 from quantkit.table import format_table, human_bytes
 from quantkit.text import read_text
@@ -98,6 +98,12 @@ def cli() -> None:
     is_flag=True,
     help="Accept pytorch_model.bin checkpoints (loaded with torch.load(weights_only=True)).",
 )
+@click.option(
+    "--clamp-f16",
+    is_flag=True,
+    help="F16 targets: clamp weights beyond ±65504 (with a warning listing them) instead of "
+    "refusing; BF16 keeps them without clamping.",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for quantizing.")
 @click.option(
     "--calib",
@@ -164,6 +170,7 @@ def convert(
     output: Path | None,
     force: bool,
     allow_pickle: bool,
+    clamp_f16: bool,
     threads: int | None,
     calib: Path | None,
     imatrix_file: Path | None,
@@ -214,7 +221,15 @@ def convert(
         quant=qs,
         dry_run=dry_run,
         converter=converter,
+        clamp_f16=clamp_f16,
     )
+    if res.clamped_f16:
+        items = sorted(res.clamped_f16.items(), key=lambda kv: -kv[1])
+        click.echo(
+            f"warning: --clamp-f16 clamped {len(items)} tensor(s) to ±65504: "
+            + ", ".join(f"{n} (max |x| {v:.4g})" for n, v in items),
+            err=True,
+        )
     if res.converter == "upstream":
         click.echo(
             "quantkit: converted with llama.cpp's own convert_hf_to_gguf.py ("
@@ -240,6 +255,7 @@ def convert(
                     "dry_run": dry_run,
                     "artifacts": [a.to_json() for a in res.artifacts],
                     "unused_tensors": res.unused_tensors,
+                    "clamped_f16": res.clamped_f16,
                     "timings": {k: round(v, 3) for k, v in res.timings.items()},
                     "seconds": round(time.perf_counter() - t0, 3),
                 },
@@ -427,7 +443,8 @@ def imatrix(
     if not calib.is_file():
         raise InputError(f"{calib}: calibration text not found")
     with Checkpoint.open(model) as ck:
-        resolve(ck.config)  # unsupported architectures fail before the model is loaded
+        # unsupported architectures fail before the model is loaded
+        resolve(ck.config, ck.path / "config.json")
     im = collect_imatrix(
         model,
         read_text(calib),
@@ -649,10 +666,13 @@ def validate(
         gates=Gates(max_kld, max_ppl_increase, min_top1, default_gates),
     )
     report = run_validate(list(artifacts), reference, data, settings, progress=_Progress())
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
-    if md_out:
-        md_out.write_text(markdown(report))
+    for out, body in (
+        (json_out, lambda: json.dumps(report, indent=2)),
+        (md_out, lambda: markdown(report)),
+    ):
+        if out:  # whole or absent, never half-written (quantkit/atomic.py)
+            with atomic_output(out, force=True) as tmp:
+                tmp.write_text(body())
     if plot_out:
         plot(report, plot_out)
     click.echo(terminal_table(report))

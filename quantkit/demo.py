@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
+from quantkit.atomic import atomic_dir, file_lock
 from quantkit.errors import InputError
 
 DEMO_NAME = "smollm2-135m-instruct"
@@ -54,37 +54,39 @@ def demo_gguf() -> Path:
     )
 
 
+def _complete(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def demo_model(progress: bool = False) -> Path:
-    """Path of the demo HF checkpoint, building it on first use."""
+    """Path of the demo HF checkpoint, building it on first use.
+
+    Built once per cache under a file lock: a second process started meanwhile waits, then finds
+    the finished folder (it appears by one rename, so a folder under the final name is complete).
+    """
     target = cache_dir() / "models" / DEMO_BUILD / DEMO_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _complete(target):
         return target
     src = demo_gguf()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with file_lock(target.with_name(f".{target.name}.lock")):
+        if _complete(target):  # another process built it while we waited
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            src.parent, gguf_file=src.name, dtype=torch.float32
-        )
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model = model.to(torch.float16)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        tj = tmp / "tokenizer.json"
-        data = json.loads(tj.read_text(encoding="utf-8"))
-        data["pre_tokenizer"] = SMOLLM_PRE_TOKENIZER
-        tj.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target) as tmp:
+            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                src.parent, gguf_file=src.name, dtype=torch.float32
+            )
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model = model.to(torch.float16)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            tj = tmp / "tokenizer.json"
+            data = json.loads(tj.read_text(encoding="utf-8"))
+            data["pre_tokenizer"] = SMOLLM_PRE_TOKENIZER
+            tj.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return target

@@ -75,7 +75,7 @@ def make_tiny_model(
         "MistralForCausalLM": transformers.MistralConfig,
         "Qwen2ForCausalLM": transformers.Qwen2Config,
         "Qwen3ForCausalLM": transformers.Qwen3Config,
-    }[arch]
+    }.get(arch) or getattr(transformers, arch).config_class  # e.g. Gemma3TextConfig
     params = {**TINY, **overrides}
     config = cfg_cls(**params)
     config.architectures = [arch]

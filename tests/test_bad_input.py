@@ -236,8 +236,11 @@ def test_f16_overflow_suggests_bf16(model: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def test_interrupted_conversion_leaves_nothing(demo_model_dir: Path, tmp_path: Path) -> None:
-    """SIGTERM in the middle of writing: exit 130, no final file, no temporary."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_interrupted_conversion_leaves_nothing(
+    demo_model_dir: Path, tmp_path: Path, signame: str
+) -> None:
+    """SIGTERM or SIGINT (Ctrl-C) in the middle of writing: exit 130, no final file, no temporary."""
     import os
     import signal
     import subprocess
@@ -271,7 +274,7 @@ def test_interrupted_conversion_leaves_nothing(demo_model_dir: Path, tmp_path: P
     while time.time() < deadline and not any(out.glob("*.part")):
         time.sleep(0.005)
     assert any(out.glob("*.part")), "conversion never started writing"
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(getattr(signal, signame))
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert "interrupted" in err

@@ -27,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from quantkit import schemas
+from quantkit.atomic import atomic_dir, file_lock
+from quantkit.checkpoint import read_json
+from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
 from quantkit.text import read_text
 from quantkit.validate.engines import ENGINES, engine_for
@@ -285,6 +289,52 @@ def run_worker(
     return res, ([] if res.get("ok") else log_tail(log))
 
 
+def _cached_reference(cdir: Path) -> dict[str, Any] | None:
+    """The cached reference result if the entry is complete and its log-probs are intact (their
+    sha256 is recorded when the entry is made); None otherwise."""
+    try:
+        res = json.loads((cdir / "result.json").read_text())
+        want = res["logprobs_sha256"]
+        if sha256_file(cdir / "logprobs.npy") == want:
+            return res
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _score_reference(
+    cdir: Path,
+    reference: Path,
+    base_job: dict[str, Any],
+    s: Settings,
+    run_dir: Path,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Score the reference in transformers into a fresh folder that replaces ``cdir`` when
+    complete (the caller holds the cache lock)."""
+    with atomic_dir(cdir) as staging:
+        job = {
+            **base_job,
+            "role": "reference",
+            "engine": "transformers",
+            "path": str(reference),
+            "ref_out": str(staging),
+            "pp": 0,
+            "tg": 0,
+            "options": {"dtype": s.reference_dtype},
+        }
+        ref_res, tail = run_worker(job, run_dir / "ref-worker", s.timeout, progress, "reference")
+        if not ref_res.get("ok"):
+            last = tail[-1] if tail else ""
+            raise ValidationError(
+                f"the reference {reference} could not be scored: {ref_res.get('error')}"
+                + (f" (log: {last})" if last else "")
+            )
+        ref_res["logprobs_sha256"] = sha256_file(staging / "logprobs.npy")
+        (staging / "result.json").write_text(json.dumps(ref_res))
+    return ref_res
+
+
 def validate(
     artifacts: list[Path],
     reference: Path,
@@ -315,10 +365,13 @@ def validate(
             "give a longer text or a smaller --ctx",
         )
     first = s.ctx // 2
-    try:
-        vocab = int(json.loads((reference / "config.json").read_text()).get("vocab_size") or 0)
-    except (ValueError, OSError):
-        vocab = 0
+    cfg_path = reference / "config.json"
+    cfg = read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise InputError(f"{cfg_path}: config.json is not a JSON object")
+    # the one key read here; the reference may be any family transformers loads
+    schemas.check("config.json", {"vocab_size": cfg.get("vocab_size")}, cfg_path)
+    vocab = int(cfg.get("vocab_size") or 0)
     est = len(chunks) * (s.ctx - 1 - first) * vocab * 2
     if est > 4 * 2**30:
         print(
@@ -354,43 +407,20 @@ def validate(
             "first": first,
             "threads": threads,
         }
-        # reference, once, cached by content
+        # reference, once, cached by content; built under a lock so that two runs on one cache
+        # do not both compute it nor replace an entry the other is reading
         key = reference_key(reference, text, s.ctx, s.chunks, s.reference_dtype)
         cdir = cache_root() / key if s.cache else run_dir / "reference"
-        hit = (cdir / "result.json").is_file() and (cdir / "logprobs.npy").is_file()
-        if hit:
-            ref_res = json.loads((cdir / "result.json").read_text())
-        else:
-            cdir.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cdir.parent))
-            job = {
-                **base_job,
-                "role": "reference",
-                "engine": "transformers",
-                "path": str(reference),
-                "ref_out": str(staging),
-                "pp": 0,
-                "tg": 0,
-                "options": {"dtype": s.reference_dtype},
-            }
-            try:
-                ref_res, tail = run_worker(
-                    job, run_dir / "ref-worker", s.timeout, progress, "reference"
-                )
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            if not ref_res.get("ok"):
-                shutil.rmtree(staging, ignore_errors=True)
-                last = tail[-1] if tail else ""
-                raise ValidationError(
-                    f"the reference {reference} could not be scored: {ref_res.get('error')}"
-                    + (f" (log: {last})" if last else "")
-                )
-            (staging / "result.json").write_text(json.dumps(ref_res))
-            if cdir.exists():
-                shutil.rmtree(cdir, ignore_errors=True)
-            os.replace(staging, cdir)
+        ref_res = _cached_reference(cdir)
+        hit = ref_res is not None
+        if ref_res is None:
+            with file_lock(cdir.with_name(f".{key}.lock")):
+                ref_res = _cached_reference(cdir)
+                hit = ref_res is not None
+                if ref_res is None:
+                    if s.cache:
+                        check_free_space([(cdir, est)])
+                    ref_res = _score_reference(cdir, reference, base_job, s, run_dir, progress)
         ref_ppl = ref_res["quality"]["ppl"]
         report["reference"] = {
             "model": str(reference),

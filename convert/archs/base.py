@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import gguf
 import numpy as np
 
+from quantkit import schemas
 from quantkit.errors import CheckpointError, UnsupportedArchitectureError
 
 REGISTRY: dict[str, type[Architecture]] = {}
@@ -135,6 +137,13 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored array (BF16 as its uint16 bits) widened to float32, exactly."""
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
 class Architecture:
     """Base class: a Llama-shaped decoder. Subclasses change data, rarely code."""
 
@@ -223,6 +232,12 @@ class Architecture:
         # llama.cpp's converter keeps 1-D tensors and norms in F32 (conversion/base.py
         # prepare_tensors: "Most of the codebase that takes in 1D tensors or norms only handles F32")
         return len(shape) <= 1 or gguf_name.endswith("_norm.weight")
+
+    def transform_raw(self, hf_name: str, raw: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+        """The tensor as stored (``dtype`` is its safetensors dtype; BF16 arrives as uint16)
+        → the array to write and its dtype. Layout-only transforms (``transform``) work on any
+        dtype; an arithmetic one (Gemma's norm offset) widens with ``to_f32`` first."""
+        return self.transform(hf_name, raw), dtype
 
     def transform(self, hf_name: str, data: np.ndarray) -> np.ndarray:
         if self.permute_qk:
@@ -336,7 +351,10 @@ def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def resolve(config: dict[str, Any]) -> Architecture:
+def resolve(config: dict[str, Any], path: Path | str = "config.json") -> Architecture:
+    """The registered class for ``config``'s architecture, built from it. The config is checked
+    against its schema (quantkit/schemas.py) only once the architecture is known to be
+    supported: an unsupported family is refused for that, whatever its other keys hold."""
     archs = config.get("architectures") or []
     if not isinstance(archs, list) or not archs:
         raise UnsupportedArchitectureError(
@@ -346,6 +364,7 @@ def resolve(config: dict[str, Any]) -> Architecture:
     for name in archs:
         cls = REGISTRY.get(name)
         if cls is not None:
+            schemas.check("config.json", config, path)
             return cls(config)
     if config.get("auto_map"):
         raise UnsupportedArchitectureError(
