@@ -382,10 +382,11 @@ CASES: list[Case] = [
     Case("cfg-tied-string", "convert", set_key("config.json", "tie_word_embeddings", "no", False),
          "key 'tie_word_embeddings': Input should be a valid boolean"),
     # an unsupported family is refused for that, not for its own keys; unknown keys are fine
+    # (a family neither quantkit nor llama.cpp's converter knows: a known one takes the fallback)
     Case("cfg-unsupported-family", "convert", json_edit("config.json", lambda d, bad: {
         **d, "ffn_multipliers": [0.5, 4.0],
-        **({"architectures": ["OpenELMForCausalLM"], "intermediate_size": [128, 256]} if bad else {})}),
-         "architecture 'OpenELMForCausalLM' is not supported"),
+        **({"architectures": ["FancyELMForCausalLM"], "intermediate_size": [128, 256]} if bad else {})}),
+         "architecture 'FancyELMForCausalLM' is not supported"),
     # --- tokenizer files -------------------------------------------------------------------------
     Case("tok-missing", "convert", _delete(K), "no tokenizer.json or tokenizer.model"),
     Case("tok-broken-json", "convert", _write(K, '{"model": {'), "tokenizer.json: not valid JSON"),
