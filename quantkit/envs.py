@@ -247,20 +247,27 @@ def ensure(name: str, progress: Progress | None = None) -> Path:
         for stale in final.parent.glob(f".{final.name}.tmp-*"):  # a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        log = tmp / "install.log"
+        # the log sits beside the env, so it survives a failed build; it moves in on success
+        log = final.parent / f"{final.name}.install.log"
+        log.write_text("")
         t0 = time.monotonic()
         try:
             say(f"{name}: creating virtual env")
+            # pip only when there is something to install (ensurepip alone takes ~10 s)
+            bare = [] if (s.first or s.requirements or s.uninstall) else ["--without-pip"]
             subprocess.run(
-                [sys.executable, "-m", "venv", str(tmp)], check=True, capture_output=True
+                [sys.executable, "-m", "venv", *bare, "--prompt", final.name, str(tmp)],
+                check=True,
+                capture_output=True,
             )
             pip = [str(_python_in(tmp)), "-m", "pip", "install", "--disable-pip-version-check"]
             if s.first:
                 say(f"{name}: installing {' '.join(s.first)}")
                 _run([*pip, *s.first], log, f"installing {' '.join(s.first)}")
-            say(f"{name}: installing {' '.join(s.requirements)} (a few minutes)")
-            # the first packages are repeated so the resolver cannot move them
-            _run([*pip, *s.first, *s.requirements], log, f"installing {name}")
+            if s.requirements:
+                say(f"{name}: installing {' '.join(s.requirements)} (a few minutes)")
+                # the first packages are repeated so the resolver cannot move them
+                _run([*pip, *s.first, *s.requirements], log, f"installing {name}")
             if s.uninstall:
                 say(f"{name}: removing {' '.join(s.uninstall)}")
                 _run(
@@ -286,6 +293,7 @@ def ensure(name: str, progress: Progress | None = None) -> Path:
                     indent=2,
                 )
             )
+            os.replace(log, tmp / "install.log")
             if final.exists():  # a folder without the marker: an incomplete older layout
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -136,3 +136,51 @@ def demo_model_dir() -> Path:
     from quantkit.demo import demo_model
 
     return demo_model()
+
+
+def vllm_env_or_skip() -> Path:
+    """The vLLM environment's interpreter; skips the test when it is not installed (CI runs
+    scripts/install.sh, which installs it)."""
+    from quantkit import envs
+
+    if not envs.is_installed("vllm"):
+        pytest.skip("the vLLM environment is not installed: run `quantkit engines setup vllm`")
+    return envs.python("vllm")
+
+
+def validate_report(
+    artifacts: list[Path], reference: Path, text: Path, out: Path, *extra: str, env=None
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `quantkit validate ARTIFACTS… --reference … --data … --json OUT` as a user would and
+    return the process and the JSON report. Any artifact kind works: GGUF files, plain HF folders
+    (add "--engine", "vllm" to score them in vLLM) and quantized checkpoint folders
+    (compressed-tensors / gptq / awq), which go to vLLM by themselves. Defaults are small (ctx 128,
+    4 chunks, pp 32, tg 8, 2 threads, no reference cache); later ``extra`` options win."""
+    import json
+
+    r = run_cli(
+        "validate",
+        *map(str, artifacts),
+        "--reference",
+        str(reference),
+        "--data",
+        str(text),
+        "--ctx",
+        "128",
+        "--chunks",
+        "4",
+        "--threads",
+        "2",
+        "--pp",
+        "32",
+        "--tg",
+        "8",
+        "--no-cache",
+        "--json",
+        str(out),
+        *extra,
+        env=env,
+        timeout=900,
+    )
+    rep = json.loads(out.read_text()) if out.is_file() else {}
+    return r, rep
