@@ -505,6 +505,11 @@ Exit codes: 0 every gate holds, 1 a gate failed (the table and report say which)
     default=None,
     help="vLLM: run the model in this dtype (default: the checkpoint's own).",
 )
+@click.option(
+    "--vllm-eager",
+    is_flag=True,
+    help="vLLM: no torch.compile (faster start, slower tokens/s than a deployed vLLM).",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the JSON report.")
 @click.option("--md", "md_out", type=click.Path(path_type=Path), help="Write a Markdown report.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write a PNG chart.")
@@ -541,6 +546,7 @@ def validate(
     hf_engine: str | None,
     topk: int,
     vllm_dtype: str | None,
+    vllm_eager: bool,
     json_out: Path | None,
     md_out: Path | None,
     plot_out: Path | None,
@@ -571,6 +577,7 @@ def validate(
         hf_engine=hf_engine,
         topk=topk,
         vllm_dtype=vllm_dtype,
+        vllm_eager=vllm_eager,
     )
     report = run_validate(list(artifacts), reference, data, settings, progress=_Progress())
     if json_out:

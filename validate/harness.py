@@ -133,6 +133,7 @@ class Settings:
     hf_engine: str | None = None  # engine for plain HF folders (None: transformers)
     topk: int = 20  # vLLM: log-probs per position (its default max_logprobs)
     vllm_dtype: str | None = None  # vLLM: model dtype (None: the checkpoint's own)
+    vllm_eager: bool = False  # vLLM: skip torch.compile (starts ~1 min faster on 2 cores)
 
 
 def cache_root() -> Path:
@@ -343,7 +344,7 @@ def _engine_options(eng: str, s: Settings) -> dict[str, Any]:
     if eng == "llama.cpp":
         return {"kv_f32": s.kv_f32, "flash_attn": s.flash_attn}
     if eng == "vllm":
-        return {"topk": s.topk, "dtype": s.vllm_dtype}
+        return {"topk": s.topk, "dtype": s.vllm_dtype, "eager": s.vllm_eager}
     return {}
 
 

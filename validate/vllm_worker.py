@@ -54,6 +54,8 @@ def _configure(threads: int, kv_gib: float) -> None:
     # KV cache size in GiB for the CPU backend; chunks are short, the default takes much more RAM
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_gib:g}")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # A chunk as long as the model's context still needs that one sampled position past it.
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -99,13 +101,15 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    max_len = max(n_ctx, pp + 1, tg + 2)
+    # vLLM wants room for the one token it samples after each prompt (discarded here)
+    max_len = max(n_ctx + 1, pp + 1, tg + 2)
     t0 = time.perf_counter()
     print(f"[vllm-worker] loading {job['path']} in vLLM {vllm.__version__}", file=sys.stderr)
     llm = LLM(
         model=job["path"],
         tokenizer=job["path"],
-        dtype=opts.get("dtype") or "auto",
+        dtype=opts.get("dtype") or _checkpoint_dtype(job["path"]),
+        enforce_eager=bool(opts.get("eager")),
         max_model_len=max_len,
         max_num_batched_tokens=max_len,  # a whole chunk in one prefill step
         max_num_seqs=4,
@@ -162,8 +166,11 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     _progress(job, "score", n_chunks, n_chunks)
     for a in (ids, lps, tgt):
         a.flush()
-    res["scores"] = {"topk_ids": ids.filename, "topk_logprobs": lps.filename}
-    res["scores"]["target_logprobs"] = tgt.filename
+    res["scores"] = {
+        "topk_ids": str(ids.filename),
+        "topk_logprobs": str(lps.filename),
+        "target_logprobs": str(tgt.filename),
+    }
     res["score_seconds"] = t_score
     res["score_tps"] = n_chunks * n_ctx / t_score if t_score > 0 else None
     res["scored_tokens"] = n_chunks * m
@@ -191,6 +198,19 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         res["speed"] = speed
     res["peak_rss_bytes"] = _peak_rss()
     return res
+
+
+def _checkpoint_dtype(path: str) -> str:
+    """The checkpoint's own dtype. vLLM's "auto" runs a float32 checkpoint in bfloat16 on CPU
+    (vLLM 0.32), which would measure a rounding the artifact does not have."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    dtype = (
+        cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    )
+    return "float32" if dtype == "float32" else "auto"
 
 
 def _torch_version() -> str:
