@@ -166,7 +166,9 @@ def test_vllm_scores_next_to_gguf_in_one_report(vllm_run: dict) -> None:
     assert sp["load_seconds"] > 0 and sp["pp_tps"] > 0 and sp["tg_tps"] > 0
     assert sp["peak_rss_bytes"] > 100 * 2**20
     md = (vllm_run["dir"] / "report.md").read_text()
-    assert "| tiny | F32 |" in md and "~" in md, "vLLM's KLD is marked approximate"
+    assert "| tiny | F32 |" in md and "| ~" in md, "vLLM's KLD is marked approximate"
+    assert "~ approximate KLD: the engine returns only its top-20 log-probs" in md
+    assert "~ approximate KLD" in vllm_run["r"].stdout
     print(
         f"\nvLLM: load {sp['load_seconds']:.1f} s, pp {sp['pp_tps']:.0f} t/s, "
         f"tg {sp['tg_tps']:.1f} t/s; whole validate call {vllm_run['seconds']:.0f} s"

@@ -267,7 +267,7 @@ def main(argv: list[str]) -> int:
     os._exit(code)
 
 
-# vLLM may start worker processes with the "spawn" method, which re-imports this file as
-# __mp_main__: the guard keeps the children from running the job again.
+# vLLM (0.32) may start worker processes with the "spawn" method, which re-imports this file as
+# __mp_main__: the guard keeps the children from running the job again (DESIGN.md).
 if __name__ == "__main__":
     main(sys.argv[1:])
