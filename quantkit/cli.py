@@ -550,6 +550,9 @@ Examples:
       --json report.json --md report.md --plot report.png
   quantkit validate out/m-Q4_K_M.gguf --reference ./m --data eval.txt \\
       --max-kld 0.05 --max-ppl-increase 5 --min-top1 85     # CI gate: exit 1 if one fails
+  quantkit validate out/m-W4A16/ out/m-Q4_K_M.gguf --reference ./m --data eval.txt
+      # a compressed-tensors/GPTQ/AWQ folder is scored in vLLM (`quantkit engines setup vllm`)
+  quantkit validate ./m out/m-F16.gguf --engine vllm --reference ./m --data eval.txt
 \b
 Exit codes: 0 every gate holds, 1 a gate failed (the table and report say which),
 2 bad input or an artifact/reference that could not be scored.
@@ -604,6 +607,31 @@ Exit codes: 0 every gate holds, 1 a gate failed (the table and report say which)
     help="llama.cpp: no flash attention (default on, as llama-perplexity has it on CPU).",
 )
 @click.option("--no-cache", is_flag=True, help="Do not read or write the reference cache.")
+@click.option(
+    "--engine",
+    "hf_engine",
+    type=click.Choice(["transformers", "vllm"]),
+    default=None,
+    help="Engine for plain HF folders (default transformers; quantized folders always use vLLM).",
+)
+@click.option(
+    "--topk",
+    type=click.IntRange(min=1, max=1000),
+    default=20,
+    show_default=True,
+    help="vLLM: log-probs per position; KLD is approximated over these plus one tail bucket.",
+)
+@click.option(
+    "--vllm-dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default=None,
+    help="vLLM: run the model in this dtype (default: the checkpoint's own).",
+)
+@click.option(
+    "--vllm-eager",
+    is_flag=True,
+    help="vLLM: no torch.compile (faster start, slower tokens/s than a deployed vLLM).",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the JSON report.")
 @click.option("--md", "md_out", type=click.Path(path_type=Path), help="Write a Markdown report.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write a PNG chart.")
@@ -637,6 +665,10 @@ def validate(
     kv_f32: bool,
     no_flash_attn: bool,
     no_cache: bool,
+    hf_engine: str | None,
+    topk: int,
+    vllm_dtype: str | None,
+    vllm_eager: bool,
     json_out: Path | None,
     md_out: Path | None,
     plot_out: Path | None,
@@ -664,6 +696,10 @@ def validate(
         flash_attn=not no_flash_attn,
         cache=not no_cache,
         gates=Gates(max_kld, max_ppl_increase, min_top1, default_gates),
+        hf_engine=hf_engine,
+        topk=topk,
+        vllm_dtype=vllm_dtype,
+        vllm_eager=vllm_eager,
     )
     report = run_validate(list(artifacts), reference, data, settings, progress=_Progress())
     for out, body in (
@@ -723,6 +759,12 @@ def demo(model: Path | None, output: Path, threads: int | None) -> None:
         )
     )
     click.echo(f"\nQ8_0 greedy continuation: {sample!r}")
+
+
+# `quantkit engines …` lives in its own module (quantkit/cli_engines.py)
+from quantkit.cli_engines import engines  # noqa: E402
+
+cli.add_command(engines)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:

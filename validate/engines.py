@@ -7,15 +7,16 @@ transformers → exact KLD) or only the top-k plus the target (an engine such as
 (``quantkit.validate.worker``), never in the harness's own process, so an engine that crashes or
 hangs fails only its artifact.
 
-Adding an engine (e.g. vLLM in its own virtual environment): subclass ``Engine``, set ``name`` and
-``distribution`` ("top-k" when only ``prompt_logprobs`` come back: return ``Scored(topk_ids=…,
-topk_logprobs=…, target_logprobs=…)``, top-k sorted by decreasing log-prob), register it in
-``ENGINES`` and teach ``engine_for`` which artifacts it takes (a compressed-tensors folder). An
-engine that needs another interpreter sets ``python``: the harness starts
-``python -m quantkit.validate.worker`` with it, so quantkit must be importable there
-(``pip install --no-deps -e .`` into that venv); the job file, the chunk ids and the cached
-reference log-probs are plain JSON / ``.npy`` files, so the two environments share nothing else.
-The harness, the metrics and the report do not change.
+Adding an engine: subclass ``Engine``, set ``name`` and ``distribution`` ("top-k" when only
+``prompt_logprobs`` come back: return ``Scored(topk_ids=…, topk_logprobs=…, target_logprobs=…)``,
+top-k sorted by decreasing log-prob), register it in ``ENGINES`` and teach ``engine_for`` which
+artifacts it takes. The harness, the metrics and the report do not change.
+
+An engine that lives in another virtual environment (vLLM: its pins clash with quantkit's and
+llm-compressor's, see ``quantkit/envs.py``) is a ``ScriptEngine``: a self-contained script run
+with that environment's interpreter (quantkit is not installed there) that speaks the same job
+protocol (JSON job, ``.npy`` chunk ids, ``progress``, ``result.json``) and returns raw top-k
+arrays; the harness computes the metrics from them with the same code (``SCRIPT_ENGINES``).
 """
 
 from __future__ import annotations
@@ -258,8 +259,50 @@ ENGINES: dict[str, type[Engine]] = {
 }
 
 
-def engine_for(path: str | Path) -> str:
-    """The engine that runs an artifact: llama.cpp for GGUF, transformers for an HF folder."""
+@dataclass(frozen=True)
+class ScriptEngine:
+    """An engine run as a self-contained script in its own environment (``quantkit.envs``)."""
+
+    name: str
+    distribution: str  # "full" | "top-k"
+    env: str  # quantkit.envs environment whose interpreter runs the script
+    script: Path
+
+
+VLLM = ScriptEngine("vllm", "top-k", env="vllm", script=Path(__file__).with_name("vllm_worker.py"))
+SCRIPT_ENGINES: dict[str, ScriptEngine] = {VLLM.name: VLLM}
+
+# Engines a user may ask for by name for Hugging Face folders (``validate --engine``).
+HF_ENGINES: tuple[str, ...] = (TransformersEngine.name, VLLM.name)
+
+# quantization_config.quant_method of an HF folder → the engine that loads it. These are the
+# checkpoints quantkit's vLLM exports write (compressed-tensors; legacy AutoGPTQ/AutoAWQ layouts)
+# and vLLM's own FP8 format; transformers alone cannot run them on CPU.
+QUANT_METHOD_ENGINE: dict[str, str] = {
+    "compressed-tensors": VLLM.name,
+    "gptq": VLLM.name,
+    "awq": VLLM.name,
+    "fp8": VLLM.name,
+}
+
+
+def hf_quant_method(folder: Path) -> str | None:
+    """``quantization_config.quant_method`` of an HF folder's config.json (None when plain)."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    m = q.get("quant_method") if isinstance(q, dict) else None
+    return str(m) if m else None
+
+
+def engine_for(path: str | Path, hf_engine: str | None = None) -> str:
+    """The engine that runs an artifact: llama.cpp for GGUF; for an HF folder, vLLM when it holds
+    a quantized checkpoint vLLM loads (``QUANT_METHOD_ENGINE``), else ``hf_engine`` when given,
+    else transformers."""
     p = Path(path)
     if p.is_file():
         with p.open("rb") as f:
@@ -268,7 +311,43 @@ def engine_for(path: str | Path) -> str:
     if p.suffix.lower() == ".gguf":
         return LlamaCppEngine.name
     if p.is_dir() and (p / "config.json").is_file():
-        return TransformersEngine.name
+        method = hf_quant_method(p)
+        if method in QUANT_METHOD_ENGINE:
+            return QUANT_METHOD_ENGINE[method]
+        return hf_engine or TransformersEngine.name
     from quantkit.errors import InputError
 
     raise InputError(f"{p}: not a GGUF file or a Hugging Face model folder")
+
+
+def hf_file_type(folder: Path) -> str | None:
+    """A short type label for an HF folder, as the report's "type" column shows it: the
+    quantization scheme (e.g. "W4A16 g64", "W8A8 FP8", "GPTQ 4-bit g128") or the dtype ("BF16")."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    q = cfg.get("quantization_config") or {}
+    method = q.get("quant_method")
+    if method in ("gptq", "awq"):
+        g = q.get("group_size")
+        return f"{method.upper()} {q.get('bits', '?')}-bit" + (f" g{g}" if g and g > 0 else "")
+    if method == "compressed-tensors":
+        groups = list((q.get("config_groups") or {}).values())
+        if groups:
+            w = groups[0].get("weights") or {}
+            a = groups[0].get("input_activations") or {}
+            label = f"W{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}"
+            if w.get("type") == "float":
+                label += " FP8" if w.get("num_bits") == 8 else " FP"
+            if w.get("group_size"):
+                label += f" g{w['group_size']}"
+            return label
+        return "compressed-tensors"
+    if method:
+        return str(method)
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    return names.get(str(dtype), str(dtype).upper() if dtype else None)

@@ -8,6 +8,8 @@
    ``ctx`` and ``chunks`` (``reference_key``), so later runs and every artifact reuse them.
 3. Each artifact is scored in a worker process of its engine with a timeout; a crash, a hang or a
    corrupt file fails that artifact (error + log tail in the report) and the others go on.
+   Engines in another environment (vLLM) run as a script with that environment's interpreter and
+   return raw top-k arrays; the metrics are computed here with the same code (``_finish_topk``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from quantkit.checkpoint import read_json
 from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
 from quantkit.text import read_text
-from quantkit.validate.engines import ENGINES, engine_for
+from quantkit.validate.engines import ENGINES, SCRIPT_ENGINES, engine_for, hf_file_type
 from quantkit.validate.metrics import make_chunks
 
 CACHE_VERSION = "1"
@@ -132,6 +134,10 @@ class Settings:
     flash_attn: bool = True  # llama.cpp: as llama-perplexity's default ("auto" → on for CPU)
     cache: bool = True
     gates: Gates = field(default_factory=Gates)
+    hf_engine: str | None = None  # engine for plain HF folders (None: transformers)
+    topk: int = 20  # vLLM: log-probs per position (its default max_logprobs)
+    vllm_dtype: str | None = None  # vLLM: model dtype (None: the checkpoint's own)
+    vllm_eager: bool = False  # vLLM: skip torch.compile (starts ~1 min faster on 2 cores)
 
 
 def cache_root() -> Path:
@@ -243,13 +249,19 @@ def run_worker(
     job = {**job, "dir": str(workdir)}
     (workdir / "job.json").write_text(json.dumps(job))
     log = workdir / "worker.log"
-    engine = ENGINES[job["engine"]]
-    python = engine.python or sys.executable
+    if job["engine"] in SCRIPT_ENGINES:
+        from quantkit import envs
+
+        se = SCRIPT_ENGINES[job["engine"]]
+        cmd = [str(envs.python(se.env)), str(se.script), str(workdir / "job.json")]
+    else:
+        python = ENGINES[job["engine"]].python or sys.executable
+        cmd = [python, "-m", "quantkit.validate.worker", str(workdir / "job.json")]
     env = {**os.environ, "QUANTKIT_DEBUG": "1", "PYTHONUNBUFFERED": "1"}
     seen = 0
     with log.open("wb") as lf:
         proc = subprocess.Popen(
-            [python, "-m", "quantkit.validate.worker", str(workdir / "job.json")],
+            cmd,
             stdout=lf,
             stderr=subprocess.STDOUT,
             env=env,
@@ -333,6 +345,57 @@ def _score_reference(
         ref_res["logprobs_sha256"] = sha256_file(staging / "logprobs.npy")
         (staging / "result.json").write_text(json.dumps(ref_res))
     return ref_res
+
+
+def _finish_topk(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    """Quality figures from a script engine's raw top-k arrays (``vllm_worker.py``) against the
+    cached reference, with the metric code every engine shares; and its tokenization check."""
+    from quantkit.validate.metrics import Accumulator, position_stats_topk, renormalize
+    from quantkit.validate.worker import token_mismatch_share
+
+    chunks = np.load(job["chunks"])
+    first = int(job["first"])
+    sc = res.pop("scores")
+    ids = np.load(sc["topk_ids"], mmap_mode="r")
+    lps = np.load(sc["topk_logprobs"], mmap_mode="r")
+    tgt = np.load(sc["target_logprobs"], mmap_mode="r")
+    ref = np.load(job["ref_logprobs"], mmap_mode="r")
+    acc = Accumulator()
+    for i in range(chunks.shape[0]):
+        lp_ref = renormalize(ref[i]) if ref.dtype == np.float16 else np.asarray(ref[i])
+        targets = np.asarray(chunks[i, first + 1 :])
+        acc.extend(position_stats_topk(ids[i], lps[i], tgt[i], targets, lp_ref))
+    ppl, err = acc.ppl()
+    k = acc.kld_stats()
+    res["quality"] = {
+        "ppl": ppl,
+        "ppl_stderr": err,
+        "kld_mean": k["mean"],
+        "kld_p99": k["p99"],
+        "kld_max": k["max"],
+        "kld_method": "approx-top-k",
+        "top1_pct": 100 * k["top1"],
+        "mean_abs_dp": k["mean_abs_dp"],
+    }
+    tok = res.pop("tokenization", None)
+    if tok:
+        own = np.load(tok["ids"]).tolist()
+        ref_ids = np.load(job["ref_ids"]).tolist()
+        res["tokenization"] = {
+            "engine_tokens": len(own),
+            "reference_tokens": len(ref_ids),
+            "differ_share": token_mismatch_share(ref_ids, own),
+            "bos_agrees": bool(tok["adds_bos"]) == bool(job.get("ref_adds_bos")),
+        }
+    return res
+
+
+def _engine_options(eng: str, s: Settings) -> dict[str, Any]:
+    if eng == "llama.cpp":
+        return {"kv_f32": s.kv_f32, "flash_attn": s.flash_attn}
+    if eng == "vllm":
+        return {"topk": s.topk, "dtype": s.vllm_dtype, "eager": s.vllm_eager}
+    return {}
 
 
 def validate(
@@ -441,7 +504,7 @@ def validate(
         for i, a in enumerate(artifacts):
             entry: dict[str, Any] = {"path": str(a), "name": a.name}
             try:
-                eng = engine_for(a)
+                eng = engine_for(a, s.hf_engine)
             except InputError as e:
                 entry.update(status="failed", error=str(e), log_tail=[])
                 arts.append(entry)
@@ -457,11 +520,15 @@ def validate(
                 "ref_logprobs": str(cdir / "logprobs.npy"),
                 "pp": s.pp,
                 "tg": s.tg,
-                "options": (
-                    {"kv_f32": s.kv_f32, "flash_attn": s.flash_attn} if eng == "llama.cpp" else {}
-                ),
+                "options": _engine_options(eng, s),
             }
-            res, tail = run_worker(job, run_dir / f"art-{i}", s.timeout, progress, a.name)
+            try:
+                res, tail = run_worker(job, run_dir / f"art-{i}", s.timeout, progress, a.name)
+            except QuantkitError as e:  # e.g. the engine's environment is not installed
+                res, tail = {"ok": False, "error": str(e)}, []
+            if res.get("ok") and eng in SCRIPT_ENGINES:
+                job["dir"] = str(run_dir / f"art-{i}")
+                res = _finish_topk(job, res)
             entry["format"] = "gguf" if eng == "llama.cpp" else "hf"
             entry["file_bytes"] = (
                 a.stat().st_size
@@ -475,7 +542,7 @@ def validate(
                 continue
             q = res["quality"]
             q["ppl_increase_pct"] = 100 * (q["ppl"] / ref_ppl - 1)
-            au = res.get("audit") or {}
+            au = res.get("audit") or ({"file_type": hf_file_type(a)} if a.is_dir() else {})
             entry.update(
                 status="ok",
                 error=None,

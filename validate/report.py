@@ -102,6 +102,25 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def approx_note(report: dict[str, Any]) -> str | None:
+    """The footnote for "~" KLD figures (engines that return only top-k log-probs: vLLM)."""
+    ks = sorted(
+        {
+            a["engine"].get("topk")
+            for a in report["artifacts"]
+            if a["status"] == "ok" and a["quality"].get("kld_method") == "approx-top-k"
+        },
+        key=str,
+    )
+    if not ks:
+        return None
+    k = "/".join(str(x) for x in ks)
+    return (
+        f"~ approximate KLD: the engine returns only its top-{k} log-probs per position; KLD is "
+        "taken over those plus one bucket for the remaining mass (a lower bound of the exact KLD)"
+    )
+
+
 def terminal_table(report: dict[str, Any]) -> str:
     from quantkit.table import format_table
 
@@ -111,6 +130,9 @@ def terminal_table(report: dict[str, Any]) -> str:
         f"{Path(d['path']).name}; {report['host']['threads']} threads on {report['host']['cpu']}"
     )
     lines = [head, "", format_table(HEADERS, rows(report))]
+    note = approx_note(report)
+    if note:
+        lines.append(note)
     for a in report["artifacts"]:
         t = a.get("tokenization")
         if t and t["differ_share"] > 0:
@@ -146,6 +168,9 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for r in rows(report):
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+    note = approx_note(report)
+    if note:
+        out += ["", note]
     if report["failed_gates"]:
         out += ["", "## Failed gates", ""]
         for g in report["failed_gates"]:

