@@ -34,8 +34,9 @@ def _untied(h: HParams) -> bool:
 
 LAYER = "model.layers.{bid}."
 
-# The tensors every Llama-shaped decoder has (shapes in HF's row-major order: out × in).
-LLAMA_TENSORS: tuple[TensorSpec, ...] = (
+# Embeddings, norms and attention every Llama-shaped decoder has, dense or MoE (shapes in HF's
+# row-major order: out × in).
+LLAMA_ATTN: tuple[TensorSpec, ...] = (
     TensorSpec("model.embed_tokens.weight", lambda h: (h.n_vocab, h.n_embd)),
     TensorSpec("model.norm.weight", lambda h: (h.n_embd,)),
     TensorSpec("lm_head.weight", lambda h: (h.n_vocab, h.n_embd), when=_untied),
@@ -45,6 +46,10 @@ LLAMA_TENSORS: tuple[TensorSpec, ...] = (
     TensorSpec(LAYER + "self_attn.v_proj.weight", lambda h: (_kv_out(h), h.n_embd)),
     TensorSpec(LAYER + "self_attn.o_proj.weight", lambda h: (h.n_embd, _q_out(h))),
     TensorSpec(LAYER + "post_attention_layernorm.weight", lambda h: (h.n_embd,)),
+)
+
+# ... and the dense gated MLP.
+LLAMA_TENSORS: tuple[TensorSpec, ...] = LLAMA_ATTN + (
     TensorSpec(LAYER + "mlp.gate_proj.weight", lambda h: (h.n_ff, h.n_embd)),
     TensorSpec(LAYER + "mlp.up_proj.weight", lambda h: (h.n_ff, h.n_embd)),
     TensorSpec(LAYER + "mlp.down_proj.weight", lambda h: (h.n_embd, h.n_ff)),

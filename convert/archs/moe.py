@@ -37,11 +37,9 @@ from quantkit.convert.archs.base import (
 from quantkit.convert.archs.llama import (
     ATTN_QKV_BIAS,
     LAYER,
+    LLAMA_ATTN,
     QK_NORM,
     Llama,
-    _kv_out,
-    _q_out,
-    _untied,
 )
 from quantkit.errors import CheckpointError, UnsupportedArchitectureError
 
@@ -65,18 +63,8 @@ class ExpertSpec:
     role: str  # "gate" | "up" | "down": which product of the expert MLP it is (imatrix hooks)
 
 
-# The attention and norms every one of these families has (shapes in HF's out × in order).
-ATTN: tuple[TensorSpec, ...] = (
-    TensorSpec("model.embed_tokens.weight", lambda h: (h.n_vocab, h.n_embd)),
-    TensorSpec("model.norm.weight", lambda h: (h.n_embd,)),
-    TensorSpec("lm_head.weight", lambda h: (h.n_vocab, h.n_embd), when=_untied),
-    TensorSpec(LAYER + "input_layernorm.weight", lambda h: (h.n_embd,)),
-    TensorSpec(LAYER + "self_attn.q_proj.weight", lambda h: (_q_out(h), h.n_embd)),
-    TensorSpec(LAYER + "self_attn.k_proj.weight", lambda h: (_kv_out(h), h.n_embd)),
-    TensorSpec(LAYER + "self_attn.v_proj.weight", lambda h: (_kv_out(h), h.n_embd)),
-    TensorSpec(LAYER + "self_attn.o_proj.weight", lambda h: (h.n_embd, _q_out(h))),
-    TensorSpec(LAYER + "post_attention_layernorm.weight", lambda h: (h.n_embd,)),
-)
+# The attention and norms every one of these families has: the Llama ones.
+ATTN = LLAMA_ATTN
 
 
 def _gate_up(h: MoEHParams) -> tuple[int, int]:
