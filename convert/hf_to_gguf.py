@@ -84,12 +84,19 @@ class ConvertResult:
     imatrix: Any = None  # the importance matrix used (quantize.imatrix.Imatrix), if any
     # --clamp-f16: tensors clamped to the F16 range, with their largest magnitude before
     clamped_f16: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # the CLI prints them on stderr
+
+
+# the target that writes a LoRA adapter itself as a GGUF LoRA (needs --adapter)
+LORA_TARGET = "gguf-lora"
 
 
 def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
     """``gguf:Q8_0`` / ``Q8_0`` → GGUF types, de-duplicated, order kept."""
     out: list[GGUFType] = []
     for t in targets:
+        if t.lower() == LORA_TARGET:
+            continue  # handled by convert() with an adapter
         fmt, _, name = t.partition(":")
         if not name:
             fmt, name = "gguf", fmt
@@ -98,7 +105,7 @@ def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
         gt = gguf_type(name)
         if gt not in out:
             out.append(gt)
-    if not out:
+    if not out and not any(t.lower() == LORA_TARGET for t in targets):
         raise InputError("no target given", "pass --to gguf:F16 (repeatable)")
     return out
 
@@ -108,10 +115,14 @@ def default_name(model_dir: Path, config: dict) -> str:
     return name or model_dir.resolve().name
 
 
-def output_paths(out: Path | None, stem: str, types: Sequence[GGUFType]) -> dict[str, Path]:
+def output_paths(
+    out: Path | None, stem: str, types: Sequence[GGUFType], n_extra: int = 0
+) -> dict[str, Path]:
     """One target and OUT ending in .gguf: that file. Otherwise OUT is a directory."""
     if out is not None and out.suffix.lower() == ".gguf":
-        if len(types) > 1:
+        if not types:
+            return {}
+        if len(types) + n_extra > 1:
             raise InputError(
                 f"-o {out} names one file but {len(types)} targets were given",
                 "give a directory with -o when converting to several types",
@@ -228,6 +239,7 @@ def convert(
     quant: QuantSettings | None = None,
     dry_run: bool = False,
     clamp_f16: bool = False,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> ConvertResult:
     """Convert a local HF checkpoint to one GGUF file per target type.
 
@@ -236,28 +248,59 @@ def convert(
 
     ``dry_run``: write nothing; each artifact carries the planned per-tensor types and the
     predicted size (llama.cpp's own dry run for quantized types).
+
+    ``adapter``: a PEFT LoRA adapter directory, merged into the weights while they stream
+    (its tokenizer and chat template win over the base's); the ``gguf-lora`` target writes the
+    adapter itself as a GGUF LoRA for the base's GGUF.
     """
     types = parse_targets(targets)
+    want_lora = any(t.lower() == LORA_TARGET for t in targets)
+    if want_lora and adapter is None:
+        raise InputError(f"--to {LORA_TARGET} needs --adapter DIR", "pass the PEFT adapter folder")
     qs = quant or QuantSettings()
     model_dir = Path(model)
     t_start = time.perf_counter()
     if model_dir.is_file() and model_dir.suffix.lower() == ".gguf":
+        if adapter is not None:
+            raise InputError(
+                "--adapter needs the HF base checkpoint, not a GGUF",
+                f"convert the base folder with --adapter, or use --to {LORA_TARGET} and load both in llama.cpp",
+            )
         return requantize(
             model_dir, types, out, force=force, progress=progress, quant=qs, dry_run=dry_run
         )
 
     # -- preflight: nothing is written until all of this holds -------------------------------
     ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
-    with ckpt:
-        arch = resolve(ckpt.config, ckpt.path / "config.json")
-        stem = default_name(model_dir, ckpt.config)
-        paths = output_paths(Path(out) if out is not None else None, stem, types)
-        if not dry_run:
-            for p in paths.values():
-                check_writable(p, force=force)
+    lora = _open_adapter(adapter, model_dir, qs) if adapter is not None else None
+    warnings: list[str] = []
+    with ckpt, ExitStack() as adapter_stack:
         available = {n: t.shape for n, t in ckpt.tensors.items()}
+        config = ckpt.config
+        if lora is not None:
+            adapter_stack.callback(lora.close)
+            warnings += _adapter_warnings(lora, model_dir, config)
+            config = _resized_config(lora, config)
+        arch = resolve(config, ckpt.path / "config.json")
+        stem = default_name(model_dir, ckpt.config) if lora is None else lora.path.resolve().name
+        paths = output_paths(
+            Path(out) if out is not None else None, stem, types, n_extra=int(want_lora)
+        )
+        lora_path = (
+            _lora_path(Path(out) if out is not None else None, stem, types) if want_lora else None
+        )
+        if not dry_run:
+            for p in [*paths.values(), *([lora_path] if lora_path else [])]:
+                check_writable(p, force=force)
+        if lora is not None:
+            expected = arch.expected()
+            lora.check_base({n: s for n, s in available.items() if n in expected})
+            available = lora.shapes(available)
+            if want_lora:
+                _check_gguf_lora(lora, arch)
         plan = arch.plan(available)
-        vocab = load_vocab(model_dir, vocab_size=arch.h.n_vocab)
+        tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
+        vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
         for pt in plan:
             if pt.source is not None and ckpt.tensors[pt.source].dtype not in BASE_STORAGE:
                 info = ckpt.tensors[pt.source]
@@ -328,7 +371,7 @@ def convert(
 
             t0 = time.perf_counter()
             clamped: dict[str, float] | None = {} if clamp_f16 else None
-            read = _stream(ckpt, arch, plan, sinks, progress, clamped) if sinks else 0
+            read = _stream(ckpt, arch, plan, sinks, progress, clamped, lora) if sinks else 0
             elapsed = timings["stream"] = time.perf_counter() - t0
             for t in floats:
                 if dry_run:
@@ -350,11 +393,13 @@ def convert(
                 )  # fmt: skip
             if quants:
                 timings["quantize"] = time.perf_counter() - t0 - elapsed
+            if lora is not None and lora_path is not None:
+                artifacts.append(_write_lora(lora, arch, lora_path, stem, force, dry_run))
         for a in artifacts:
-            if a.audit is None and not dry_run:
+            if a.audit is None and not dry_run and a.type != LORA_TARGET:
                 a.audit = _float_audit(a, plan)
         order = {t.name: i for i, t in enumerate(types)}
-        artifacts.sort(key=lambda a: order[a.type])
+        artifacts.sort(key=lambda a: order.get(a.type, len(order)))
         return ConvertResult(
             artifacts,
             arch.arch_name,
@@ -363,7 +408,95 @@ def convert(
             timings,
             imatrix,
             clamped_f16=clamped or {},
+            warnings=warnings,
         )
+
+
+def _open_adapter(adapter: str | os.PathLike[str], model_dir: Path, qs: QuantSettings) -> Any:
+    from quantkit.convert.lora import LoraAdapter
+
+    if qs.calib is not None:
+        raise InputError(
+            "--calib with --adapter is not supported yet (the matrix would see the base, not the fine-tune)",
+            "convert the merged model to F32 first, then quantize it with --calib from its HF copy, or use --imatrix",
+        )
+    return LoraAdapter.open(adapter)
+
+
+def _adapter_warnings(lora: Any, model_dir: Path, config: dict) -> list[str]:
+    """A base whose name differs from the one the adapter was trained on is worth a warning
+    (not an error: local copies are often renamed); shapes are checked separately."""
+    want = lora.base_name.rstrip("/").split("/")[-1]
+    have = {model_dir.resolve().name, default_name(model_dir, config)}
+    if want and want not in have:
+        return [
+            f"adapter {lora.path.name} was trained on {lora.base_name!r}, base given is "
+            f"{model_dir.resolve().name!r} — check it is the same model"
+        ]
+    return []
+
+
+def _resized_config(lora: Any, config: dict) -> dict:
+    """A fine-tune that added tokens saves a resized embed_tokens (modules_to_save); the
+    merged model's vocabulary is that size."""
+    for target, name in lora.replaced.items():
+        if target.endswith("embed_tokens.weight"):
+            rows = lora.tensors[name].shape[0]
+            if rows != config.get("vocab_size"):
+                return {**config, "vocab_size": rows}
+    return config
+
+
+def _lora_path(out: Path | None, stem: str, types: Sequence[GGUFType]) -> Path:
+    if out is not None and out.suffix.lower() == ".gguf" and not types:
+        return out
+    folder = (
+        out
+        if out is not None and out.suffix.lower() != ".gguf"
+        else (out.parent if out else Path.cwd())
+    )
+    return folder / f"{stem}-lora-F32.gguf"
+
+
+def _check_gguf_lora(lora: Any, arch: Architecture) -> None:
+    """What llama.cpp's LoRA loader cannot apply, named at once."""
+    from quantkit.convert.lora import AdapterError
+
+    bad = [m.module for m in lora.modules.values() if m.embedding]
+    reasons = []
+    if bad:
+        reasons.append(f"LoRA on embeddings ({', '.join(bad[:3])})")
+    if lora.replaced:
+        reasons.append(f"fully trained modules ({', '.join(sorted(lora.replaced)[:3])})")
+    if lora.fan_in_fan_out:
+        reasons.append("fan_in_fan_out (Conv1D) layers")
+    if reasons:
+        raise AdapterError(
+            f"{lora.path}: {LORA_TARGET} cannot carry {'; '.join(reasons)}",
+            "merge instead: convert the base with --adapter DIR --to gguf:F16 (or any type)",
+        )
+
+
+def _write_lora(
+    lora: Any, arch: Architecture, path: Path, stem: str, force: bool, dry_run: bool
+) -> Artifact:
+    from quantkit.convert.lora import write_gguf_lora
+
+    t0 = time.perf_counter()
+    n = 2 * len(lora.modules)
+    if dry_run:
+        size = (
+            sum(
+                lora.tensors[m.a].n_elements + lora.tensors[m.b].n_elements
+                for m in lora.modules.values()
+            )
+            * 4
+        )
+        return Artifact(path, LORA_TARGET, size, n, 0.0)
+    with output_dirs([path]), atomic_output(path, force=force) as tmp:
+        n = write_gguf_lora(lora, arch, tmp, stem)
+        size = tmp.stat().st_size
+    return Artifact(path, LORA_TARGET, size, n, time.perf_counter() - t0)
 
 
 def requantize(
@@ -563,8 +696,10 @@ def _stream(
     sinks: list[_Sink],
     progress: Progress | None,
     clamped: dict[str, float] | None = None,
+    lora: Any = None,
 ) -> int:
-    """Write every planned tensor into every sink; return the bytes read from the checkpoint."""
+    """Write every planned tensor into every sink; return the bytes read from the checkpoint.
+    With a LoRA adapter, each adapted tensor is merged in float32 before the arch transform."""
     for s in sinks:
         for pt in plan:
             qt, dt = s.storage(pt.keep_f32)
@@ -583,6 +718,8 @@ def _stream(
             info = ckpt.tensors[pt.source]
             raw, src = ckpt.raw(pt.source), info.dtype
             read += info.nbytes
+            if lora is not None:
+                raw, src = lora.apply(pt.source, raw, src)
             if not _finite(raw, src):
                 raise CheckpointError(
                     f"{info.file.name}: tensor {pt.source!r} contains NaN or Inf",

@@ -106,6 +106,12 @@ def cli() -> None:
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for quantizing.")
 @click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    help="PEFT LoRA adapter folder: merged into MODEL (the base) while converting; "
+    "--to gguf-lora writes the adapter itself as a GGUF LoRA for the base's GGUF.",
+)
+@click.option(
     "--calib",
     type=click.Path(path_type=Path),
     help="Calibration text: compute an importance matrix on the way.",
@@ -163,6 +169,7 @@ def convert(
     allow_pickle: bool,
     clamp_f16: bool,
     threads: int | None,
+    adapter: Path | None,
     calib: Path | None,
     imatrix_file: Path | None,
     ctx: int,
@@ -211,7 +218,10 @@ def convert(
         quant=qs,
         dry_run=dry_run,
         clamp_f16=clamp_f16,
+        adapter=adapter,
     )
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
     if res.clamped_f16:
         items = sorted(res.clamped_f16.items(), key=lambda kv: -kv[1])
         click.echo(
