@@ -228,7 +228,7 @@ class QuantSettings:
 
 
 def convert(
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | Checkpoint,
     targets: Sequence[str],
     out: str | os.PathLike[str] | None = None,
     *,
@@ -239,7 +239,8 @@ def convert(
     quant: QuantSettings | None = None,
     dry_run: bool = False,
     clamp_f16: bool = False,
-    adapter: str | os.PathLike[str] | None = None,
+    adapter: Any = None,
+    name: str | None = None,
 ) -> ConvertResult:
     """Convert a local HF checkpoint to one GGUF file per target type.
 
@@ -251,14 +252,17 @@ def convert(
 
     ``adapter``: a PEFT LoRA adapter directory, merged into the weights while they stream
     (its tokenizer and chat template win over the base's); the ``gguf-lora`` target writes the
-    adapter itself as a GGUF LoRA for the base's GGUF.
+    adapter itself as a GGUF LoRA for the base's GGUF. ``model`` may be an open ``Checkpoint``
+    (quantkit.export streams a model in memory that way) and ``adapter`` a ``LoraAdapter``.
+    ``name``: general.name and the output file stem (default: the model's or adapter's name).
     """
     types = parse_targets(targets)
     want_lora = any(t.lower() == LORA_TARGET for t in targets)
     if want_lora and adapter is None:
         raise InputError(f"--to {LORA_TARGET} needs --adapter DIR", "pass the PEFT adapter folder")
     qs = quant or QuantSettings()
-    model_dir = Path(model)
+    given = model if isinstance(model, Checkpoint) else None
+    model_dir = given.path if given is not None else Path(model)  # type: ignore[arg-type]
     t_start = time.perf_counter()
     if model_dir.is_file() and model_dir.suffix.lower() == ".gguf":
         if adapter is not None:
@@ -271,7 +275,7 @@ def convert(
         )
 
     # -- preflight: nothing is written until all of this holds -------------------------------
-    ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
+    ckpt = given or Checkpoint.open(model_dir, allow_pickle=allow_pickle)
     lora = _open_adapter(adapter, model_dir, qs) if adapter is not None else None
     warnings: list[str] = []
     with ckpt, ExitStack() as adapter_stack:
@@ -282,7 +286,9 @@ def convert(
             warnings += _adapter_warnings(lora, model_dir, config)
             config = _resized_config(lora, config)
         arch = resolve(config, ckpt.path / "config.json")
-        stem = default_name(model_dir, ckpt.config) if lora is None else lora.path.resolve().name
+        stem = name or (
+            default_name(model_dir, ckpt.config) if lora is None else lora.path.resolve().name
+        )
         paths = output_paths(
             Path(out) if out is not None else None, stem, types, n_extra=int(want_lora)
         )
@@ -412,7 +418,7 @@ def convert(
         )
 
 
-def _open_adapter(adapter: str | os.PathLike[str], model_dir: Path, qs: QuantSettings) -> Any:
+def _open_adapter(adapter: Any, model_dir: Path, qs: QuantSettings) -> Any:
     from quantkit.convert.lora import LoraAdapter
 
     if qs.calib is not None:
@@ -420,7 +426,7 @@ def _open_adapter(adapter: str | os.PathLike[str], model_dir: Path, qs: QuantSet
             "--calib with --adapter is not supported yet (the matrix would see the base, not the fine-tune)",
             "convert the merged model to F32 first, then quantize it with --calib from its HF copy, or use --imatrix",
         )
-    return LoraAdapter.open(adapter)
+    return adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter)
 
 
 def _adapter_warnings(lora: Any, model_dir: Path, config: dict) -> list[str]:

@@ -97,6 +97,7 @@ class LoraAdapter:
     modules: dict[str, LoraModule]  # by base tensor name
     replaced: dict[str, str]  # base tensor name -> adapter tensor (modules_to_save)
     _map: mmap.mmap | None = field(default=None, repr=False)
+    _arrays: dict[str, Any] | None = field(default=None, repr=False)  # in memory (from_peft)
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -118,6 +119,30 @@ class LoraAdapter:
         config = read_json(root / CONFIG)
         if not isinstance(config, dict):
             raise AdapterError(f"{root / CONFIG}: not a JSON object")
+        cls._check_config(root, config)
+        tensors, _ = parse_safetensors_header(root / WEIGHTS)
+        return cls(root, config, tensors, *_index(root, config, tensors))
+
+    @classmethod
+    def from_peft(cls, peft_model: Any, adapter_name: str = "default") -> LoraAdapter:
+        """The active adapter of a ``peft`` model in memory, named and checked exactly as if it
+        had been saved with ``save_pretrained`` (PEFT's own ``get_peft_model_state_dict``), with
+        its tensors read in place."""
+        from peft import get_peft_model_state_dict
+
+        config = peft_model.peft_config[adapter_name].to_dict()
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        ptype = str(getattr(config.get("peft_type"), "value", config.get("peft_type", "")))
+        config["peft_type"] = ptype
+        cls._check_config(Path("<memory>"), config)
+        sd = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+        arrays = {k: t.detach() for k, t in sd.items()}
+        tensors = {k: memory_info(k, t) for k, t in arrays.items()}
+        return cls(Path(f"<adapter {adapter_name}>"), config, tensors,
+                   *_index(Path("<memory>"), config, tensors), _arrays=arrays)  # fmt: skip
+
+    @staticmethod
+    def _check_config(root: Path, config: dict[str, Any]) -> None:
         ptype = str(config.get("peft_type", "")).upper()
         if ptype != "LORA":
             raise AdapterError(
@@ -132,8 +157,6 @@ class LoraAdapter:
                 f"{root}: adapter uses {', '.join(bad)}, which quantkit does not merge",
                 "merge it in PEFT (merge_and_unload) and convert the merged model",
             )
-        tensors, _ = parse_safetensors_header(root / WEIGHTS)
-        return cls(root, config, tensors, *_index(root, config, tensors))
 
     # -- facts -----------------------------------------------------------------------------------
     @property
@@ -195,6 +218,8 @@ class LoraAdapter:
     # -- reading ---------------------------------------------------------------------------------
     def float32(self, name: str) -> np.ndarray:
         info = self.tensors[name]
+        if self._arrays is not None:
+            return torch_to_f32(self._arrays[name])
         if self._map is None:
             with open(info.file, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -339,3 +364,27 @@ def write_gguf_lora(adapter: LoraAdapter, arch: Any, path: Path, name: str) -> i
     w.write_tensors_to_file()
     w.close()
     return len(order) * 2
+
+
+# torch dtype name -> safetensors dtype name (what the converter understands)
+TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def memory_info(name: str, t: Any) -> TensorInfo:
+    """A ``TensorInfo`` for a torch tensor in memory (no file behind it)."""
+    dtype = TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
+    if dtype is None:
+        raise AdapterError(f"tensor {name!r} in memory is {t.dtype}, not a float")
+    return TensorInfo(
+        name, dtype, tuple(t.shape), Path("<memory>"), 0, t.numel() * t.element_size()
+    )
+
+
+def torch_to_f32(t: Any) -> np.ndarray:
+    """A CPU torch tensor as float32 numpy, widened exactly as a stored tensor would be."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return _as_float32(t.view(torch.int16).numpy().view(np.uint16), "BF16")
+    return _as_float32(t.numpy(), TORCH_DTYPES[str(t.dtype).removeprefix("torch.")])
