@@ -509,6 +509,16 @@ Exit codes: 0 every gate holds, 1 a gate failed (the table and report say which)
     help="llama.cpp: no flash attention (default on, as llama-perplexity has it on CPU).",
 )
 @click.option("--no-cache", is_flag=True, help="Do not read or write the reference cache.")
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    help="A fine-tune: the reference is REFERENCE (its base) plus this PEFT adapter.",
+)
+@click.option(
+    "--lora-base",
+    type=click.Path(path_type=Path),
+    help="Base GGUF that GGUF LoRA artifacts (--to gguf-lora) are applied on in llama.cpp.",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the JSON report.")
 @click.option("--md", "md_out", type=click.Path(path_type=Path), help="Write a Markdown report.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write a PNG chart.")
@@ -542,6 +552,8 @@ def validate(
     kv_f32: bool,
     no_flash_attn: bool,
     no_cache: bool,
+    adapter: Path | None,
+    lora_base: Path | None,
     json_out: Path | None,
     md_out: Path | None,
     plot_out: Path | None,
@@ -569,6 +581,8 @@ def validate(
         flash_attn=not no_flash_attn,
         cache=not no_cache,
         gates=Gates(max_kld, max_ppl_increase, min_top1, default_gates),
+        adapter=adapter,
+        lora_base=lora_base,
     )
     report = run_validate(list(artifacts), reference, data, settings, progress=_Progress())
     for out, body in (

@@ -337,3 +337,29 @@ def test_finetune_with_added_token_and_template(tiny):
     finally:
         m.close()
     _close(got, ref)
+
+
+def test_validate_against_the_finetune(tiny):
+    """`quantkit validate --adapter`: the reference is base + adapter in transformers; the merged
+    GGUF and the GGUF LoRA on the base GGUF (--lora-base) both score as the fine-tune, the base
+    GGUF alone does not."""
+    ad = tiny["adapters"]["rslora"]
+    out = tiny["root"] / "val"
+    r = run_cli("convert", str(tiny["base"]), "--adapter", str(ad),
+                "--to", "gguf:F32", "--to", "gguf-lora", "-o", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = tiny["root"] / "eval.txt"
+    data.write_text(TRAIN_TEXT)
+    report = tiny["root"] / "report.json"
+    arts = [out / "ad-rslora-F32.gguf", out / "ad-rslora-lora-F32.gguf", tiny["f32"]]
+    r = run_cli("validate", *map(str, arts), "--reference", str(tiny["base"]),
+                "--adapter", str(ad), "--lora-base", str(tiny["f32"]), "--data", str(data),
+                "--ctx", "64", "--chunks", "2", "--pp", "0", "--tg", "0", "--kv-f32",
+                "--no-cache", "--json", str(report))  # fmt: skip
+    assert r.returncode == 0, r.stderr + r.stdout
+    rep = json.loads(report.read_text())
+    kld = {a["name"]: a["quality"]["kld_mean"] for a in rep["artifacts"]}
+    print("validate KLD vs base+adapter:", kld)
+    assert kld["ad-rslora-F32.gguf"] < 1e-5
+    assert kld["ad-rslora-lora-F32.gguf"] < 1e-5
+    assert kld["base-F32.gguf"] > 0.1
