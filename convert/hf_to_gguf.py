@@ -87,15 +87,18 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)  # the CLI prints them on stderr
 
 
-# the target that writes a LoRA adapter itself as a GGUF LoRA (needs --adapter)
+# the targets that write a LoRA adapter itself (need --adapter): a GGUF LoRA for llama.cpp,
+# an adapter directory for vLLM
 LORA_TARGET = "gguf-lora"
+VLLM_LORA_TARGET = "vllm-lora"
+ADAPTER_TARGETS = (LORA_TARGET, VLLM_LORA_TARGET)
 
 
 def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
     """``gguf:Q8_0`` / ``Q8_0`` → GGUF types, de-duplicated, order kept."""
     out: list[GGUFType] = []
     for t in targets:
-        if t.lower() == LORA_TARGET:
+        if t.lower() in ADAPTER_TARGETS:
             continue  # handled by convert() with an adapter
         fmt, _, name = t.partition(":")
         if not name:
@@ -105,7 +108,7 @@ def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
         gt = gguf_type(name)
         if gt not in out:
             out.append(gt)
-    if not out and not any(t.lower() == LORA_TARGET for t in targets):
+    if not out and not any(t.lower() in ADAPTER_TARGETS for t in targets):
         raise InputError("no target given", "pass --to gguf:F16 (repeatable)")
     return out
 
@@ -258,8 +261,10 @@ def convert(
     """
     types = parse_targets(targets)
     want_lora = any(t.lower() == LORA_TARGET for t in targets)
-    if want_lora and adapter is None:
-        raise InputError(f"--to {LORA_TARGET} needs --adapter DIR", "pass the PEFT adapter folder")
+    want_vllm = any(t.lower() == VLLM_LORA_TARGET for t in targets)
+    if (want_lora or want_vllm) and adapter is None:
+        which = LORA_TARGET if want_lora else VLLM_LORA_TARGET
+        raise InputError(f"--to {which} needs --adapter DIR", "pass the PEFT adapter folder")
     qs = quant or QuantSettings()
     given = model if isinstance(model, Checkpoint) else None
     model_dir = given.path if given is not None else Path(model)  # type: ignore[arg-type]
@@ -290,13 +295,17 @@ def convert(
             default_name(model_dir, ckpt.config) if lora is None else lora.path.resolve().name
         )
         paths = output_paths(
-            Path(out) if out is not None else None, stem, types, n_extra=int(want_lora)
+            Path(out) if out is not None else None,
+            stem,
+            types,
+            n_extra=int(want_lora) + int(want_vllm),
         )
         lora_path = (
             _lora_path(Path(out) if out is not None else None, stem, types) if want_lora else None
         )
+        vllm_path = _vllm_path(Path(out) if out is not None else None, stem) if want_vllm else None
         if not dry_run:
-            for p in [*paths.values(), *([lora_path] if lora_path else [])]:
+            for p in [*paths.values(), *(x for x in (lora_path, vllm_path) if x)]:
                 check_writable(p, force=force)
         if lora is not None:
             expected = arch.expected()
@@ -304,6 +313,8 @@ def convert(
             available = lora.shapes(available)
             if want_lora:
                 _check_gguf_lora(lora, arch)
+            if want_vllm:
+                _check_vllm_lora(lora)
         plan = arch.plan(available)
         tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
         vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
@@ -401,8 +412,10 @@ def convert(
                 timings["quantize"] = time.perf_counter() - t0 - elapsed
             if lora is not None and lora_path is not None:
                 artifacts.append(_write_lora(lora, arch, lora_path, stem, force, dry_run))
+            if lora is not None and vllm_path is not None:
+                artifacts.append(_write_vllm_lora(lora, vllm_path, dry_run))
         for a in artifacts:
-            if a.audit is None and not dry_run and a.type != LORA_TARGET:
+            if a.audit is None and not dry_run and a.type not in ADAPTER_TARGETS:
                 a.audit = _float_audit(a, plan)
         order = {t.name: i for i, t in enumerate(types)}
         artifacts.sort(key=lambda a: order.get(a.type, len(order)))
@@ -462,6 +475,41 @@ def _lora_path(out: Path | None, stem: str, types: Sequence[GGUFType]) -> Path:
         else (out.parent if out else Path.cwd())
     )
     return folder / f"{stem}-lora-F32.gguf"
+
+
+def _vllm_path(out: Path | None, stem: str) -> Path:
+    folder = (
+        out
+        if out is not None and out.suffix.lower() != ".gguf"
+        else (out.parent if out else Path.cwd())
+    )
+    return folder / f"{stem}-vllm-lora"
+
+
+def _check_vllm_lora(lora: Any) -> None:
+    from quantkit.convert.lora import AdapterError, vllm_lora_problems
+
+    problems = vllm_lora_problems(lora)
+    if problems:
+        raise AdapterError(
+            f"{lora.path}: {VLLM_LORA_TARGET}: {'; '.join(problems)}",
+            "merge instead: convert the base with --adapter DIR to a full model",
+        )
+
+
+def _write_vllm_lora(lora: Any, path: Path, dry_run: bool) -> Artifact:
+    from quantkit.atomic import atomic_dir
+    from quantkit.convert.lora import write_vllm_lora
+
+    t0 = time.perf_counter()
+    n = 2 * len(lora.modules)
+    if dry_run:
+        return Artifact(
+            path, VLLM_LORA_TARGET, sum(t.nbytes for t in lora.tensors.values()), n, 0.0
+        )
+    with atomic_dir(path) as tmp:
+        size = write_vllm_lora(lora, tmp)
+    return Artifact(path, VLLM_LORA_TARGET, size, n, time.perf_counter() - t0)
 
 
 def _check_gguf_lora(lora: Any, arch: Architecture) -> None:

@@ -388,3 +388,47 @@ def torch_to_f32(t: Any) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return _as_float32(t.view(torch.int16).numpy().view(np.uint16), "BF16")
     return _as_float32(t.numpy(), TORCH_DTYPES[str(t.dtype).removeprefix("torch.")])
+
+
+# vLLM's accepted --max-lora-rank values (vllm/config/lora.py MaxLoRARanks, vLLM 0.32)
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_problems(adapter: LoraAdapter) -> list[str]:
+    """What vLLM's LoRA loader would refuse or silently mishandle, each named.
+
+    vLLM applies LoRA to every linear layer and to embeddings (vllm/lora/utils.py
+    ``get_supported_lora_modules``); it takes one full module only, a classification head
+    (lora_model.py ``from_lora_tensors``), so a fine-tune that retrained or resized embed_tokens /
+    lm_head (added tokens) cannot be served as an adapter; its vocabulary is the base's."""
+    out = []
+    if adapter.max_rank > VLLM_MAX_LORA_RANKS[-1]:
+        out.append(
+            f"rank {adapter.max_rank} is above vLLM's largest max_lora_rank ({VLLM_MAX_LORA_RANKS[-1]})"
+        )
+    full = sorted(t for t in adapter.replaced if ".base_layer." not in adapter.replaced[t])
+    if full:
+        out.append(f"fully trained modules ({', '.join(full[:3])}) are not LoRA")
+    return out
+
+
+def write_vllm_lora(adapter: LoraAdapter, out: Path) -> int:
+    """The adapter as a directory vLLM serves (``--enable-lora --lora-modules name=DIR``):
+    adapter_config.json and adapter_model.safetensors as PEFT writes them (vLLM reads PEFT's
+    format and scaling, rsLoRA included), plus ``quantkit-vllm.json`` with the smallest
+    ``max_lora_rank`` that serves it. Returns the bytes written."""
+    import json
+    import shutil
+
+    cfg = dict(adapter.config)
+    if adapter._arrays is None:
+        shutil.copyfile(adapter.path / WEIGHTS, out / WEIGHTS)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: t.contiguous() for k, t in adapter._arrays.items()}, out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+    rank = next(r for r in VLLM_MAX_LORA_RANKS if r >= adapter.max_rank)
+    info = {"max_lora_rank": rank, "base_model": adapter.base_name or None}
+    (out / "quantkit-vllm.json").write_text(json.dumps(info, indent=2))
+    return sum(p.stat().st_size for p in out.iterdir())

@@ -26,7 +26,7 @@ CONVERT_OPTIONS = ("force", "threads", "name", "dry_run", "clamp_f16", "allow_pi
 @dataclass
 class ExportArtifact:
     path: Path
-    format: str  # "gguf" or "gguf-lora"
+    format: str  # "gguf", "gguf-lora" or "vllm-lora" (a directory: no sha256)
     type: str  # F16, Q8_0, ... ("gguf-lora" for an adapter)
     size: int
     sha256: str
@@ -124,15 +124,15 @@ def export(
 
 
 def _artifact(a: Any, dry: bool) -> ExportArtifact:
-    from quantkit.convert.hf_to_gguf import LORA_TARGET
+    from quantkit.convert.hf_to_gguf import ADAPTER_TARGETS
     from quantkit.validate.harness import sha256_file
 
     return ExportArtifact(
         path=a.path,
-        format=LORA_TARGET if a.type == LORA_TARGET else "gguf",
+        format=a.type if a.type in ADAPTER_TARGETS else "gguf",
         type=a.type,
         size=a.size,
-        sha256="" if dry else sha256_file(a.path),
+        sha256="" if dry or a.path.is_dir() else sha256_file(a.path),
         audit=a.to_json().get("audit"),
     )
 

@@ -363,3 +363,87 @@ def test_validate_against_the_finetune(tiny):
     assert kld["ad-rslora-F32.gguf"] < 1e-5
     assert kld["ad-rslora-lora-F32.gguf"] < 1e-5
     assert kld["base-F32.gguf"] > 0.1
+
+
+def _vllm_python() -> Path:
+    """The vLLM env's python (quantkit.envs when this branch has it, else the cache layout it
+    uses: ${QUANTKIT_CACHE:-~/.cache/quantkit}/envs/vllm-<hash>/)."""
+    try:
+        from quantkit import envs  # type: ignore[attr-defined]
+
+        return Path(envs.python("vllm"))
+    except Exception:
+        import os
+
+        cache = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+        found = sorted((cache / "envs").glob("vllm-*/bin/python"))
+        if not found:
+            pytest.skip("no vLLM env (run `quantkit engines setup vllm`)")
+        return found[-1]
+
+
+def test_vllm_lora_matches_peft(tiny, record_property):
+    """--to vllm-lora: vLLM (CPU build) serves both adapters; prompt log-probs in float32 match
+    PEFT's within 1e-4."""
+    import subprocess
+
+    from conftest import REPO
+
+    python = _vllm_python()
+    dirs = {}
+    for v in VARIANTS:
+        out = tiny["root"] / f"vllm-{v}"
+        r = run_cli("convert", str(tiny["base"]), "--adapter", str(tiny["adapters"][v]),
+                    "--to", "vllm-lora", "-o", str(out))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        dirs[v] = out / f"ad-{v}-vllm-lora"
+        assert json.loads((dirs[v] / "quantkit-vllm.json").read_text())["max_lora_rank"] == 8
+    toks = tiny["tokens"]
+    job = tiny["root"] / "vllm-job.json"
+    res = tiny["root"] / "vllm-out.json"
+    job.write_text(json.dumps({"base": str(tiny["base"]), "adapters": {k: str(d) for k, d in dirs.items()},
+                               "tokens": toks, "max_lora_rank": 8, "threads": 2, "out": str(res)}))  # fmt: skip
+    p = subprocess.run([str(python), str(REPO / "tests" / "vllm_lora_check.py"), str(job)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(res.read_text())
+    for v in VARIANTS:
+        ref = tiny["ref"][v].astype(np.float64)
+        ref = ref - ref.max(-1, keepdims=True)
+        ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+        want = np.array([ref[j - 1, toks[j]] for j in range(1, len(toks))])
+        diff = float(np.max(np.abs(np.array(got[v]) - want)))
+        record_property(f"vllm_lora_{v}_max_abs_logprob_diff", diff)
+        print(f"vLLM LoRA {v}: max |Δ log-prob| vs PEFT = {diff:.3g}")
+        assert diff <= 1e-4, (v, diff)
+
+
+def _edit_tensors(ad: Path, fn) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    f = ad / "adapter_model.safetensors"
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f)
+
+
+def test_target_missing_from_base_refused(tiny):
+    """A LoRA on a module the base does not have (another architecture's name) is named."""
+
+    def rename(sd):
+        for side in ("A", "B"):
+            old = f"base_model.model.model.layers.1.self_attn.q_proj.lora_{side}.weight"
+            sd[old.replace("q_proj", "qkv_proj")] = sd.pop(old)
+
+    msg = _bad(tiny, "missing-module", lambda ad: _edit_tensors(ad, rename))
+    assert "model.layers.1.self_attn.qkv_proj (targeted by the adapter) has no tensor" in msg
+
+
+def test_vllm_lora_refuses_full_modules(tiny):
+    """vLLM takes no fully trained lm_head in an adapter (one classification head only)."""
+
+    def add_head(sd):
+        sd["base_model.model.lm_head.modules_to_save.weight"] = np.zeros((512, 256), np.float32)
+
+    msg = _bad(tiny, "vllm-head", lambda ad: _edit_tensors(ad, add_head), "vllm-lora")
+    assert "vllm-lora: fully trained modules (lm_head.weight) are not LoRA" in msg
