@@ -138,13 +138,24 @@ def output_paths(
 class _Sink:
     """One float output file being written: its writer and target storage type."""
 
-    def __init__(self, path: Path, base: str, arch: Architecture, vocab: Vocab, name: str):
+    def __init__(
+        self,
+        path: Path,
+        base: str,
+        arch: Architecture,
+        vocab: Vocab,
+        name: str,
+        base_model: str | None = None,
+    ):
         self.path = path
         self.base = base
         self.qtype, self.dtype = BASE_STORAGE[base]
         self.writer = GGUFWriter(path, arch.arch_name, use_temp_file=False)
         w = self.writer
         w.add_name(name)
+        if base_model:  # a merged fine-tune: which base it came from (the model card's field)
+            w.add_base_model_count(1)
+            w.add_base_model_name(0, base_model)
         w.add_file_type(int(GGUF_TYPES[base].ftype))
         arch.write_hparams(w)
         write_vocab(w, vocab)
@@ -317,6 +328,7 @@ def convert(
                 _check_vllm_lora(lora)
         plan = arch.plan(available)
         tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
+        base_model = (lora.base_name or default_name(model_dir, ckpt.config)) if lora else None
         vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
         for pt in plan:
             if pt.source is not None and ckpt.tensors[pt.source].dtype not in BASE_STORAGE:
@@ -376,7 +388,9 @@ def convert(
                 }
             )
             sinks = [
-                _Sink(tmps[t.name], t.name, arch, vocab, stem) for t in floats if t.name in tmps
+                _Sink(tmps[t.name], t.name, arch, vocab, stem, base_model)
+                for t in floats
+                if t.name in tmps
             ]
             base_path = tmps.get(base_name) if base_name else None
             if base_name is not None and base_path is None:
@@ -384,7 +398,7 @@ def convert(
                 if dry_run:
                     near = Path(tempfile.gettempdir()) / near.name
                 base_path = stack.enter_context(scratch_file(near))
-                sinks.append(_Sink(base_path, base_name, arch, vocab, stem))
+                sinks.append(_Sink(base_path, base_name, arch, vocab, stem, base_model))
 
             t0 = time.perf_counter()
             clamped: dict[str, float] | None = {} if clamp_f16 else None

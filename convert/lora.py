@@ -349,8 +349,9 @@ def write_gguf_lora(adapter: LoraAdapter, arch: Any, path: Path, name: str) -> i
     w.add_name(name)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    if adapter.base_name:
-        w.add_string("quantkit.adapter.base_model", adapter.base_name)
+    if adapter.base_name:  # which base it applies to (llama.cpp checks the architecture only)
+        w.add_base_model_count(1)
+        w.add_base_model_name(0, adapter.base_name)
     order = sorted(adapter.modules.values(), key=lambda m: arch.gguf_name(m.target))
     for m in order:
         gname = arch.gguf_name(m.target)

@@ -88,6 +88,7 @@ def tiny(tmp_path_factory):
 
 def _close(got: np.ndarray, want: np.ndarray) -> float:
     diff = float(np.max(np.abs(got - want)))
+    print(f"max |Δ logit| vs PEFT = {diff:.3g}")
     assert diff <= 1e-3, diff
     assert (got.argmax(-1) == want.argmax(-1)).all()
     return diff
@@ -101,6 +102,10 @@ def test_merged_f32_matches_peft(tiny, variant):
         "--to", "gguf:F32", "--to", "gguf-lora", "-o", str(out), "--json",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    import gguf
+
+    card = gguf.GGUFReader(out / f"ad-{variant}-F32.gguf").fields
+    assert card["general.base_model.0.name"].contents() == str(tiny["base"])  # provenance
     got = gguf_logits(out / f"ad-{variant}-F32.gguf", tiny["tokens"])
     want = tiny["ref"][variant]
     base = gguf_logits(tiny["f32"], tiny["tokens"])
