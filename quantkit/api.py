@@ -79,10 +79,10 @@ def export(
     from quantkit.convert import QuantSettings, convert
     from quantkit.quantize.gguf import QuantizeOptions
 
-    if validate:
+    if validate and not isinstance(model, (str, os.PathLike)):
         raise InputError(
-            "export(validate=...) is not wired up yet",
-            "run `quantkit validate` on the written artifacts",
+            "validate= needs the model on disk (transformers loads the reference from it)",
+            "save the base (and adapter), export from the folders, or run `quantkit validate`",
         )
     targets = [targets] if isinstance(targets, str) else list(targets)
     qfields = {"output_type", "embedding_type", "pure", "leave_output"}
@@ -116,11 +116,47 @@ def export(
             ckpt, lora = memory_checkpoint(model, tokenizer, Path(work))
             kw.setdefault("name", _default_name(model))
             res = convert(ckpt, targets, out, quant=quant, adapter=lora, **kw)
-    return ExportResult(
+    result = ExportResult(
         [_artifact(a, dry=bool(kw.get("dry_run"))) for a in res.artifacts],
         res.architecture,
         res.warnings,
     )
+    if validate and not kw.get("dry_run"):
+        _validate(result, Path(model), adapter, validate, options.get("threads"))
+    return result
+
+
+def _validate(result: ExportResult, model: Path, adapter: Any, spec: Any, threads: Any) -> None:
+    """Score the GGUF artifacts against the model (base + adapter for a fine-tune) as
+    ``quantkit validate`` does; each artifact gets its report entry as ``metrics``. ``spec``: a
+    text path, or a dict with ``data`` and any of ``ctx``, ``chunks``, ``lora_base`` (a base
+    GGUF for gguf-lora artifacts)."""
+    from quantkit.validate.harness import Settings
+    from quantkit.validate.harness import validate as run_validate
+
+    spec = spec if isinstance(spec, dict) else {"data": spec}
+    unknown = sorted(set(spec) - {"data", "ctx", "chunks", "lora_base"})
+    if unknown or "data" not in spec:
+        raise InputError(
+            f"validate= takes data, ctx, chunks, lora_base (got {', '.join(unknown) or 'no data'})"
+        )
+    lora_base = spec.get("lora_base")
+    arts = [
+        a for a in result.artifacts
+        if a.format == "gguf" or (a.format == "gguf-lora" and lora_base is not None)
+    ]  # fmt: skip
+    settings = Settings(
+        ctx=int(spec.get("ctx", 512)),
+        chunks=spec.get("chunks"),
+        threads=threads,
+        pp=0,
+        tg=0,
+        adapter=Path(adapter) if adapter is not None else None,
+        lora_base=Path(lora_base) if lora_base is not None else None,
+    )
+    report = run_validate([a.path for a in arts], model, Path(spec["data"]), settings)
+    for a, entry in zip(arts, report["artifacts"], strict=True):
+        a.metrics = entry
 
 
 def _artifact(a: Any, dry: bool) -> ExportArtifact:

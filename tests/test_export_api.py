@@ -132,3 +132,20 @@ def test_in_memory_export_peak_rss(tmp_path):
     print(f"in-memory export: RSS {before / 2**20:.0f} MiB before, peak {peak / 2**20:.0f} MiB "
           f"(+{grew / 2**20:.1f} MiB; largest tensor {largest / 2**20:.1f} MiB)")  # fmt: skip
     assert grew <= 3 * largest + 16 * 2**20
+
+
+def test_export_with_validation(saved):
+    """export(validate=...) scores the merged GGUF against base + adapter (the fine-tune)."""
+    from conftest import TRAIN_TEXT
+
+    import quantkit
+
+    root, base, adapter = saved
+    data = root / "eval.txt"
+    data.write_text(TRAIN_TEXT)
+    res = quantkit.export(
+        str(base), ["gguf:F32"], root / "val", adapter=str(adapter), threads=2,
+        validate={"data": str(data), "ctx": 64, "chunks": 2},
+    )  # fmt: skip
+    q = res.artifacts[0].metrics["quality"]
+    assert q["kld_mean"] < 1e-4, q
