@@ -86,12 +86,22 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)  # things the user should know (tokenizer, ...)
     # --clamp-f16: tensors clamped to the F16 range, with their largest magnitude before
     clamped_f16: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # the CLI prints them on stderr
+
+
+# the targets that write a LoRA adapter itself (need --adapter): a GGUF LoRA for llama.cpp,
+# an adapter directory for vLLM
+LORA_TARGET = "gguf-lora"
+VLLM_LORA_TARGET = "vllm-lora"
+ADAPTER_TARGETS = (LORA_TARGET, VLLM_LORA_TARGET)
 
 
 def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
     """``gguf:Q8_0`` / ``Q8_0`` → GGUF types, de-duplicated, order kept."""
     out: list[GGUFType] = []
     for t in targets:
+        if t.lower() in ADAPTER_TARGETS:
+            continue  # handled by convert() with an adapter
         fmt, _, name = t.partition(":")
         if not name:
             fmt, name = "gguf", fmt
@@ -100,7 +110,7 @@ def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
         gt = gguf_type(name)
         if gt not in out:
             out.append(gt)
-    if not out:
+    if not out and not any(t.lower() in ADAPTER_TARGETS for t in targets):
         raise InputError("no target given", "pass --to gguf:F16 (repeatable)")
     return out
 
@@ -110,10 +120,14 @@ def default_name(model_dir: Path, config: dict) -> str:
     return name or model_dir.resolve().name
 
 
-def output_paths(out: Path | None, stem: str, types: Sequence[GGUFType]) -> dict[str, Path]:
+def output_paths(
+    out: Path | None, stem: str, types: Sequence[GGUFType], n_extra: int = 0
+) -> dict[str, Path]:
     """One target and OUT ending in .gguf: that file. Otherwise OUT is a directory."""
     if out is not None and out.suffix.lower() == ".gguf":
-        if len(types) > 1:
+        if not types:
+            return {}
+        if len(types) + n_extra > 1:
             raise InputError(
                 f"-o {out} names one file but {len(types)} targets were given",
                 "give a directory with -o when converting to several types",
@@ -126,13 +140,24 @@ def output_paths(out: Path | None, stem: str, types: Sequence[GGUFType]) -> dict
 class _Sink:
     """One float output file being written: its writer and target storage type."""
 
-    def __init__(self, path: Path, base: str, arch: Architecture, vocab: Vocab, name: str):
+    def __init__(
+        self,
+        path: Path,
+        base: str,
+        arch: Architecture,
+        vocab: Vocab,
+        name: str,
+        base_model: str | None = None,
+    ):
         self.path = path
         self.base = base
         self.qtype, self.dtype = BASE_STORAGE[base]
         self.writer = GGUFWriter(path, arch.arch_name, use_temp_file=False)
         w = self.writer
         w.add_name(name)
+        if base_model:  # a merged fine-tune: which base it came from (the model card's field)
+            w.add_base_model_count(1)
+            w.add_base_model_name(0, base_model)
         w.add_file_type(int(GGUF_TYPES[base].ftype))
         arch.write_hparams(w)
         write_vocab(w, vocab)
@@ -219,7 +244,7 @@ class QuantSettings:
 
 
 def convert(
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | Checkpoint,
     targets: Sequence[str],
     out: str | os.PathLike[str] | None = None,
     *,
@@ -231,6 +256,8 @@ def convert(
     dry_run: bool = False,
     converter: str = "auto",
     clamp_f16: bool = False,
+    adapter: Any = None,
+    name: str | None = None,
 ) -> ConvertResult:
     """Convert a local HF checkpoint to one GGUF file per target type.
 
@@ -241,33 +268,84 @@ def convert(
     predicted size (llama.cpp's own dry run for quantized types).
     ``converter``: "native" (quantkit's architecture classes), "upstream" (llama.cpp's own
     convert_hf_to_gguf.py of the engine's version), "auto" (native when a class exists).
+
+    ``adapter``: a PEFT LoRA adapter directory, merged into the weights while they stream
+    (its tokenizer and chat template win over the base's); the ``gguf-lora`` target writes the
+    adapter itself as a GGUF LoRA for the base's GGUF. ``model`` may be an open ``Checkpoint``
+    (quantkit.export streams a model in memory that way) and ``adapter`` a ``LoraAdapter``.
+    ``name``: general.name and the output file stem (default: the model's or adapter's name).
     """
     types = parse_targets(targets)
+    want_lora = any(t.lower() == LORA_TARGET for t in targets)
+    want_vllm = any(t.lower() == VLLM_LORA_TARGET for t in targets)
+    if (want_lora or want_vllm) and adapter is None:
+        which = LORA_TARGET if want_lora else VLLM_LORA_TARGET
+        raise InputError(f"--to {which} needs --adapter DIR", "pass the PEFT adapter folder")
     qs = quant or QuantSettings()
-    model_dir = Path(model)
+    given = model if isinstance(model, Checkpoint) else None
+    model_dir = given.path if given is not None else Path(model)  # type: ignore[arg-type]
     t_start = time.perf_counter()
     if model_dir.is_file() and model_dir.suffix.lower() == ".gguf":
+        if adapter is not None:
+            raise InputError(
+                "--adapter needs the HF base checkpoint, not a GGUF",
+                f"convert the base folder with --adapter, or use --to {LORA_TARGET} and load both in llama.cpp",
+            )
         return requantize(
             model_dir, types, out, force=force, progress=progress, quant=qs, dry_run=dry_run
         )
     if _use_upstream(model_dir, converter):
         from quantkit.convert.upstream import convert_upstream
 
+        if adapter is not None or given is not None:
+            raise InputError(
+                "llama.cpp's converter (the fallback) takes only a checkpoint folder, no adapter",
+                "merge the adapter into a saved HF copy first (peft merge_and_unload), then convert it",
+            )
+
         return convert_upstream(model_dir, types, out, force=force, allow_pickle=allow_pickle,
                                 threads=threads, progress=progress, quant=qs, dry_run=dry_run)  # fmt: skip
 
     # -- preflight: nothing is written until all of this holds -------------------------------
-    ckpt = Checkpoint.open(model_dir, allow_pickle=allow_pickle)
-    with ckpt:
-        arch = resolve(ckpt.config, ckpt.path / "config.json")
-        stem = default_name(model_dir, ckpt.config)
-        paths = output_paths(Path(out) if out is not None else None, stem, types)
-        if not dry_run:
-            for p in paths.values():
-                check_writable(p, force=force)
+    ckpt = given or Checkpoint.open(model_dir, allow_pickle=allow_pickle)
+    lora = _open_adapter(adapter, model_dir, qs) if adapter is not None else None
+    warnings: list[str] = []
+    with ckpt, ExitStack() as adapter_stack:
         available = {n: t.shape for n, t in ckpt.tensors.items()}
+        config = ckpt.config
+        if lora is not None:
+            adapter_stack.callback(lora.close)
+            warnings += _adapter_warnings(lora, model_dir, config)
+            config = _resized_config(lora, config)
+        arch = resolve(config, ckpt.path / "config.json")
+        stem = name or (
+            default_name(model_dir, ckpt.config) if lora is None else lora.path.resolve().name
+        )
+        paths = output_paths(
+            Path(out) if out is not None else None,
+            stem,
+            types,
+            n_extra=int(want_lora) + int(want_vllm),
+        )
+        lora_path = (
+            _lora_path(Path(out) if out is not None else None, stem, types) if want_lora else None
+        )
+        vllm_path = _vllm_path(Path(out) if out is not None else None, stem) if want_vllm else None
+        if not dry_run:
+            for p in [*paths.values(), *(x for x in (lora_path, vllm_path) if x)]:
+                check_writable(p, force=force)
+        if lora is not None:
+            expected = arch.expected()
+            lora.check_base({n: s for n, s in available.items() if n in expected})
+            available = lora.shapes(available)
+            if want_lora:
+                _check_gguf_lora(lora, arch)
+            if want_vllm:
+                _check_vllm_lora(lora)
         plan = arch.plan(available)
-        vocab = load_vocab(model_dir, vocab_size=arch.h.n_vocab)
+        tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
+        base_model = (lora.base_name or default_name(model_dir, ckpt.config)) if lora else None
+        vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
         for pt in plan:
             for source in pt.sources or ([pt.source] if pt.source else []):
                 info = ckpt.tensors[source]
@@ -327,7 +405,9 @@ def convert(
                 }
             )
             sinks = [
-                _Sink(tmps[t.name], t.name, arch, vocab, stem) for t in floats if t.name in tmps
+                _Sink(tmps[t.name], t.name, arch, vocab, stem, base_model)
+                for t in floats
+                if t.name in tmps
             ]
             base_path = tmps.get(base_name) if base_name else None
             if base_name is not None and base_path is None:
@@ -335,11 +415,11 @@ def convert(
                 if dry_run:
                     near = Path(tempfile.gettempdir()) / near.name
                 base_path = stack.enter_context(scratch_file(near))
-                sinks.append(_Sink(base_path, base_name, arch, vocab, stem))
+                sinks.append(_Sink(base_path, base_name, arch, vocab, stem, base_model))
 
             t0 = time.perf_counter()
             clamped: dict[str, float] | None = {} if clamp_f16 else None
-            read = _stream(ckpt, arch, plan, sinks, progress, clamped) if sinks else 0
+            read = _stream(ckpt, arch, plan, sinks, progress, clamped, lora) if sinks else 0
             elapsed = timings["stream"] = time.perf_counter() - t0
             for t in floats:
                 if dry_run:
@@ -361,11 +441,15 @@ def convert(
                 )  # fmt: skip
             if quants:
                 timings["quantize"] = time.perf_counter() - t0 - elapsed
+            if lora is not None and lora_path is not None:
+                artifacts.append(_write_lora(lora, arch, lora_path, stem, force, dry_run))
+            if lora is not None and vllm_path is not None:
+                artifacts.append(_write_vllm_lora(lora, vllm_path, dry_run))
         for a in artifacts:
-            if a.audit is None and not dry_run:
+            if a.audit is None and not dry_run and a.type not in ADAPTER_TARGETS:
                 a.audit = _float_audit(a, plan)
         order = {t.name: i for i, t in enumerate(types)}
-        artifacts.sort(key=lambda a: order[a.type])
+        artifacts.sort(key=lambda a: order.get(a.type, len(order)))
         return ConvertResult(
             artifacts,
             arch.arch_name,
@@ -374,6 +458,7 @@ def convert(
             timings,
             imatrix,
             clamped_f16=clamped or {},
+            warnings=warnings,
         )
 
 
@@ -402,6 +487,128 @@ def _use_upstream(model_dir: Path, converter: str) -> bool:
         return archs[0] in known_architectures()
     except QuantkitError:  # no llama.cpp source in the cache: the native error is the clearer one
         return False
+
+
+def _open_adapter(adapter: Any, model_dir: Path, qs: QuantSettings) -> Any:
+    from quantkit.convert.lora import LoraAdapter
+
+    if qs.calib is not None:
+        raise InputError(
+            "--calib with --adapter is not supported yet (the matrix would see the base, not the fine-tune)",
+            "convert the merged model to F32 first, then quantize it with --calib from its HF copy, or use --imatrix",
+        )
+    return adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter)
+
+
+def _adapter_warnings(lora: Any, model_dir: Path, config: dict) -> list[str]:
+    """A base whose name differs from the one the adapter was trained on is worth a warning
+    (not an error: local copies are often renamed); shapes are checked separately."""
+    want = lora.base_name.rstrip("/").split("/")[-1]
+    have = {model_dir.resolve().name, default_name(model_dir, config)}
+    if want and want not in have:
+        return [
+            f"adapter {lora.path.name} was trained on {lora.base_name!r}, base given is "
+            f"{model_dir.resolve().name!r} — check it is the same model"
+        ]
+    return []
+
+
+def _resized_config(lora: Any, config: dict) -> dict:
+    """A fine-tune that added tokens saves a resized embed_tokens (modules_to_save); the
+    merged model's vocabulary is that size."""
+    for target, name in lora.replaced.items():
+        if target.endswith("embed_tokens.weight"):
+            rows = lora.tensors[name].shape[0]
+            if rows != config.get("vocab_size"):
+                return {**config, "vocab_size": rows}
+    return config
+
+
+def _lora_path(out: Path | None, stem: str, types: Sequence[GGUFType]) -> Path:
+    if out is not None and out.suffix.lower() == ".gguf" and not types:
+        return out
+    folder = (
+        out
+        if out is not None and out.suffix.lower() != ".gguf"
+        else (out.parent if out else Path.cwd())
+    )
+    return folder / f"{stem}-lora-F32.gguf"
+
+
+def _vllm_path(out: Path | None, stem: str) -> Path:
+    folder = (
+        out
+        if out is not None and out.suffix.lower() != ".gguf"
+        else (out.parent if out else Path.cwd())
+    )
+    return folder / f"{stem}-vllm-lora"
+
+
+def _check_vllm_lora(lora: Any) -> None:
+    from quantkit.convert.lora import AdapterError, vllm_lora_problems
+
+    problems = vllm_lora_problems(lora)
+    if problems:
+        raise AdapterError(
+            f"{lora.path}: {VLLM_LORA_TARGET}: {'; '.join(problems)}",
+            "merge instead: convert the base with --adapter DIR to a full model",
+        )
+
+
+def _write_vllm_lora(lora: Any, path: Path, dry_run: bool) -> Artifact:
+    from quantkit.atomic import atomic_dir
+    from quantkit.convert.lora import write_vllm_lora
+
+    t0 = time.perf_counter()
+    n = 2 * len(lora.modules)
+    if dry_run:
+        return Artifact(
+            path, VLLM_LORA_TARGET, sum(t.nbytes for t in lora.tensors.values()), n, 0.0
+        )
+    with atomic_dir(path) as tmp:
+        size = write_vllm_lora(lora, tmp)
+    return Artifact(path, VLLM_LORA_TARGET, size, n, time.perf_counter() - t0)
+
+
+def _check_gguf_lora(lora: Any, arch: Architecture) -> None:
+    """What llama.cpp's LoRA loader cannot apply, named at once."""
+    from quantkit.convert.lora import AdapterError
+
+    bad = [m.module for m in lora.modules.values() if m.embedding]
+    reasons = []
+    if bad:
+        reasons.append(f"LoRA on embeddings ({', '.join(bad[:3])})")
+    if lora.replaced:
+        reasons.append(f"fully trained modules ({', '.join(sorted(lora.replaced)[:3])})")
+    if lora.fan_in_fan_out:
+        reasons.append("fan_in_fan_out (Conv1D) layers")
+    if reasons:
+        raise AdapterError(
+            f"{lora.path}: {LORA_TARGET} cannot carry {'; '.join(reasons)}",
+            "merge instead: convert the base with --adapter DIR --to gguf:F16 (or any type)",
+        )
+
+
+def _write_lora(
+    lora: Any, arch: Architecture, path: Path, stem: str, force: bool, dry_run: bool
+) -> Artifact:
+    from quantkit.convert.lora import write_gguf_lora
+
+    t0 = time.perf_counter()
+    n = 2 * len(lora.modules)
+    if dry_run:
+        size = (
+            sum(
+                lora.tensors[m.a].n_elements + lora.tensors[m.b].n_elements
+                for m in lora.modules.values()
+            )
+            * 4
+        )
+        return Artifact(path, LORA_TARGET, size, n, 0.0)
+    with output_dirs([path]), atomic_output(path, force=force) as tmp:
+        n = write_gguf_lora(lora, arch, tmp, stem)
+        size = tmp.stat().st_size
+    return Artifact(path, LORA_TARGET, size, n, time.perf_counter() - t0)
 
 
 def requantize(
@@ -639,8 +846,10 @@ def _stream(
     sinks: list[_Sink],
     progress: Progress | None,
     clamped: dict[str, float] | None = None,
+    lora: Any = None,
 ) -> int:
-    """Write every planned tensor into every sink; return the bytes read from the checkpoint."""
+    """Write every planned tensor into every sink; return the bytes read from the checkpoint.
+    With a LoRA adapter, each adapted tensor is merged in float32 before the arch transform."""
     for s in sinks:
         for pt in plan:
             qt, dt = s.storage(pt.keep_f32)
@@ -662,6 +871,8 @@ def _stream(
             info = ckpt.tensors[pt.source]
             raw, src = ckpt.raw(pt.source), info.dtype
             read += info.nbytes
+            if lora is not None:
+                raw, src = lora.apply(pt.source, raw, src)
             if not _finite(raw, src):
                 raise CheckpointError(
                     f"{info.file.name}: tensor {pt.source!r} contains NaN or Inf",

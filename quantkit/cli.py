@@ -106,6 +106,12 @@ def cli() -> None:
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for quantizing.")
 @click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    help="PEFT LoRA adapter folder: merged into MODEL (the base) while converting; "
+    "--to gguf-lora writes the adapter itself as a GGUF LoRA for the base's GGUF.",
+)
+@click.option(
     "--calib",
     type=click.Path(path_type=Path),
     help="Calibration text: compute an importance matrix on the way.",
@@ -172,6 +178,7 @@ def convert(
     allow_pickle: bool,
     clamp_f16: bool,
     threads: int | None,
+    adapter: Path | None,
     calib: Path | None,
     imatrix_file: Path | None,
     ctx: int,
@@ -222,7 +229,10 @@ def convert(
         dry_run=dry_run,
         converter=converter,
         clamp_f16=clamp_f16,
+        adapter=adapter,
     )
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
     if res.clamped_f16:
         items = sorted(res.clamped_f16.items(), key=lambda kv: -kv[1])
         click.echo(
@@ -632,6 +642,16 @@ Exit codes: 0 every gate holds, 1 a gate failed (the table and report say which)
     is_flag=True,
     help="vLLM: no torch.compile (faster start, slower tokens/s than a deployed vLLM).",
 )
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    help="A fine-tune: the reference is REFERENCE (its base) plus this PEFT adapter.",
+)
+@click.option(
+    "--lora-base",
+    type=click.Path(path_type=Path),
+    help="Base GGUF that GGUF LoRA artifacts (--to gguf-lora) are applied on in llama.cpp.",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the JSON report.")
 @click.option("--md", "md_out", type=click.Path(path_type=Path), help="Write a Markdown report.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), help="Write a PNG chart.")
@@ -669,6 +689,8 @@ def validate(
     topk: int,
     vllm_dtype: str | None,
     vllm_eager: bool,
+    adapter: Path | None,
+    lora_base: Path | None,
     json_out: Path | None,
     md_out: Path | None,
     plot_out: Path | None,
@@ -700,6 +722,8 @@ def validate(
         topk=topk,
         vllm_dtype=vllm_dtype,
         vllm_eager=vllm_eager,
+        adapter=adapter,
+        lora_base=lora_base,
     )
     report = run_validate(list(artifacts), reference, data, settings, progress=_Progress())
     for out, body in (

@@ -110,6 +110,8 @@ class LlamaCppEngine(Engine):
             kv_f32=bool(self.options.get("kv_f32")),
             flash_attn=bool(self.options.get("flash_attn", True)),
         )
+        if self.options.get("lora"):  # a GGUF LoRA artifact, applied on this base
+            self.model.set_adapter(self.options["lora"])
         self.load_seconds = self.model.load_seconds
         from quantkit.llama import llama_cpp
 
@@ -209,6 +211,10 @@ class TransformersEngine(Engine):
             .to(self.device)
             .eval()
         )
+        if self.options.get("adapter"):  # the fine-tune: base + PEFT adapter
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, self.options["adapter"]).eval()
         self.load_seconds = time.perf_counter() - t0
         self.torch = torch
 

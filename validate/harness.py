@@ -138,6 +138,10 @@ class Settings:
     topk: int = 20  # vLLM: log-probs per position (its default max_logprobs)
     vllm_dtype: str | None = None  # vLLM: model dtype (None: the checkpoint's own)
     vllm_eager: bool = False  # vLLM: skip torch.compile (starts ~1 min faster on 2 cores)
+    # a fine-tune: the reference is base + this PEFT adapter in transformers (its tokenizer when
+    # it has one), and GGUF LoRA artifacts are applied on ``lora_base`` in llama.cpp
+    adapter: Path | None = None
+    lora_base: Path | None = None
 
 
 def cache_root() -> Path:
@@ -333,7 +337,8 @@ def _score_reference(
             "ref_out": str(staging),
             "pp": 0,
             "tg": 0,
-            "options": {"dtype": s.reference_dtype},
+            "options": {"dtype": s.reference_dtype}
+            | ({"adapter": str(s.adapter)} if s.adapter is not None else {}),
         }
         ref_res, tail = run_worker(job, run_dir / "ref-worker", s.timeout, progress, "reference")
         if not ref_res.get("ok"):
@@ -420,7 +425,16 @@ def validate(
             raise InputError(f"{a}: artifact not found")
     threads = s.threads or os.cpu_count() or 1
     text = read_text(data)
-    ids, bos = tokenize_reference(reference, text)
+    tok_dir = reference
+    if s.adapter is not None:
+        from quantkit.convert.lora import LoraAdapter
+
+        lora = LoraAdapter.open(s.adapter)  # refuses a bad adapter before any engine starts
+        lora.close()
+        tok_dir = s.adapter if lora.has_tokenizer else reference
+    if s.lora_base is not None and not s.lora_base.is_file():
+        raise InputError(f"{s.lora_base}: --lora-base GGUF not found")
+    ids, bos = tokenize_reference(tok_dir, text)
     chunks = make_chunks(ids, s.ctx, s.chunks, bos)
     if not chunks:
         raise InputError(
@@ -473,6 +487,8 @@ def validate(
         # reference, once, cached by content; built under a lock so that two runs on one cache
         # do not both compute it nor replace an entry the other is reading
         key = reference_key(reference, text, s.ctx, s.chunks, s.reference_dtype)
+        if s.adapter is not None:
+            key = hashlib.sha256(f"{key}+{model_hash(s.adapter)}".encode()).hexdigest()[:32]
         cdir = cache_root() / key if s.cache else run_dir / "reference"
         ref_res = _cached_reference(cdir)
         hit = ref_res is not None
@@ -509,18 +525,32 @@ def validate(
                 entry.update(status="failed", error=str(e), log_tail=[])
                 arts.append(entry)
                 continue
+            lora_opt: dict[str, Any] = {}
+            if eng == "llama.cpp" and _is_gguf_adapter(a):
+                if s.lora_base is None:
+                    entry.update(
+                        status="failed",
+                        error=f"{a.name} is a GGUF LoRA: pass its base GGUF with --lora-base",
+                        log_tail=[],
+                    )
+                    arts.append(entry)
+                    continue
+                lora_opt = {"lora": str(a)}
             job = {
                 **base_job,
                 "role": "artifact",
                 "engine": eng,
-                "path": str(a),
+                "path": str(s.lora_base if lora_opt else a),
                 "text": str(data),
                 "ref_ids": str(run_dir / "ids.npy"),
                 "ref_adds_bos": bos is not None,
                 "ref_logprobs": str(cdir / "logprobs.npy"),
                 "pp": s.pp,
                 "tg": s.tg,
-                "options": _engine_options(eng, s),
+                "options": {
+                    **_engine_options(eng, s),
+                    **(lora_opt if eng == "llama.cpp" else {}),
+                },
             }
             try:
                 res, tail = run_worker(job, run_dir / f"art-{i}", s.timeout, progress, a.name)
@@ -583,3 +613,13 @@ def validate(
     report["failed_artifacts"] = [e["name"] for e in arts if e["status"] != "ok"]
     report["passed"] = not report["failed_gates"] and not report["failed_artifacts"]
     return report
+
+
+def _is_gguf_adapter(path: Path) -> bool:
+    """A GGUF whose general.type is "adapter" (a LoRA), which llama.cpp loads on a base."""
+    from quantkit.gguf_file import read_gguf
+
+    try:
+        return read_gguf(path).metadata.get("general.type") == "adapter"
+    except InputError:
+        return False  # not a readable GGUF: the engine reports it

@@ -79,5 +79,28 @@ class LlamaCppModel:
         n_out = out["usage"]["completion_tokens"]
         return out["choices"][0]["text"], n_out / dt if dt > 0 else 0.0
 
+    def set_adapter(self, path: str | Path | None, scale: float = 1.0) -> None:
+        """Apply a GGUF LoRA to this context (None removes it). The low-level calls keep the
+        base memory-mapped, unlike ``Llama(lora_path=...)`` which turns mmap off (DESIGN.md), and
+        one loaded base can score several adapters in turn."""
+        import ctypes
+
+        lib = llama_cpp()
+        ctx = self.llm._ctx.ctx
+        if path is None:
+            lib.llama_set_adapters_lora(ctx, None, 0, None)
+            return
+        adapter = lib.llama_adapter_lora_init(self.llm._model.model, str(path).encode("utf-8"))
+        if not adapter:
+            why = "; ".join(recent_log(3, errors_only=True)) or "see the log"
+            raise EngineError(f"llama.cpp could not load the LoRA {Path(path).name}: {why}")
+        self._adapters = [*getattr(self, "_adapters", []), adapter]
+        arr = (lib.llama_adapter_lora_p_ctypes * 1)(adapter)
+        scales = (ctypes.c_float * 1)(scale)
+        if lib.llama_set_adapters_lora(ctx, arr, 1, scales):
+            raise EngineError(f"llama.cpp could not apply the LoRA {Path(path).name}")
+
     def close(self) -> None:
-        self.llm.close()
+        if getattr(self, "_adapters", None):
+            llama_cpp().llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+        self.llm.close()  # the model frees its adapters with it (llama_model::~llama_model)

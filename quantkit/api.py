@@ -1,0 +1,224 @@
+"""``quantkit.export``: the Python face of the converter, for fine-tuning pipelines.
+
+A training run leaves an HF directory, a base plus a PEFT LoRA adapter, or a model still in
+memory; ``export`` takes any of them. A model in memory is streamed tensor by tensor from its own
+storage (no HF copy of the weights is saved first): its ``state_dict`` tensors are read in place
+through the same path the converter uses for a checkpoint, and a PEFT model's adapter is merged
+with exactly the arithmetic ``quantkit convert --adapter`` uses, so both write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import InputError
+
+# export(**options) -> convert() keyword arguments
+CONVERT_OPTIONS = ("force", "threads", "name", "dry_run", "clamp_f16", "allow_pickle", "progress")
+
+
+@dataclass
+class ExportArtifact:
+    path: Path
+    format: str  # "gguf", "gguf-lora" or "vllm-lora" (a directory: no sha256)
+    type: str  # F16, Q8_0, ... ("gguf-lora" for an adapter)
+    size: int
+    sha256: str
+    audit: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None  # validation, when asked
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            f.name: str(v) if isinstance(v, Path) else v
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+
+@dataclass
+class ExportResult:
+    artifacts: list[ExportArtifact]
+    architecture: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "artifacts": [a.to_json() for a in self.artifacts],
+            "warnings": self.warnings,
+        }
+
+
+def export(
+    model: Any,
+    targets: str | Sequence[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    adapter: Any = None,
+    calib: str | os.PathLike[str] | None = None,
+    validate: Any = None,
+    **options: Any,
+) -> ExportResult:
+    """Export ``model`` to every target (the CLI's ``--to`` strings) under ``output_dir``.
+
+    ``model``: a local HF checkpoint directory, a ``transformers`` causal LM, or a ``peft``
+    model (its active LoRA adapter is merged). ``tokenizer``: needed for a model in memory unless
+    the model carries one as ``.tokenizer``. ``adapter``: a PEFT adapter directory to merge into
+    a base given as a path. ``calib``: calibration text for an importance matrix (path models).
+    ``options``: ``force``, ``threads``, ``name``, ``dry_run``, ``clamp_f16``, ``allow_pickle``,
+    and the quantizer's ``output_type``, ``embedding_type``, ``pure``, ``leave_output``,
+    ``imatrix`` (a file), ``no_fallback``.
+    """
+    from quantkit.convert import QuantSettings, convert
+    from quantkit.quantize.gguf import QuantizeOptions
+
+    if validate and not isinstance(model, (str, os.PathLike)):
+        raise InputError(
+            "validate= needs the model on disk (transformers loads the reference from it)",
+            "save the base (and adapter), export from the folders, or run `quantkit validate`",
+        )
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    qfields = {"output_type", "embedding_type", "pure", "leave_output"}
+    unknown = sorted(set(options) - set(CONVERT_OPTIONS) - qfields - {"imatrix", "no_fallback"})
+    if unknown:
+        raise InputError(f"export() got unknown option(s): {', '.join(unknown)}")
+    quant = QuantSettings(
+        options=QuantizeOptions(
+            threads=options.get("threads"), **{k: options[k] for k in qfields if k in options}
+        ),
+        imatrix_file=Path(options["imatrix"]) if options.get("imatrix") else None,
+        calib=Path(calib) if calib is not None else None,
+        no_fallback=bool(options.get("no_fallback", False)),
+    )
+    kw = {k: options[k] for k in CONVERT_OPTIONS if k in options}
+    out = Path(output_dir)
+    if isinstance(model, (str, os.PathLike)):
+        res = convert(model, targets, out, quant=quant, adapter=adapter, **kw)
+    else:
+        if adapter is not None:
+            raise InputError(
+                "adapter= goes with a base given as a path",
+                "for a model in memory, pass the peft model itself",
+            )
+        if calib is not None:
+            raise InputError(
+                "calib= needs the model on disk (the matrix is collected by loading it)",
+                "pass imatrix=FILE computed with `quantkit imatrix`, or save the model first",
+            )
+        with tempfile.TemporaryDirectory(prefix="quantkit-export-") as work:
+            ckpt, lora = memory_checkpoint(model, tokenizer, Path(work))
+            kw.setdefault("name", _default_name(model))
+            res = convert(ckpt, targets, out, quant=quant, adapter=lora, **kw)
+    result = ExportResult(
+        [_artifact(a, dry=bool(kw.get("dry_run"))) for a in res.artifacts],
+        res.architecture,
+        res.warnings,
+    )
+    if validate and not kw.get("dry_run"):
+        _validate(result, Path(model), adapter, validate, options.get("threads"))
+    return result
+
+
+def _validate(result: ExportResult, model: Path, adapter: Any, spec: Any, threads: Any) -> None:
+    """Score the GGUF artifacts against the model (base + adapter for a fine-tune) as
+    ``quantkit validate`` does; each artifact gets its report entry as ``metrics``. ``spec``: a
+    text path, or a dict with ``data`` and any of ``ctx``, ``chunks``, ``lora_base`` (a base
+    GGUF for gguf-lora artifacts)."""
+    from quantkit.validate.harness import Settings
+    from quantkit.validate.harness import validate as run_validate
+
+    spec = spec if isinstance(spec, dict) else {"data": spec}
+    unknown = sorted(set(spec) - {"data", "ctx", "chunks", "lora_base"})
+    if unknown or "data" not in spec:
+        raise InputError(
+            f"validate= takes data, ctx, chunks, lora_base (got {', '.join(unknown) or 'no data'})"
+        )
+    lora_base = spec.get("lora_base")
+    arts = [
+        a for a in result.artifacts
+        if a.format == "gguf" or (a.format == "gguf-lora" and lora_base is not None)
+    ]  # fmt: skip
+    settings = Settings(
+        ctx=int(spec.get("ctx", 512)),
+        chunks=spec.get("chunks"),
+        threads=threads,
+        pp=0,
+        tg=0,
+        adapter=Path(adapter) if adapter is not None else None,
+        lora_base=Path(lora_base) if lora_base is not None else None,
+    )
+    report = run_validate([a.path for a in arts], model, Path(spec["data"]), settings)
+    for a, entry in zip(arts, report["artifacts"], strict=True):
+        a.metrics = entry
+
+
+def _artifact(a: Any, dry: bool) -> ExportArtifact:
+    from quantkit.convert.hf_to_gguf import ADAPTER_TARGETS
+    from quantkit.validate.harness import sha256_file
+
+    return ExportArtifact(
+        path=a.path,
+        format=a.type if a.type in ADAPTER_TARGETS else "gguf",
+        type=a.type,
+        size=a.size,
+        sha256="" if dry or a.path.is_dir() else sha256_file(a.path),
+        audit=a.to_json().get("audit"),
+    )
+
+
+def _default_name(model: Any) -> str:
+    base = model.get_base_model() if _is_peft(model) else model
+    name = str(getattr(base.config, "_name_or_path", "") or "").rstrip("/").split("/")[-1]
+    return name or "model"
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def memory_checkpoint(model: Any, tokenizer: Any, work: Path) -> tuple[Any, Any]:
+    """A ``Checkpoint`` over a model's tensors in memory (read in place), plus the adapter of a
+    PEFT model. Only config.json and the tokenizer files are written (to ``work``)."""
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.convert.lora import LoraAdapter, memory_info
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        raise InputError(
+            "a model in memory needs its tokenizer",
+            "pass tokenizer=AutoTokenizer.from_pretrained(...) (the one the model was trained with)",
+        )
+    lora = None
+    base = model
+    if _is_peft(model):
+        name = getattr(model, "active_adapter", "default")
+        lora = LoraAdapter.from_peft(model, name if isinstance(name, str) else name[0])
+        base = model.get_base_model()
+    if not hasattr(base, "state_dict") or not hasattr(base, "config"):
+        raise InputError(
+            f"cannot export a {type(model).__name__}",
+            "pass a checkpoint folder, a transformers causal LM, or a peft model",
+        )
+    config = base.config.to_dict()
+    if not config.get("architectures"):
+        config["architectures"] = [type(base).__name__]
+    (work / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(work)
+    state: dict[str, Any] = {}
+    for key, t in base.state_dict().items():
+        # PEFT wraps adapted layers: "<m>.base_layer.weight" is the base weight, and
+        # "<m>.original_module.weight" the base copy of a module trained in full; the LoRA and
+        # trained copies come with the adapter
+        if ".lora_" in key or ".modules_to_save." in key:
+            continue
+        key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
+        state[key] = t.detach().cpu()
+    infos = {k: memory_info(k, t) for k, t in state.items()}
+    return Checkpoint(work, config, infos, _pickled=state), lora
