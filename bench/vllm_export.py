@@ -35,9 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 
 DIRECT = r"""
-import json, sys, time
-sys.path.insert(0, sys.argv[2])            # quantize/ : the worker's recipe/calibration helpers
-import llmc_worker as w
+import importlib.util, json, sys, time
+# the worker's recipe/calibration helpers, loaded by path (its folder must not go on sys.path:
+# quantize/types.py would shadow the standard library's types)
+spec = importlib.util.spec_from_file_location("llmc_worker", sys.argv[2])
+w = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(w)
 job = json.loads(open(sys.argv[1]).read())
 t0 = time.perf_counter()
 w.cpu_quirks()
@@ -172,7 +175,7 @@ def main() -> None:
                 job["calib_ids"] = str(work / "calib.npy")
             (work / "job.json").write_text(json.dumps(job))
             d_runs.append(
-                run_tree([str(py), "-c", DIRECT, str(work / "job.json"), str(REPO / "quantize")])[
+                run_tree([str(py), "-I", "-c", DIRECT, str(work / "job.json"), str(REPO / "quantize" / "llmc_worker.py")])[
                     :2
                 ]
             )

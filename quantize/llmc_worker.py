@@ -5,8 +5,9 @@ quantkit is not installed there (quantkit/envs.py). quantkit writes ``job.json``
 folder and runs ``python llmc_worker.py WORK/job.json``; this script
 
   - appends ``STAGE DONE TOTAL`` lines to ``WORK/progress`` (quantkit draws the bars),
-  - saves the compressed-tensors checkpoint into ``job["output"]`` (a temporary folder that
-    quantkit renames when everything is complete),
+  - for every entry of ``job["exports"]``, loads the model, runs ``oneshot`` and saves the
+    compressed-tensors checkpoint into its ``output`` (a temporary folder that quantkit
+    completes and renames),
   - writes ``WORK/result.json``: {"ok": true, ...} or {"ok": false, "error": one line, "type"}.
 
 llm-compressor's own logging goes to the worker's stdout/stderr, which quantkit sends to a log
@@ -62,10 +63,11 @@ def cpu_quirks() -> list[str]:
     return patched
 
 
-def build_recipe(job: dict[str, Any]) -> Any:
-    """The llm-compressor modifier for ``job["recipe"]`` (made by quantkit's target models)."""
-    r = job["recipe"]
-    ignore = list(job["ignore"])
+def build_recipe(export: dict[str, Any]) -> Any:
+    """The llm-compressor modifier(s) for ``export["recipe"]`` (made by quantkit's target
+    models) and ``export["ignore"]``."""
+    r = export["recipe"]
+    ignore = list(export["ignore"])
     kind = r["modifier"]
     if kind == "QuantizationModifier":
         from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -77,20 +79,26 @@ def build_recipe(job: dict[str, Any]) -> Any:
 
         return GPTQModifier(config_groups=groups, ignore=ignore, **r.get("kwargs", {}))
     if kind == "AWQModifier":
-        from llmcompressor.modifiers.awq import AWQModifier
+        # llmcompressor 0.14: AWQ is a transform (smoothing scales) followed by a separate
+        # QuantizationModifier; the old single AWQModifier is a deprecated shim for this pair.
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        return AWQModifier(config_groups=groups, ignore=ignore, **r.get("kwargs", {}))
+        return [
+            AWQModifier(**r.get("kwargs", {})),
+            QuantizationModifier(config_groups=groups, ignore=ignore),
+        ]
     raise ValueError(f"unknown modifier {kind!r}")
 
 
-def load_calibration(job: dict[str, Any]) -> Any:
+def load_calibration(export: dict[str, Any]) -> Any:
     """Calibration samples (token ids made by quantkit, [samples, seq_len]) as a Dataset."""
-    if not job.get("calib_ids"):
+    if not export.get("calib_ids"):
         return None
     import numpy as np
     from datasets import Dataset
 
-    ids = np.load(job["calib_ids"])
+    ids = np.load(export["calib_ids"])
     return Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()}
     )
@@ -133,43 +141,49 @@ def _report_layers(progress: Progress) -> None:
 
 
 def run(job: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    """Every export of ``job["exports"]`` in turn, each from a freshly loaded model (one
+    process start for all targets of a ``quantkit convert``)."""
     import torch
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     quirks = cpu_quirks()
-    _report_layers(progress)
+    current = {"label": ""}
+    _report_layers(lambda stage, done, total: progress(f"{current['label']}:{stage}", done, total))
     from llmcompressor import oneshot
 
-    t = {}
-    t0 = time.perf_counter()
-    progress("load", 0, 1)
-    model, tok = load_model(job)
-    progress("load", 1, 1)
-    t["load"] = time.perf_counter() - t0
+    timings: dict[str, dict[str, float]] = {}
+    for export in job["exports"]:
+        label = current["label"] = export["label"]
+        t: dict[str, float] = {}
+        t0 = time.perf_counter()
+        progress(f"{label}:load", 0, 1)
+        model, tok = load_model(job)
+        progress(f"{label}:load", 1, 1)
+        t["load"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    ds = load_calibration(job)
-    recipe = build_recipe(job)
-    kwargs: dict[str, Any] = {}
-    if ds is not None:
-        kwargs.update(
-            dataset=ds,
-            max_seq_length=int(job["seq_len"]),
-            num_calibration_samples=len(ds),
-            shuffle_calibration_samples=False,
-        )
-    oneshot(model=model, recipe=recipe, **kwargs)
-    t["quantize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ds = load_calibration(export)
+        kwargs: dict[str, Any] = {}
+        if ds is not None:
+            kwargs.update(
+                dataset=ds,
+                max_seq_length=int(job["seq_len"]),
+                num_calibration_samples=len(ds),
+                shuffle_calibration_samples=False,
+            )
+        oneshot(model=model, recipe=build_recipe(export), **kwargs)
+        t["quantize"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    progress("save", 0, 1)
-    out = Path(job["output"])
-    model.save_pretrained(out, save_compressed=True)
-    tok.save_pretrained(out)
-    progress("save", 1, 1)
-    t["save"] = time.perf_counter() - t0
-    return {"timings": t, "quirks": quirks, "versions": _versions()}
+        t0 = time.perf_counter()
+        progress(f"{label}:save", 0, 1)
+        model.save_pretrained(Path(export["output"]), save_compressed=True)
+        tok.save_pretrained(Path(export["output"]))
+        progress(f"{label}:save", 1, 1)
+        t["save"] = time.perf_counter() - t0
+        timings[label] = t
+        del model
+    return {"timings": timings, "quirks": quirks, "versions": _versions()}
 
 
 def _versions() -> dict[str, str]:
@@ -191,6 +205,14 @@ def _peak_rss() -> int:
 
 
 def one_line(e: BaseException) -> str:
+    errors = getattr(e, "errors", None)  # pydantic: "1 validation error for X" says little
+    if callable(errors):
+        try:
+            first = errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            return f"{type(e).__name__}: {loc}: {first.get('msg', '')}".strip()
+        except Exception:  # noqa: BLE001 - fall back to the message
+            pass
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     msg = lines[0] if lines else ""
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__

@@ -144,9 +144,10 @@ class VllmResult:
 # -- layer discovery and --ignore matching -------------------------------------------------------
 
 
-def linear_layers(model_dir: Path) -> tuple[str, list[LinearLayer]]:
-    """Every ``nn.Linear`` of the model, built on the meta device from config.json alone (no
-    weights are read; the modules are what llm-compressor's ``targets=["Linear"]`` selects)."""
+def linear_layers(model_dir: Path) -> tuple[str, list[LinearLayer], list[str]]:
+    """The architecture, every ``nn.Linear`` (what llm-compressor's ``targets=["Linear"]``
+    selects) and every module name, from the model built on the meta device from config.json
+    alone (no weights are read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -165,7 +166,11 @@ def linear_layers(model_dir: Path) -> tuple[str, list[LinearLayer]]:
         for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear)
     ]
-    return arch, layers
+    return arch, layers, [n for n, _ in model.named_modules()]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return bool(re.match(pattern[3:], name)) if pattern.startswith("re:") else pattern == name
 
 
 def ignored(name: str, patterns: Sequence[str]) -> bool:
@@ -238,25 +243,39 @@ def expand_names(grouped: str) -> list[str]:
 # -- preflight -----------------------------------------------------------------------------------
 
 
-def awq_architectures(env_python: Path) -> set[str] | None:
-    """Architectures with AWQ mappings in the installed llm-compressor, read from its source
-    (``AWQ_MAPPING_REGISTRY`` in modifiers/awq/mappings.py) without importing it; None when the
-    file is not found (the check is then left to llm-compressor)."""
+def _awq_sources(env_python: Path) -> list[Path]:
+    env = env_python.parent.parent
+    return sorted(env.glob("lib/python*/site-packages/llmcompressor/modifiers/**/awq/*mappings.py"))
+
+
+def awq_mappings(env_python: Path) -> tuple[set[str], list[str]] | None:
+    """What the installed llm-compressor knows about AWQ, read from its source without
+    importing it: the architectures of ``AWQ_MAPPING_REGISTRY`` and
+    ``AWQ_DYNAMIC_MAPPING_REGISTRY`` (modifiers/transform/awq/*mappings.py in 0.14), and the
+    module patterns of ``default_mappings``, which 0.14 falls back to for any other
+    architecture (dynamic_mappings.py get_layer_mappings_from_model). None when not found."""
     import ast
 
-    env = env_python.parent.parent
-    for f in env.glob("lib/python*/site-packages/llmcompressor/modifiers/**/awq/mappings.py"):
-        tree = ast.parse(f.read_text())
-        for node in ast.walk(tree):
-            target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
-            if (
-                isinstance(node, (ast.Assign, ast.AnnAssign))
-                and isinstance(target, ast.Name)
-                and target.id == "AWQ_MAPPING_REGISTRY"
-                and isinstance(node.value, ast.Dict)
-            ):
-                return {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
-    return None
+    known: set[str] = set()
+    default: list[str] = []
+    files = _awq_sources(env_python)
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, (ast.Assign, ast.AnnAssign)):
+                continue
+            target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
+            if not isinstance(target, ast.Name) or node.value is None:
+                continue
+            if target.id.startswith("AWQ_") and target.id.endswith("MAPPING_REGISTRY"):
+                if isinstance(node.value, ast.Dict):
+                    known |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+            elif target.id == "default_mappings":
+                default += [
+                    c.value
+                    for c in ast.walk(node.value)
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                ]
+    return (known, default) if files and known else None
 
 
 def memory_available() -> int | None:
@@ -318,7 +337,7 @@ def preflight(
     with Checkpoint.open(model_dir) as ck:
         config = ck.config
         weight_bytes = ck.nbytes
-    arch, layers = linear_layers(model_dir)
+    arch, layers, modules = linear_layers(model_dir)
 
     targeted = [lay for lay in layers if not ignored(lay.name, s.ignore)]
     ign = [lay.name for lay in layers if ignored(lay.name, s.ignore)]
@@ -367,14 +386,18 @@ def preflight(
             )
 
     if isinstance(target, AWQTarget) and env_python is not None:
-        known = awq_architectures(env_python)
-        if known is not None and arch not in known:
-            raise PreflightError(
-                f"llm-compressor has no AWQ mappings for {arch} "
-                f"(it knows {len(known)} architectures, e.g. {', '.join(sorted(known)[:6])})",
-                "use gptq (no mappings needed), or fp8",
-                offenders=[arch],
-            )
+        found = awq_mappings(env_python)
+        if found is not None and arch not in found[0]:
+            known, default = found
+            missing = [p for p in default if not any(_matches(p, n) for n in modules)]
+            if missing or not default:
+                raise PreflightError(
+                    f"llm-compressor has no AWQ mappings for {arch}, and its default (Llama-style) "
+                    f"mappings find no module for {', '.join(missing) or 'any pattern'} "
+                    f"(it knows {len(known)} architectures, e.g. {', '.join(sorted(known)[:5])})",
+                    "use gptq (no mappings needed) or fp8",
+                    offenders=[arch, *missing],
+                )
 
     est = memory_estimate(weight_bytes, config, target, s)
     avail = memory_available()
@@ -447,7 +470,9 @@ def run_worker(
     seen = 0
     with log.open("wb") as lf:
         proc = subprocess.Popen(
-            [str(python), str(WORKER), str(job_file)],
+            # -I: isolated (no script folder on sys.path: quantize/types.py would shadow the
+            # standard library's types; no PYTHON* variables, no user site); -u: unbuffered
+            [str(python), "-I", "-u", str(WORKER), str(job_file)],
             stdout=None if debug else lf,
             stderr=None if debug else subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -597,37 +622,50 @@ def export_vllm(
     timings = {"preflight": time.perf_counter() - t_start}
 
     artifacts: list[VllmArtifact] = []
-    worker_res: dict[str, Any] = {}
-    for t in parsed:
-        plan = plans[id(t)]
-        tp = paths[id(t)]
-        with (
-            output_dirs(list(tp.values())),
-            tempfile.TemporaryDirectory(
-                prefix=".quantkit-llmc-", dir=next(iter(tp.values())).parent
-            ) as work_s,
-        ):
-            work = Path(work_s)
-            ct_dir = work / "compressed-tensors"
-            job: dict[str, Any] = {
-                "model": str(model_dir.resolve()),
-                "output": str(ct_dir),
-                "recipe": t.to_recipe(),
-                "ignore": list(s.ignore),
-                "seq_len": s.seq_len,
-                "threads": s.threads,
-            }
-            if t.needs_calibration and ids is not None:
-                import numpy as np
+    all_paths = [p for t in parsed for p in paths[id(t)].values()]
+    labels = [t.label() for t in parsed]
+    if len(set(labels)) != len(labels):
+        raise InputError("the same vLLM target was given twice", "give each --to once")
+    # One worker process for every target (one start of torch + llm-compressor); its work
+    # folder sits beside the outputs so that moving a result into place is a rename.
+    with (
+        output_dirs(all_paths),
+        tempfile.TemporaryDirectory(prefix=".quantkit-llmc-", dir=all_paths[0].parent) as ws,
+    ):
+        work = Path(ws)
+        job: dict[str, Any] = {
+            "model": str(model_dir.resolve()),
+            "seq_len": s.seq_len,
+            "threads": s.threads,
+            "exports": [],
+        }
+        if ids is not None:
+            import numpy as np
 
-                np.save(work / "calib.npy", ids)
-                job["calib_ids"] = str(work / "calib.npy")
+            np.save(work / "calib.npy", ids)
+        for t in parsed:
+            job["exports"].append(
+                {
+                    "label": t.label(),
+                    "output": str(work / t.label()),
+                    "recipe": t.to_recipe(),
+                    "ignore": list(s.ignore),
+                    **(
+                        {"calib_ids": str(work / "calib.npy")}
+                        if t.needs_calibration and ids is not None
+                        else {}
+                    ),
+                }
+            )
+        t0 = time.perf_counter()
+        worker_res = run_worker(job, work, py, s.timeout, progress)
+        timings["llm-compressor"] = time.perf_counter() - t0
+        for t in parsed:
+            plan, tp, ct_dir = plans[id(t)], paths[id(t)], work / t.label()
             plan.calib_tokens = int(ids.size) if (ids is not None and t.needs_calibration) else 0
-            t0 = time.perf_counter()
-            worker_res = run_worker(job, work, py, s.timeout, progress)
             complete_checkpoint(model_dir, ct_dir)
-            quant_seconds = time.perf_counter() - t0
-            timings[f"{t.label()}:quantize"] = quant_seconds
+            wt = (worker_res.get("timings") or {}).get(t.label(), {})
+            quant_seconds = float(sum(wt.values()))
             for lay in layouts:
                 final = tp[lay]
                 t1 = time.perf_counter()
@@ -643,7 +681,6 @@ def export_vllm(
                         else:
                             shutil.copytree(ct_dir, tmp)
                         method = "compressed-tensors"
-                repack_s = time.perf_counter() - t1
                 artifacts.append(
                     VllmArtifact(
                         path=final,
@@ -651,7 +688,7 @@ def export_vllm(
                         layout=lay,
                         quant_method=method,
                         size=_dir_size(final),
-                        seconds=quant_seconds + repack_s,
+                        seconds=quant_seconds + time.perf_counter() - t1,
                         quantized_layers=len(plan.quantized),
                         ignored_layers=plan.ignored,
                     )

@@ -81,10 +81,11 @@ class _IntWeights(_Target):
 
 class GPTQTarget(_IntWeights):
     method: Literal["gptq"] = "gptq"
-    # compressed-tensors ActivationOrdering: static = quantize in activation order, groups kept
-    # in weight order (no g_idx, fast kernels); group = groups follow activation order (g_idx
-    # saved, vLLM "desc_act"); weight = like static, ordering only inside groups; none = off.
-    actorder: Literal["none", "static", "group", "weight"] = "static"
+    # Activation ordering (compressed-tensors ActivationOrdering): the columns are quantized in
+    # order of decreasing activation importance; "weight" (alias "static") keeps the groups in
+    # weight order, so the format and kernels are unchanged. compressed-tensors 0.19 (pinned by
+    # llmcompressor 0.14.0.1) removed "group" ordering (the g_idx / desc_act layout).
+    actorder: Literal["static", "weight", "none"] = "static"
     dampening: float = Field(0.01, gt=0, lt=1)  # fraction of the Hessian diagonal mean added
 
     def to_recipe(self) -> dict[str, Any]:
