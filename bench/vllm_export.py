@@ -64,19 +64,19 @@ from transformers import AutoModelForCausalLM
 torch.set_num_threads(2)
 job = json.loads(open(sys.argv[1]).read())
 chunks = torch.tensor(np.load(job["ids"]))
-def logprobs(path):
+half = chunks.shape[1] // 2  # llama-perplexity: score the second half of each chunk
+def logprobs(path):  # [chunks, scored positions, vocab], scored half only
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for c in chunks:
-            out.append(torch.log_softmax(m(c[None]).logits[0].float(), -1))
+            out.append(torch.log_softmax(m(c[None]).logits[0, half:-1].float(), -1))
+    del m
     return torch.stack(out)
 ref = logprobs(job["reference"])
-half = chunks.shape[1] // 2  # llama-perplexity: score the second half of each chunk
 def score(lp):
-    tgt = chunks[:, half + 1:]
-    nll = -lp[:, half:-1].gather(-1, tgt[..., None])[..., 0]
-    kld = (ref[:, half:-1].exp() * (ref[:, half:-1] - lp[:, half:-1])).sum(-1)
+    nll = -lp.gather(-1, chunks[:, half + 1:, None])[..., 0]
+    kld = (ref.exp() * (ref - lp)).sum(-1)
     return {"ppl": math.exp(nll.mean().item()), "kld": kld.mean().item()}
 res = {"reference": score(ref)}
 for name, path in job["artifacts"].items():
@@ -175,9 +175,16 @@ def main() -> None:
                 job["calib_ids"] = str(work / "calib.npy")
             (work / "job.json").write_text(json.dumps(job))
             d_runs.append(
-                run_tree([str(py), "-I", "-c", DIRECT, str(work / "job.json"), str(REPO / "quantize" / "llmc_worker.py")])[
-                    :2
-                ]
+                run_tree(
+                    [
+                        str(py),
+                        "-I",
+                        "-c",
+                        DIRECT,
+                        str(work / "job.json"),
+                        str(REPO / "quantize" / "llmc_worker.py"),
+                    ]
+                )[:2]
             )
         qs, qr = statistics.median(x[0] for x in q_runs), statistics.median(x[1] for x in q_runs)
         ds, dr = statistics.median(x[0] for x in d_runs), statistics.median(x[1] for x in d_runs)

@@ -43,8 +43,8 @@ WORKER = Path(__file__).with_name("llmc_worker.py")
 
 # Calibration defaults, chosen with bench/vllm_export.py on a 2-core CPU so that the embedded
 # default (SmolLM2-135M, 30 layers) exports in minutes; docs/cli.md gives the quality they cost.
-DEFAULT_SAMPLES = 32
-DEFAULT_SEQ_LEN = 512
+DEFAULT_SAMPLES = 16
+DEFAULT_SEQ_LEN = 256
 
 # Files a vLLM/transformers user expects beside the weights, copied from the source when the
 # save did not write them (tokenizer.model: SentencePiece models).

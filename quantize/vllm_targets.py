@@ -103,12 +103,13 @@ class AWQTarget(_IntWeights):
     method: Literal["awq"] = "awq"
     sym: bool = False  # AWQ's usual scheme is asymmetric (W4A16_ASYM), as AutoAWQ wrote it
     duo_scaling: bool = True  # search scales from activations and weights (llm-compressor default)
+    grid: int = Field(20, ge=1, le=100)  # scale candidates tried per mapping (AWQ n_grid)
 
     def to_recipe(self) -> dict[str, Any]:
         return {
             "modifier": "AWQModifier",
             "weights": self.weights_args(),
-            "kwargs": {"duo_scaling": self.duo_scaling},
+            "kwargs": {"duo_scaling": self.duo_scaling, "n_grid": self.grid},
         }
 
 

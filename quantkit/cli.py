@@ -92,7 +92,7 @@ def cli() -> None:
     "gguf:Q8_0, gguf:Q4_K_M, gguf:IQ4_XS, ... Several types share one read of the checkpoint "
     "and one base conversion. vLLM checkpoints (compressed-tensors, via llm-compressor): "
     "gptq[:bits=4|8,group=32|64|128|channel,sym=true|false,actorder=static|group|weight|none,"
-    "dampening=0.01], awq[:bits,group,sym,duo_scaling], fp8[:dynamic|static|block].",
+    "dampening=0.01], awq[:bits,group,sym,duo_scaling,grid=20], fp8[:dynamic|static|block].",
 )
 @click.option(
     "-o",
@@ -176,13 +176,13 @@ def cli() -> None:
     "--samples",
     type=click.IntRange(min=1),
     default=None,
-    help="vLLM targets: calibration samples (default 32).",
+    help="vLLM targets: calibration samples (default 16).",
 )
 @click.option(
     "--seq-len",
     type=click.IntRange(min=16),
     default=None,
-    help="vLLM targets: tokens per calibration sample (default 512).",
+    help="vLLM targets: tokens per calibration sample (default 256).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
