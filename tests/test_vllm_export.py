@@ -255,10 +255,11 @@ def test_int4_export_config_tensors_and_weights(vllm_exports, label):
                 assert (s_col > 0).all()
                 ref = ref * s_col
             err = _rel_err(deq, ref)
-            # 4-bit, groups of 64 on N(0, 0.1) weights: ~0.09 relative error (step/√12 of a
-            # ±2.4σ range over 15 steps); 0 would mean nothing was quantized, > 0.15 a wrong
-            # layout
-            assert 0.02 < err < (0.15 if label == "gptq" else 0.25), (p, err)
+            # 4-bit, groups of 64 on N(0, 0.1) weights: ~0.09 relative error for round-to-
+            # nearest; GPTQ/AWQ trade weight error for output error on 256 calibration tokens
+            # (measured 0.16 at most). 0 would mean nothing was quantized; a wrong packing
+            # order gives ~1.4 (uncorrelated values)
+            assert 0.02 < err < 0.3, (p, err)
 
 
 @pytest.mark.parametrize("label", ["gptq", "awq"])
