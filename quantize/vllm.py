@@ -61,13 +61,14 @@ SIDE_FILES = (
     "chat_template.json",
 )
 
-# Memory model of one oneshot run, in bytes (checked against bench/vllm_export.py's measured
-# peak RSS): interpreter + torch + transformers + llm-compressor, the model in its own dtype
-# about twice (weights + the compressed copy made while saving), and the calibration
-# intermediates the sequential pipeline keeps for every sample (layer inputs and outputs in
-# float32, plus attention/MLP activations of one sample).
-BASE_RSS = 1_200 * 2**20
-WEIGHT_COPIES = 2.2
+# Memory model of one oneshot run, in bytes: interpreter + torch + transformers + llm-compressor
+# (peak RSS 495 MiB on the tiny test model), the model in its own dtype about 1.3 times (weights
+# + the compressed copy made while saving: fp8 on the 270 MB SmolLM2-135M peaked at 871 MiB,
+# bench/vllm_export.py 2026-11-27), and the calibration intermediates the sequential pipeline
+# keeps for every sample (layer inputs and outputs in float32, plus attention/MLP activations of
+# one sample). A margin of 1.5 × weights keeps the estimate on the safe side.
+BASE_RSS = 550 * 2**20
+WEIGHT_COPIES = 1.5
 
 
 class PreflightError(InputError):
