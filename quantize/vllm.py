@@ -12,6 +12,7 @@ output into place only when complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -145,6 +146,7 @@ class VllmResult:
 # -- layer discovery and --ignore matching -------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)  # one meta build per model, however many targets
 def linear_layers(model_dir: Path) -> tuple[str, list[LinearLayer], list[str]]:
     """The architecture, every ``nn.Linear`` (what llm-compressor's ``targets=["Linear"]``
     selects) and every module name, from the model built on the meta device from config.json
