@@ -192,6 +192,13 @@ def test_only_jobs_merge_byte_identical(work: Path) -> None:
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
     for f in ("manifest.json", "report.json", "report.md"):
         assert (work / "m1" / f).read_bytes() == (work / "m2" / f).read_bytes(), f
+    # single target folders (what a CI job uploads) merge to the same bytes
+    r3 = run_cli(
+        "report", "merge", str(jobs[1] / "q4"), str(jobs[0] / "q8"), "-o", str(work / "m3")
+    )
+    assert r3.returncode == 0, r3.stderr
+    for f in ("manifest.json", "report.json"):
+        assert (work / "m1" / f).read_bytes() == (work / "m3" / f).read_bytes(), f
     merged = json.loads((work / "m1" / "report.json").read_text())
     assert len(merged["artifacts"]) == 2
     names = [
