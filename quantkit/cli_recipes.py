@@ -84,6 +84,7 @@ def run(recipe_file: str, plan_only: bool, only: tuple[str, ...], as_json: bool)
     from quantkit import recipe as rc
     from quantkit.cli import _Progress
     from quantkit.errors import GateFailed
+    from quantkit.validate.harness import ValidationError
 
     path = rc.find(recipe_file)
     ctx = pipeline.Context(rc.load(path), path)
@@ -111,6 +112,11 @@ def run(recipe_file: str, plan_only: bool, only: tuple[str, ...], as_json: bool)
         click.echo(format_table(["target", "type", "bytes", "mean KLD", "gates"], rows))
         built = sum(s.action == "build" for s in res.steps)
         click.echo(f"{built} step(s) built, {len(res.steps) - built} reused; out: {ctx.out}")
+    if res.failed_artifacts:
+        raise ValidationError(
+            f"could not be scored: {', '.join(res.failed_artifacts)}",
+            "see NAME/report.md for the engine's log tail; the next run retries it",
+        )
     if res.failed_gates:
         raise GateFailed(
             "gate failed: "

@@ -56,12 +56,14 @@ class RunResult:
     steps: list[Step]
     manifests: list[dict[str, Any]] = field(default_factory=list)
     failed_gates: list[dict[str, Any]] = field(default_factory=list)
+    failed_artifacts: list[str] = field(default_factory=list)  # could not be scored
 
     def to_json(self) -> dict[str, Any]:
         return {
             "steps": [asdict(s) for s in self.steps],
             "manifests": self.manifests,
             "failed_gates": self.failed_gates,
+            "failed_artifacts": self.failed_artifacts,
         }
 
 
@@ -247,9 +249,10 @@ def run(
         m = _manifest(ctx.target_dir(t)) or {}
         res.manifests.append(m)
         _write_card(ctx, t, m)
-        res.failed_gates += [
-            {"target": t.name, **g} for g in m.get("validation", {}).get("failed_gates", [])
-        ]
+        v = m.get("validation", {})
+        res.failed_gates += [{"target": t.name, **g} for g in v.get("failed_gates", [])]
+        if v.get("failed_artifacts"):
+            res.failed_artifacts.append(t.name)
     _write(ctx.out / "run.json", canonical_json({"recipe": ctx.recipe.name, **res.to_json()}))
     return res
 
@@ -366,7 +369,8 @@ def _validate_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
     art = report["artifacts"][0] if report["artifacts"] else {}
     m = _manifest(d) or {}
     m["validation"] = {
-        "key": ctx.validation_key(t),
+        # an artifact that could not be scored (crash, timeout) is tried again by the next run
+        "key": None if report["failed_artifacts"] else ctx.validation_key(t),
         "passed": report["passed"],
         "quality": art.get("quality"),
         "speed": art.get("speed"),

@@ -143,6 +143,20 @@ def test_gate_failure_exits_1(work: Path) -> None:
     assert "q4 --max-kld 0" in r.stderr
 
 
+def test_unscored_artifact_fails_and_is_retried(work: Path) -> None:
+    rec = _recipe(
+        work,
+        "timeout",
+        [{"name": "q8", "type": "Q8_0"}],
+        validation={**VALIDATION, "timeout": 0.01},
+    )
+    r = run_cli("run", str(rec))
+    assert r.returncode == 2 and "could not be scored: q8" in r.stderr, r.stderr
+    acts = {(s["kind"], s["target"]): s["action"] for s in _plan(rec)}
+    # the artifact is kept (no base step needed); only its validation runs again
+    assert acts == {("quantize", "q8"): "reuse", ("validate", "q8"): "build"}
+
+
 def test_sigterm_then_resume(work: Path) -> None:
     targets = [{"name": f"t{i}", "type": t} for i, t in enumerate(["Q8_0", "Q6_K", "Q5_K_M"])]
     rec = _recipe(work, "resume", targets, validation=VALIDATION)
