@@ -143,3 +143,44 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def check_writable_dir(final: Path, *, force: bool) -> None:
+    """Like ``check_writable`` for an output that is a directory (an HF checkpoint folder)."""
+    if final.exists() and not force:
+        raise OutputExistsError(f"{final}: already exists", "pass --force to overwrite it")
+    if final.exists() and not final.is_dir():
+        raise OutputExistsError(f"{final}: is a file", "choose another output name")
+    parent = final.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OutputExistsError(
+            f"{parent}: cannot create files there", "choose another output directory"
+        )
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: Path, *, force: bool = False) -> Iterator[Path]:
+    """For a user-facing output folder (unlike ``atomic_dir``, for cache entries): yield a
+    temporary directory path (not created); rename it to ``final`` if the block
+    succeeds (replacing an existing ``final`` only with ``force``), else delete it."""
+    check_writable_dir(final, force=force)
+    tmp = temp_name(final)
+    _LIVE.add(tmp)
+    try:
+        yield tmp
+        if not tmp.is_dir():
+            raise FileNotFoundError(tmp)
+        if final.exists():  # force: move the old one aside, then drop it once the new is in place
+            old = temp_name(final)
+            _LIVE.add(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            remove(old)
+        else:
+            os.replace(tmp, final)
+        _LIVE.discard(tmp)
+    finally:
+        if tmp in _LIVE:
+            remove(tmp)

