@@ -37,9 +37,23 @@ def _key(*parts: Any) -> str:
 
 
 def _sha256(path: Path) -> str:
-    from quantkit.validate.harness import sha256_file
+    """A file's sha256, or for a checkpoint folder (vLLM targets) one over its files' names and
+    contents (validate/harness.py model_hash)."""
+    from quantkit.validate.harness import model_hash, sha256_file
 
-    return sha256_file(path)
+    return model_hash(path) if path.is_dir() else sha256_file(path)
+
+
+def _is_gguf(t: Any) -> bool:
+    return isinstance(t, GGUFTarget)
+
+
+def vllm_target(t: Any) -> Any:
+    """The recipe's vLLM target as the plain option model of quantize/vllm_targets.py."""
+    from quantkit.quantize import vllm_targets as vt
+
+    base = next(c for c in type(t).__mro__[1:] if c in (vt.GPTQTarget, vt.AWQTarget, vt.FP8Target))
+    return base(**t.model_dump(exclude={"name", "gates", "validate_"}))
 
 
 @dataclass
@@ -76,8 +90,11 @@ class Context:
         self.recipe = recipe
         self.recipe_path = recipe_path
         self.base_dir = recipe_path.resolve().parent
-        self.out = self._path(recipe.output)
-        self.cache = self._path(recipe.cache) if recipe.cache else self.out / ".cache"
+        # outputs go where the user runs quantkit (like -o); inputs are found next to the recipe
+        self.out = Path(recipe.output).expanduser().absolute()
+        self.cache = (
+            Path(recipe.cache).expanduser().absolute() if recipe.cache else self.out / ".cache"
+        )
         self.model = self._model(recipe.source.model)
         self.model_key = model_hash(self.model)
         self.calib = self._text(recipe.calibration.data) if recipe.calibration else None
@@ -128,14 +145,25 @@ class Context:
     def imatrix_path(self) -> Path:
         return self.cache / f"imatrix-{self.imatrix_key()}.gguf"
 
-    def target_key(self, t: GGUFTarget) -> str:
+    def target_key(self, t: Any) -> str:
+        if not _is_gguf(t):
+            v = vllm_target(t)
+            c = self.recipe.calibration
+            calib = None
+            if v.needs_calibration:
+                if c is None or self.calib is None:
+                    raise InputError(f"targets: {t.name}: needs a calibration section")
+                calib = [_sha256(self.calib), c.samples, c.ctx]
+            return _key("vllm", self.model_key, v.model_dump(), calib)
         opts = t.model_dump(include={"type", "overrides", "output_type", "embedding_type"})
         return _key("gguf", self.base_key(), opts, self.imatrix_key() if t.imatrix else None)
 
     def target_dir(self, t: Any) -> Path:
         return self.out / t.name
 
-    def artifact_path(self, t: GGUFTarget) -> Path:
+    def artifact_path(self, t: Any) -> Path:
+        if not _is_gguf(t):
+            return self.target_dir(t) / f"{self.stem}-{vllm_target(t).label()}"
         return self.target_dir(t) / f"{self.stem}-{t.type}.gguf"
 
     def validation_key(self, t: GGUFTarget) -> str:
@@ -160,7 +188,7 @@ def _artifact_ok(ctx: Context, t: GGUFTarget) -> bool:
     m = _manifest(ctx.target_dir(t))
     p = ctx.artifact_path(t)
     return bool(
-        m and m.get("key") == ctx.target_key(t) and p.is_file() and m.get("sha256") == _sha256(p)
+        m and m.get("key") == ctx.target_key(t) and p.exists() and m.get("sha256") == _sha256(p)
     )
 
 
@@ -188,19 +216,13 @@ def selected(recipe: Recipe, only: list[str] | None) -> list[Any]:
 def plan(ctx: Context, only: list[str] | None = None) -> list[Step]:
     """Every step the run will take, each marked build or reuse (nothing is written)."""
     targets = selected(ctx.recipe, only)
-    for t in targets:
-        if not isinstance(t, GGUFTarget):
-            raise InputError(
-                f"targets: {t.name}: {t.method} targets are not wired into `quantkit run` yet",
-                "build it with `quantkit convert --to` meanwhile, or use --only for GGUF targets",
-            )
     steps: list[Step] = []
     todo = [t for t in targets if not _artifact_ok(ctx, t)]
-    need_base = any(t.type != "F32" and t.type != "BF16" for t in todo)
+    need_base = any(_is_gguf(t) and t.type not in ("F32", "BF16") for t in todo)
     if need_base:
         bp = ctx.base_path()
         steps.append(Step("base", None, ctx.base_key(), str(bp), _act(bp.is_file())))
-    if any(t.imatrix for t in todo):
+    if any(getattr(t, "imatrix", False) for t in todo):
         ip = ctx.imatrix_path()
         steps.append(Step("imatrix", None, ctx.imatrix_key(), str(ip), _act(ip.is_file())))
     for t in targets:
@@ -241,6 +263,8 @@ def run(
             _build_base(ctx, progress)
         elif s.kind == "imatrix":
             _build_imatrix(ctx, progress)
+        elif s.kind == "quantize" and not _is_gguf(t):
+            _build_vllm(ctx, t, progress)
         elif s.kind == "quantize":
             _build_target(ctx, t, progress)
         elif s.kind == "validate":
@@ -284,7 +308,6 @@ def _build_imatrix(ctx: Context, progress: Any) -> None:
 
 
 def _build_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
-    from quantkit import __version__
     from quantkit.convert import QuantSettings, convert
     from quantkit.convert.hf_to_gguf import requantize
     from quantkit.quantize.gguf import QuantizeOptions, parse_overrides
@@ -313,12 +336,51 @@ def _build_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
             force=True, progress=progress, quant=qs, dry_run=False,
         )  # fmt: skip
     c = ctx.recipe.calibration
+    _write_manifest(
+        ctx,
+        t,
+        final,
+        "gguf",
+        t.type,
+        t.model_dump(include={"type", "overrides", "output_type", "embedding_type", "imatrix"}),
+        c.model_dump() if t.imatrix and c else None,
+    )
+
+
+def _build_vllm(ctx: Context, t: Any, progress: Any) -> None:
+    """AWQ/GPTQ/FP8 through llm-compressor in its own environment (quantize/vllm.py)."""
+    from quantkit.quantize.vllm import VllmSettings, export_vllm
+
+    v = vllm_target(t)
+    c = ctx.recipe.calibration
+    d = ctx.target_dir(t)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "manifest.json").unlink(missing_ok=True)
+    final = ctx.artifact_path(t)
+    s = VllmSettings(calib=ctx.calib if v.needs_calibration else None)
+    if c is not None and v.needs_calibration:
+        s.samples, s.seq_len = c.samples, c.ctx
+    export_vllm(ctx.model, [v], final, s, force=True, progress=progress)
+    calib = c.model_dump() if c is not None and v.needs_calibration else None
+    _write_manifest(ctx, t, final, "vllm", v.label(), v.model_dump(), calib)
+
+
+def _write_manifest(
+    ctx: Context, t: Any, final: Path, fmt: str, type_: str, options: dict, calib: dict | None
+) -> None:
+    from quantkit import __version__
+
+    size = (
+        sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+        if final.is_dir()
+        else (final.stat().st_size)
+    )
     manifest = {
         "target": t.name,
         "artifact": final.name,
-        "format": "gguf",
-        "type": t.type,
-        "size": final.stat().st_size,
+        "format": fmt,
+        "type": type_,
+        "size": size,
         "sha256": _sha256(final),
         "key": ctx.target_key(t),
         "provenance": {
@@ -326,22 +388,20 @@ def _build_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
             "recipe_sha256": _sha256(ctx.recipe_path),
             "source": ctx.recipe.source.model,
             "source_sha256": ctx.model_key,
-            "options": t.model_dump(
-                include={"type", "overrides", "output_type", "embedding_type", "imatrix"}
-            ),
-            "calibration_sha256": _sha256(ctx.calib) if t.imatrix and ctx.calib else None,
-            "calibration": c.model_dump() if t.imatrix and c else None,
+            "options": options,
+            "calibration_sha256": _sha256(ctx.calib) if calib and ctx.calib else None,
+            "calibration": calib,
             "tools": _versions(__version__),
         },
     }
-    _write(d / "manifest.json", canonical_json(manifest))
+    _write(ctx.target_dir(t) / "manifest.json", canonical_json(manifest))
 
 
 def _versions(qk: str) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"quantkit": qk}
-    for pkg in ("llama-cpp-python", "gguf", "transformers", "torch"):
+    for pkg in ("llama-cpp-python", "gguf", "transformers", "torch"):  # this venv's engines
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -349,7 +409,7 @@ def _versions(qk: str) -> dict[str, str]:
     return out
 
 
-def _validate_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
+def _validate_target(ctx: Context, t: Any, progress: Any) -> None:
     from quantkit.validate.harness import Gates, Settings, validate
     from quantkit.validate.report import markdown, plot
 
@@ -385,18 +445,20 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "—" if x is None else format(x, spec)
 
 
-def _write_card(ctx: Context, t: GGUFTarget, m: dict[str, Any]) -> None:
+def _write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
     """The model card: what the file is, how it was made, what it measured, how to run it."""
     if not m:
         return
     p = m["provenance"]
+    gguf = m["format"] == "gguf"
     v = m.get("validation") or {}
     q = v.get("quality") or {}
     tools = ", ".join(f"{k} {val}" for k, val in sorted(p["tools"].items()))
     lines = [
-        f"# {ctx.stem} — {m['type']} GGUF",
+        f"# {ctx.stem} — {m['type']} {'GGUF' if gguf else 'checkpoint for vLLM'}",
         "",
-        f"`{m['artifact']}`: {m['type']} quantization of `{p['source']}` for llama.cpp, made by",
+        f"`{m['artifact']}`: {m['type']} quantization of `{p['source']}` for "
+        f"{'llama.cpp' if gguf else 'vLLM'}, made by",
         f"quantkit from recipe `{p['recipe']}` (target `{t.name}`).",
         "",
         "## How it was made",
@@ -425,17 +487,16 @@ def _write_card(ctx: Context, t: GGUFTarget, m: dict[str, Any]) -> None:
     else:
         lines.append("Not validated by this recipe.")
     name = m["artifact"]
-    lines += [
-        "",
-        "## How to run",
-        "",
-        "```sh",
-        f"llama-cli -m {name} -p 'Hello'                  # llama.cpp",
-        f"printf 'FROM ./{name}\\n' > Modelfile && ollama create {ctx.stem.lower()} -f Modelfile",
-        f"vllm serve ./{name} --tokenizer {p['source']}   # vLLM (GGUF support is experimental)",
-        "```",
-        "",
-    ]
+    run = (
+        [
+            f"llama-cli -m {name} -p 'Hello'                  # llama.cpp",
+            f"printf 'FROM ./{name}\\n' > Modelfile && ollama create {ctx.stem.lower()} -f Modelfile",
+            f"vllm serve ./{name} --tokenizer {ctx.model}   # vLLM (GGUF support is experimental)",
+        ]
+        if gguf
+        else [f"vllm serve ./{name}                        # vLLM (quantization from config.json)"]
+    )
+    lines += ["", "## How to run", "", "```sh", *run, "```", ""]
     _write(ctx.target_dir(t) / "README.md", "\n".join(lines))
 
 

@@ -2,7 +2,8 @@
 
 ``quantkit run RECIPE`` executes it (quantkit/pipeline.py). Every model here rejects unknown keys,
 and a bad recipe is reported as one line naming the offending key path (``targets[2].type``).
-Relative paths in a recipe are relative to the recipe file. ``model: default`` is the embedded
+Relative input paths (model, texts) are relative to the recipe file; ``output`` and ``cache``
+are relative to the current directory. ``model: default`` is the embedded
 demo model (quantkit/demo.py); ``data: default`` is the demo text (quantkit/demo_run.py).
 """
 
@@ -135,7 +136,7 @@ class Recipe(_Strict):
     targets: list[Target] = Field(min_length=1)  # type: ignore[valid-type]
     validation: Validation | None = None
     gates: GateSpec = Field(default_factory=GateSpec)
-    output: str = Field("out", description="output folder (relative to the recipe)")
+    output: str = Field("out", description="output folder (relative to the current directory)")
     cache: str | None = Field(None, description="shared intermediates (default: OUTPUT/.cache)")
 
     @field_validator("name")

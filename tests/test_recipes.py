@@ -22,7 +22,7 @@ def _recipe(d: Path, name: str, targets: list[dict], **extra) -> Path:
         "name": name,
         "source": {"model": "tiny"},
         "calibration": {"data": "text.txt", "ctx": 64, "chunks": 2},
-        "output": f"out-{name}",
+        "output": str(d / f"out-{name}"),
         "targets": targets,
         **extra,
     }
@@ -195,7 +195,7 @@ def test_only_jobs_merge_byte_identical(work: Path) -> None:
     for name in ("q8", "q4"):
         # each CI job has its own output (here: its own copy of the recipe)
         body = yaml.safe_load(rec.read_text())
-        body["output"] = f"job-{name}"
+        body["output"] = str(work / f"job-{name}")
         p = work / f"ci-{name}.yaml"
         p.write_text(yaml.safe_dump(body))
         r = run_cli("run", str(p), "--only", name)
@@ -221,3 +221,23 @@ def test_only_jobs_merge_byte_identical(work: Path) -> None:
     assert names == ["q4", "q8"]
     r = run_cli("run", str(rec), "--only", "nope")
     assert r.returncode == 2 and "--only nope: no such target" in r.stderr
+
+
+def test_vllm_fp8_target_built_and_reused(work: Path) -> None:
+    """A vLLM target in a recipe goes through llm-compressor (its own env) and is cached too."""
+    from quantkit import envs
+    from quantkit.errors import EngineError
+
+    try:
+        envs.python("llmcompressor")
+    except EngineError as e:
+        pytest.skip(f"llmcompressor environment absent: {e}")
+    rec = _recipe(work, "fp8", [{"name": "fp8", "method": "fp8", "scheme": "dynamic"}])
+    r = run_cli("run", str(rec), "--json")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((work / "out-fp8" / "fp8" / "manifest.json").read_text())
+    assert m["format"] == "vllm" and m["type"] == "fp8-dynamic" and len(m["sha256"]) == 64
+    cfg = json.loads((work / "out-fp8" / "fp8" / "tiny-fp8-dynamic" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert "vllm serve" in (work / "out-fp8" / "fp8" / "README.md").read_text()
+    assert [s["action"] for s in _plan(rec)] == ["reuse"]
