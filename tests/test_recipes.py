@@ -55,6 +55,14 @@ def _plan(recipe: Path, *extra: str) -> list[dict]:
         (lambda b: b["targets"][1].update(name="q8"), "targets[1].name: 'q8' is used twice"),
         (lambda b: b["source"].update(adapter="a"), "source: Value error, adapter:"),
         (lambda b: b["targets"][0].update(overrides=["x"]), "targets[0].overrides: bad"),
+        (
+            lambda b: b["targets"].append({"name": "a", "method": "gptq", "bits": 3}),
+            "targets[2].bits",
+        ),
+        (
+            lambda b: b["targets"].append({"name": "a", "method": "exl2"}),
+            "targets[2].method: unknown",
+        ),
     ],
 )
 def test_schema_errors_name_the_key(work: Path, edit, expect: str) -> None:
