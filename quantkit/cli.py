@@ -917,6 +917,12 @@ from quantkit.cli_engines import engines  # noqa: E402
 
 cli.add_command(engines)
 
+# `quantkit recipes …`, `run`, `report merge` (quantkit/cli_recipes.py)
+from quantkit.cli_recipes import recipes, report, run  # noqa: E402
+
+for _cmd in (recipes, run, report):
+    cli.add_command(_cmd)
+
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Interrupted("interrupted by SIGTERM")

@@ -1,0 +1,551 @@
+"""``quantkit run RECIPE``: convert → imatrix → quantize → validate → report, with a cache.
+
+Every step has a key: a sha256 over the content of its inputs (model files, calibration text,
+settings, the key of the step it builds on). Shared intermediates (the F16 base GGUF, the
+importance matrix) live in the cache under their key, so two targets never compute the same
+thing twice. A target's artifact is reused when its manifest.json records the same key and the
+file's sha256 still matches; its validation is reused when the report was made for that key.
+Everything is written atomically (quantkit/atomic.py), so an interrupted run resumes where it
+stopped. Library code: no printing; ``log(message)`` is how progress is told.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.atomic import atomic_output
+from quantkit.errors import InputError
+from quantkit.recipe import DEFAULT, GGUFTarget, Recipe, validated
+
+KEY_VERSION = "1"  # bump when what a key covers changes
+Log = Callable[[str], None]
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, fixed indent, trailing newline: the same object always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(canonical_json([KEY_VERSION, *parts]).encode()).hexdigest()[:24]
+
+
+def _sha256(path: Path) -> str:
+    """A file's sha256, or for a checkpoint folder (vLLM targets) one over its files' names and
+    contents (validate/harness.py model_hash)."""
+    from quantkit.validate.harness import model_hash, sha256_file
+
+    return model_hash(path) if path.is_dir() else sha256_file(path)
+
+
+def _is_gguf(t: Any) -> bool:
+    return isinstance(t, GGUFTarget)
+
+
+def vllm_target(t: Any) -> Any:
+    """The recipe's vLLM target as the plain option model of quantize/vllm_targets.py."""
+    from quantkit.quantize import vllm_targets as vt
+
+    base = next(c for c in type(t).__mro__[1:] if c in (vt.GPTQTarget, vt.AWQTarget, vt.FP8Target))
+    return base(**t.model_dump(exclude={"name", "gates", "validate_"}))
+
+
+@dataclass
+class Step:
+    kind: str  # base | imatrix | quantize | validate
+    target: str | None  # the target it belongs to (None: shared)
+    key: str
+    path: str
+    action: str = "build"  # build | reuse
+
+
+@dataclass
+class RunResult:
+    steps: list[Step]
+    manifests: list[dict[str, Any]] = field(default_factory=list)
+    failed_gates: list[dict[str, Any]] = field(default_factory=list)
+    failed_artifacts: list[str] = field(default_factory=list)  # could not be scored
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "steps": [asdict(s) for s in self.steps],
+            "manifests": self.manifests,
+            "failed_gates": self.failed_gates,
+            "failed_artifacts": self.failed_artifacts,
+        }
+
+
+class Context:
+    """The recipe with its paths resolved and its content keys computed once."""
+
+    def __init__(self, recipe: Recipe, recipe_path: Path) -> None:
+        from quantkit.validate.harness import model_hash
+
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.base_dir = recipe_path.resolve().parent
+        # outputs go where the user runs quantkit (like -o); inputs are found next to the recipe
+        self.out = Path(recipe.output).expanduser().absolute()
+        self.cache = (
+            Path(recipe.cache).expanduser().absolute() if recipe.cache else self.out / ".cache"
+        )
+        self.model = self._model(recipe.source.model)
+        self.model_key = model_hash(self.model)
+        self.calib = self._text(recipe.calibration.data) if recipe.calibration else None
+        self.vdata = self._text(recipe.validation.data) if recipe.validation else None
+        self.stem = self.model.name
+
+    def _path(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else self.base_dir / q
+
+    def _model(self, m: str) -> Path:
+        if m == DEFAULT:
+            from quantkit.demo import demo_model
+
+            return demo_model()
+        p = self._path(m)
+        if not (p / "config.json").is_file():
+            raise InputError(f"source.model: {p} is not a Hugging Face model folder")
+        return p
+
+    def _text(self, d: str) -> Path:
+        if d == DEFAULT:
+            from quantkit.demo_run import DEMO_TEXT
+
+            p = self.cache / "texts" / "demo.txt"
+            if not p.is_file():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_output(p, force=True) as tmp:
+                    tmp.write_text(DEMO_TEXT, encoding="utf-8")
+            return p
+        p = self._path(d)
+        if not p.is_file():
+            raise InputError(f"{p}: text not found")
+        return p
+
+    # --- keys and paths of every step -------------------------------------------------------
+    def base_key(self) -> str:
+        return _key("base-F16", self.model_key)
+
+    def base_path(self) -> Path:
+        return self.cache / f"base-{self.base_key()}" / f"{self.stem}-F16.gguf"
+
+    def imatrix_key(self) -> str:
+        c = self.recipe.calibration
+        assert c is not None and self.calib is not None
+        return _key("imatrix", self.model_key, _sha256(self.calib), c.ctx, c.chunks)
+
+    def imatrix_path(self) -> Path:
+        return self.cache / f"imatrix-{self.imatrix_key()}.gguf"
+
+    def target_key(self, t: Any) -> str:
+        if not _is_gguf(t):
+            v = vllm_target(t)
+            c = self.recipe.calibration
+            calib = None
+            if v.needs_calibration:
+                if c is None or self.calib is None:
+                    raise InputError(f"targets: {t.name}: needs a calibration section")
+                calib = [_sha256(self.calib), c.samples, c.ctx]
+            return _key("vllm", self.model_key, v.model_dump(), calib)
+        opts = t.model_dump(include={"type", "overrides", "output_type", "embedding_type"})
+        return _key("gguf", self.base_key(), opts, self.imatrix_key() if t.imatrix else None)
+
+    def target_dir(self, t: Any) -> Path:
+        return self.out / t.name
+
+    def artifact_path(self, t: Any) -> Path:
+        if not _is_gguf(t):
+            return self.target_dir(t) / f"{self.stem}-{vllm_target(t).label()}"
+        return self.target_dir(t) / f"{self.stem}-{t.type}.gguf"
+
+    def validation_key(self, t: GGUFTarget) -> str:
+        v = self.recipe.validation
+        assert v is not None and self.vdata is not None
+        gates = self.recipe.gates.merged(t.gates)
+        return _key(
+            "validate", self.target_key(t), self.model_key, _sha256(self.vdata),
+            v.model_dump(), gates.model_dump(),
+        )  # fmt: skip
+
+
+def _manifest(d: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _artifact_ok(ctx: Context, t: GGUFTarget) -> bool:
+    """Trusted only when the manifest says so for this key and the bytes still hash the same."""
+    m = _manifest(ctx.target_dir(t))
+    p = ctx.artifact_path(t)
+    return bool(
+        m and m.get("key") == ctx.target_key(t) and p.exists() and m.get("sha256") == _sha256(p)
+    )
+
+
+def _validation_ok(ctx: Context, t: GGUFTarget) -> bool:
+    m = _manifest(ctx.target_dir(t))
+    return bool(
+        m
+        and m.get("validation", {}).get("key") == ctx.validation_key(t)
+        and (ctx.target_dir(t) / "report.json").is_file()
+    )
+
+
+def selected(recipe: Recipe, only: list[str] | None) -> list[Any]:
+    if not only:
+        return list(recipe.targets)
+    names = [t.name for t in recipe.targets]
+    bad = [o for o in only if o not in names]
+    if bad:
+        raise InputError(
+            f"--only {', '.join(bad)}: no such target", f"the recipe has {', '.join(names)}"
+        )
+    return [t for t in recipe.targets if t.name in only]
+
+
+def plan(ctx: Context, only: list[str] | None = None) -> list[Step]:
+    """Every step the run will take, each marked build or reuse (nothing is written)."""
+    targets = selected(ctx.recipe, only)
+    steps: list[Step] = []
+    todo = [t for t in targets if not _artifact_ok(ctx, t)]
+    need_base = any(_is_gguf(t) and t.type not in ("F32", "BF16") for t in todo)
+    if need_base:
+        bp = ctx.base_path()
+        steps.append(Step("base", None, ctx.base_key(), str(bp), _act(bp.is_file())))
+    if any(getattr(t, "imatrix", False) for t in todo):
+        ip = ctx.imatrix_path()
+        steps.append(Step("imatrix", None, ctx.imatrix_key(), str(ip), _act(ip.is_file())))
+    for t in targets:
+        ok = t not in todo
+        steps.append(
+            Step("quantize", t.name, ctx.target_key(t), str(ctx.artifact_path(t)), _act(ok))
+        )
+        if validated(ctx.recipe, t):
+            vok = ok and _validation_ok(ctx, t)
+            rp = ctx.target_dir(t) / "report.json"
+            steps.append(Step("validate", t.name, ctx.validation_key(t), str(rp), _act(vok)))
+    return steps
+
+
+def _act(reuse: bool) -> str:
+    return "reuse" if reuse else "build"
+
+
+def run(
+    ctx: Context,
+    only: list[str] | None = None,
+    log: Log | None = None,
+    progress: Any = None,
+) -> RunResult:
+    say = log or (lambda _m: None)
+    steps = plan(ctx, only)
+    targets = {t.name: t for t in selected(ctx.recipe, only)}
+    res = RunResult(steps)
+    n = len(steps)
+    for i, s in enumerate(steps, 1):
+        what = f"[{i}/{n}] {s.kind}{' ' + s.target if s.target else ''}"
+        if s.action == "reuse":
+            say(f"{what}: reused ({Path(s.path).name})")
+            continue
+        say(f"{what}: building {Path(s.path).name}")
+        t = targets.get(s.target or "")
+        if s.kind == "base":
+            _build_base(ctx, progress)
+        elif s.kind == "imatrix":
+            _build_imatrix(ctx, progress)
+        elif s.kind == "quantize" and not _is_gguf(t):
+            _build_vllm(ctx, t, progress)
+        elif s.kind == "quantize":
+            _build_target(ctx, t, progress)
+        elif s.kind == "validate":
+            _validate_target(ctx, t, progress)
+    for t in targets.values():
+        m = _manifest(ctx.target_dir(t)) or {}
+        res.manifests.append(m)
+        _write_card(ctx, t, m)
+        v = m.get("validation", {})
+        res.failed_gates += [{"target": t.name, **g} for g in v.get("failed_gates", [])]
+        if v.get("failed_artifacts"):
+            res.failed_artifacts.append(t.name)
+    _write(ctx.out / "run.json", canonical_json({"recipe": ctx.recipe.name, **res.to_json()}))
+    return res
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _build_base(ctx: Context, progress: Any) -> None:
+    from quantkit.convert import convert
+
+    p = ctx.base_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    convert(ctx.model, ["F16"], p, force=True, progress=progress)
+
+
+def _build_imatrix(ctx: Context, progress: Any) -> None:
+    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+    from quantkit.text import read_text
+
+    c = ctx.recipe.calibration
+    assert c is not None and ctx.calib is not None
+    im = collect_imatrix(
+        ctx.model, read_text(ctx.calib), ctx=c.ctx, chunks=c.chunks, progress=progress
+    )
+    save_imatrix(im, ctx.imatrix_path())
+
+
+def _build_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
+    from quantkit.convert import QuantSettings, convert
+    from quantkit.convert.hf_to_gguf import requantize
+    from quantkit.quantize.gguf import QuantizeOptions, parse_overrides
+    from quantkit.quantize.types import gguf_type
+
+    d = ctx.target_dir(t)
+    d.mkdir(parents=True, exist_ok=True)
+    final = ctx.artifact_path(t)
+    (d / "manifest.json").unlink(missing_ok=True)  # the old one no longer describes the file
+    if t.type == "F16":  # the base itself: copied, not converted again
+        with atomic_output(final, force=True) as tmp:
+            shutil.copyfile(ctx.base_path(), tmp)
+    elif gguf_type(t.type).base:
+        convert(ctx.model, [t.type], final, force=True, progress=progress)
+    else:
+        qs = QuantSettings(
+            options=QuantizeOptions(
+                output_type=t.output_type,
+                embedding_type=t.embedding_type,
+                overrides=parse_overrides(t.overrides),
+            ),
+            imatrix_file=ctx.imatrix_path() if t.imatrix else None,
+        )
+        requantize(
+            ctx.base_path(), [gguf_type(t.type)], final,
+            force=True, progress=progress, quant=qs, dry_run=False,
+        )  # fmt: skip
+    c = ctx.recipe.calibration
+    _write_manifest(
+        ctx,
+        t,
+        final,
+        "gguf",
+        t.type,
+        t.model_dump(include={"type", "overrides", "output_type", "embedding_type", "imatrix"}),
+        c.model_dump() if t.imatrix and c else None,
+    )
+
+
+def _build_vllm(ctx: Context, t: Any, progress: Any) -> None:
+    """AWQ/GPTQ/FP8 through llm-compressor in its own environment (quantize/vllm.py)."""
+    from quantkit.quantize.vllm import VllmSettings, export_vllm
+
+    v = vllm_target(t)
+    c = ctx.recipe.calibration
+    d = ctx.target_dir(t)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "manifest.json").unlink(missing_ok=True)
+    final = ctx.artifact_path(t)
+    s = VllmSettings(calib=ctx.calib if v.needs_calibration else None)
+    if c is not None and v.needs_calibration:
+        s.samples, s.seq_len = c.samples, c.ctx
+    export_vllm(ctx.model, [v], final, s, force=True, progress=progress)
+    calib = c.model_dump() if c is not None and v.needs_calibration else None
+    _write_manifest(ctx, t, final, "vllm", v.label(), v.model_dump(), calib)
+
+
+def _write_manifest(
+    ctx: Context, t: Any, final: Path, fmt: str, type_: str, options: dict, calib: dict | None
+) -> None:
+    from quantkit import __version__
+
+    size = (
+        sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+        if final.is_dir()
+        else (final.stat().st_size)
+    )
+    manifest = {
+        "target": t.name,
+        "artifact": final.name,
+        "format": fmt,
+        "type": type_,
+        "size": size,
+        "sha256": _sha256(final),
+        "key": ctx.target_key(t),
+        "provenance": {
+            "recipe": ctx.recipe.name,
+            "recipe_sha256": _sha256(ctx.recipe_path),
+            "source": ctx.recipe.source.model,
+            "source_sha256": ctx.model_key,
+            "options": options,
+            "calibration_sha256": _sha256(ctx.calib) if calib and ctx.calib else None,
+            "calibration": calib,
+            "tools": _versions(__version__),
+        },
+    }
+    _write(ctx.target_dir(t) / "manifest.json", canonical_json(manifest))
+
+
+def _versions(qk: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"quantkit": qk}
+    for pkg in ("llama-cpp-python", "gguf", "transformers", "torch"):  # this venv's engines
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _validate_target(ctx: Context, t: Any, progress: Any) -> None:
+    from quantkit.validate.harness import Gates, Settings, validate
+    from quantkit.validate.report import markdown, plot
+
+    v = ctx.recipe.validation
+    assert v is not None and ctx.vdata is not None
+    g = ctx.recipe.gates.merged(t.gates)
+    s = Settings(
+        ctx=v.ctx, chunks=v.chunks, threads=v.threads, pp=v.pp, tg=v.tg, timeout=v.timeout,
+        kv_f32=v.kv_f32,
+        gates=Gates(g.max_kld, g.max_ppl_increase_pct, g.min_top1_pct, g.per_type_defaults),
+    )  # fmt: skip
+    report = validate([ctx.artifact_path(t)], ctx.model, ctx.vdata, s, progress=progress)
+    d = ctx.target_dir(t)
+    _write(d / "report.json", canonical_json(report))
+    _write(d / "report.md", markdown(report))
+    plot(report, d / "report.png")
+    art = report["artifacts"][0] if report["artifacts"] else {}
+    m = _manifest(d) or {}
+    m["validation"] = {
+        # an artifact that could not be scored (crash, timeout) is tried again by the next run
+        "key": None if report["failed_artifacts"] else ctx.validation_key(t),
+        "passed": report["passed"],
+        "quality": art.get("quality"),
+        "speed": art.get("speed"),
+        "gates": art.get("gates", []),
+        "failed_gates": report["failed_gates"],
+        "failed_artifacts": report["failed_artifacts"],
+    }
+    _write(d / "manifest.json", canonical_json(m))
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
+    """The model card: what the file is, how it was made, what it measured, how to run it."""
+    if not m:
+        return
+    p = m["provenance"]
+    gguf = m["format"] == "gguf"
+    v = m.get("validation") or {}
+    q = v.get("quality") or {}
+    tools = ", ".join(f"{k} {val}" for k, val in sorted(p["tools"].items()))
+    lines = [
+        f"# {ctx.stem} — {m['type']} {'GGUF' if gguf else 'checkpoint for vLLM'}",
+        "",
+        f"`{m['artifact']}`: {m['type']} quantization of `{p['source']}` for "
+        f"{'llama.cpp' if gguf else 'vLLM'}, made by",
+        f"quantkit from recipe `{p['recipe']}` (target `{t.name}`).",
+        "",
+        "## How it was made",
+        "",
+        f"- source: `{p['source']}` (files sha256 `{p['source_sha256']}`)",
+        f"- recipe sha256: `{p['recipe_sha256']}`",
+        f"- options: `{json.dumps(p['options'], sort_keys=True)}`",
+        "- calibration (importance matrix): "
+        + (f"sha256 `{p['calibration_sha256']}`" if p["calibration_sha256"] else "none"),
+        f"- tools: {tools}",
+        f"- size: {m['size']} bytes, sha256 `{m['sha256']}`",
+        "",
+        "## Measured",
+        "",
+    ]
+    if v:
+        lines += [
+            "| PPL | PPL Δ % | mean KLD | top-1 % | gates |",
+            "|---|---|---|---|---|",
+            f"| {_fmt(q.get('ppl'))} | {_fmt(q.get('ppl_increase_pct'), '.3g')} | "
+            f"{_fmt(q.get('kld_mean'))} | {_fmt(q.get('top1_pct'), '.3g')} | "
+            f"{'passed' if v.get('passed') else 'FAILED'} |",
+            "",
+            "Full report: report.md / report.json / report.png (docs/report-schema.md).",
+        ]
+    else:
+        lines.append("Not validated by this recipe.")
+    name = m["artifact"]
+    run = (
+        [
+            f"llama-cli -m {name} -p 'Hello'                  # llama.cpp",
+            f"printf 'FROM ./{name}\\n' > Modelfile && ollama create {ctx.stem.lower()} -f Modelfile",
+            f"vllm serve ./{name} --tokenizer {ctx.model}   # vLLM (GGUF support is experimental)",
+        ]
+        if gguf
+        else [f"vllm serve ./{name}                        # vLLM (quantization from config.json)"]
+    )
+    lines += ["", "## How to run", "", "```sh", *run, "```", ""]
+    _write(ctx.target_dir(t) / "README.md", "\n".join(lines))
+
+
+# --- report merge ---------------------------------------------------------------------------
+
+
+def _job_targets(src: Path) -> list[Path]:
+    """Target folders of a job output (OUT/NAME/manifest.json) or a merged folder's own."""
+    if (src / "manifest.json").is_file() and not (src / "run.json").is_file():
+        return [src]
+    return sorted(p.parent for p in src.glob("*/manifest.json"))
+
+
+def merge(sources: list[Path], out: Path) -> dict[str, Any]:
+    """Combine the manifests and reports of several jobs (``run --only``) into OUT.
+
+    Canonical JSON with everything sorted by target name: the same inputs in any order give
+    byte-identical files. A target present in two jobs must be the same artifact.
+    """
+    from quantkit.validate.report import markdown
+
+    manifests: dict[str, dict[str, Any]] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    for src in sources:
+        if not src.is_dir():
+            raise InputError(f"{src}: not a run output folder")
+        dirs = _job_targets(src)
+        if not dirs:
+            raise InputError(f"{src}: no target manifests found", "give `quantkit run` outputs")
+        for d in dirs:
+            m = json.loads((d / "manifest.json").read_text())
+            name = m["target"]
+            if name in manifests and manifests[name]["sha256"] != m["sha256"]:
+                raise InputError(f"target {name}: different artifacts in two jobs")
+            manifests[name] = m
+            if (d / "report.json").is_file():
+                reports[name] = json.loads((d / "report.json").read_text())
+    names = sorted(manifests)
+    merged_manifest = {"artifacts": [manifests[n] for n in names]}
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "manifest.json", canonical_json(merged_manifest))
+    if reports:
+        rnames = sorted(reports)
+        merged = dict(reports[rnames[0]])
+        merged["artifacts"] = [a for n in rnames for a in reports[n]["artifacts"]]
+        merged["failed_gates"] = [g for n in rnames for g in reports[n]["failed_gates"]]
+        merged["failed_artifacts"] = [a for n in rnames for a in reports[n]["failed_artifacts"]]
+        merged["passed"] = all(reports[n]["passed"] for n in rnames)
+        _write(out / "report.json", canonical_json(merged))
+        _write(out / "report.md", markdown(merged))
+        return merged
+    return merged_manifest
