@@ -106,6 +106,8 @@ def test_known_vllm_errors_get_a_hint() -> None:
     msg = w.describe_error(e)
     assert msg.startswith("AttributeError: '_OpNamespace'") and "AVX-512" in msg
     assert w.describe_error(ValueError("bad\n  shape")) == "ValueError: bad shape"
+    moe = w.describe_error(ValueError("Unsupported FP8 MoE backend: NONE"))
+    assert "--ignore" in moe and "experts" in moe
 
 
 @pytest.fixture(scope="module")
