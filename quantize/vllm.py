@@ -28,6 +28,7 @@ from typing import Any
 from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
 from quantkit.checkpoint import Checkpoint
 from quantkit.errors import EngineError, InputError
+from quantkit.proc import kill_group
 from quantkit.quantize.vllm_targets import (
     DEFAULT_IGNORE,
     LAYOUTS,
@@ -491,13 +492,13 @@ def run_worker(
                     break
                 except subprocess.TimeoutExpired:
                     if time.monotonic() - t0 > timeout:
-                        _kill(proc)
+                        kill_group(proc)
                         raise EngineError(
                             f"llm-compressor did not finish in {timeout:g} s", "lower --samples"
                         ) from None
                 seen = _forward_progress(work, seen, progress)
         except BaseException:
-            _kill(proc)
+            kill_group(proc)
             raise
     _forward_progress(work, seen, progress)
     res_file = work / "result.json"
@@ -527,17 +528,6 @@ def _forward_progress(work: Path, seen: int, progress: Progress | None) -> int:
         if len(parts) == 3:
             progress(parts[0], int(parts[1]), int(parts[2]))
     return len(lines)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    import signal
-
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 # -- export --------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from quantkit.atomic import atomic_dir, file_lock
 from quantkit.checkpoint import read_json
 from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
+from quantkit.proc import kill_group
 from quantkit.text import read_text
 from quantkit.validate.engines import ENGINES, SCRIPT_ENGINES, engine_for, hf_file_type
 from quantkit.validate.metrics import make_chunks
@@ -233,17 +234,6 @@ def log_tail(log: Path, n: int = LOG_TAIL_LINES) -> list[str]:
     return [ln[:400] for ln in lines[-n:]]
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    import signal
-
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
 def run_worker(
     job: dict[str, Any], workdir: Path, timeout: float, progress: Progress | None, label: str
 ) -> tuple[dict[str, Any], list[str]]:
@@ -279,7 +269,7 @@ def run_worker(
                     rc = proc.wait(timeout=max(0.001, min(0.5, t0 + timeout - time.monotonic())))
                 except subprocess.TimeoutExpired:
                     if time.monotonic() - t0 >= timeout:
-                        _kill(proc)
+                        kill_group(proc)
                         return (
                             {"ok": False, "error": f"timed out after {timeout:g} s"},
                             log_tail(log),
@@ -294,7 +284,7 @@ def run_worker(
                         progress(f"{label} {stage}", int(done), int(total))
                     seen = len(lines)
         except BaseException:
-            _kill(proc)  # interrupted (Ctrl-C, SIGTERM): the worker is in its own session
+            kill_group(proc)  # interrupted (Ctrl-C, SIGTERM): the worker is in its own session
             raise
     res_file = workdir / "result.json"
     if res_file.is_file():
