@@ -148,11 +148,65 @@ class VllmResult:
 # -- layer discovery and --ignore matching -------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)  # one meta build per model, however many targets
+# Architectures whose transformers model makes every 2-D ``*.weight`` of the checkpoint an
+# ``nn.Linear``, except the token embedding, and adds ``lm_head`` (tied or not). For these the
+# Linear layers and their widths come from the safetensors headers and config.json: no torch or
+# transformers import in quantkit's process (that import was most of quantkit's fixed cost over a
+# direct llm-compressor call, bench/vllm_export.py). Each entry is checked against the
+# meta-device build in tests/test_vllm_export.py; anything else (MoE with fused experts, GPT-2's
+# Conv1D, vision towers) takes the meta-device build.
+HEADER_LAYOUT_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2"})
+_EMBEDDING = re.compile(r"(^|\.)embed_tokens$")
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def layers_from_headers(model_dir: Path) -> tuple[str, list[LinearLayer], list[str]] | None:
+    """``linear_layers`` from the safetensors headers and config.json alone, for the
+    architectures of ``HEADER_LAYOUT_TYPES``; None for any other."""
+    with Checkpoint.open(model_dir) as ck:
+        config, tensors = ck.config, ck.tensors
+    archs = config.get("architectures") or []
+    if config.get("model_type") not in HEADER_LAYOUT_TYPES or len(archs) != 1:
+        return None
+    if not archs[0].endswith("ForCausalLM") or not tensors:
+        return None
+    layers: dict[str, LinearLayer] = {}
+    modules: set[str] = {""}
+    embed: tuple[int, ...] | None = None
+    for name, t in tensors.items():
+        mod = name.rpartition(".")[0]
+        parts = mod.split(".")
+        modules.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        if not name.endswith(".weight") or len(t.shape) != 2:
+            continue
+        if _EMBEDDING.search(mod):
+            embed = t.shape
+        else:
+            layers[mod] = LinearLayer(mod, t.shape[1], t.shape[0])
+    if "lm_head" not in layers:  # tied: transformers still makes lm_head an nn.Linear
+        if embed is None:
+            return None
+        layers["lm_head"] = LinearLayer("lm_head", embed[1], embed[0])
+        modules.add("lm_head")
+    ordered = sorted(layers.values(), key=lambda lay: _natural(lay.name))
+    return archs[0], ordered, sorted(modules, key=_natural)
+
+
+@functools.lru_cache(maxsize=4)  # one listing per model, however many targets
 def linear_layers(model_dir: Path) -> tuple[str, list[LinearLayer], list[str]]:
     """The architecture, every ``nn.Linear`` (what llm-compressor's ``targets=["Linear"]``
-    selects) and every module name, from the model built on the meta device from config.json
-    alone (no weights are read)."""
+    selects) and every module name: from the safetensors headers where the architecture's
+    layout is known (``layers_from_headers``), else from the model built on the meta device
+    from config.json (no weights are read either way)."""
+    found = layers_from_headers(model_dir)
+    return found if found is not None else meta_linear_layers(model_dir)
+
+
+def meta_linear_layers(model_dir: Path) -> tuple[str, list[LinearLayer], list[str]]:
+    """``linear_layers`` from the transformers model built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -428,6 +482,45 @@ def _grouped_with_widths(bad: Sequence[LinearLayer]) -> list[tuple[str, int]]:
 # -- calibration ---------------------------------------------------------------------------------
 
 
+# tokenizer_config.json classes for which transformers 5 uses tokenizer.json as it is (the
+# "tokenizers" backend): the ``tokenizers`` library then gives the same ids without importing
+# transformers (checked in tests/test_vllm_export.py). Other classes, or add_bos_token /
+# add_eos_token overrides, go through transformers.
+_AS_IS_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def tokenize_calibration(model_dir: Path, text: str) -> tuple[list[int], int | None]:
+    """``validate.harness.tokenize_reference``'s ids and BOS, with the ``tokenizers`` library
+    alone where the model's tokenizer is a plain tokenizer.json."""
+    from quantkit.checkpoint import read_json
+
+    cfg_file, tok_file = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    cfg = read_json(cfg_file) if cfg_file.is_file() else {}
+    plain = (
+        isinstance(cfg, dict)
+        and tok_file.is_file()
+        and cfg.get("tokenizer_class") in _AS_IS_TOKENIZERS
+        and not ({"add_bos_token", "add_eos_token"} & cfg.keys())
+    )
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        plain = False
+    if not plain:
+        from quantkit.validate.harness import tokenize_reference
+
+        return tokenize_reference(model_dir, text)
+    tok = Tokenizer.from_file(str(tok_file))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    probe = tok.encode("a", add_special_tokens=True).ids
+    bos_tok = cfg.get("bos_token")
+    if isinstance(bos_tok, dict):  # AddedToken written as a dict
+        bos_tok = bos_tok.get("content")
+    bos = tok.token_to_id(bos_tok) if isinstance(bos_tok, str) else None
+    adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
+    return ([bos] + list(ids) if adds_bos else list(ids)), (bos if adds_bos else None)
+
+
 def calibration_ids(model_dir: Path, calib: Path, samples: int, seq_len: int):
     """``samples`` consecutive windows of ``seq_len`` tokens of the calibration text, each
     starting with BOS when the tokenizer adds one (llama-imatrix's chunking, quantize/imatrix.py)."""
@@ -435,11 +528,10 @@ def calibration_ids(model_dir: Path, calib: Path, samples: int, seq_len: int):
 
     from quantkit.quantize.imatrix import chunk_tokens
     from quantkit.text import read_text
-    from quantkit.validate.harness import tokenize_reference
 
     if not calib.is_file():
         raise InputError(f"{calib}: calibration text not found")
-    ids, bos = tokenize_reference(model_dir, read_text(calib))
+    ids, bos = tokenize_calibration(model_dir, read_text(calib))
     have = len(ids) // seq_len
     if have < samples:
         raise InputError(

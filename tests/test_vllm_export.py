@@ -195,6 +195,100 @@ def test_preflight_suggested_ignore_makes_it_pass(demo_model_dir):
     assert len(plan.quantized) == 30 and plan.memory_estimate > 0
 
 
+HEADER_ARCHS = {  # each model_type of vllm.HEADER_LAYOUT_TYPES, by its CausalLM class
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+}
+
+
+def _layer_set(found) -> set:
+    return {(lay.name, lay.in_features, lay.out_features) for lay in found[1]}
+
+
+def test_layers_from_headers_match_the_meta_build(tmp_path, demo_model_dir):
+    """The header listing (no torch import) finds exactly the nn.Linear layers, widths and
+    architecture that transformers' meta-device model has, for every listed model type, tied
+    (lm_head not stored) and untied, and for the embedded default."""
+    from conftest import make_tiny_model
+
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.quantize import vllm
+
+    assert set(HEADER_ARCHS) == vllm.HEADER_LAYOUT_TYPES
+    small = dict(
+        hidden_size=64, intermediate_size=96, num_attention_heads=2, head_dim=32, pad_token_id=0
+    )
+    models = [demo_model_dir]
+    for i, (mtype, arch) in enumerate(HEADER_ARCHS.items()):
+        tied = i % 2 == 0
+        d = make_tiny_model(tmp_path / mtype, arch, tie_word_embeddings=tied, **small)
+        with Checkpoint.open(d) as ck:
+            assert ("lm_head.weight" in ck.tensors) is not tied
+        models.append(d)
+    for d in models:
+        fast, meta = vllm.layers_from_headers(d), vllm.meta_linear_layers(d)
+        assert fast is not None, d
+        assert fast[0] == meta[0] and _layer_set(fast) == _layer_set(meta), d
+        assert len(fast[1]) == len(meta[1]) and set(fast[2]) <= set(meta[2]), d
+        assert "lm_head" in {lay.name for lay in fast[1]}
+
+
+def test_layers_from_headers_declines_unlisted_architectures(tmp_path):
+    """Any other model type (e.g. MoE with fused experts) takes the meta-device build."""
+    import json
+
+    from conftest import make_tiny_model
+
+    from quantkit.quantize import vllm
+
+    d = make_tiny_model(tmp_path / "m", "LlamaForCausalLM", hidden_size=64, intermediate_size=96)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "mixtral"
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert vllm.layers_from_headers(d) is None
+
+
+def test_calibration_tokens_match_the_reference_tokenizer(demo_model_dir, tmp_path):
+    """The tokenizers-only path gives validate's reference ids (digits, special-token text,
+    non-ASCII) for the tiny test tokenizer and the embedded default."""
+    from conftest import make_tiny_model
+
+    from quantkit.quantize import vllm
+    from quantkit.validate.harness import tokenize_reference
+
+    text = TRAIN_TEXT + " 12345 <|endoftext|> <|im_start|>user\nhi"
+    for d in (demo_model_dir, make_tiny_model(tmp_path / "tiny", "LlamaForCausalLM")):
+        assert vllm.tokenize_calibration(d, text) == tokenize_reference(d, text), d
+
+
+def test_vllm_preflight_imports_neither_torch_nor_transformers(demo_model_dir, tmp_path):
+    """quantkit's fixed cost before llm-compressor starts: the preflight and the calibration
+    ids of a gptq export on the embedded default need no torch/transformers import."""
+    import subprocess
+    import sys
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TRAIN_TEXT * 10)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from quantkit.quantize import vllm\n"
+        "from quantkit.quantize.vllm_targets import parse_vllm_target\n"
+        f"m = Path({str(demo_model_dir)!r})\n"
+        f"s = vllm.VllmSettings(calib=Path({str(calib)!r}), samples=4, seq_len=64)\n"
+        "plan = vllm.preflight(m, parse_vllm_target('gptq:group=64'), s, None)\n"
+        "ids = vllm.calibration_ids(m, s.calib, s.samples, s.seq_len)\n"
+        "print(len(plan.quantized), ids.shape, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["210", "(4,", "64)", "False", "False"], r.stdout + r.stderr
+
+
 # -- tiny exports through llm-compressor ---------------------------------------------------------
 
 
