@@ -89,7 +89,13 @@ def run_tree(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
     """Run ``cmd``; wall seconds, peak RSS in bytes of it and its descendants, stdout."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        # Each measured process tree in its own session: with the kernel's autogroup
+        # scheduling (/proc/sys/kernel/sched_autogroup_enabled = 1, the default on desktop and
+        # many server kernels) CPU time is shared between sessions first. quantkit starts its
+        # llm-compressor worker in a new session (quantize/vllm.py run_worker); a direct child
+        # left in this bench's session would compete with everything else started from the
+        # same shell, and on a loaded machine came out 3x slower (ratio 0.32, not a real win).
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - t0
