@@ -130,8 +130,9 @@ def _validate(result: ExportResult, model: Path, adapter: Any, spec: Any, thread
     """Score the GGUF artifacts against the model (base + adapter for a fine-tune) as
     ``quantkit validate`` does; each artifact gets its report entry as ``metrics``. ``spec``: a
     text path, or a dict with ``data`` and any of ``ctx``, ``chunks``, ``lora_base`` (a base
-    GGUF for gguf-lora artifacts)."""
-    from quantkit.validate.harness import Settings
+    GGUF for gguf-lora artifacts). vllm-lora artifacts of a fine-tune are scored in vLLM on the
+    model (the base), the adapter applied through vLLM's LoRA requests."""
+    from quantkit.validate.harness import Settings, split_lora_bases
     from quantkit.validate.harness import validate as run_validate
 
     spec = spec if isinstance(spec, dict) else {"data": spec}
@@ -140,10 +141,14 @@ def _validate(result: ExportResult, model: Path, adapter: Any, spec: Any, thread
         raise InputError(
             f"validate= takes data, ctx, chunks, lora_base (got {', '.join(unknown) or 'no data'})"
         )
-    lora_base = spec.get("lora_base")
+    gguf_base, vllm_base = split_lora_bases(
+        [Path(spec["lora_base"])] if spec.get("lora_base") else []
+    )
     arts = [
         a for a in result.artifacts
-        if a.format == "gguf" or (a.format == "gguf-lora" and lora_base is not None)
+        if a.format == "gguf"
+        or (a.format == "gguf-lora" and gguf_base is not None)
+        or (a.format == "vllm-lora" and adapter is not None)
     ]  # fmt: skip
     settings = Settings(
         ctx=int(spec.get("ctx", 512)),
@@ -152,7 +157,8 @@ def _validate(result: ExportResult, model: Path, adapter: Any, spec: Any, thread
         pp=0,
         tg=0,
         adapter=Path(adapter) if adapter is not None else None,
-        lora_base=Path(lora_base) if lora_base is not None else None,
+        lora_base=gguf_base,
+        vllm_lora_base=vllm_base,
     )
     report = run_validate([a.path for a in arts], model, Path(spec["data"]), settings)
     for a, entry in zip(arts, report["artifacts"], strict=True):
