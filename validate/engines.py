@@ -259,6 +259,30 @@ class TransformersEngine(Engine):
         del self.model
 
 
+class MemoryEngine(TransformersEngine):
+    """A transformers (or peft) model already loaded in this process, scored where it is: the
+    reference of ``quantkit.export(model_in_memory, validate=...)``, which has no folder a worker
+    could load. Runs in the model's own dtype, device and attention implementation; switched to
+    eval mode while scoring and back afterwards. The caller's thread count is left alone."""
+
+    def __init__(self, model: Any, *, n_ctx: int, threads: int, **options: Any) -> None:
+        super().__init__("<memory>", n_ctx=n_ctx, threads=threads, **options)
+        self._given = model
+
+    def load(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = self._given
+        self._was_training = bool(self.model.training)
+        self.model.eval()
+        self.device = str(next(self.model.parameters()).device)
+
+    def unload(self) -> None:
+        self.model.train(self._was_training)
+        self.model = None
+
+
 ENGINES: dict[str, type[Engine]] = {
     LlamaCppEngine.name: LlamaCppEngine,
     TransformersEngine.name: TransformersEngine,

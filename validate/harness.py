@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -325,9 +326,11 @@ def _score_reference(
     s: Settings,
     run_dir: Path,
     progress: Progress | None,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Score the reference in transformers into a fresh folder that replaces ``cdir`` when
-    complete (the caller holds the cache lock)."""
+    complete (the caller holds the cache lock). ``model``: a model in memory, scored in this
+    process (engines.MemoryEngine) instead of a worker loading ``reference``."""
     with atomic_dir(cdir) as staging:
         job = {
             **base_job,
@@ -340,7 +343,21 @@ def _score_reference(
             "options": {"dtype": s.reference_dtype}
             | ({"adapter": str(s.adapter)} if s.adapter is not None else {}),
         }
-        ref_res, tail = run_worker(job, run_dir / "ref-worker", s.timeout, progress, "reference")
+        if model is not None:
+            from quantkit.validate.engines import MemoryEngine
+            from quantkit.validate.worker import run as run_here
+
+            job["dir"], job["in_process"] = str(run_dir / "ref-memory"), True
+            Path(job["dir"]).mkdir(parents=True, exist_ok=True)
+            eng = MemoryEngine(model, n_ctx=s.ctx, threads=int(base_job["threads"]))
+            try:
+                ref_res, tail = {"ok": True, **run_here(job, engine=eng)}, []
+            except Exception as e:  # the model's own forward failed
+                ref_res, tail = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
+        else:
+            ref_res, tail = run_worker(
+                job, run_dir / "ref-worker", s.timeout, progress, "reference"
+            )
         if not ref_res.get("ok"):
             last = tail[-1] if tail else ""
             raise ValidationError(
@@ -498,11 +515,19 @@ def validate(
     data: Path,
     settings: Settings | None = None,
     progress: Progress | None = None,
+    *,
+    reference_model: Any = None,
 ) -> dict[str, Any]:
-    """Score every artifact against the reference; returns the report (docs/report-schema.md)."""
+    """Score every artifact against the reference; returns the report (docs/report-schema.md).
+
+    ``reference_model``: the reference as a transformers/peft model in this process (then
+    ``reference`` is a folder with its config.json and tokenizer only); it is scored in-process
+    and never cached (the folder's files do not identify its weights)."""
     from quantkit import __version__
 
     s = settings or Settings()
+    if reference_model is not None:
+        s = dataclasses.replace(s, cache=False)
     if not reference.exists():
         raise InputError(f"{reference}: reference model not found")
     if not (reference / "config.json").is_file():
@@ -594,10 +619,14 @@ def validate(
                 if ref_res is None:
                     if s.cache:
                         check_free_space([(cdir, est)])
-                    ref_res = _score_reference(cdir, reference, base_job, s, run_dir, progress)
+                    ref_res = _score_reference(
+                        cdir, reference, base_job, s, run_dir, progress, reference_model
+                    )
         ref_ppl = ref_res["quality"]["ppl"]
         report["reference"] = {
-            "model": str(reference),
+            "model": str(reference)
+            if reference_model is None
+            else f"<in memory: {type(reference_model).__name__}>",
             "engine": ref_res["engine"],
             "ppl": ref_ppl,
             "ppl_stderr": ref_res["quality"]["ppl_stderr"],
