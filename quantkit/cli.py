@@ -421,6 +421,8 @@ def _convert_vllm(
         threads=threads,
     )
     res = vllm.export_vllm(model, targets, output, settings, force=force, progress=_Progress())
+    for note in res.notes:
+        click.echo(f"quantkit convert: note: {note}", err=True)
     if as_json:
         click.echo(
             json.dumps(
@@ -431,6 +433,7 @@ def _convert_vllm(
                     "peak_rss": res.worker.get("peak_rss"),
                     "versions": res.worker.get("versions"),
                     "timings": {k: round(v, 3) for k, v in res.timings.items()},
+                    "notes": res.notes,
                 },
                 indent=2,
             )
