@@ -646,8 +646,17 @@ def _dir_size(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
 
-def complete_checkpoint(src_model: Path, out: Path) -> None:
-    """Copy the side files the save did not write and check the quantization config."""
+# vLLM asks whether a fused-MoE layer is ignored by ``<layer>.experts.0.<ckpt projection>``
+# (compressed_tensors_moe.py get_moe_method), with its model's checkpoint projection names —
+# w1/w2/w3 for Mixtral (models/mixtral.py) — while llm-compressor's ignore list holds the
+# linearized names (…experts.0.gate_proj). A regex over any expert projection lets vLLM see
+# float experts whichever names it uses.
+VLLM_EXPERTS_IGNORE = "re:.*\\.experts\\.\\d+\\..*"
+
+
+def complete_checkpoint(src_model: Path, out: Path, experts_in_float: bool = False) -> None:
+    """Copy the side files the save did not write and check the quantization config; when the
+    experts were left in float, say so in a form vLLM matches (VLLM_EXPERTS_IGNORE)."""
     for name in SIDE_FILES:
         if (src_model / name).is_file() and not (out / name).exists():
             shutil.copy2(src_model / name, out / name)
@@ -657,6 +666,9 @@ def complete_checkpoint(src_model: Path, out: Path) -> None:
         raise EngineError(
             f"llm-compressor wrote no compressed-tensors quantization_config in {out}/config.json"
         )
+    if experts_in_float and VLLM_EXPERTS_IGNORE not in (q.get("ignore") or []):
+        q["ignore"] = [*(q.get("ignore") or []), VLLM_EXPERTS_IGNORE]
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def export_vllm(
@@ -759,7 +771,7 @@ def export_vllm(
         for t in parsed:
             plan, tp, ct_dir = plans[id(t)], paths[id(t)], work / t.label()
             plan.calib_tokens = int(ids.size) if (ids is not None and t.needs_calibration) else 0
-            complete_checkpoint(model_dir, ct_dir)
+            complete_checkpoint(model_dir, ct_dir, MOE_EXPERTS_IGNORE in per_target[id(t)].ignore)
             wt = (worker_res.get("timings") or {}).get(t.label(), {})
             quant_seconds = float(sum(wt.values()))
             for lay in layouts:

@@ -80,6 +80,11 @@ def test_fp8_export_routers_and_experts(run: dict) -> None:
         assert len(notes) == 1 and "MoE experts kept in float" in notes[0] and problem in notes[0]
         assert "fp8:experts=fp8" in notes[0]
         assert "model.layers.1.mlp.experts.3.down_proj" in fp8.ignored_layers
+        # vLLM asks about Mixtral's experts as experts.0.w1/w2/w3: a regex covers every naming
+        from quantkit.quantize.vllm import VLLM_EXPERTS_IGNORE
+
+        q = json.loads((fp8.path / "config.json").read_text())["quantization_config"]
+        assert VLLM_EXPERTS_IGNORE in q["ignore"]
     assert fp8.quantized_layers == 8  # q/k/v/o of 2 layers (+ 24 experts on CUDA hosts)
 
 
