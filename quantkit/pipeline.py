@@ -518,6 +518,19 @@ CARD_METRICS: tuple[tuple[str, str, str], ...] = (
     ("generation, tokens/s", "speed.tg_tps", ".1f"),
 )
 PROMPT = "Once upon a time"
+RUN_CTX = 2048  # the context the cards' commands ask for, at most the model's own
+
+
+def _run_ctx(ctx: Context) -> int:
+    """RUN_CTX, or less for a model trained on a shorter context (vLLM refuses a max_model_len
+    above config.json's max_position_embeddings)."""
+    try:
+        cfg = json.loads((ctx.model / "config.json").read_text())
+    except (OSError, ValueError):
+        return RUN_CTX
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    return min(RUN_CTX, int(n)) if isinstance(n, int) and n > 0 else RUN_CTX
 
 
 def _dig(d: dict[str, Any], dotted: str) -> Any:
@@ -553,6 +566,7 @@ def _run_section(ctx: Context, t: Any, name: str, gguf: bool) -> list[str]:
     in its venv, vLLM in its engine env), then the engines' own command lines."""
     import re
 
+    n_ctx = _run_ctx(ctx)
     if gguf:
         ollama = re.sub(r"[^a-z0-9._-]+", "-", ctx.stem.lower()).strip("-.") or "model"
         lines = [
@@ -561,7 +575,7 @@ def _run_section(ctx: Context, t: Any, name: str, gguf: bool) -> list[str]:
             "```python",
             "from llama_cpp import Llama",
             "",
-            f'llm = Llama(model_path="{name}", n_ctx=2048, verbose=False)',
+            f'llm = Llama(model_path="{name}", n_ctx={n_ctx}, verbose=False)',
             f'print(llm("{PROMPT}", max_tokens=32)["choices"][0]["text"])',
             "```",
             "",
@@ -590,15 +604,16 @@ def _run_section(ctx: Context, t: Any, name: str, gguf: bool) -> list[str]:
             "```python",
             "from vllm import LLM, SamplingParams",
             "",
-            f'llm = LLM(model="./{name}", max_model_len=2048)',
-            f'out = llm.generate(["{PROMPT}"], SamplingParams(max_tokens=32))',
-            "print(out[0].outputs[0].text)",
+            'if __name__ == "__main__":  # vLLM starts its engine in a spawned child process',
+            f'    llm = LLM(model="./{name}", max_model_len={n_ctx})',
+            f'    out = llm.generate(["{PROMPT}"], SamplingParams(max_tokens=32))',
+            "    print(out[0].outputs[0].text)",
             "```",
             "",
             "An OpenAI-compatible server (the quantization is read from config.json):",
             "",
             "```sh",
-            f"vllm serve ./{name} --max-model-len 2048",
+            f"vllm serve ./{name} --max-model-len {n_ctx}",
             "```",
         ]
     if validated(ctx.recipe, t):
