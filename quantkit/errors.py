@@ -65,9 +65,10 @@ class Interrupted(KeyboardInterrupt):
 
     exit_code = 130
 
-    def __init__(self, message: str = "interrupted") -> None:
+    def __init__(self, message: str = "interrupted", hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.hint = hint  # the same attributes as a QuantkitError
 
 
 # Exit codes by error type, most specific first; the CLI walks this table (DEVELOPERS.md: one
