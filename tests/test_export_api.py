@@ -16,7 +16,7 @@ from conftest import REPO, make_tiny_model, run_cli
 
 pytest.importorskip("peft")
 
-from test_lora import VARIANTS, make_adapter  # noqa: E402
+from lora_helpers import VARIANTS, make_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
