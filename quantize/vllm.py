@@ -232,7 +232,7 @@ def layers_from_headers(model_dir: Path) -> tuple[str, list[LinearLayer], list[s
     with Checkpoint.open(model_dir) as ck:
         config, tensors = ck.config, ck.tensors
     archs = config.get("architectures") or []
-    if config.get("model_type") not in HEADER_LAYOUT_TYPES or len(archs) != 1:
+    if config.get("model_type") not in HEADER_LAYOUT_TYPES or len(archs) != 1 or is_moe(config):
         return None
     if not archs[0].endswith("ForCausalLM") or not tensors:
         return None
