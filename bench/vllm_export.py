@@ -13,7 +13,8 @@ For every target, in the same run:
             save_compressed=True)``: what a user of llm-compressor would write by hand.
 
 Wall time and peak RSS (ru_maxrss of the process tree, from wait4) are printed with the ratio
-quantkit / direct (expected ≤ 1.1). Medians over --repeat. ``--quality`` also scores each
+quantkit / direct (expected ≤ 1.1). Medians over --repeat; the two sides alternate which runs
+first, so use an even --repeat on a machine whose load drifts. ``--quality`` also scores each
 quantkit export on held-out text (wikitext-2 test, 20 × 512 tokens) with transformers in the
 llmcompressor env (which decompresses compressed-tensors checkpoints): PPL against the
 original's, and the mean KL divergence to the original's next-token distribution.
@@ -168,7 +169,6 @@ def main() -> None:
                 cmd += ["--calib", str(a.calib)]
             env = {**os.environ}
             env.pop("QUANTKIT_DEBUG", None)
-            q_runs.append(run_tree(cmd, env)[:2])
             exports[t.label()] = str(out_q)
             job = {
                 "model": str(model),
@@ -180,18 +180,23 @@ def main() -> None:
             if t.needs_calibration:
                 job["calib_ids"] = str(work / "calib.npy")
             (work / "job.json").write_text(json.dumps(job))
-            d_runs.append(
-                run_tree(
-                    [
-                        str(py),
-                        "-I",
-                        "-c",
-                        DIRECT,
-                        str(work / "job.json"),
-                        str(REPO / "quantize" / "llmc_worker.py"),
-                    ]
-                )[:2]
-            )
+            direct = [
+                str(py),
+                "-I",
+                "-c",
+                DIRECT,
+                str(work / "job.json"),
+                str(REPO / "quantize" / "llmc_worker.py"),
+            ]
+            # Alternate which side runs first (q d, d q, q d, ...): on a shared machine the load
+            # drifts over minutes, and a fixed order hands that drift to one side every repeat
+            # (measured: 0.67 with the load rising, 1.16 with it falling, same code).
+            if r % 2 == 0:
+                q_runs.append(run_tree(cmd, env)[:2])
+                d_runs.append(run_tree(direct)[:2])
+            else:
+                d_runs.append(run_tree(direct)[:2])
+                q_runs.append(run_tree(cmd, env)[:2])
         qs, qr = statistics.median(x[0] for x in q_runs), statistics.median(x[1] for x in q_runs)
         ds, dr = statistics.median(x[0] for x in d_runs), statistics.median(x[1] for x in d_runs)
         rows.append(
