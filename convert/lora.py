@@ -433,3 +433,33 @@ def write_vllm_lora(adapter: LoraAdapter, out: Path) -> int:
     info = {"max_lora_rank": rank, "base_model": adapter.base_name or None}
     (out / "quantkit-vllm.json").write_text(json.dumps(info, indent=2))
     return sum(p.stat().st_size for p in out.iterdir())
+
+
+def save_merged(base: Path, adapter: Path, out: Path) -> None:
+    """Save base + adapter merged as an HF checkpoint in ``out`` (an existing, empty folder), for
+    steps that load the fine-tune in torch (imatrix collection, llm-compressor). The merge is
+    PEFT's own (``merge_and_unload``), in float32; the weights are saved in the base's dtype, and
+    the tokenizer (added tokens, chat template) is the adapter's when it has one."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lora = LoraAdapter.open(adapter)
+    try:
+        rows = next(
+            (lora.tensors[n].shape[0] for t, n in lora.replaced.items()
+             if t.endswith("embed_tokens.weight")),
+            None,
+        )  # fmt: skip
+        tok_dir = adapter if lora.has_tokenizer else base
+    finally:
+        lora.close()
+    cfg = read_json(base / "config.json")
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows)  # a fine-tune that added tokens (modules_to_save)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.to(getattr(torch, dtype, torch.float32))
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(out)

@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 
 from quantkit.errors import EngineError, InputError
-from quantkit.llama import clear_log, llama_cpp, log_listener, recent_log
+from quantkit.llama import clear_log, llama_cpp, log_listener, recent_log, signals_deferred
 from quantkit.quantize.types import GGUFType
 
 GGML_TYPE_COUNT = 43  # ggml.h enum ggml_type of the pinned llama.cpp: "unset" in quantize params
@@ -228,7 +228,7 @@ def quantize_file(
     out = str(dst if dst is not None else src.with_name(src.name + ".dry-run")).encode()
     clear_log()
     parser = _LogParser(report, progress, f"{'plan' if dry_run else 'quantize'} {qtype.name}")
-    with log_listener(parser):
+    with log_listener(parser), signals_deferred():
         rc = lib.llama_model_quantize(str(src).encode(), out, ctypes.byref(params))
     if rc != 0:
         why = "; ".join(recent_log(3, errors_only=True)) or f"return code {rc}"

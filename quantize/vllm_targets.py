@@ -18,6 +18,14 @@ from quantkit.errors import InputError
 METHODS = ("gptq", "awq", "fp8")
 LAYOUTS = ("compressed-tensors", "legacy")
 DEFAULT_IGNORE = ("lm_head",)
+# MoE routers stay in float in every export (added to the ignore list of MoE models): vLLM 0.32
+# builds Qwen2-MoE's shared_expert_gate with quant_config=None (models/qwen2_moe.py), so a
+# quantized one would not load, and a router's few weights decide which experts run: quantization
+# noise there flips routing for little size gain. transformers 5 module names: ``mlp.gate``
+# (Mixtral, Qwen2-MoE, Qwen3-MoE) and ``mlp.shared_expert_gate`` (Qwen2-MoE).
+MOE_ROUTER_IGNORE = ("re:.*mlp\\.gate$", "re:.*mlp\\.shared_expert_gate$")
+# The experts as llm-compressor names them once linearized (``mlp.experts.E.gate_proj`` …).
+MOE_EXPERTS_IGNORE = "re:.*mlp\\.experts\\..*"
 
 # FP8 block-wise weights: llm-compressor's FP8_BLOCK preset (compressed-tensors
 # quantization/quant_scheme.py) uses 128×128 weight blocks and 1×128 activation groups.
@@ -119,6 +127,10 @@ class FP8Target(_Target):
     # (no calibration); static: per-tensor weights and activation scales from calibration;
     # block: 128×128 weight blocks, activations per 1×128 group at run time (no calibration).
     scheme: Literal["dynamic", "static", "block"] = "dynamic"
+    # MoE experts: "auto" quantizes them where this host's vLLM has an FP8 fused-MoE kernel for
+    # the scheme (CUDA; on CPU only fp8:block with AMX, see quantize/vllm.py fp8_experts_problem)
+    # and keeps them in float elsewhere (with a note), so the export loads where it was made.
+    experts: Literal["auto", "fp8", "float"] = "auto"
 
     @property
     def needs_calibration(self) -> bool:

@@ -79,11 +79,6 @@ def export(
     from quantkit.convert import QuantSettings, convert
     from quantkit.quantize.gguf import QuantizeOptions
 
-    if validate and not isinstance(model, (str, os.PathLike)):
-        raise InputError(
-            "validate= needs the model on disk (transformers loads the reference from it)",
-            "save the base (and adapter), export from the folders, or run `quantkit validate`",
-        )
     targets = [targets] if isinstance(targets, str) else list(targets)
     qfields = {"output_type", "embedding_type", "pure", "leave_output"}
     unknown = sorted(set(options) - set(CONVERT_OPTIONS) - qfields - {"imatrix", "no_fallback"})
@@ -116,22 +111,42 @@ def export(
             ckpt, lora = memory_checkpoint(model, tokenizer, Path(work))
             kw.setdefault("name", _default_name(model))
             res = convert(ckpt, targets, out, quant=quant, adapter=lora, **kw)
-    result = ExportResult(
-        [_artifact(a, dry=bool(kw.get("dry_run"))) for a in res.artifacts],
-        res.architecture,
-        res.warnings,
-    )
+            result = _result(res, kw)
+            if validate and not kw.get("dry_run"):
+                # the reference is the model itself (base + adapter for a peft model), scored
+                # in this process; the folder holds its config.json and tokenizer
+                _validate(result, Path(work), None, validate, options.get("threads"), model)
+            return result
+    result = _result(res, kw)
     if validate and not kw.get("dry_run"):
         _validate(result, Path(model), adapter, validate, options.get("threads"))
     return result
 
 
-def _validate(result: ExportResult, model: Path, adapter: Any, spec: Any, threads: Any) -> None:
-    """Score the GGUF artifacts against the model (base + adapter for a fine-tune) as
-    ``quantkit validate`` does; each artifact gets its report entry as ``metrics``. ``spec``: a
+def _result(res: Any, kw: dict[str, Any]) -> ExportResult:
+    return ExportResult(
+        [_artifact(a, dry=bool(kw.get("dry_run"))) for a in res.artifacts],
+        res.architecture,
+        res.warnings,
+    )
+
+
+def _validate(
+    result: ExportResult,
+    model: Path,
+    adapter: Any,
+    spec: Any,
+    threads: Any,
+    in_memory: Any = None,
+) -> None:
+    """Score the artifacts against the model (base + adapter for a fine-tune) as
+    ``quantkit validate`` does; each artifact gets its report entry as ``metrics``. A model in
+    memory (``in_memory``) is its own reference, scored in this process (not cached); its
+    vllm-lora artifacts are not scored (vLLM needs the base as a folder). ``spec``: a
     text path, or a dict with ``data`` and any of ``ctx``, ``chunks``, ``lora_base`` (a base
-    GGUF for gguf-lora artifacts)."""
-    from quantkit.validate.harness import Settings
+    GGUF for gguf-lora artifacts). vllm-lora artifacts of a fine-tune are scored in vLLM on the
+    model (the base), the adapter applied through vLLM's LoRA requests."""
+    from quantkit.validate.harness import Settings, split_lora_bases
     from quantkit.validate.harness import validate as run_validate
 
     spec = spec if isinstance(spec, dict) else {"data": spec}
@@ -140,10 +155,14 @@ def _validate(result: ExportResult, model: Path, adapter: Any, spec: Any, thread
         raise InputError(
             f"validate= takes data, ctx, chunks, lora_base (got {', '.join(unknown) or 'no data'})"
         )
-    lora_base = spec.get("lora_base")
+    gguf_base, vllm_base = split_lora_bases(
+        [Path(spec["lora_base"])] if spec.get("lora_base") else []
+    )
     arts = [
         a for a in result.artifacts
-        if a.format == "gguf" or (a.format == "gguf-lora" and lora_base is not None)
+        if a.format == "gguf"
+        or (a.format == "gguf-lora" and gguf_base is not None)
+        or (a.format == "vllm-lora" and adapter is not None and in_memory is None)
     ]  # fmt: skip
     settings = Settings(
         ctx=int(spec.get("ctx", 512)),
@@ -152,9 +171,12 @@ def _validate(result: ExportResult, model: Path, adapter: Any, spec: Any, thread
         pp=0,
         tg=0,
         adapter=Path(adapter) if adapter is not None else None,
-        lora_base=Path(lora_base) if lora_base is not None else None,
+        lora_base=gguf_base,
+        vllm_lora_base=vllm_base,
     )
-    report = run_validate([a.path for a in arts], model, Path(spec["data"]), settings)
+    report = run_validate(
+        [a.path for a in arts], model, Path(spec["data"]), settings, reference_model=in_memory
+    )
     for a, entry in zip(arts, report["artifacts"], strict=True):
         a.metrics = entry
 

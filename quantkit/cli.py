@@ -415,6 +415,8 @@ def _convert_vllm(
         threads=threads,
     )
     res = vllm.export_vllm(model, targets, output, settings, force=force, progress=_Progress())
+    for note in res.notes:
+        click.echo(f"quantkit convert: note: {note}", err=True)
     if as_json:
         click.echo(
             json.dumps(
@@ -425,6 +427,7 @@ def _convert_vllm(
                     "peak_rss": res.worker.get("peak_rss"),
                     "versions": res.worker.get("versions"),
                     "timings": {k: round(v, 3) for k, v in res.timings.items()},
+                    "notes": res.notes,
                 },
                 indent=2,
             )
@@ -771,7 +774,9 @@ Exit codes: 0 every gate holds, 1 a gate failed (the table and report say which)
 @click.option(
     "--lora-base",
     type=click.Path(path_type=Path),
-    help="Base GGUF that GGUF LoRA artifacts (--to gguf-lora) are applied on in llama.cpp.",
+    multiple=True,
+    help="Base of LoRA artifacts: a GGUF for GGUF LoRAs (--to gguf-lora, llama.cpp), an HF "
+    "folder for vLLM LoRAs (--to vllm-lora; default: REFERENCE). Repeat to give both.",
 )
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the JSON report.")
 @click.option("--md", "md_out", type=click.Path(path_type=Path), help="Write a Markdown report.")
@@ -811,7 +816,7 @@ def validate(
     vllm_dtype: str | None,
     vllm_eager: bool,
     adapter: Path | None,
-    lora_base: Path | None,
+    lora_base: tuple[Path, ...],
     json_out: Path | None,
     md_out: Path | None,
     plot_out: Path | None,
@@ -823,7 +828,7 @@ def validate(
     """Score ARTIFACTS (GGUF files, HF folders) against the REFERENCE checkpoint on the same
     token ids: perplexity, KL divergence, top-1 agreement, speed and memory, each in its engine."""
     from quantkit.errors import GateFailed
-    from quantkit.validate.harness import Gates, Settings, ValidationError
+    from quantkit.validate.harness import Gates, Settings, ValidationError, split_lora_bases
     from quantkit.validate.harness import validate as run_validate
     from quantkit.validate.report import markdown, plot, terminal_table
 
@@ -844,8 +849,8 @@ def validate(
         vllm_dtype=vllm_dtype,
         vllm_eager=vllm_eager,
         adapter=adapter,
-        lora_base=lora_base,
     )
+    settings.lora_base, settings.vllm_lora_base = split_lora_bases(lora_base)
     report = run_validate(list(artifacts), reference, data, settings, progress=_Progress())
     for out, body in (
         (json_out, lambda: json.dumps(report, indent=2)),

@@ -21,7 +21,7 @@ Examples:
   quantkit run recipes/release.yaml
   quantkit run release.yaml --only q4km --json
 \b
-Exit codes: 0 every gate holds, 1 a gate failed, 2 bad recipe or input.
+Exit codes: 0 every gate holds, 1 a gate failed, 2 bad recipe or input, 130 interrupted.
 """
 
 EPILOG_REPORT = """\b

@@ -57,10 +57,18 @@ class GateFailed(QuantkitError):
     exit_code = 1
 
 
-class Interrupted(QuantkitError):
-    """SIGINT/SIGTERM; temporary outputs were removed."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (the CLI's handler raises it), treated like Ctrl-C: temporaries are removed, exit
+    130. A KeyboardInterrupt, not a QuantkitError, on purpose: the ``except Exception`` and
+    ``except QuantkitError`` blocks that turn a library's failure into a one-line error (loading a
+    tokenizer, an engine worker) must not catch an interruption and report it as bad input."""
 
     exit_code = 130
+
+    def __init__(self, message: str = "interrupted", hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint  # the same attributes as a QuantkitError
 
 
 # Exit codes by error type, most specific first; the CLI walks this table (DEVELOPERS.md: one

@@ -10,7 +10,9 @@ import collections
 import contextlib
 import ctypes
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -83,6 +85,45 @@ def log_listener(fn: Callable[[str], None]) -> Iterator[None]:
         yield
     finally:
         _LISTENERS.remove(fn)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM during a long libllama call that logs through the Python callback.
+
+    A Python signal handler runs at the next Python bytecode, which is inside the log callback;
+    the exception it raises (KeyboardInterrupt, quantkit's Interrupted) is swallowed by ctypes
+    ("Exception ignored on calling ctypes callback function") and the interruption is lost, so
+    the run would go on. Here the first signal is only recorded and the previous handler is
+    called when the C call returns, so the interruption surfaces at a point where Python can
+    unwind (atomic outputs removed). A second signal gets the system's default action: the
+    process ends at once (no output under a final name: those appear only by rename).
+    llama_model_quantize has no abort hook, so the first signal waits for the current file.
+    """
+    names = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread, where they run anyway
+        return
+    old = {s: signal.getsignal(s) for s in names}
+    pending: list[int] = []
+
+    def hold(signum: int, _frame: Any) -> None:
+        pending.append(signum)
+        for s in names:
+            signal.signal(s, signal.SIG_DFL)  # a second signal ends the process now
+
+    for s in names:
+        if callable(old[s]):  # a Python handler (default_int_handler, the CLI's SIGTERM one)
+            signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s in names:
+            signal.signal(s, old[s])
+        if pending:
+            h = old[pending[0]]
+            if callable(h):
+                h(pending[0], None)
 
 
 def recent_log(n: int = 20, *, errors_only: bool = False) -> list[str]:

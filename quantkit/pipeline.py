@@ -6,7 +6,8 @@ importance matrix) live in the cache under their key, so two targets never compu
 thing twice. A target's artifact is reused when its manifest.json records the same key and the
 file's sha256 still matches; its validation is reused when the report was made for that key.
 Everything is written atomically (quantkit/atomic.py), so an interrupted run resumes where it
-stopped. Library code: no printing; ``log(message)`` is how progress is told.
+stopped. A fine-tune (``source.adapter``) adds one shared step, ``merge``: base + adapter merged by
+PEFT into a cached HF copy for the steps that load the model in torch. Library code: no printing; ``log(message)`` is how progress is told.
 """
 
 from __future__ import annotations
@@ -119,9 +120,18 @@ class Context:
         )
         self.model = self._model(recipe.source.model)
         self.model_key = model_hash(self.model)
+        # a fine-tune: the base plus a PEFT LoRA adapter, merged into every target (issue 9)
+        self.adapter = self._adapter(recipe.source.adapter)
+        self.adapter_key = model_hash(self.adapter) if self.adapter else None
+        # what the targets are made from: the base's files, plus the adapter's when there is one
+        # (without one the keys are the base's alone, as before adapters were accepted)
+        self.source_key = (
+            _key("lora", self.model_key, self.adapter_key) if self.adapter else self.model_key
+        )
         self.calib = self._text(recipe.calibration.data) if recipe.calibration else None
         self.vdata = self._text(recipe.validation.data) if recipe.validation else None
-        self.stem = self.model.name
+        # artifacts are named like `quantkit convert` names them: after the adapter for a fine-tune
+        self.stem = self.adapter.resolve().name if self.adapter else self.model.name
 
     def _path(self, p: str) -> Path:
         q = Path(p).expanduser()
@@ -136,6 +146,22 @@ class Context:
         if not (p / "config.json").is_file():
             raise InputError(f"source.model: {p} is not a Hugging Face model folder")
         return p
+
+    def _adapter(self, a: str | None) -> Path | None:
+        if a is None:
+            return None
+        from quantkit.convert.lora import LoraAdapter
+
+        p = self._path(a)
+        if not p.is_dir():
+            raise InputError(f"source.adapter: {p} is not a PEFT adapter folder")
+        LoraAdapter.open(p).close()  # refuses a bad adapter (DoRA, missing files...) up front
+        return p
+
+    def hf_model(self) -> Path:
+        """The HF checkpoint that torch-side steps load (imatrix, llm-compressor): the model
+        itself, or for a fine-tune the merged copy in the cache."""
+        return self.merged_path() if self.adapter else self.model
 
     def _text(self, d: str) -> Path:
         if d == DEFAULT:
@@ -154,7 +180,13 @@ class Context:
 
     # --- keys and paths of every step -------------------------------------------------------
     def base_key(self) -> str:
-        return _key("base-F16", self.model_key)
+        return _key("base-F16", self.source_key)
+
+    def merged_key(self) -> str:
+        return _key("merged", self.source_key)
+
+    def merged_path(self) -> Path:
+        return self.cache / f"merged-{self.merged_key()}" / self.stem
 
     def base_path(self) -> Path:
         return self.cache / f"base-{self.base_key()}" / f"{self.stem}-F16.gguf"
@@ -162,7 +194,7 @@ class Context:
     def imatrix_key(self) -> str:
         c = self.recipe.calibration
         assert c is not None and self.calib is not None
-        return _key("imatrix", self.model_key, _sha256(self.calib), c.ctx, c.chunks)
+        return _key("imatrix", self.source_key, _sha256(self.calib), c.ctx, c.chunks)
 
     def imatrix_path(self) -> Path:
         return self.cache / f"imatrix-{self.imatrix_key()}.gguf"
@@ -176,7 +208,7 @@ class Context:
                 if c is None or self.calib is None:
                     raise InputError(f"targets: {t.name}: needs a calibration section")
                 calib = [_sha256(self.calib), c.samples, c.ctx]
-            return _key("vllm", self.model_key, v.model_dump(), calib)
+            return _key("vllm", self.source_key, v.model_dump(), calib)
         opts = t.model_dump(include={"type", "overrides", "output_type", "embedding_type"})
         return _key("gguf", self.base_key(), opts, self.imatrix_key() if t.imatrix else None)
 
@@ -193,7 +225,7 @@ class Context:
         assert v is not None and self.vdata is not None
         gates = self.recipe.gates.merged(t.gates)
         return _key(
-            "validate", self.target_key(t), self.model_key, _sha256(self.vdata),
+            "validate", self.target_key(t), self.source_key, _sha256(self.vdata),
             v.model_dump(), gates.model_dump(),
         )  # fmt: skip
 
@@ -261,11 +293,17 @@ def plan(ctx: Context, only: list[str] | None = None) -> list[Step]:
     steps: list[Step] = []
     todo = [t for t in targets if not _artifact_ok(ctx, t)]
     need_base = any(_is_gguf(t) and t.type not in ("F32", "BF16") for t in todo)
+    need_imatrix = any(getattr(t, "imatrix", False) for t in todo)
+    ip = ctx.imatrix_path() if need_imatrix else None
+    # a fine-tune's torch-side steps (imatrix, llm-compressor) load a merged HF copy
+    if ctx.adapter and (any(not _is_gguf(t) for t in todo) or (ip and not ip.is_file())):
+        mp = ctx.merged_path()
+        done = (mp / MERGED_MARK).is_file()
+        steps.append(Step("merge", None, ctx.merged_key(), str(mp), _act(done)))
     if need_base:
         bp = ctx.base_path()
         steps.append(Step("base", None, ctx.base_key(), str(bp), _act(bp.is_file())))
-    if any(getattr(t, "imatrix", False) for t in todo):
-        ip = ctx.imatrix_path()
+    if ip is not None:
         steps.append(Step("imatrix", None, ctx.imatrix_key(), str(ip), _act(ip.is_file())))
     for t in targets:
         ok = t not in todo
@@ -301,7 +339,9 @@ def run(
             continue
         say(f"{what}: building {Path(s.path).name}")
         t = targets.get(s.target or "")
-        if s.kind == "base":
+        if s.kind == "merge":
+            _build_merged(ctx)
+        elif s.kind == "base":
             _build_base(ctx, progress)
         elif s.kind == "imatrix":
             _build_imatrix(ctx, progress)
@@ -373,7 +413,25 @@ def _build_base(ctx: Context, progress: Any) -> None:
 
     p = ctx.base_path()
     p.parent.mkdir(parents=True, exist_ok=True)
-    convert(ctx.model, ["F16"], p, force=True, progress=progress)
+    convert(ctx.model, ["F16"], p, force=True, progress=progress, adapter=ctx.adapter)
+
+
+MERGED_MARK = "quantkit-merged.json"  # written last: a merged folder without it is incomplete
+
+
+def _build_merged(ctx: Context) -> None:
+    """base + adapter merged by PEFT (merge_and_unload) and saved as an HF checkpoint, for the
+    steps that load a model in torch. The GGUF base does not use it: convert merges while
+    streaming, in float32 (convert/lora.py)."""
+    from quantkit.atomic import atomic_dir
+    from quantkit.convert.lora import save_merged
+
+    final = ctx.merged_path()
+    with atomic_dir(final) as tmp:
+        save_merged(ctx.model, ctx.adapter, tmp)
+        (tmp / MERGED_MARK).write_text(
+            canonical_json({"base_sha256": ctx.model_key, "adapter_sha256": ctx.adapter_key})
+        )
 
 
 def _build_imatrix(ctx: Context, progress: Any) -> None:
@@ -383,7 +441,7 @@ def _build_imatrix(ctx: Context, progress: Any) -> None:
     c = ctx.recipe.calibration
     assert c is not None and ctx.calib is not None
     im = collect_imatrix(
-        ctx.model, read_text(ctx.calib), ctx=c.ctx, chunks=c.chunks, progress=progress
+        ctx.hf_model(), read_text(ctx.calib), ctx=c.ctx, chunks=c.chunks, progress=progress
     )
     save_imatrix(im, ctx.imatrix_path())
 
@@ -402,7 +460,7 @@ def _build_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
         with atomic_output(final, force=True) as tmp:
             shutil.copyfile(ctx.base_path(), tmp)
     elif gguf_type(t.type).base:
-        convert(ctx.model, [t.type], final, force=True, progress=progress)
+        convert(ctx.model, [t.type], final, force=True, progress=progress, adapter=ctx.adapter)
     else:
         qs = QuantSettings(
             options=QuantizeOptions(
@@ -441,7 +499,7 @@ def _build_vllm(ctx: Context, t: Any, progress: Any) -> None:
     s = VllmSettings(calib=ctx.calib if v.needs_calibration else None)
     if c is not None and v.needs_calibration:
         s.samples, s.seq_len = c.samples, c.ctx
-    export_vllm(ctx.model, [v], final, s, force=True, progress=progress)
+    export_vllm(ctx.hf_model(), [v], final, s, force=True, progress=progress)
     calib = c.model_dump() if c is not None and v.needs_calibration else None
     _write_manifest(ctx, t, final, "vllm", v.label(), v.model_dump(), calib)
 
@@ -469,6 +527,9 @@ def _write_manifest(
             "recipe_sha256": _sha256(ctx.recipe_path),
             "source": ctx.recipe.source.model,
             "source_sha256": ctx.model_key,
+            # the fine-tune's PEFT adapter (path as in the recipe, sha256 over its files)
+            "adapter": ctx.recipe.source.adapter,
+            "adapter_sha256": ctx.adapter_key,
             "options": options,
             "calibration_sha256": _sha256(ctx.calib) if calib and ctx.calib else None,
             "calibration": calib,
@@ -499,7 +560,7 @@ def _validate_target(ctx: Context, t: Any, progress: Any) -> None:
     g = ctx.recipe.gates.merged(t.gates)
     s = Settings(
         ctx=v.ctx, chunks=v.chunks, threads=v.threads, pp=v.pp, tg=v.tg, timeout=v.timeout,
-        kv_f32=v.kv_f32, vllm_eager=v.vllm_eager,
+        kv_f32=v.kv_f32, vllm_eager=v.vllm_eager, adapter=ctx.adapter,
         gates=Gates(g.max_kld, g.max_ppl_increase_pct, g.min_top1_pct, g.per_type_defaults),
     )  # fmt: skip
     report = validate([ctx.artifact_path(t)], ctx.model, ctx.vdata, s, progress=progress)
@@ -530,6 +591,130 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "—" if x is None else format(x, spec)
 
 
+# The measured values a model card shows: (label, key in the report's artifact entry, format).
+# Each row names its report.json key, so a reader (and tests/test_run_checks.py) can find it.
+CARD_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("perplexity", "quality.ppl", ".4g"),
+    ("perplexity increase over the reference, %", "quality.ppl_increase_pct", ".3g"),
+    ("mean KL divergence from the reference", "quality.kld_mean", ".4g"),
+    ("99th-percentile KL divergence", "quality.kld_p99", ".4g"),
+    ("top-1 token agreement with the reference, %", "quality.top1_pct", ".3g"),
+    ("bits per weight", "size.bits_per_weight", ".4g"),
+    ("prompt processing, tokens/s", "speed.pp_tps", ".1f"),
+    ("generation, tokens/s", "speed.tg_tps", ".1f"),
+)
+PROMPT = "Once upon a time"
+RUN_CTX = 2048  # the context the cards' commands ask for, at most the model's own
+
+
+def _run_ctx(ctx: Context) -> int:
+    """RUN_CTX, or less for a model trained on a shorter context (vLLM refuses a max_model_len
+    above config.json's max_position_embeddings)."""
+    try:
+        cfg = json.loads((ctx.model / "config.json").read_text())
+    except (OSError, ValueError):
+        return RUN_CTX
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    n = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+    return min(RUN_CTX, int(n)) if isinstance(n, int) and n > 0 else RUN_CTX
+
+
+def _dig(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]
+    return d
+
+
+def _validate_command(ctx: Context, t: Any, name: str) -> str:
+    """The `quantkit validate` line that repeats this target's measurement (same reference,
+    text, settings and gates; paths as on the machine that ran the recipe)."""
+    import shlex
+
+    v = ctx.recipe.validation
+    assert v is not None and ctx.vdata is not None
+    g = ctx.recipe.gates.merged(t.gates)
+    args = ["quantkit", "validate", name, "--reference", str(ctx.model), "--data", str(ctx.vdata),
+            "--ctx", str(v.ctx), "--pp", str(v.pp), "--tg", str(v.tg)]  # fmt: skip
+    opts = (
+        ("--chunks", v.chunks), ("--threads", v.threads), ("--adapter", ctx.adapter),
+        ("--max-kld", g.max_kld), ("--max-ppl-increase", g.max_ppl_increase_pct),
+        ("--min-top1", g.min_top1_pct),
+    )  # fmt: skip
+    args += [x for k, val in opts if val is not None for x in (k, str(val))]
+    args += [
+        f for f, on in (("--kv-f32", v.kv_f32), ("--default-gates", g.per_type_defaults)) if on
+    ]
+    return shlex.join([*args, "--json", "validate-check.json"])
+
+
+def _run_section(ctx: Context, t: Any, name: str, gguf: bool) -> list[str]:
+    """How to run the artifact: a Python snippet for the engine quantkit installs (llama-cpp-python
+    in its venv, vLLM in its engine env), then the engines' own command lines."""
+    import re
+
+    n_ctx = _run_ctx(ctx)
+    if gguf:
+        ollama = re.sub(r"[^a-z0-9._-]+", "-", ctx.stem.lower()).strip("-.") or "model"
+        lines = [
+            "Python, with llama-cpp-python (installed with quantkit):",
+            "",
+            "```python",
+            "from llama_cpp import Llama",
+            "",
+            f'llm = Llama(model_path="{name}", n_ctx={n_ctx}, verbose=False)',
+            f'print(llm("{PROMPT}", max_tokens=32)["choices"][0]["text"])',
+            "```",
+            "",
+            "llama.cpp's own tools and Ollama (installed separately):",
+            "",
+            "```sh",
+            f"llama-cli -m {name} -p '{PROMPT}' -n 32",
+            f"llama-server -m {name} --port 8080",
+            f"printf 'FROM ./{name}\\n' > Modelfile",
+            f"ollama create {ollama} -f Modelfile",
+            f"ollama run {ollama} '{PROMPT}'",
+            "```",
+            "",
+            "vLLM loads GGUF files experimentally (llama-family models; the tokenizer from the "
+            "source model); for vLLM prefer this recipe's AWQ/GPTQ/FP8 targets:",
+            "",
+            "```sh",
+            f"vllm serve ./{name} --tokenizer {ctx.model}",
+            "```",
+        ]
+    else:
+        lines = [
+            "Python, with vLLM (quantkit's copy is the `vllm` environment that "
+            "`quantkit engines status` lists; run this with its python):",
+            "",
+            "```python",
+            "from vllm import LLM, SamplingParams",
+            "",
+            'if __name__ == "__main__":  # vLLM starts its engine in a spawned child process',
+            "    # a fixed KV cache: by default vLLM reserves ~90% of the memory (of the RAM on CPU)",
+            f'    llm = LLM(model="./{name}", max_model_len={n_ctx}, kv_cache_memory_bytes=1 << 30)',
+            f'    out = llm.generate(["{PROMPT}"], SamplingParams(max_tokens=32))',
+            "    print(out[0].outputs[0].text)",
+            "```",
+            "",
+            "An OpenAI-compatible server (the quantization is read from config.json):",
+            "",
+            "```sh",
+            f"vllm serve ./{name} --max-model-len {n_ctx} --kv-cache-memory-bytes 1G",
+            "```",
+        ]
+    if validated(ctx.recipe, t):
+        lines += [
+            "",
+            "Repeat the measurement (quantkit; paths as on the machine that ran the recipe):",
+            "",
+            "```sh",
+            _validate_command(ctx, t, name),
+            "```",
+        ]
+    return lines
+
+
 def _write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
     """The model card: what the file is, how it was made, what it measured, how to run it."""
     if not m:
@@ -537,21 +722,29 @@ def _write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
     p = m["provenance"]
     gguf = m["format"] == "gguf"
     v = m.get("validation") or {}
-    q = v.get("quality") or {}
     tools = ", ".join(f"{k} {val}" for k, val in sorted(p["tools"].items()))
+    source = f"`{p['source']}`"
+    if p.get("adapter"):
+        source = f"the fine-tune `{p['adapter']}` (PEFT LoRA adapter on `{p['source']}`)"
     lines = [
         f"# {ctx.stem} — {m['type']} {'GGUF' if gguf else 'checkpoint for vLLM'}",
         "",
-        f"`{m['artifact']}`: {m['type']} quantization of `{p['source']}` for "
+        f"`{m['artifact']}`: {m['type']} quantization of {source} for "
         f"{'llama.cpp' if gguf else 'vLLM'}, made by",
         f"quantkit from recipe `{p['recipe']}` (target `{t.name}`).",
         "",
         "## How it was made",
         "",
-        f"- source: `{p['source']}` (files sha256 `{p['source_sha256']}`)",
+        f"- base model: `{p['source']}` (files sha256 `{p['source_sha256']}`)",
+    ]
+    if p.get("adapter"):
+        lines.append(
+            f"- adapter: `{p['adapter']}` (PEFT LoRA, merged; files sha256 `{p['adapter_sha256']}`)"
+        )
+    lines += [
         f"- recipe sha256: `{p['recipe_sha256']}`",
         f"- options: `{json.dumps(p['options'], sort_keys=True)}`",
-        "- calibration (importance matrix): "
+        "- calibration: "
         + (f"sha256 `{p['calibration_sha256']}`" if p["calibration_sha256"] else "none"),
         f"- tools: {tools}",
         f"- size: {m['size']} bytes, sha256 `{m['sha256']}`",
@@ -559,31 +752,44 @@ def _write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
         "## Measured",
         "",
     ]
+    rp = ctx.target_dir(t) / "report.json"
+    report = json.loads(rp.read_text()) if v and rp.is_file() else None
+    entry = report["artifacts"][0] if report and report.get("artifacts") else None
     if v.get("unsupported_artifacts"):
         lines.append(f"Built, but not scorable on the host that ran the recipe: {v.get('error')}")
-    elif v:
+    elif entry is not None and report is not None:
+        ref = report.get("reference", {})
+        data = report.get("data", {})
+        against = f"`{ref.get('model')}`" + (" + the adapter" if p.get("adapter") else "")
         lines += [
-            "| PPL | PPL Δ % | mean KLD | top-1 % | gates |",
-            "|---|---|---|---|---|",
-            f"| {_fmt(q.get('ppl'))} | {_fmt(q.get('ppl_increase_pct'), '.3g')} | "
-            f"{_fmt(q.get('kld_mean'))} | {_fmt(q.get('top1_pct'), '.3g')} | "
-            f"{'passed' if v.get('passed') else 'FAILED'} |",
+            f"In {entry.get('engine', {}).get('version', '?')}, against {against} in "
+            f"{ref.get('engine', {}).get('version', 'transformers')}, on "
+            f"{data.get('scored_tokens')} tokens of `{Path(data.get('path', '?')).name}` "
+            f"(ctx {data.get('ctx')}, {data.get('chunks')} chunk(s)). Every value is in "
+            "report.json under `artifacts[0]` at the key shown.",
+            "",
+            "| metric | report.json key | value |",
+            "|---|---|---|",
+        ]
+        for label, key, spec in CARD_METRICS:
+            val = _dig(entry, key)
+            if isinstance(val, (int, float)):
+                lines.append(f"| {label} | `{key}` | {format(val, spec)} |")
+        gates = "; ".join(
+            f"{g['gate']} {g['threshold']:g} ({'passed' if g['passed'] else 'FAILED'})"
+            for g in entry.get("gates") or []
+        )
+        lines += [
+            "",
+            f"Gates: {gates or 'none set'}; overall {'passed' if v.get('passed') else 'FAILED'}.",
             "",
             "Full report: report.md / report.json / report.png (docs/report-schema.md).",
         ]
+    elif v:
+        lines.append("Could not be scored: see report.md.")
     else:
         lines.append("Not validated by this recipe.")
-    name = m["artifact"]
-    run = (
-        [
-            f"llama-cli -m {name} -p 'Hello'                  # llama.cpp",
-            f"printf 'FROM ./{name}\\n' > Modelfile && ollama create {ctx.stem.lower()} -f Modelfile",
-            f"vllm serve ./{name} --tokenizer {ctx.model}   # vLLM (GGUF support is experimental)",
-        ]
-        if gguf
-        else [f"vllm serve ./{name}                        # vLLM (quantization from config.json)"]
-    )
-    lines += ["", "## How to run", "", "```sh", *run, "```", ""]
+    lines += ["", "## How to run", "", *_run_section(ctx, t, m["artifact"], gguf), ""]
     _write(ctx.target_dir(t) / "README.md", "\n".join(lines))
 
 

@@ -28,8 +28,11 @@ class _Strict(BaseModel):
 
 class Source(_Strict):
     model: str = Field(description="HF checkpoint folder, or `default` (the embedded demo model)")
-    # reserved for fine-tunes (issue 9): a PEFT adapter merged into the model before quantizing
-    adapter: str | None = None
+    adapter: str | None = Field(
+        None,
+        description="a PEFT LoRA adapter folder trained on `model`: every target is made from "
+        "the fine-tune (merged), and validated against base + adapter in transformers",
+    )
 
 
 class Calibration(_Strict):
@@ -147,16 +150,6 @@ class Recipe(_Strict):
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v):
             raise ValueError("use letters, digits, '.', '_' or '-'")
-        return v
-
-    @field_validator("source", mode="before")
-    @classmethod
-    def _adapter_reserved(cls, v: Any) -> Any:
-        if isinstance(v, dict) and v.get("adapter") is not None:
-            raise ValueError(
-                "adapter: fine-tune recipes are not supported yet; "
-                "merge with `quantkit convert --adapter` and give the merged folder as model"
-            )
         return v
 
     def model_post_init(self, __context: Any) -> None:

@@ -7,47 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, gguf_logits, hf_logits, save_bpe_tokenizer
+from conftest import TINY, gguf_logits, hf_logits
+from moe_models import CASES, make_tiny_moe
 
 TOKENS = [1, 17, 250, 3, 99, 400, 12, 7, 300, 45, 2, 64, 128, 511, 5, 77, 200, 33, 90, 8] * 2
-
-MOE = dict(num_experts_per_tok=2)
-CASES = [
-    ("mixtral", "MixtralForCausalLM", {"num_local_experts": 4, **MOE}),
-    (
-        "qwen3moe",
-        "Qwen3MoeForCausalLM",
-        {"num_experts": 4, "moe_intermediate_size": 256, "norm_topk_prob": True, "head_dim": 96, **MOE},
-    ),
-    (
-        "qwen2moe",
-        "Qwen2MoeForCausalLM",
-        {"num_experts": 4, "moe_intermediate_size": 256, "shared_expert_intermediate_size": 512, **MOE},
-    ),
-]  # fmt: skip
-
-
-def make_tiny_moe(out: Path, arch: str, seed: int = 0, **overrides) -> Path:
-    """A random tiny MoE model of ``arch`` saved with a BPE tokenizer (per-expert tensors, as
-    transformers writes them)."""
-    import torch
-    import transformers
-
-    params = {**TINY, **overrides}
-    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**params)
-    config.architectures = [arch]
-    torch.manual_seed(seed)
-    model = getattr(transformers, arch)(config).eval()
-    with torch.no_grad():  # non-trivial norms and biases so a wrong mapping shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0, 0.1)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    save_bpe_tokenizer(out, params["vocab_size"])
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from conftest import REPO, make_tiny_model, run_cli
 
 pytest.importorskip("peft")
 
-from test_lora import VARIANTS, make_adapter  # noqa: E402
+from lora_helpers import VARIANTS, make_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,37 @@ def test_export_with_validation(saved):
     )  # fmt: skip
     q = res.artifacts[0].metrics["quality"]
     assert q["kld_mean"] < 1e-4, q
+
+
+def test_in_memory_export_with_validation(saved):
+    """export(peft_model_in_memory, validate=...): the reference is the in-memory fine-tune itself,
+    scored in this process (no folder holds its weights); the merged F32 matches it (the base
+    alone is > 0.1 away, test_lora.py), Q8_0 is further, and the model's mode is restored."""
+    import torch
+    from conftest import TRAIN_TEXT
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import quantkit
+
+    root, base, adapter = saved
+    data = root / "eval-mem.txt"
+    data.write_text(TRAIN_TEXT)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    pm = PeftModel.from_pretrained(model, adapter)
+    pm.train()  # as a training loop leaves it
+    res = quantkit.export(
+        pm, ["gguf:F32", "gguf:Q8_0"], root / "val-mem", tokenizer=AutoTokenizer.from_pretrained(base),
+        threads=2, validate={"data": str(data), "ctx": 64, "chunks": 2},
+    )  # fmt: skip
+    assert pm.training  # eval() only while scoring
+    f32, q8 = (a.metrics for a in res.artifacts)
+    print(
+        "in-memory reference: KLD F32",
+        f32["quality"]["kld_mean"],
+        "Q8_0",
+        q8["quality"]["kld_mean"],
+    )
+    assert f32["status"] == "ok" and f32["quality"]["kld_mean"] < 1e-4, f32["quality"]
+    assert f32["quality"]["top1_pct"] == 100.0
+    assert q8["quality"]["kld_mean"] > f32["quality"]["kld_mean"]

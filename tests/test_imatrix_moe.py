@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TRAIN_TEXT, fixture_path, run_cli
-from test_convert_moe import make_tiny_moe
+from moe_models import make_tiny_moe
 from test_imatrix import _chunks_for, _ggml, _GGMLTensor
 
 from quantkit.quantize.imatrix import collect_imatrix

@@ -8,59 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TRAIN_TEXT, gguf_logits, make_tiny_model, run_cli
+from conftest import TRAIN_TEXT, gguf_logits, make_tiny_model, run_cli, vllm_env_or_skip
+from lora_helpers import LINEAR, VARIANTS, make_adapter, peft_logits
 
 pytest.importorskip("peft")
-
-LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# plain scaling, and rsLoRA with per-module rank and alpha patterns (scale alpha/sqrt(r))
-VARIANTS = {
-    "plain": dict(r=8, lora_alpha=16),
-    "rslora": dict(
-        r=8,
-        lora_alpha=16,
-        use_rslora=True,
-        rank_pattern={"q_proj": 4},
-        alpha_pattern={"down_proj": 32},
-    ),
-}
 
 
 def _tokens(base: Path) -> list[int]:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(base)(TRAIN_TEXT[:240])["input_ids"][:64]
-
-
-def make_adapter(base: Path, out: Path, seed: int = 1, **lora) -> Path:
-    """A PEFT LoRA on ``base`` with random non-zero B (a fresh LoRA has B = 0), saved to ``out``."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    lora.setdefault("target_modules", LINEAR)
-    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(out)
-    return out
-
-
-def peft_logits(base: Path, adapter: Path, tokens: list[int]) -> np.ndarray:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.float32, attn_implementation="eager"
-    )
-    model = PeftModel.from_pretrained(model, adapter).eval()
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
 @pytest.fixture(scope="module")
@@ -370,31 +327,9 @@ def test_validate_against_the_finetune(tiny):
     assert kld["base-F32.gguf"] > 0.1
 
 
-def _vllm_python() -> Path:
-    """The vLLM env's python (quantkit.envs when this branch has it, else the cache layout it
-    uses: ${QUANTKIT_CACHE:-~/.cache/quantkit}/envs/vllm-<hash>/)."""
-    try:
-        from quantkit import envs  # type: ignore[attr-defined]
-
-        return Path(envs.python("vllm"))
-    except Exception:
-        import os
-
-        cache = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
-        found = sorted((cache / "envs").glob("vllm-*/bin/python"))
-        if not found:
-            pytest.skip("no vLLM env (run `quantkit engines setup vllm`)")
-        return found[-1]
-
-
-def test_vllm_lora_matches_peft(tiny, record_property):
-    """--to vllm-lora: vLLM (CPU build) serves both adapters; prompt log-probs in float32 match
-    PEFT's within 1e-4."""
-    import subprocess
-
-    from conftest import REPO
-
-    python = _vllm_python()
+@pytest.fixture(scope="module")
+def vllm_loras(tiny) -> dict[str, Path]:
+    """--to vllm-lora of both adapters, plus the text validate scores."""
     dirs = {}
     for v in VARIANTS:
         out = tiny["root"] / f"vllm-{v}"
@@ -403,24 +338,87 @@ def test_vllm_lora_matches_peft(tiny, record_property):
         assert r.returncode == 0, r.stderr
         dirs[v] = out / f"ad-{v}-vllm-lora"
         assert json.loads((dirs[v] / "quantkit-vllm.json").read_text())["max_lora_rank"] == 8
-    toks = tiny["tokens"]
-    job = tiny["root"] / "vllm-job.json"
-    res = tiny["root"] / "vllm-out.json"
-    job.write_text(json.dumps({"base": str(tiny["base"]), "adapters": {k: str(d) for k, d in dirs.items()},
-                               "tokens": toks, "max_lora_rank": 8, "threads": 2, "out": str(res)}))  # fmt: skip
-    p = subprocess.run([str(python), str(REPO / "tests" / "vllm_lora_check.py"), str(job)],
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    got = json.loads(res.read_text())
-    for v in VARIANTS:
-        ref = tiny["ref"][v].astype(np.float64)
-        ref = ref - ref.max(-1, keepdims=True)
-        ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
-        want = np.array([ref[j - 1, toks[j]] for j in range(1, len(toks))])
-        diff = float(np.max(np.abs(np.array(got[v]) - want)))
-        record_property(f"vllm_lora_{v}_max_abs_logprob_diff", diff)
-        print(f"vLLM LoRA {v}: max |Δ log-prob| vs PEFT = {diff:.3g}")
-        assert diff <= 1e-4, (v, diff)
+    data = tiny["root"] / "eval-vllm.txt"
+    data.write_text(TRAIN_TEXT)
+    return {**dirs, "data": data}
+
+
+def _validate_lora(tiny, vllm_loras, variant: str, *extra_arts: Path, speed=("0", "0")) -> dict:
+    report = tiny["root"] / f"report-vllm-{variant}.json"
+    r = run_cli("validate", str(vllm_loras[variant]), *map(str, extra_arts),
+                "--reference", str(tiny["base"]), "--adapter", str(tiny["adapters"][variant]),
+                "--data", str(vllm_loras["data"]), "--ctx", "64", "--chunks", "2",
+                "--pp", speed[0], "--tg", speed[1], "--kv-f32", "--vllm-dtype", "float32",
+                "--vllm-eager", "--threads", "2", "--no-cache", "--json", str(report),
+                timeout=900)  # fmt: skip
+    rep = json.loads(report.read_text()) if report.is_file() else {}
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout
+    return rep
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_vllm_lora_validated_against_the_finetune(tiny, vllm_loras, variant, record_property):
+    """`quantkit validate` scores a vllm-lora artifact in vLLM (CPU build) on its base with the
+    adapter applied through vLLM's LoRA requests (one engine start), against base + adapter in
+    transformers: KLD ~0 and prompt log-probs in float32 within 1e-4 of PEFT's, plain and
+    rsLoRA; the base alone (its F32 GGUF, same report) is far from the fine-tune."""
+    vllm_env_or_skip()
+    extra = (tiny["f32"],) if variant == "rslora" else ()
+    rep = _validate_lora(tiny, vllm_loras, variant, *extra,
+                         speed=("16", "4") if variant == "rslora" else ("0", "0"))  # fmt: skip
+    assert rep["reference"]["cache"]["dtype"] == "float32"  # exact enough for a 1e-4 check
+    art = rep["artifacts"][0]
+    assert art["status"] == "ok", art
+    assert art["engine"]["name"] == "vllm" and art["engine"]["dtype"] == "float32"
+    assert art["engine"]["lora"] == str(vllm_loras[variant].resolve())
+    assert art["engine"]["max_lora_rank"] == 8
+    assert art["lora_base"] == str(tiny["base"])
+    assert art["size"]["file_type"] == ("LoRA r8 rs" if variant == "rslora" else "LoRA r8")
+    q = art["quality"]
+    diff = q["max_abs_dlogprob"]
+    record_property(f"vllm_lora_{variant}_max_abs_logprob_diff", diff)
+    print(
+        f"vLLM LoRA {variant}: max |Δ log-prob| vs PEFT = {diff:.3g}, approx KLD {q['kld_mean']:.3g}"
+    )
+    assert diff <= 1e-4, (variant, diff)
+    assert q["kld_mean"] < 1e-6 and q["top1_pct"] == 100.0, q
+    if variant == "rslora":
+        assert art["speed"]["pp_tps"] and art["speed"]["tg_tps"]  # speed runs carry the LoRA
+        base = rep["artifacts"][1]
+        assert base["status"] == "ok" and base["quality"]["kld_mean"] > 0.1, base
+
+
+def _validate_refused(tiny, *args: str) -> str:
+    r = run_cli("validate", *args, "--reference", str(tiny["base"]),
+                "--data", str(tiny["root"] / "eval.txt"), "--ctx", "64")  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def test_vllm_lora_validate_refusals(tiny, vllm_loras):
+    """Bad combinations for a vllm-lora artifact are refused before any engine starts."""
+    (tiny["root"] / "eval.txt").write_text(TRAIN_TEXT)
+    ad = vllm_loras["plain"]
+    msg = _validate_refused(tiny, str(ad))  # no --adapter: the reference would be the base
+    assert "no --adapter was given" in msg and "--adapter DIR" in msg
+    fine = ("--adapter", str(tiny["adapters"]["plain"]))
+    msg = _validate_refused(tiny, str(ad), *fine, "--lora-base", str(ad))
+    assert "neither a GGUF file nor a Hugging Face model folder" in msg
+    msg = _validate_refused(tiny, str(ad), *fine,
+                            "--lora-base", str(tiny["f32"]), "--lora-base", str(tiny["q8"]))  # fmt: skip
+    assert "--lora-base given 2 GGUFs" in msg
+
+    bad = _copy_adapter(ad, tiny["root"] / "bad-vllm-shape")
+
+    def shrink(sd):
+        k = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        sd[k] = sd[k][:, :128].copy()
+
+    _edit_tensors(bad, shrink)
+    msg = _validate_refused(tiny, str(bad), *fine)
+    assert "do not fit base model.layers.0.self_attn.q_proj.weight [256, 256]" in msg
 
 
 def _edit_tensors(ad: Path, fn) -> None:

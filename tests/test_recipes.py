@@ -53,7 +53,6 @@ def _plan(recipe: Path, *extra: str) -> list[dict]:
         (lambda b: b["calibration"].update(ctx=2), "calibration.ctx: Input should be greater"),
         (lambda b: b.pop("source"), "source: Field required"),
         (lambda b: b["targets"][1].update(name="q8"), "targets[1].name: 'q8' is used twice"),
-        (lambda b: b["source"].update(adapter="a"), "source: Value error, adapter:"),
         (lambda b: b["targets"][0].update(overrides=["x"]), "targets[0].overrides: bad"),
         (
             lambda b: b["targets"].append({"name": "a", "method": "gptq", "bits": 3}),

@@ -107,7 +107,11 @@ def test_known_vllm_errors_get_a_hint() -> None:
     assert msg.startswith("AttributeError: '_OpNamespace'") and "AVX-512" in msg
     assert w.describe_error(ValueError("bad\n  shape")) == "ValueError: bad shape"
     moe = w.describe_error(ValueError("Unsupported FP8 MoE backend: NONE"))
-    assert "--ignore" in moe and "experts" in moe
+    assert "fp8:experts=float" in moe and "AMX" in moe
+    w4moe = w.describe_error(
+        NotImplementedError("No WNA16 MoE backend supports the deployment configuration.")
+    )
+    assert "int4" in w4moe and "AMX" in w4moe
     # W4A16 on AVX2 is a limit of this host ("unsupported"); the FP8 MoE one has an export fix
     assert w.host_limit(msg) and not w.host_limit(moe)
 

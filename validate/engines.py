@@ -259,6 +259,30 @@ class TransformersEngine(Engine):
         del self.model
 
 
+class MemoryEngine(TransformersEngine):
+    """A transformers (or peft) model already loaded in this process, scored where it is: the
+    reference of ``quantkit.export(model_in_memory, validate=...)``, which has no folder a worker
+    could load. Runs in the model's own dtype, device and attention implementation; switched to
+    eval mode while scoring and back afterwards. The caller's thread count is left alone."""
+
+    def __init__(self, model: Any, *, n_ctx: int, threads: int, **options: Any) -> None:
+        super().__init__("<memory>", n_ctx=n_ctx, threads=threads, **options)
+        self._given = model
+
+    def load(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = self._given
+        self._was_training = bool(self.model.training)
+        self.model.eval()
+        self.device = str(next(self.model.parameters()).device)
+
+    def unload(self) -> None:
+        self.model.train(self._was_training)
+        self.model = None
+
+
 ENGINES: dict[str, type[Engine]] = {
     LlamaCppEngine.name: LlamaCppEngine,
     TransformersEngine.name: TransformersEngine,
@@ -305,11 +329,20 @@ def hf_quant_method(folder: Path) -> str | None:
     return str(m) if m else None
 
 
-def engine_for(path: str | Path, hf_engine: str | None = None) -> str:
-    """The engine that runs an artifact: llama.cpp for GGUF; for an HF folder, vLLM when it holds
-    a quantized checkpoint vLLM loads (``QUANT_METHOD_ENGINE``), else ``hf_engine`` when given,
-    else transformers."""
+def is_lora_dir(path: str | Path) -> bool:
+    """A PEFT LoRA adapter folder (``--to vllm-lora`` writes one): adapter_config.json and no
+    config.json of its own. vLLM scores it on a base model with its LoRA requests."""
     p = Path(path)
+    return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").exists()
+
+
+def engine_for(path: str | Path, hf_engine: str | None = None) -> str:
+    """The engine that runs an artifact: llama.cpp for GGUF; vLLM for a LoRA adapter folder (on
+    its base); for an HF folder, vLLM when it holds a quantized checkpoint vLLM loads
+    (``QUANT_METHOD_ENGINE``), else ``hf_engine`` when given, else transformers."""
+    p = Path(path)
+    if is_lora_dir(p):
+        return VLLM.name
     if p.is_file():
         with p.open("rb") as f:
             if f.read(4) == b"GGUF" or p.suffix.lower() == ".gguf":
@@ -331,6 +364,12 @@ def hf_file_type(folder: Path) -> str | None:
     quantization scheme (e.g. "W4A16 g64", "W8A8 FP8", "GPTQ 4-bit g128") or the dtype ("BF16")."""
     import json
 
+    if is_lora_dir(folder):
+        try:
+            ad = json.loads((folder / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            return "LoRA"
+        return f"LoRA r{ad.get('r', '?')}" + (" rs" if ad.get("use_rslora") else "")
     try:
         cfg = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):

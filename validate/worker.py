@@ -36,7 +36,8 @@ def _peak_rss() -> int:
 def _progress(job: dict[str, Any], stage: str, done: int, total: int) -> None:
     with open(Path(job["dir"]) / "progress", "a") as f:
         f.write(f"{stage} {done} {total}\n")
-    print(f"[worker] {stage} {done}/{total}", file=sys.stderr, flush=True)
+    if not job.get("in_process"):  # in the caller's process (MemoryEngine) nothing is printed
+        print(f"[worker] {stage} {done}/{total}", file=sys.stderr, flush=True)
 
 
 def token_mismatch_share(ref: list[int], got: list[int], limit: int = 20000) -> float:
@@ -52,7 +53,9 @@ def token_mismatch_share(ref: list[int], got: list[int], limit: int = 20000) -> 
     return 1.0 - matched / max(len(a), len(b), 1)
 
 
-def run(job: dict[str, Any]) -> dict[str, Any]:
+def run(job: dict[str, Any], engine: Any = None) -> dict[str, Any]:
+    """Carry out ``job``; ``engine`` (an Engine instance) replaces the one the job names — used
+    in-process for a reference model that exists only in memory (engines.MemoryEngine)."""
     from quantkit.validate.engines import ENGINES
     from quantkit.validate.metrics import (
         Accumulator,
@@ -77,10 +80,14 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "type_histogram": a.histogram,
             "fallbacks": len(a.fallbacks),
         }
-    cls = ENGINES[job["engine"]]
     n_load = max(n_ctx, int(job.get("pp", 0)), int(job.get("tg", 0)))
-    eng = cls(job["path"], n_ctx=n_load, threads=int(job["threads"]), **job.get("options", {}))
-    print(f"[worker] loading {job['path']} in {cls.name}", file=sys.stderr, flush=True)
+    if engine is None:
+        cls = ENGINES[job["engine"]]
+        eng = cls(job["path"], n_ctx=n_load, threads=int(job["threads"]), **job.get("options", {}))
+    else:
+        eng, cls = engine, type(engine)
+    if not job.get("in_process"):
+        print(f"[worker] loading {job['path']} in {cls.name}", file=sys.stderr, flush=True)
     eng.load()
     res["engine"] = {
         "name": cls.name,
