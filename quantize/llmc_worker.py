@@ -140,13 +140,32 @@ def _report_layers(progress: Progress) -> None:
     seq.tqdm = tqdm
 
 
+def pick_threads(asked: int | None) -> int:
+    """torch intra-op threads: what was asked, else one per core that is idle now.
+
+    GPTQ quantizes a layer one weight column at a time (llmcompressor 0.14
+    modifiers/gptq/gptq_quantize.py ``gptq_block_update``): thousands of tiny tensor ops per
+    layer, each a parallel region that waits for every OpenMP thread. When the cores are
+    busy with other processes that wait dominates: SmolLM2-135M, one layer, 4×128 tokens on
+    2 cores at load 8 took 96.9 s wall / 30.4 s CPU with 2 threads and 11.7 s / 3.9 s with 1
+    (/work/notes/s2/gptq-speed.md). So threads beyond the idle cores are not used."""
+    if asked:
+        return int(asked)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        busy = 0.0
+    return max(1, min(cores or 1, int(cores or 1) - int(busy + 0.5)))
+
+
 def run(job: dict[str, Any], progress: Progress) -> dict[str, Any]:
     """Every export of ``job["exports"]`` in turn, each from a freshly loaded model (one
     process start for all targets of a ``quantkit convert``)."""
     import torch
 
-    if job.get("threads"):
-        torch.set_num_threads(int(job["threads"]))
+    threads = pick_threads(job.get("threads"))
+    torch.set_num_threads(threads)
     quirks = cpu_quirks()
     current = {"label": ""}
     _report_layers(lambda stage, done, total: progress(f"{current['label']}:{stage}", done, total))
@@ -183,7 +202,7 @@ def run(job: dict[str, Any], progress: Progress) -> dict[str, Any]:
         t["save"] = time.perf_counter() - t0
         timings[label] = t
         del model
-    return {"timings": timings, "quirks": quirks, "versions": _versions()}
+    return {"timings": timings, "quirks": quirks, "versions": _versions(), "threads": threads}
 
 
 def _versions() -> dict[str, str]:

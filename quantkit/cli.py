@@ -44,12 +44,6 @@ Examples:
   quantkit inspect out/my-model-Q8_0.gguf --json > info.json
 """
 
-EPILOG_DEMO = """\b
-Examples:
-  quantkit demo                      # SmolLM2-135M-Instruct, the embedded default
-  quantkit demo ./my-model -o demo-out/
-"""
-
 
 class _Progress:
     """tqdm bars on stderr keyed by stage; silent when stderr is not a terminal."""
@@ -883,49 +877,15 @@ def validate(
         )
 
 
-@cli.command(epilog=EPILOG_DEMO)
-@click.argument("model", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path),
-    default=Path("quantkit-demo"),
-    show_default=True,
-    help="Directory for the GGUF files.",
-)
-@click.option("--threads", type=click.IntRange(min=1), default=None)
-def demo(model: Path | None, output: Path, threads: int | None) -> None:
-    """Convert a model (default: the embedded SmolLM2-135M-Instruct) to GGUF F16 and Q8_0, load
-    both in llama.cpp and print a table."""
-    from quantkit.demo import demo_model
-    from quantkit.demo_run import run_demo
-
-    if model is None:
-        click.echo(
-            "quantkit demo: preparing the embedded default model (SmolLM2-135M-Instruct)...",
-            err=True,
-        )
-        model = demo_model()
-    output.mkdir(parents=True, exist_ok=True)
-    rows, sample = run_demo(model, output, threads=threads, progress=_Progress())
-    click.echo(
-        format_table(
-            ["type", "size", "bits/weight", "load", "ppl", "top-1 vs F16", "gen tok/s", "path"],
-            rows,
-        )
-    )
-    click.echo(f"\nQ8_0 greedy continuation: {sample!r}")
-
-
 # `quantkit engines …` lives in its own module (quantkit/cli_engines.py)
 from quantkit.cli_engines import engines  # noqa: E402
 
 cli.add_command(engines)
 
-# `quantkit recipes …`, `run`, `report merge` (quantkit/cli_recipes.py)
-from quantkit.cli_recipes import recipes, report, run  # noqa: E402
+# `quantkit recipes …`, `run`, `report merge`, `demo` (quantkit/cli_recipes.py)
+from quantkit.cli_recipes import demo, recipes, report, run  # noqa: E402
 
-for _cmd in (recipes, run, report):
+for _cmd in (recipes, run, report, demo):
     cli.add_command(_cmd)
 
 

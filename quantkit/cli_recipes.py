@@ -82,21 +82,28 @@ def run(recipe_file: str, plan_only: bool, only: tuple[str, ...], as_json: bool)
     with nothing changed does no work, and an interrupted run resumes."""
     from quantkit import pipeline
     from quantkit import recipe as rc
+
+    path = rc.find(recipe_file)
+    _execute(pipeline.Context(rc.load(path), path), list(only), plan_only, as_json)
+
+
+def _execute(ctx, only: list[str], plan_only: bool, as_json: bool) -> None:  # noqa: ANN001
+    """`run` and `demo`: the plan, or the run with its tables; the exit code from the gates."""
+    from quantkit import pipeline
     from quantkit.cli import _Progress
     from quantkit.errors import GateFailed
     from quantkit.validate.harness import ValidationError
+    from quantkit.validate.report import terminal_table
 
-    path = rc.find(recipe_file)
-    ctx = pipeline.Context(rc.load(path), path)
     if plan_only:
-        steps = pipeline.plan(ctx, list(only))
+        steps = pipeline.plan(ctx, only)
         if as_json:
             click.echo(pipeline.canonical_json([s.__dict__ for s in steps]), nl=False)
         else:
             rows = [[s.kind, s.target or "(shared)", s.action, s.path] for s in steps]
             click.echo(format_table(["step", "target", "action", "path"], rows))
         return
-    res = pipeline.run(ctx, list(only), log=lambda m: click.echo(m, err=True), progress=_Progress())
+    res = pipeline.run(ctx, only, log=lambda m: click.echo(m, err=True), progress=_Progress())
     if as_json:
         click.echo(pipeline.canonical_json(res.to_json()), nl=False)
     else:
@@ -104,14 +111,28 @@ def run(recipe_file: str, plan_only: bool, only: tuple[str, ...], as_json: bool)
         for m in res.manifests:
             v = m.get("validation") or {}
             q = v.get("quality") or {}
+            gates = (
+                "—"
+                if not v
+                else "n/a (host)"
+                if v.get("unsupported_artifacts")
+                else "pass"
+                if v.get("passed")
+                else "FAIL"
+            )
             rows.append(
                 [m.get("target", "?"), m.get("type", "?"), str(m.get("size", "")),
-                 "—" if q.get("kld_mean") is None else f"{q['kld_mean']:.4g}",
-                 "—" if not v else ("pass" if v.get("passed") else "FAIL")]
+                 "—" if q.get("kld_mean") is None else f"{q['kld_mean']:.4g}", gates]
             )  # fmt: skip
         click.echo(format_table(["target", "type", "bytes", "mean KLD", "gates"], rows))
+        if res.report is not None:
+            click.echo("\n" + terminal_table(res.report))
         built = sum(s.action == "build" for s in res.steps)
-        click.echo(f"{built} step(s) built, {len(res.steps) - built} reused; out: {ctx.out}")
+        click.echo(f"\n{built} step(s) built, {len(res.steps) - built} reused; out: {ctx.out}")
+        if res.report is not None:
+            click.echo(f"report: {ctx.out / 'report.md'}\nchart: {ctx.out / 'report.png'}")
+    for u in res.unsupported:  # not a failure: the engine cannot run this format on this host
+        click.echo(f"quantkit: note: {u['target']}: built, not scorable on this host", err=True)
     if res.failed_artifacts:
         raise ValidationError(
             f"could not be scored: {', '.join(res.failed_artifacts)}",
@@ -125,6 +146,57 @@ def run(recipe_file: str, plan_only: bool, only: tuple[str, ...], as_json: bool)
                 for g in res.failed_gates
             )
         )
+
+
+EPILOG_DEMO = """\b
+Examples:
+  quantkit demo                      # SmolLM2-135M-Instruct, the embedded default
+  quantkit demo --plan               # what it will build, reuse and validate
+  quantkit demo ./my-model -o demo-out/
+  quantkit demo --only q8 --only fp8
+\b
+It runs the shipped recipe `demo` (recipes/demo.yaml; `quantkit recipes show demo`), like
+`quantkit run demo`: GGUF Q8_0, Q4_K_M and IQ4_XS (importance matrix) scored in llama.cpp,
+FP8 and W4A16 checkpoints scored in vLLM. A second run reuses everything it built.
+\b
+Exit codes: 0 every gate holds (a W4A16 row that vLLM cannot run on this CPU is shown as
+"not scorable on this host" and does not fail the demo), 1 a gate failed, 2 bad input or an
+artifact could not be scored.
+"""
+
+
+@click.command(epilog=EPILOG_DEMO)
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("quantkit-demo"),
+    show_default=True,
+    help="Output folder (artifacts, model cards, report.md/.json/.png).",
+)
+@click.option("--plan", "plan_only", is_flag=True, help="Print the steps; build nothing.")
+@click.option("--only", multiple=True, metavar="TARGET", help="Only these targets (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan/run record as JSON.")
+def demo(
+    model: Path | None, output: Path, plan_only: bool, only: tuple[str, ...], as_json: bool
+) -> None:
+    """Quantize a model (default: the embedded SmolLM2-135M-Instruct) for llama.cpp and vLLM,
+    validate every artifact in its engine, and print the report table and the chart's path."""
+    from quantkit import pipeline
+    from quantkit import recipe as rc
+    from quantkit.errors import InputError
+
+    if model is not None and not (model / "config.json").is_file():
+        raise InputError(f"{model}: not a Hugging Face model folder (no config.json)")
+    if model is None and not plan_only:
+        click.echo(
+            "quantkit demo: recipe `demo` on the embedded default model (SmolLM2-135M-Instruct)",
+            err=True,
+        )
+    path = rc.find("demo")
+    ctx = pipeline.Context(rc.load(path), path, output=output, model=model)
+    _execute(ctx, list(only), plan_only, as_json)
 
 
 @click.group(epilog=EPILOG_REPORT)

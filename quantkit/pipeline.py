@@ -72,6 +72,10 @@ class RunResult:
     manifests: list[dict[str, Any]] = field(default_factory=list)
     failed_gates: list[dict[str, Any]] = field(default_factory=list)
     failed_artifacts: list[str] = field(default_factory=list)  # could not be scored
+    # built, but the engine cannot run the format on this host ({"target", "error"}): not a
+    # failure, the run still passes (docs/report-schema.md "unsupported")
+    unsupported: list[dict[str, str]] = field(default_factory=list)
+    report: dict[str, Any] | None = None  # every validated target in one report (OUT/report.*)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,15 +83,33 @@ class RunResult:
             "manifests": self.manifests,
             "failed_gates": self.failed_gates,
             "failed_artifacts": self.failed_artifacts,
+            "unsupported": self.unsupported,
         }
 
 
 class Context:
     """The recipe with its paths resolved and its content keys computed once."""
 
-    def __init__(self, recipe: Recipe, recipe_path: Path) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        recipe_path: Path,
+        *,
+        output: Path | None = None,
+        model: Path | None = None,
+    ) -> None:
+        """``output`` / ``model`` override the recipe's (``quantkit demo MODEL -o OUT``)."""
         from quantkit.validate.harness import model_hash
 
+        if output is not None or model is not None:
+            recipe = recipe.model_copy(
+                update={
+                    "output": str(output) if output is not None else recipe.output,
+                    "source": recipe.source.model_copy(
+                        update={"model": str(model.absolute()) if model else recipe.source.model}
+                    ),
+                }
+            )
         self.recipe = recipe
         self.recipe_path = recipe_path
         self.base_dir = recipe_path.resolve().parent
@@ -224,11 +246,31 @@ def _artifact_ok(ctx: Context, t: GGUFTarget) -> bool:
     )
 
 
+def host_tag() -> str:
+    """What decides whether an engine can run a format here (CPU features, a GPU): an
+    "unsupported" verdict is reused only on a host with the same tag."""
+    import platform
+
+    from quantkit.envs import has_cuda
+
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith("avx"))
+                break
+    except OSError:
+        pass
+    return _key("host", platform.machine(), flags, has_cuda())
+
+
 def _validation_ok(ctx: Context, t: GGUFTarget) -> bool:
     m = _manifest(ctx.target_dir(t))
+    v = (m or {}).get("validation", {})
     return bool(
         m
-        and m.get("validation", {}).get("key") == ctx.validation_key(t)
+        and v.get("key") == ctx.validation_key(t)
+        and (not v.get("unsupported_artifacts") or v.get("host") == host_tag())
         and (ctx.target_dir(t) / "report.json").is_file()
     )
 
@@ -317,8 +359,47 @@ def run(
         res.failed_gates += [{"target": t.name, **g} for g in v.get("failed_gates", [])]
         if v.get("failed_artifacts"):
             res.failed_artifacts.append(t.name)
+        if v.get("unsupported_artifacts"):
+            res.unsupported.append({"target": t.name, "error": v.get("error") or ""})
+    res.report = _combined_report(ctx, list(targets.values()))
     _write(ctx.out / "run.json", canonical_json({"recipe": ctx.recipe.name, **res.to_json()}))
     return res
+
+
+def _combined_report(ctx: Context, targets: list[Any]) -> dict[str, Any] | None:
+    """The validated targets' reports as one: OUT/report.json, .md and .png (the chart)."""
+    from quantkit.validate.report import plot
+
+    reports = {}
+    for t in targets:
+        p = ctx.target_dir(t) / "report.json"
+        if validated(ctx.recipe, t) and p.is_file():
+            reports[t.name] = json.loads(p.read_text())
+    if not reports:
+        return None
+    merged = _merge_reports(reports)
+    _write_report(ctx.out, merged)
+    plot(merged, ctx.out / "report.png")
+    return merged
+
+
+def _merge_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One report from several (each scored against the same reference and text), in the
+    order given; each artifact keeps its own gates."""
+    names = list(reports)
+    merged = dict(reports[names[0]])
+    merged["artifacts"] = [a for n in names for a in reports[n]["artifacts"]]
+    for k in ("failed_gates", "failed_artifacts", "unsupported_artifacts"):
+        merged[k] = [x for n in names for x in reports[n].get(k, [])]
+    merged["passed"] = all(reports[n]["passed"] for n in names)
+    return merged
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    from quantkit.validate.report import markdown
+
+    _write(out / "report.json", canonical_json(report))
+    _write(out / "report.md", markdown(report))
 
 
 def _write(path: Path, text: str) -> None:
@@ -479,7 +560,7 @@ def _validate_target(ctx: Context, t: Any, progress: Any) -> None:
     g = ctx.recipe.gates.merged(t.gates)
     s = Settings(
         ctx=v.ctx, chunks=v.chunks, threads=v.threads, pp=v.pp, tg=v.tg, timeout=v.timeout,
-        kv_f32=v.kv_f32, adapter=ctx.adapter,
+        kv_f32=v.kv_f32, vllm_eager=v.vllm_eager, adapter=ctx.adapter,
         gates=Gates(g.max_kld, g.max_ppl_increase_pct, g.min_top1_pct, g.per_type_defaults),
     )  # fmt: skip
     report = validate([ctx.artifact_path(t)], ctx.model, ctx.vdata, s, progress=progress)
@@ -490,7 +571,8 @@ def _validate_target(ctx: Context, t: Any, progress: Any) -> None:
     art = report["artifacts"][0] if report["artifacts"] else {}
     m = _manifest(d) or {}
     m["validation"] = {
-        # an artifact that could not be scored (crash, timeout) is tried again by the next run
+        # an artifact that could not be scored (crash, timeout) is tried again by the next run;
+        # one its engine cannot run on this host is not, on this host (host_tag)
         "key": None if report["failed_artifacts"] else ctx.validation_key(t),
         "passed": report["passed"],
         "quality": art.get("quality"),
@@ -498,6 +580,9 @@ def _validate_target(ctx: Context, t: Any, progress: Any) -> None:
         "gates": art.get("gates", []),
         "failed_gates": report["failed_gates"],
         "failed_artifacts": report["failed_artifacts"],
+        "unsupported_artifacts": report.get("unsupported_artifacts", []),
+        "error": art.get("error"),
+        "host": host_tag(),
     }
     _write(d / "manifest.json", canonical_json(m))
 
@@ -670,7 +755,9 @@ def _write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
     rp = ctx.target_dir(t) / "report.json"
     report = json.loads(rp.read_text()) if v and rp.is_file() else None
     entry = report["artifacts"][0] if report and report.get("artifacts") else None
-    if entry is not None and report is not None:
+    if v.get("unsupported_artifacts"):
+        lines.append(f"Built, but not scorable on the host that ran the recipe: {v.get('error')}")
+    elif entry is not None and report is not None:
         ref = report.get("reference", {})
         data = report.get("data", {})
         against = f"`{ref.get('model')}`" + (" + the adapter" if p.get("adapter") else "")
@@ -722,8 +809,6 @@ def merge(sources: list[Path], out: Path) -> dict[str, Any]:
     Canonical JSON with everything sorted by target name: the same inputs in any order give
     byte-identical files. A target present in two jobs must be the same artifact.
     """
-    from quantkit.validate.report import markdown
-
     manifests: dict[str, dict[str, Any]] = {}
     reports: dict[str, dict[str, Any]] = {}
     for src in sources:
@@ -745,13 +830,7 @@ def merge(sources: list[Path], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "manifest.json", canonical_json(merged_manifest))
     if reports:
-        rnames = sorted(reports)
-        merged = dict(reports[rnames[0]])
-        merged["artifacts"] = [a for n in rnames for a in reports[n]["artifacts"]]
-        merged["failed_gates"] = [g for n in rnames for g in reports[n]["failed_gates"]]
-        merged["failed_artifacts"] = [a for n in rnames for a in reports[n]["failed_artifacts"]]
-        merged["passed"] = all(reports[n]["passed"] for n in rnames)
-        _write(out / "report.json", canonical_json(merged))
-        _write(out / "report.md", markdown(merged))
+        merged = _merge_reports({n: reports[n] for n in sorted(reports)})
+        _write_report(out, merged)
         return merged
     return merged_manifest

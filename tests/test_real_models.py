@@ -77,14 +77,15 @@ def test_demo_model_q8_0_runs_close_to_f16(demo_model_dir: Path, tmp_path: Path)
 
 
 def test_demo_command(demo_model_dir: Path, tmp_path: Path) -> None:
-    r = run_cli("demo", "-o", str(tmp_path / "demo"))
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert lines[0].split()[:2] == ["type", "size"]
-    assert any(ln.startswith("F16 ") for ln in lines) and any(
-        ln.startswith("Q8_0 ") for ln in lines
-    )
-    assert (tmp_path / "demo" / "smollm2-135m-instruct-Q8_0.gguf").is_file()
+    """`quantkit demo --only q8`: the demo recipe's Q8_0 target on the embedded model, scored in
+    llama.cpp, with the report table and the chart's path (the full demo: tests/test_demo.py)."""
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--only", "q8", "-o", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("smollm2-135m-instruct-Q8_0"))
+    assert row.split()[1] == "Q8_0" and row.split()[-1] == "ok", r.stdout
+    assert (out / "q8" / "smollm2-135m-instruct-Q8_0.gguf").is_file()
+    assert f"chart: {out / 'report.png'}" in r.stdout and (out / "report.png").is_file()
 
 
 def test_inspect_json_and_table(demo_model_dir: Path, tmp_path: Path) -> None:

@@ -55,6 +55,17 @@ HEADERS = [
 ]
 
 
+# The status cell of an artifact that was not scored. "unsupported": the engine cannot run this
+# format on this host (not a quality failure; the report still passes), "failed": it crashed.
+_NOT_SCORED = {"unsupported": "not scorable on this host (see note)", "failed": "FAILED: "}
+
+
+def unsupported_note(a: dict[str, Any]) -> str:
+    """One line: the hint vllm_worker.describe_error appended (after " — "), else the error."""
+    reason = (a["error"] or "").split(" — ", 1)[-1]
+    return f"note: {a['name']} was built but is not scorable on this host: {reason}"
+
+
 def rows(report: dict[str, Any]) -> list[list[str]]:
     ref = report["reference"]
     out = [
@@ -76,7 +87,9 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
     ]
     for a in report["artifacts"]:
         if a["status"] != "ok":
-            out.append([a["name"]] + [""] * (len(HEADERS) - 2) + ["FAILED: " + a["error"][:60]])
+            cell = _NOT_SCORED.get(a["status"], "FAILED: ")
+            cell += (a["error"] or "")[:60] if cell.endswith(": ") else ""
+            out.append([a["name"]] + [""] * (len(HEADERS) - 2) + [cell])
             continue
         q, sz, sp = a["quality"], a["size"], a["speed"]
         failed = [g["gate"] for g in a["gates"] if not g["passed"]]
@@ -140,7 +153,9 @@ def terminal_table(report: dict[str, Any]) -> str:
                 f"note: {a['name']}: llama.cpp's own tokenization differs from the reference on "
                 f"{100 * t['differ_share']:.2f}% of tokens (scored on the reference ids)"
             )
-        if a["status"] != "ok" and a.get("log_tail"):
+        if a["status"] == "unsupported":
+            lines.append(unsupported_note(a))
+        elif a["status"] != "ok" and a.get("log_tail"):
             lines.append(f"{a['name']} failed: {a['error']}; last log lines:")
             lines += ["  " + ln for ln in a["log_tail"][-8:]]
     for g in report["failed_gates"]:
@@ -179,7 +194,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_f(g['value'], '.6g') or 'n/a'}"
             )
     for a in report["artifacts"]:
-        if a["status"] != "ok":
+        if a["status"] == "unsupported":
+            out += ["", f"## {a['name']}: not scorable on this host", "", a["error"] or ""]
+        elif a["status"] != "ok":
             out += ["", f"## {a['name']} failed", "", a["error"] or "", "", "```"]
             out += a.get("log_tail") or []
             out.append("```")
