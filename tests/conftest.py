@@ -256,3 +256,15 @@ def int4_runs(moe: bool = False) -> bool:
     if envs.has_cuda():
         return True
     return ({"avx512f", "amx_tile"} if moe else {"avx512f"}) <= cpu_flags()
+
+
+def like_a_terminal() -> None:
+    """preexec_fn for a CLI child that a test interrupts with SIGINT: Ctrl-C as in a terminal.
+
+    A job started in the background by a non-interactive shell (`cmd &`, as CI runners and
+    nohup'd scripts do) inherits SIGINT ignored, and Python then keeps it ignored (POSIX's rule for
+    background jobs, which quantkit respects) — so the child gets SIGINT's default disposition back.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_model, run_cli
+from conftest import like_a_terminal, make_tiny_model, run_cli
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 
@@ -269,6 +269,7 @@ def test_interrupted_conversion_leaves_nothing(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=like_a_terminal,
     )
     deadline = time.time() + 60
     while time.time() < deadline and not any(out.glob("*.part")):

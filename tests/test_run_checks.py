@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TRAIN_TEXT, make_tiny_model
+from conftest import TRAIN_TEXT, like_a_terminal, make_tiny_model
 
 from quantkit.errors import Interrupted
 from quantkit.validate.harness import sha256_file
@@ -64,6 +64,7 @@ class Run:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "quantkit.cli", "run", str(recipe), *extra],
             cwd=cwd, env=e, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=like_a_terminal,
         )  # fmt: skip
         self.err: list[str] = []
         self._out: list[str] = []
