@@ -141,22 +141,20 @@ def _report_layers(progress: Progress) -> None:
 
 
 def pick_threads(asked: int | None) -> int:
-    """torch intra-op threads: what was asked, else one per core that is idle now.
+    """torch intra-op threads: what was asked, else 1 on a CPU-only host (torch's default on CUDA).
 
-    GPTQ quantizes a layer one weight column at a time (llmcompressor 0.14
-    modifiers/gptq/gptq_quantize.py ``gptq_block_update``): thousands of tiny tensor ops per
-    layer, each a parallel region that waits for every OpenMP thread. When the cores are
-    busy with other processes that wait dominates: SmolLM2-135M, one layer, 4×128 tokens on
-    2 cores at load 8 took 96.9 s wall / 30.4 s CPU with 2 threads and 11.7 s / 3.9 s with 1
-    (/work/notes/s2/gptq-speed.md). So threads beyond the idle cores are not used."""
+    Not the load-dependent "idle cores" count: the thread count changes the bytes of a GPTQ
+    export (torch 2.13's CPU Cholesky of a 576×576 Hessian differs by ~1e-5 between 1 and 2
+    threads, enough to move a rounding boundary), and a recipe trusts an artifact by its sha256.
+    And 1 is not slower where it matters here: GPTQ quantizes one weight column at a time
+    (llmcompressor 0.14 ``gptq_block_update``: thousands of tiny ops per layer, each a parallel
+    region waiting for every thread); SmolLM2-135M, one layer, 4×128 tokens, 2 busy cores:
+    96.9 s wall / 30.4 s CPU with 2 threads, 11.7 s / 3.9 s with 1. ``--threads N`` for more."""
     if asked:
         return int(asked)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        busy = 0.0
-    return max(1, min(cores or 1, int(cores or 1) - int(busy + 0.5)))
+    import torch
+
+    return torch.get_num_threads() if torch.cuda.is_available() else 1
 
 
 def run(job: dict[str, Any], progress: Progress) -> dict[str, Any]:

@@ -107,7 +107,13 @@ def cli() -> None:
     help="F16 targets: clamp weights beyond ±65504 (with a warning listing them) instead of "
     "refusing; BF16 keeps them without clamping.",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for quantizing.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads for quantizing (vLLM targets: default 1 on CPU-only hosts, which keeps "
+    "GPTQ/AWQ output bytes reproducible).",
+)
 @click.option(
     "--adapter",
     type=click.Path(path_type=Path),
