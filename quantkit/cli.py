@@ -19,6 +19,7 @@ import click
 from quantkit import __version__
 from quantkit.atomic import atomic_output, cleanup_all
 from quantkit.errors import Interrupted, QuantkitError, exit_code_for
+from quantkit.progress import ProgressPrinter
 from quantkit.table import format_table, human_bytes
 from quantkit.text import read_text
 
@@ -43,26 +44,6 @@ Examples:
   quantkit inspect out/my-model-Q8_0.gguf
   quantkit inspect out/my-model-Q8_0.gguf --json > info.json
 """
-
-
-class _Progress:
-    """tqdm bars on stderr keyed by stage; silent when stderr is not a terminal."""
-
-    def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = tqdm(
-                total=total, desc=stage, unit="tensor", leave=False, disable=None, file=sys.stderr
-            )
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -288,7 +269,7 @@ def convert(
         force=force,
         allow_pickle=allow_pickle,
         threads=threads,
-        progress=_Progress(),
+        progress=ProgressPrinter(),
         quant=qs,
         dry_run=dry_run,
         converter=converter,
@@ -420,7 +401,9 @@ def _convert_vllm(
         seq_len=seq_len or vllm.DEFAULT_SEQ_LEN,
         threads=threads,
     )
-    res = vllm.export_vllm(model, targets, output, settings, force=force, progress=_Progress())
+    res = vllm.export_vllm(
+        model, targets, output, settings, force=force, progress=ProgressPrinter()
+    )
     for note in res.notes:
         click.echo(f"quantkit convert: note: {note}", err=True)
     if as_json:
@@ -591,7 +574,7 @@ def imatrix(
         ctx=ctx,
         chunks=chunks,
         threads=threads,
-        progress=_Progress(),
+        progress=ProgressPrinter(),
     )
     save_imatrix(im, output)
     click.echo(f"wrote {output}: {len(im.entries)} tensors, {im.chunks} chunks of {ctx} tokens")
@@ -694,8 +677,8 @@ Examples:
       # a compressed-tensors/GPTQ/AWQ folder is scored in vLLM (`quantkit engines setup vllm`)
   quantkit validate ./m out/m-F16.gguf --engine vllm --reference ./m --data eval.txt
 \b
-Exit codes: 0 every gate holds, 1 a gate failed (the table and report say which),
-2 bad input or an artifact/reference that could not be scored.
+Exit codes: 0 every gate holds, 1 a gate failed or an artifact was too slow for --max-minutes
+(the table and report say which), 2 bad input or an artifact/reference that could not be scored.
 """
 
 
@@ -733,6 +716,13 @@ Exit codes: 0 every gate holds, 1 a gate failed (the table and report say which)
     default=3600,
     show_default=True,
     help="Seconds per engine process before it is killed and its artifact failed.",
+)
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Time budget per artifact (load, scoring, speed): past it, or once the measured rate "
+    "projects far beyond it, the artifact is reported too-slow with its rate (exit 1).",
 )
 @click.option(
     "--reference-dtype",
@@ -813,6 +803,7 @@ def validate(
     pp: int,
     tg: int,
     timeout: float,
+    max_minutes: float | None,
     reference_dtype: str | None,
     kv_f32: bool,
     no_flash_attn: bool,
@@ -845,6 +836,7 @@ def validate(
         pp=pp,
         tg=tg,
         timeout=timeout,
+        max_minutes=max_minutes,
         reference_dtype=reference_dtype,
         kv_f32=kv_f32,
         flash_attn=not no_flash_attn,
@@ -857,7 +849,7 @@ def validate(
         adapter=adapter,
     )
     settings.lora_base, settings.vllm_lora_base = split_lora_bases(lora_base)
-    report = run_validate(list(artifacts), reference, data, settings, progress=_Progress())
+    report = run_validate(list(artifacts), reference, data, settings, progress=ProgressPrinter())
     for out, body in (
         (json_out, lambda: json.dumps(report, indent=2)),
         (md_out, lambda: markdown(report)),
@@ -873,13 +865,18 @@ def validate(
             f"{len(report['failed_artifacts'])} artifact(s) could not be scored: "
             + ", ".join(report["failed_artifacts"])
         )
-    if report["failed_gates"]:
+    slow = [a for a in report["artifacts"] if a["status"] == "too-slow"]
+    if report["failed_gates"] or slow:
         raise GateFailed(
-            "gate failed: "
-            + "; ".join(
-                f"{g['artifact']} --{g['gate']} {g['threshold']:g} (measured {g['value']})"
-                for g in report["failed_gates"]
-            )
+            "; ".join(
+                [
+                    f"gate failed: {g['artifact']} --{g['gate']} {g['threshold']:g} "
+                    f"(measured {g['value']})"
+                    for g in report["failed_gates"]
+                ]
+                + [f"{a['name']}: {a['error']}" for a in slow]
+            ),
+            "raise --max-minutes, or validate on a faster host" if slow else None,
         )
 
 

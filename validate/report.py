@@ -56,8 +56,14 @@ HEADERS = [
 
 
 # The status cell of an artifact that was not scored. "unsupported": the engine cannot run this
-# format on this host (not a quality failure; the report still passes), "failed": it crashed.
-_NOT_SCORED = {"unsupported": "not scorable on this host (see note)", "failed": "FAILED: "}
+# format on this host (not a quality failure; the report still passes), "too-slow": it ran at a
+# rate that does not fit the time budget (its quality is unknown: the report fails), "failed": it
+# crashed.
+_NOT_SCORED = {
+    "unsupported": "not scorable on this host (see note)",
+    "too-slow": "TOO SLOW for the time budget (see note)",
+    "failed": "FAILED: ",
+}
 
 
 def unsupported_note(a: dict[str, Any]) -> str:
@@ -94,6 +100,8 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
         q, sz, sp = a["quality"], a["size"], a["speed"]
         failed = [g["gate"] for g in a["gates"] if not g["passed"]]
         status = ("gate failed: " + ", ".join(failed)) if failed else "ok"
+        if sp.get("error"):
+            status += " (speed run failed)"
         kld_note = "" if q.get("kld_method") == "exact" else "~"
         out.append(
             [
@@ -112,6 +120,18 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
                 status,
             ]
         )
+    return out
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """The report's notes (settings capped to the model's context), then each artifact's (engine
+    settings chosen by measurement, a speed run that failed after the scores were taken)."""
+    out = list(report.get("notes") or [])
+    for a in report["artifacts"]:
+        out += [f"{a['name']}: {n}" for n in a.get("notes") or []]
+        err = (a.get("speed") or {}).get("error")
+        if err:
+            out.append(f"{a['name']}: the speed run failed, quality figures kept: {err}")
     return out
 
 
@@ -146,6 +166,7 @@ def terminal_table(report: dict[str, Any]) -> str:
     note = approx_note(report)
     if note:
         lines.append(note)
+    lines += [f"note: {n}" for n in notes(report)]
     for a in report["artifacts"]:
         t = a.get("tokenization")
         if t and t["differ_share"] > 0:
@@ -155,6 +176,8 @@ def terminal_table(report: dict[str, Any]) -> str:
             )
         if a["status"] == "unsupported":
             lines.append(unsupported_note(a))
+        elif a["status"] == "too-slow":
+            lines.append(f"note: {a['name']}: {a['error']}")
         elif a["status"] != "ok" and a.get("log_tail"):
             lines.append(f"{a['name']} failed: {a['error']}; last log lines:")
             lines += ["  " + ln for ln in a["log_tail"][-8:]]
@@ -186,6 +209,8 @@ def markdown(report: dict[str, Any]) -> str:
     note = approx_note(report)
     if note:
         out += ["", note]
+    if notes(report):
+        out += [""] + [f"- {n}" for n in notes(report)]
     if report["failed_gates"]:
         out += ["", "## Failed gates", ""]
         for g in report["failed_gates"]:
@@ -196,6 +221,8 @@ def markdown(report: dict[str, Any]) -> str:
     for a in report["artifacts"]:
         if a["status"] == "unsupported":
             out += ["", f"## {a['name']}: not scorable on this host", "", a["error"] or ""]
+        elif a["status"] == "too-slow":
+            out += ["", f"## {a['name']}: too slow for the time budget", "", a["error"] or ""]
         elif a["status"] != "ok":
             out += ["", f"## {a['name']} failed", "", a["error"] or "", "", "```"]
             out += a.get("log_tail") or []

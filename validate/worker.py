@@ -14,7 +14,6 @@ Roles:
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.text import read_text
+from quantkit.validate.runner import write_json_atomic
 
 REF_F32_LIMIT = 256 * 2**20  # reference log-probs up to this size are stored in float32
 
@@ -88,7 +88,9 @@ def run(job: dict[str, Any], engine: Any = None) -> dict[str, Any]:
         eng, cls = engine, type(engine)
     if not job.get("in_process"):
         print(f"[worker] loading {job['path']} in {cls.name}", file=sys.stderr, flush=True)
+    _progress(job, "load", 0, 1)
     eng.load()
+    _progress(job, "load", 1, 1)
     res["engine"] = {
         "name": cls.name,
         "version": eng.version(),
@@ -178,12 +180,25 @@ def run(job: dict[str, Any], engine: Any = None) -> dict[str, Any]:
         res["scored_tokens"] = scored
         pp, tg = int(job.get("pp", 0)), int(job.get("tg", 0))
         if pp or tg:
+            # the quality figures are kept if the speed run dies (validate/runner.py)
+            res["peak_rss_bytes"] = _peak_rss()
+            if not job.get("in_process"):
+                write_json_atomic(Path(job["dir"]) / "scored.json", {"ok": True, **res})
             _progress(job, "speed", 0, 1)
-            res["speed"] = {"pp": pp, "tg": tg, **eng.speed(chunks.reshape(-1).tolist(), pp, tg)}
+            res["speed"] = {"pp": pp, "tg": tg, **_speed(eng, chunks, pp, tg)}
+            _progress(job, "speed", 1, 1)
     finally:
         eng.unload()
     res["peak_rss_bytes"] = _peak_rss()
     return res
+
+
+def _speed(eng: Any, chunks: np.ndarray, pp: int, tg: int) -> dict[str, Any]:
+    try:
+        return eng.speed(chunks.reshape(-1).tolist(), pp, tg)
+    except Exception as e:  # the scores stand; the report says why pp/tg are missing
+        traceback.print_exc()
+        return {"pp_tps": None, "tg_tps": None, "error": f"{type(e).__name__}: {e}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         res = {"ok": False, "error": f"{type(e).__name__}: {e}", "peak_rss_bytes": _peak_rss()}
         code = 1
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res))
-    os.replace(tmp, out)
+    write_json_atomic(out, res)
     return code
 
 
