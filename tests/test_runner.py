@@ -149,3 +149,20 @@ def test_last_error_line_is_the_engines_own() -> None:
     assert "index out of bounds" in last_error_line(tail)
     assert last_error_line(["loading", "still loading"]) == "still loading"
     assert last_error_line([]) is None
+
+
+def test_onednn_verbose_names_the_fp8_matmul_kernel() -> None:
+    """The vLLM worker turns oneDNN off only where its log says the FP8 matmul ran on oneDNN's
+    reference kernel (as on AVX-512/AMX Xeons), not on a guess from CPU flags."""
+    from quantkit.validate.vllm_worker import matmul_impls
+
+    intel = (
+        "onednn_verbose,v1,info,cpu,isa:Intel AVX-512 with float16, Intel DL Boost and bfloat16 "
+        "support and Intel AMX with bfloat16 and 8-bit integer support\n"
+        "onednn_verbose,v1,primitive,exec,cpu,matmul,ref:any,undef,src:f8_e4m3::blocked:ab::f0 "
+        "wei:f8_e4m3::blocked:ba::f0 dst:bf16::blocked:ab::f0,,,32x576:576x1536,1327.1\n"
+    )
+    assert matmul_impls(intel) == ["ref:any"]
+    bf16 = "onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_bf16,undef,...\n"
+    assert matmul_impls(bf16) == ["brg_matmul:avx512_core_bf16"]
+    assert matmul_impls("onednn_verbose,v1,info,cpu,runtime:OpenMP,nthr:2\n") == []

@@ -62,7 +62,7 @@ def last_error_line(lines: list[str]) -> str | None:
 class _Watch:
     """What the progress file says of a running worker."""
 
-    stage: str = "start"
+    stage: str = "starting"
     done: int = 0
     total: int = 1
     chunks_done: int = 0
@@ -172,10 +172,11 @@ def run_worker(
                 except subprocess.TimeoutExpired:
                     pass
                 now = time.monotonic()
-                w.read(workdir / "progress", now)
-                if progress is not None:
-                    scale = chunk_tokens if w.stage == "score" else 1
-                    progress(f"{label} {w.stage}", w.done * scale, w.total * scale)
+                new = w.read(workdir / "progress", now)
+                if progress is not None:  # every step, or the latest again as a heartbeat
+                    for stage, done, total in new or [(w.stage, w.done, w.total)]:
+                        scale = chunk_tokens if stage == "score" else 1
+                        progress(f"{label} {stage}", done * scale, total * scale)
                 if rc is not None:
                     break
                 if now - t0 >= timeout:

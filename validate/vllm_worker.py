@@ -304,19 +304,57 @@ def _has_fp8_weights(cfg: dict[str, Any]) -> bool:
     )
 
 
-# The product timed to choose the FP8 matmul path: one decoder projection of a small model
+# The product probed to choose the FP8 matmul path: one decoder projection of a small model
 # (tokens × hidden → intermediate). Where oneDNN offers an FP8 matmul for the CPU, torch 2.13 hands
-# torch._scaled_mm to it, and on AVX-512 Xeons that is oneDNN's reference kernel ("ref:any" with
-# ONEDNN_VERBOSE=1): 1327 ms for 32×576 @ 576×1536 against 16 ms for torch's own emulation with
-# identical output, which made vLLM's FP8 validation of a 135M model run for hours.
+# torch._scaled_mm (what vLLM's CPU FP8 linear calls) to it, and on AVX-512/AMX Xeons that is
+# oneDNN's reference kernel ("ref:any" in ONEDNN_VERBOSE): 1327 ms for 32×576 @ 576×1536 against
+# 16 ms for torch's own emulation with identical output, which made vLLM's FP8 validation of a
+# 135M model run for hours. On AVX2-only EPYCs and on a Zen 5 EPYC with AVX-512 (no AMX) oneDNN
+# does not take the call at all (no verbose line) and torch emulates it.
 FP8_PROBE = (32, 576, 1536)
-FP8_SLOWER = 3.0  # oneDNN is turned off for the process when it is this many times slower
+
+
+def _onednn_matmul_impls(fn: Any) -> list[str]:
+    """The oneDNN implementations of the matmuls ``fn()`` runs, from oneDNN's own verbose log
+    (printed by the C library on file descriptor 1, hence captured there)."""
+    import ctypes
+    import tempfile
+
+    import torch
+
+    libc = ctypes.CDLL(None)
+    with tempfile.TemporaryFile() as f:
+        sys.stdout.flush()
+        libc.fflush(None)
+        saved = os.dup(1)
+        os.dup2(f.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                fn()
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+        f.seek(0)
+        log = f.read().decode("utf-8", errors="replace")
+    return matmul_impls(log)
+
+
+def matmul_impls(log: str) -> list[str]:
+    """Implementation names of the matmuls executed in a oneDNN verbose log; a line reads
+    ``onednn_verbose,v1,primitive,exec,cpu,matmul,ref:any,undef,src:f8_e4m3::…``."""
+    return [
+        parts[parts.index("matmul") + 1]
+        for ln in log.splitlines()
+        if ",exec," in ln and "matmul" in (parts := ln.split(","))
+    ]
 
 
 def _fp8_matmul_setting(path: str, threads: int) -> dict[str, Any] | None:
-    """For an FP8 checkpoint on a CPU: time torch._scaled_mm (what vLLM's CPU FP8 linear calls)
-    with torch's oneDNN backend on and off, and turn oneDNN off for this process when it is the
-    slow path and gives the same output. None when nothing was decided (not FP8, or CUDA)."""
+    """For an FP8 checkpoint on a CPU: ask oneDNN's verbose log which kernel torch._scaled_mm
+    gets; when it is oneDNN's reference implementation and torch's emulation gives the same
+    output, turn oneDNN off for this process (both timed for the note). None when nothing was
+    decided (not FP8, or CUDA)."""
     import torch
 
     if not _has_fp8_weights(_config(path)) or torch.cuda.is_available():
@@ -329,35 +367,41 @@ def _fp8_matmul_setting(path: str, threads: int) -> dict[str, Any] | None:
     sa = torch.rand(m, 1, generator=g) + 0.5
     sb = torch.rand(1, n, generator=g) + 0.5
 
+    def mm() -> Any:
+        return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
     def timed(enabled: bool) -> tuple[float, Any]:
-        best, out = float("inf"), None
         with torch.backends.mkldnn.flags(enabled=enabled):
-            for _ in range(3):  # the first call may build the kernel; the best of three
-                t = time.perf_counter()
-                out = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
-                best = min(best, time.perf_counter() - t)
-        return best, out
+            y = mm()  # the first call may build the kernel
+            t = time.perf_counter()
+            y = mm()
+            return time.perf_counter() - t, y
 
     try:
+        impls = _onednn_matmul_impls(mm)
         t_on, y_on = timed(True)
         t_off, y_off = timed(False)
     except Exception as e:  # no FP8 matmul in this torch at all: vLLM will say so itself
         return {"fp8_probe_error": f"{type(e).__name__}: {e}"}
     diff = float((y_on.float() - y_off.float()).abs().max())
-    slow = t_on > FP8_SLOWER * t_off and diff == 0.0
-    if slow:
+    ref = any(i.startswith("ref") for i in impls)
+    off = ref and diff == 0.0
+    if off:
         torch.backends.mkldnn.enabled = False
     ms_on, ms_off = 1000 * t_on, 1000 * t_off
     shape = f"{m}×{k} @ {k}×{n}"
+    kernel = f"oneDNN's {impls[0]} kernel" if impls else "torch's own emulation (oneDNN has none)"
     return {
-        "fp8_matmul": "torch (oneDNN off)" if slow else "default",
-        "fp8_probe_ms": {"onednn": round(ms_on, 3), "torch": round(ms_off, 3)},
+        "fp8_matmul": "torch (oneDNN off)" if off else ("onednn " + impls[0] if impls else "torch"),
+        "fp8_onednn_kernels": impls,
+        "fp8_probe_ms": {"onednn_on": round(ms_on, 3), "onednn_off": round(ms_off, 3)},
         "fp8_probe_max_diff": diff,
         "note": (
-            f"FP8 matmul: oneDNN's took {ms_on:.1f} ms for {shape}, torch's own {ms_off:.1f} ms "
-            "with identical output, so oneDNN was turned off for this engine"
-            if slow
-            else f"FP8 matmul: oneDNN {ms_on:.1f} ms, torch {ms_off:.1f} ms for {shape}; default kept"
+            f"FP8 matmul: this CPU gets {kernel} ({ms_on:.1f} ms for {shape}); torch's own "
+            f"emulation took {ms_off:.1f} ms with identical output, so oneDNN was turned off for "
+            "this engine"
+            if off
+            else f"FP8 matmul: {kernel}, {ms_on:.1f} ms for {shape}"
         ),
     }
 
