@@ -164,6 +164,25 @@ def test_unscored_artifact_fails_and_is_retried(work: Path) -> None:
     assert acts == {("quantize", "q8"): "reuse", ("validate", "q8"): "build"}
 
 
+def test_too_slow_target_fails_the_run_and_is_kept_for_this_host(work: Path) -> None:
+    """validation.max_minutes: a target past its budget is reported too-slow with its rate, the
+    run exits 1 with a hint, and on this host the verdict is not measured again."""
+    rec = _recipe(
+        work,
+        "budget",
+        [{"name": "q8", "type": "Q8_0"}],
+        validation={**VALIDATION, "max_minutes": 0.002},
+    )
+    r = run_cli("run", str(rec))
+    assert r.returncode == 1, r.stderr
+    assert "q8: too slow for the 0.002-minute budget" in r.stderr and "max_minutes" in r.stderr
+    assert "TOO SLOW" in r.stdout
+    m = json.loads((work / "out-budget" / "q8" / "manifest.json").read_text())
+    assert m["validation"]["too_slow_artifacts"] and m["validation"]["quality"] is None
+    acts = {(s["kind"], s["target"]): s["action"] for s in _plan(rec)}
+    assert acts == {("quantize", "q8"): "reuse", ("validate", "q8"): "reuse"}
+
+
 def test_sigterm_then_resume(work: Path) -> None:
     targets = [{"name": f"t{i}", "type": t} for i, t in enumerate(["Q8_0", "Q6_K", "Q5_K_M"])]
     rec = _recipe(work, "resume", targets, validation=VALIDATION)
