@@ -49,7 +49,8 @@ Examples:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="quantkit")
 def cli() -> None:
-    """Export Hugging Face checkpoints as GGUF for llama.cpp, and check them in llama.cpp itself.
+    """Export Hugging Face checkpoints as GGUF for llama.cpp or as FP8/GPTQ/AWQ checkpoints for
+    vLLM, and check every artifact in its own engine against the original model.
 
     Run `quantkit COMMAND --help` for a command's options and examples.
     """
