@@ -37,6 +37,7 @@ from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
 from quantkit.proc import kill_group
 from quantkit.text import read_text
+from quantkit.validate import capabilities
 from quantkit.validate.engines import (
     ENGINES,
     SCRIPT_ENGINES,
@@ -675,6 +676,11 @@ def validate(
                 "tg": s.tg,
                 "options": {**_engine_options(eng, s), **lora_opt},
             }
+            # the host's measured capability matrix: a format it cannot run is "unsupported"
+            # without starting the engine; one that runs with other options gets them
+            if capabilities.settle(a, eng, job, entry, progress):
+                arts.append(entry)
+                continue
             try:
                 res, tail = run_worker(job, run_dir / f"art-{i}", s.timeout, progress, a.name)
             except QuantkitError as e:  # e.g. the engine's environment is not installed
@@ -691,10 +697,7 @@ def validate(
                 else sum(p.stat().st_size for p in a.rglob("*") if p.is_file())
             )
             if not res.get("ok"):
-                # "unsupported": the engine cannot run this format on this host (a known limit
-                # of the engine build, validate/vllm_worker.py HOST_LIMITS), not a failure
-                status = "unsupported" if res.get("unsupported") else "failed"
-                entry.update(status=status, error=res.get("error"), log_tail=tail)
+                entry.update(status="failed", error=res.get("error"), log_tail=tail)
                 entry["peak_rss_bytes"] = res.get("peak_rss_bytes")
                 arts.append(entry)
                 continue

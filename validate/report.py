@@ -61,9 +61,8 @@ _NOT_SCORED = {"unsupported": "not scorable on this host (see note)", "failed": 
 
 
 def unsupported_note(a: dict[str, Any]) -> str:
-    """One line: the hint vllm_worker.describe_error appended (after " — "), else the error."""
-    reason = (a["error"] or "").split(" — ", 1)[-1]
-    return f"note: {a['name']} was built but is not scorable on this host: {reason}"
+    """One line: the measured reason (validate/capabilities.py) and where it was measured."""
+    return f"note: {a['name']} was built but is not scorable on this host: {a['error'] or ''}"
 
 
 def rows(report: dict[str, Any]) -> list[list[str]]:
@@ -153,6 +152,8 @@ def terminal_table(report: dict[str, Any]) -> str:
                 f"note: {a['name']}: llama.cpp's own tokenization differs from the reference on "
                 f"{100 * t['differ_share']:.2f}% of tokens (scored on the reference ids)"
             )
+        if a.get("note"):  # e.g. scored with other engine options than its defaults
+            lines.append(f"note: {a['name']}: {a['note']}")
         if a["status"] == "unsupported":
             lines.append(unsupported_note(a))
         elif a["status"] != "ok" and a.get("log_tail"):
@@ -193,6 +194,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"- `{g['artifact']}`: {g['gate']} {g['threshold']:g}, measured "
                 f"{_f(g['value'], '.6g') or 'n/a'}"
             )
+    notes = [f"- `{a['name']}`: {a['note']}" for a in report["artifacts"] if a.get("note")]
+    if notes:
+        out += ["", *notes]
     for a in report["artifacts"]:
         if a["status"] == "unsupported":
             out += ["", f"## {a['name']}: not scorable on this host", "", a["error"] or ""]
