@@ -483,15 +483,15 @@ def _measure(
                 continue
             say(f"{row.id}: cannot run ({reason}); trying dtype={dt}")
             ok, why, r2 = _run_one(row, path, base, work, {"dtype": dt})
-            tried.append(f"dtype={dt}: {'runs' if ok else why}")
-            if ok:
+            if ok and not fix:  # the first that runs, in FIX_DTYPES' order of preference
                 fix, res = {"dtype": dt}, r2
-                break
+            else:
+                tried.append(f"dtype={dt}: {'runs too' if ok else why}")
         if fix:
             note = (
                 f"runs with dtype={fix['dtype']} (16-bit activations); in its own "
                 f"{row.dtype or 'dtype'} it fails: {reason}"
-            )
+            ) + "".join(f"; {t}" for t in tried)
         elif tried:
             note = "also tried " + "; ".join(tried)
     speed = res.get("speed") or {}
@@ -568,14 +568,14 @@ def _build_all(rows: list[Row], skipped: dict[str, str], say: Say) -> dict[Spec,
     specs = list(dict.fromkeys(s for r in rows for s in _needs(r)))
     try:
         return ensure(specs, say)
-    except QuantkitError:
+    except Exception:  # noqa: BLE001 — retried row by row below, which names the culprit
         pass
     paths: dict[Spec, Path] = {}
     for r in rows:
         try:
             paths.update(ensure(_needs(r), say))
-        except QuantkitError as e:
-            skipped[r.id] = f"its tiny artifact could not be built: {e}"
+        except Exception as e:  # noqa: BLE001 — e.g. llm-compressor's environment is absent
+            skipped[r.id] = f"its tiny artifact could not be built: {type(e).__name__}: {e}"
     return paths
 
 
@@ -617,7 +617,7 @@ def settle(
 
     try:
         v = verdict(path, engine, progress=say)
-    except QuantkitError:  # a row that cannot be measured leaves validate as it was
+    except QuantkitError:  # a row that cannot be measured here leaves validate as it was
         v = None
     if v is None or (v.runs and not v.fix):
         return False
