@@ -33,7 +33,7 @@ import platform
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,6 @@ class Row:
     base: Spec | None = None  # the model a LoRA artifact is applied on
     dtype: str | None = None  # the checkpoint's dtype (vLLM rows)
     moe: bool = False
-    tags: dict[str, Any] = field(default_factory=dict)
 
 
 def engine_of(row_id: str) -> str:
@@ -424,6 +423,7 @@ def _run_one(
     elif row.lora:
         from quantkit.convert.lora import VLLM_MAX_LORA_RANKS
 
+        # the smallest max_lora_rank vLLM takes that fits the tiny adapter's rank 8
         opts["lora"] = {"path": str(path), "max_lora_rank": VLLM_MAX_LORA_RANKS[1]}
         target = base
     else:
@@ -635,5 +635,8 @@ def settle(
     if applied:
         opts.update(applied)
         what = ", ".join(f"{k}={x}" for k, x in applied.items())
-        entry["note"] = f"scored with {what}: {v.note or v.reason}"
+        entry["note"] = (
+            f"scored with {what}: this host's {engine} runs the format so (capability row "
+            f"{v.row}), and fails with its default options: {v.reason}"
+        )
     return False
