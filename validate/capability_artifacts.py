@@ -16,11 +16,13 @@ temporary folder before the rename, quantkit/atomic.py), so an interrupted build
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +195,22 @@ def ensure(specs: list[Spec], say: Say | None = None) -> dict[Spec, Path]:
     return out
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No transformers progress bars on the caller's stderr while a tiny model is written."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():  # peft's own use of deprecated transformers calls
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _build(spec: Spec, work: Path, text: Path, get: Callable[[Spec], Path], say: Say) -> Path:
     from quantkit.convert import convert
 
@@ -200,27 +218,30 @@ def _build(spec: Spec, work: Path, text: Path, get: Callable[[Spec], Path], say:
     dest.mkdir()
     if spec.kind == "base":
         say(f"building a tiny {spec.arch} model ({DTYPES[spec.dtype]})")
-        _build_base(spec, dest / f"tiny-{spec.arch}-{spec.dtype}")
+        with _quiet():
+            _build_base(spec, dest / f"tiny-{spec.arch}-{spec.dtype}")
         return _store(spec, dest / f"tiny-{spec.arch}-{spec.dtype}")
     if spec.kind == "adapter":
+        base = get(Spec("base", spec.arch, spec.dtype))
         say("building a PEFT LoRA adapter")
-        _build_adapter(get(Spec("base", spec.arch, spec.dtype)), dest / "tiny-adapter")
+        with _quiet():
+            _build_adapter(base, dest / "tiny-adapter")
         return _store(spec, dest / "tiny-adapter")
     if spec.kind == "gguf":
         from quantkit.convert.hf_to_gguf import QuantSettings
         from quantkit.quantize.types import gguf_type
 
-        say(f"converting to GGUF {spec.gtype}")
         base = get(Spec("base", spec.arch, spec.dtype))
+        say(f"converting to GGUF {spec.gtype}")
         qs = (
             QuantSettings(calib=text, calib_ctx=64) if gguf_type(spec.gtype or "").imatrix else None
         )
         res = convert(base, [f"gguf:{spec.gtype}"], dest / f"tiny-{spec.gtype}.gguf", quant=qs)
         return _store(spec, res.artifacts[0].path)
     if spec.kind in ("gguf-lora", "vllm-lora"):
-        say(f"writing the adapter as {spec.kind}")
         base = get(Spec("base", spec.arch, "f32"))
         adapter = get(Spec("adapter", spec.arch, "f32"))
+        say(f"writing the adapter as {spec.kind}")
         res = convert(base, [spec.kind], dest, adapter=adapter)
         return _store(spec, res.artifacts[0].path)
     if spec.kind == "vllm":  # not made by _exports: a target whose group needs its own run
