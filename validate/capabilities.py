@@ -611,14 +611,20 @@ def settle(
     ``job["options"]`` (unless the user set them) and ``entry["note"]`` says so. ``progress``:
     the harness's (stage, done, total) callback, told while a missing row is measured."""
 
+    stage = f"{Path(path).name} engines check"
+    told: list[str] = []
+
     def say(msg: str) -> None:
+        told.append(msg)
         if progress is not None:
-            progress(f"{Path(path).name} engines check", 0, 1)
+            progress(stage, 0, 1)
 
     try:
         v = verdict(path, engine, progress=say)
     except QuantkitError:  # a row that cannot be measured here leaves validate as it was
         v = None
+    if told and progress is not None:
+        progress(stage, 1, 1)
     if v is None or (v.runs and not v.fix):
         return False
     if not v.runs and not v.fix:
