@@ -49,7 +49,9 @@ Say = Callable[[str], None]
 
 # The job every row is scored with: a few tokens, as fast as a start allows.
 CTX, CHUNKS, PP, TG, TOPK = 32, 2, 32, 8, 5
-ROW_TIMEOUT = 900.0  # s; a vLLM start took up to ~110 s on 2 busy cores
+# s per engine start of a row: a vLLM start took up to ~110 s on 2 busy cores (load 5-8); a row
+# that times out is not cached (it says nothing about the format) and is tried again next time
+ROW_TIMEOUT = 300.0
 # A row that fails in its checkpoint's dtype is retried in these (vLLM's CPU int kernels take
 # 16-bit activations only: "cpu_gemm_wna16" not implemented for 'Float').
 FIX_DTYPES = ("bfloat16", "float16")

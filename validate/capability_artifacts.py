@@ -281,12 +281,16 @@ def _exports(
                 batches.append(b := {})
             b[label] = target
         runs += [(arch, dtype, layouts, b) for b in batches]
-    for n, (arch, dtype, layouts, batch) in enumerate(runs):
+    for arch, dtype, layouts, batch in runs:
         base = get(Spec("base", arch, dtype))
         targets = list(batch.values())
         say(f"llm-compressor: {', '.join(targets)} of the tiny {arch} ({DTYPES[dtype]})")
         s = VllmSettings(layouts=layouts, calib=text, samples=4, seq_len=64)
-        res = export_vllm(base, targets, work / f"export-{n}", s)
+        # one target in one layout: the output path is the checkpoint folder itself
+        folder = Path(tempfile.mkdtemp(prefix="export-", dir=work))
+        single = len(targets) == 1 and len(layouts) == 1
+        dest = folder / (f"tiny-{arch}-{dtype}-{next(iter(batch))}" if single else "out")
+        res = export_vllm(base, targets, dest, s)
         for a in res.artifacts:
             target = batch.get(a.type)
             for spec in groups[(arch, dtype, layouts)].get(target or "", []):
