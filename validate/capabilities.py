@@ -48,7 +48,7 @@ ENGINES = ("llama.cpp", "vllm")
 Say = Callable[[str], None]
 
 # The job every row is scored with: a few tokens, as fast as a start allows.
-CTX, CHUNKS, PP, TG, TOPK = 32, 2, 32, 8, 5
+CTX, CHUNKS, PP, TG, TOPK = 32, 2, 32, 32, 5
 # s per engine start of a row: a vLLM start took up to ~110 s on 2 busy cores (load 5-8); a row
 # that times out is not cached (it says nothing about the format) and is tried again next time
 ROW_TIMEOUT = 300.0
