@@ -204,10 +204,10 @@ def _artifact_jobs(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     jobs: list[dict] = []
     real = harness.run_worker
 
-    def spy(job, workdir, timeout, progress, label):
+    def spy(job, workdir, timeout, progress, label, **kw):
         if job["role"] == "artifact":
             jobs.append(job)
-        return real(job, workdir, timeout, progress, label)
+        return real(job, workdir, timeout, progress, label, **kw)
 
     monkeypatch.setattr(harness, "run_worker", spy)
     return jobs

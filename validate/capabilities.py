@@ -418,7 +418,8 @@ def _run_one(
 ) -> tuple[bool, str | None, dict[str, Any]]:
     """Score the row's artifact once: (runs, the engine's error line, result)."""
     from quantkit.validate.engines import VLLM
-    from quantkit.validate.harness import Settings, _engine_options, log_tail, run_worker
+    from quantkit.validate.harness import Settings, _engine_options
+    from quantkit.validate.runner import log_tail, run_worker
 
     opts = _engine_options(row.engine, Settings(topk=TOPK, vllm_eager=True)) | options
     if row.lora and row.engine == "llama.cpp":
@@ -446,10 +447,7 @@ def _run_one(
     err = res.get("error")
     if err and err.startswith("timed out"):
         raise NotMeasurable(f"{row.id}: {err}")
-    if not res.get("ok"):
-        last = tail[-1] if tail else None
-        if err and "without a result" in err and last:  # a crash: the engine's last word
-            err = f"{err}: {last}"
+    if not res.get("ok"):  # a crash's error already ends with the engine's own last error line
         return False, err or (log_tail(work / f"run-{n}" / "worker.log") or ["?"])[-1], res
     if row.engine == VLLM.name:
         lp = np.load(res["scores"]["target_logprobs"])
