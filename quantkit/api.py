@@ -68,7 +68,8 @@ def export(
 ) -> ExportResult:
     """Export ``model`` to every target (the CLI's ``--to`` strings) under ``output_dir``.
 
-    ``model``: a local HF checkpoint directory, a ``transformers`` causal LM, or a ``peft``
+    ``model``: a local HF checkpoint directory or Hub id (``org/name[@revision]``, through the
+    HF cache), a ``transformers`` causal LM, or a ``peft``
     model (its active LoRA adapter is merged). ``tokenizer``: needed for a model in memory unless
     the model carries one as ``.tokenizer``. ``adapter``: a PEFT adapter directory to merge into
     a base given as a path. ``calib``: calibration text for an importance matrix (path models).
@@ -95,6 +96,9 @@ def export(
     kw = {k: options[k] for k in CONVERT_OPTIONS if k in options}
     out = Path(output_dir)
     if isinstance(model, (str, os.PathLike)):
+        from quantkit.hub import resolve_model
+
+        model = resolve_model(model)  # a Hub id: its snapshot in the HF cache
         res = convert(model, targets, out, quant=quant, adapter=adapter, **kw)
     else:
         if adapter is not None:

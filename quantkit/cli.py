@@ -219,8 +219,12 @@ def convert(
     samples: int | None = None,
     seq_len: int | None = None,
 ) -> None:
-    """Convert a local Hugging Face checkpoint (MODEL folder) to GGUF, quantized by llama.cpp,
-    or to a vLLM checkpoint (GPTQ, AWQ, FP8) quantized by llm-compressor."""
+    """Convert a Hugging Face checkpoint (MODEL: a local folder or a Hub id, org/name[@revision])
+    to GGUF, quantized by llama.cpp, or to a vLLM checkpoint (GPTQ, AWQ, FP8) quantized by
+    llm-compressor."""
+    from quantkit.hub import resolve_model
+
+    model = resolve_model(model)
     from quantkit.convert.hf_checkpoint import is_hf_target
     from quantkit.quantize.vllm_targets import is_vllm_target
 
@@ -606,11 +610,13 @@ def imatrix(
     from quantkit.checkpoint import Checkpoint
     from quantkit.convert.archs import resolve
     from quantkit.errors import InputError
+    from quantkit.hub import resolve_model
     from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
 
     check_writable(output, force=force)
     if not calib.is_file():
         raise InputError(f"{calib}: calibration text not found")
+    model = resolve_model(model)
     with Checkpoint.open(model) as ck:
         # unsupported architectures fail before the model is loaded
         resolve(ck.config, ck.path / "config.json")
@@ -895,6 +901,9 @@ def validate(
         adapter=adapter,
     )
     settings.lora_base, settings.vllm_lora_base = split_lora_bases(lora_base)
+    from quantkit.hub import resolve_model
+
+    reference = resolve_model(reference)
     report = run_validate(list(artifacts), reference, data, settings, progress=ProgressPrinter())
     for out, body in (
         (json_out, lambda: json.dumps(report, indent=2)),
