@@ -100,7 +100,7 @@ def write_hf_checkpoint(
     adapter: Any = None,
     force: bool = False,
     name: str | None = None,
-    n_targets: int = 1,
+    out_is_folder: bool = True,
     progress: Progress | None = None,
 ) -> HFArtifact:
     """Write ``model`` (a checkpoint folder or an open ``Checkpoint``), merged with ``adapter``
@@ -108,8 +108,9 @@ def write_hf_checkpoint(
 
     ``spec``: ``hf``, ``hf:bf16`` / ``hf:fp16`` / ``hf:f32``, optionally with ``shard=SIZE``
     (``hf:bf16,shard=2GB``; default 5 GB per shard). Without a dtype every tensor keeps its
-    stored dtype (a merged one goes back to its base tensor's). ``out``: the folder itself when
-    this is the only target (``n_targets`` 1), else the folder that holds ``STEM-hf-DTYPE``.
+    stored dtype (a merged one goes back to its base tensor's). ``out``: the checkpoint folder
+    itself, or with ``out_is_folder=False`` the folder that holds ``STEM-hf-DTYPE`` (default:
+    the current directory). ``name``: that STEM (default: the model's or the adapter's name).
     """
     from quantkit.convert.hf_to_gguf import default_name
     from quantkit.convert.lora import LoraAdapter
@@ -139,7 +140,7 @@ def write_hf_checkpoint(
         stem = name or (
             default_name(ckpt.path, ckpt.config) if lora is None else lora.path.resolve().name
         )
-        final = _output_path(Path(out) if out is not None else None, stem, label, n_targets)
+        final = _output_path(Path(out) if out is not None else None, stem, label, out_is_folder)
         check_writable_dir(final, force=force)
         plan = _plan(ckpt, shapes, dtype)
         shards = _shard(plan, shard_bytes)
@@ -220,10 +221,9 @@ def _size(value: str, spec: str, hint: str) -> int:
     return n
 
 
-def _output_path(out: Path | None, stem: str, label: str, n_targets: int) -> Path:
-    """The only target: ``-o`` is the folder. Otherwise ``-o`` (default: the current directory)
-    holds ``STEM-LABEL`` — the rule of the vLLM checkpoints."""
-    if out is not None and n_targets == 1:
+def _output_path(out: Path | None, stem: str, label: str, out_is_folder: bool) -> Path:
+    """``out`` itself, or ``out`` (default: the current directory) holding ``STEM-LABEL``."""
+    if out is not None and out_is_folder:
         return out
     return (out if out is not None else Path.cwd()) / f"{stem}-{label}"
 

@@ -230,8 +230,8 @@ def convert(
 
     hf_targets = [t for t in targets if is_hf_target(t)]
     if hf_targets:
-        _convert_hf(model, hf_targets, output, adapter, force=force, n_targets=len(targets),
-                    as_json=as_json, dry_run=dry_run)  # fmt: skip
+        _convert_hf(model, hf_targets, output, adapter, force=force,
+                    only=len(targets) == 1, as_json=as_json, dry_run=dry_run)  # fmt: skip
         targets = tuple(t for t in targets if not is_hf_target(t))
         if not targets:
             return
@@ -397,18 +397,19 @@ def _convert_hf(
     adapter: Path | None,
     *,
     force: bool,
-    n_targets: int,
+    only: bool,
     as_json: bool,
     dry_run: bool,
 ) -> None:
-    """``convert --to hf[:DTYPE]``: a plain HF checkpoint folder (convert/hf_checkpoint.py)."""
+    """``convert --to hf[:DTYPE]``: a plain HF checkpoint folder (convert/hf_checkpoint.py);
+    ``-o`` names it when it is the only target (as for the vLLM checkpoints), else holds it."""
     from quantkit.convert.hf_checkpoint import write_hf_checkpoint
 
     if dry_run:
         raise click.UsageError("--dry-run applies to GGUF targets")
     arts = [
         write_hf_checkpoint(model, t, output, adapter=adapter, force=force,
-                            n_targets=n_targets, progress=ProgressPrinter())
+                            out_is_folder=only, progress=ProgressPrinter())
         for t in targets
     ]  # fmt: skip
     if as_json:

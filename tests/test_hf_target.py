@@ -239,3 +239,36 @@ def test_hf_folder_scores_in_vllm(tiny):
     print(f"vLLM on the hf folder: top-1 {q['top1_pct']} %, KLD {q['kld_mean']:.3g}, "
           f"PPL {q['ppl']:.4f} (reference {rep['reference']['ppl']:.4f})")  # fmt: skip
     assert q["top1_pct"] == 100.0 and q["kld_mean"] < 1e-5, q
+
+
+def test_export_api_writes_hf_from_memory_and_path(tiny):
+    """quantkit.export takes "hf" beside GGUF targets, for a PEFT model in memory and for base +
+    adapter on disk: the same merged tensors as the CLI's folder, one STEM-hf folder each."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import quantkit
+
+    cli = tiny["root"] / "cli-hf"
+    r = run_cli("convert", str(tiny["base"]), "--adapter", str(tiny["adapter"]),
+                "--to", "hf", "-o", str(cli))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    want = _tensors(cli)
+    pm = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32), tiny["adapter"]
+    )
+    mem = quantkit.export(pm, ["gguf:F32", "hf"], tiny["root"] / "api-mem", name="ft",
+                          tokenizer=AutoTokenizer.from_pretrained(tiny["base"]))  # fmt: skip
+    disk = quantkit.export(str(tiny["base"]), "hf:bf16", tiny["root"] / "api-disk",
+                           adapter=tiny["adapter"])  # fmt: skip
+    assert [(a.format, a.type) for a in mem.artifacts] == [("gguf", "F32"), ("hf", "hf")]
+    hf = mem.artifacts[1]
+    assert hf.path == tiny["root"] / "api-mem" / "ft-hf" and hf.sha256 == ""
+    got = _tensors(hf.path)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    (d,) = disk.artifacts
+    assert d.path.name == "ad-hf-bf16" and disk.architecture == "LlamaForCausalLM"
+    got = _tensors(d.path)
+    assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)
