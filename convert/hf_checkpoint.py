@@ -135,7 +135,7 @@ def write_hf_checkpoint(
         if lora is not None:
             lora.check_base(shapes)
             shapes = lora.shapes(shapes)
-            config = _resized(config, shapes)
+            config = _resized(config, lora)
         label = f"{HF_TARGET}-{dtype.lower()}" if dtype else HF_TARGET
         stem = name or (
             default_name(ckpt.path, ckpt.config) if lora is None else lora.path.resolve().name
@@ -162,11 +162,11 @@ def write_hf_checkpoint(
                     _write_header(f, shard)
                     for tname, out_dtype, _, _ in shard:
                         if progress:
-                            progress("write hf", done, len(plan))
+                            progress("convert hf", done, len(plan))
                         _write_tensor(f, ckpt, lora, tname, out_dtype)
                         done += 1
             if progress:
-                progress("write hf", len(plan), len(plan))
+                progress("convert hf", len(plan), len(plan))
             if len(shards) > 1:
                 index = {
                     "metadata": {"total_size": total},
@@ -228,16 +228,13 @@ def _output_path(out: Path | None, stem: str, label: str, out_is_folder: bool) -
     return (out if out is not None else Path.cwd()) / f"{stem}-{label}"
 
 
-def _resized(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+def _resized(config: dict[str, Any], lora: Any) -> dict[str, Any]:
     """A fine-tune that added tokens saved a resized embed_tokens (modules_to_save): the merged
     model's vocabulary is that size."""
-    rows = next((s[0] for n, s in shapes.items() if n.endswith("embed_tokens.weight")), None)
-    if (
-        rows is not None
-        and isinstance(config.get("vocab_size"), int)
-        and rows != config["vocab_size"]
-    ):
-        return {**config, "vocab_size": rows}
+    for target, name in lora.replaced.items():
+        rows = lora.tensors[name].shape[0]
+        if target.endswith("embed_tokens.weight") and rows != config.get("vocab_size"):
+            return {**config, "vocab_size": rows}
     return config
 
 

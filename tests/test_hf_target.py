@@ -272,3 +272,50 @@ def test_export_api_writes_hf_from_memory_and_path(tiny):
     assert d.path.name == "ad-hf-bf16" and disk.architecture == "LlamaForCausalLM"
     got = _tensors(d.path)
     assert all(torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)
+
+
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+)
+
+
+def test_finetune_with_added_token_keeps_its_tokenizer(tiny):
+    """A fine-tune that added a token (embed_tokens / lm_head resized and trained in full) and
+    set a chat template: the folder has its vocabulary size, tokenizer and template, and gives the
+    PEFT model's logits on text that uses the new token."""
+    import torch
+    from lora_helpers import LINEAR
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ad = tiny["root"] / "ad-tool"
+    tok = AutoTokenizer.from_pretrained(tiny["base"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tok.chat_template = TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32)
+    model.resize_token_embeddings(513)
+    pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                        target_modules=LINEAR, modules_to_save=["embed_tokens", "lm_head"]))  # fmt: skip
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    pm.save_pretrained(ad)
+    tok.save_pretrained(ad)
+    ids = tok("Bolt <|tool|> counts 1, 2, 3 <|tool|> and Mia")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32,
+                                                attn_implementation="eager")  # fmt: skip
+    base.resize_token_embeddings(513)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, ad).eval()(torch.tensor([ids])).logits[0].numpy()
+
+    out = tiny["root"] / "merged-tool"
+    r = run_cli("convert", str(tiny["base"]), "--adapter", str(ad), "--to", "hf", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 513
+    got_tok = AutoTokenizer.from_pretrained(out)
+    assert got_tok.chat_template == TEMPLATE and got_tok(TRAIN_TEXT[:80]) == tok(TRAIN_TEXT[:80])
+    got = hf_logits(out, ids)
+    assert float(np.max(np.abs(got - want))) <= 1e-4
+    assert (got.argmax(-1) == want.argmax(-1)).all()
