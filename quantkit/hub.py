@@ -76,11 +76,23 @@ def _snapshot(repo: str, revision: str | None) -> Path:
         raise InputError(f"{spec}: cannot download from the Hugging Face Hub: {first}") from None
 
 
+def is_hub_id(spec: str) -> bool:
+    return HUB_ID.match(spec) is not None
+
+
+def hub_source(path: Path) -> tuple[str, str] | None:
+    """(repo id, commit) of a snapshot folder in the HF cache
+    (``…/models--org--name/snapshots/<commit>``), else None. Repo ids cannot contain "--"
+    (huggingface_hub's validate_repo_id), so the folder name maps back to one id."""
+    real = path.resolve()
+    repo_dir = real.parent.parent
+    if real.parent.name != "snapshots" or not repo_dir.name.startswith("models--"):
+        return None
+    return repo_dir.name.removeprefix("models--").replace("--", "/", 1), real.name
+
+
 def folder_name(path: Path) -> str:
     """The name a model folder goes by in output names: the repository's for a snapshot in the
-    HF cache (``…/models--org--name/snapshots/<commit>`` → ``name``), else the folder's own."""
-    real = path.resolve()
-    parent = real.parent
-    if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
-        return parent.parent.name.split("--", 2)[-1]
-    return real.name
+    HF cache (``org/name`` → ``name``), else the folder's own."""
+    src = hub_source(path)
+    return src[0].rsplit("/", 1)[-1] if src else path.resolve().name

@@ -174,3 +174,26 @@ def test_shard_names_stay_inside_the_folder(tmp_path):
         (model / "model.safetensors.index.json").write_text(json.dumps(idx))
         with pytest.raises(CheckpointError, match="outside the model folder"):
             Checkpoint.open(model)
+
+
+def test_recipe_source_may_be_an_id(hub):
+    """A recipe's source.model as a Hub id: artifacts named after the repository, the manifest
+    and model card record the id and the snapshot's commit."""
+    import yaml
+
+    root = hub["root"]
+    rec = root / "hub-recipe.yaml"
+    body = {
+        "name": "hub",
+        "source": {"model": f"{REPO_ID}@v1"},
+        "output": str(root / "out-recipe"),
+        "targets": [{"name": "f16", "type": "F16", "validate": False}],
+    }
+    rec.write_text(yaml.safe_dump(body, sort_keys=False))
+    r = run_cli("run", str(rec), env=hub["env"])
+    assert r.returncode == 0, r.stderr
+    d = root / "out-recipe" / "f16"
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["artifact"] == "tiny-llama-F16.gguf"
+    assert m["provenance"]["source_hub"] == {"id": REPO_ID, "commit": COMMIT_A}
+    assert COMMIT_A in (d / "README.md").read_text()
