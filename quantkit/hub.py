@@ -4,7 +4,7 @@ An id is resolved through huggingface_hub's own cache (``HF_HOME`` / ``HF_HUB_CA
 ``models--org--name/{blobs,refs,snapshots/<commit>}`` that transformers and vLLM share), so a model
 another tool already downloaded is not fetched again. Online, only the files a conversion reads
 are downloaded (``ALLOW``: safetensors, configs, tokenizer; no duplicate ``.bin`` / ``.pth`` /
-``.gguf`` weights), with huggingface_hub's progress bars; offline (``HF_HUB_OFFLINE=1``, or no
+``.gguf`` weights, ``IGNORE``), with huggingface_hub's progress bars; offline (``HF_HUB_OFFLINE=1``, or no
 network) an id absent from the cache is refused in one line. A local folder always wins over an id
 of the same spelling.
 """
@@ -23,6 +23,9 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<re
 # What a conversion reads: weights as safetensors (and their index), config / generation config /
 # tokenizer JSON, SentencePiece models, BPE merges and vocab text, chat templates.
 ALLOW = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"]
+# Copies of the same weights in another layout: Mistral's consolidated.safetensors beside the HF
+# shards, Meta's original/ folder (consolidated .pth, params.json, its own tokenizer.model).
+IGNORE = ["*consolidated*.safetensors", "original/*"]
 
 
 def resolve_model(spec: str | os.PathLike[str]) -> Path:
@@ -48,7 +51,9 @@ def _snapshot(repo: str, revision: str | None) -> Path:
     spec = f"{repo}@{revision}" if revision else repo
     cache = constants.HF_HUB_CACHE
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW))
+        return Path(
+            snapshot_download(repo, revision=revision, allow_patterns=ALLOW, ignore_patterns=IGNORE)
+        )
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise InputError(

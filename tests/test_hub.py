@@ -197,3 +197,34 @@ def test_recipe_source_may_be_an_id(hub):
     assert m["artifact"] == "tiny-llama-F16.gguf"
     assert m["provenance"]["source_hub"] == {"id": REPO_ID, "commit": COMMIT_A}
     assert COMMIT_A in (d / "README.md").read_text()
+
+
+def test_online_download_asks_only_for_what_converts(monkeypatch, tmp_path):
+    """What snapshot_download is asked for, as huggingface_hub filters a repository's files
+    (utils.filter_repo_objects): the weights as safetensors once, configs and tokenizer."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from quantkit import hub as qhub
+
+    seen: dict = {}
+
+    def fake(repo_id, **kw):
+        seen.update(kw, repo_id=repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert qhub.resolve_model("some-org/some-model@v2") == tmp_path
+    assert seen["repo_id"] == "some-org/some-model" and seen["revision"] == "v2"
+    repo = [
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
+        "tokenizer_config.json", "tokenizer.model", "merges.txt", "vocab.json",
+        "chat_template.jinja", "pytorch_model.bin", "model.gguf", "consolidated.safetensors",
+        "original/consolidated.00.pth", "original/params.json", "README.md", "flax_model.msgpack",
+    ]  # fmt: skip
+    got = set(filter_repo_objects(repo, allow_patterns=seen["allow_patterns"],
+                                  ignore_patterns=seen["ignore_patterns"]))  # fmt: skip
+    assert got == set(repo[:11])
+    assert qhub.resolve_model("./not/an-id") == Path("./not/an-id")  # a path stays a path
+    assert qhub.resolve_model("a/b/c") == Path("a/b/c")
