@@ -117,7 +117,9 @@ def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
 
 def default_name(model_dir: Path, config: dict) -> str:
     name = str(config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
-    return name or model_dir.resolve().name
+    from quantkit.hub import folder_name
+
+    return name or folder_name(model_dir)  # a Hub snapshot: the repository's name
 
 
 def output_paths(

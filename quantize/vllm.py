@@ -29,6 +29,7 @@ from typing import Any
 from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
 from quantkit.checkpoint import Checkpoint
 from quantkit.errors import EngineError, InputError
+from quantkit.hub import folder_name
 from quantkit.proc import kill_group
 from quantkit.quantize.vllm_targets import (
     DEFAULT_IGNORE,
@@ -785,7 +786,7 @@ def export_vllm(
     t_start = time.perf_counter()
     with Checkpoint.open(model_dir) as ck:
         stem = str(ck.config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
-    stem = stem or model_dir.resolve().name
+    stem = stem or folder_name(model_dir)  # a Hub snapshot: the repository's name
 
     # -- preflight: all targets, before any model load --------------------------------------
     outp = Path(out) if out is not None else None

@@ -154,14 +154,37 @@ _MODELS: dict[str, type[_Target]] = {"gptq": GPTQTarget, "awq": AWQTarget, "fp8"
 _BARE: dict[str, str] = {"fp8": "scheme"}
 
 
+# Methods users ask for that vLLM 0.32 cannot load, refused when the target is parsed: name ->
+# (why, what to use instead). vLLM 0.32 has no bitsandbytes quantization method (its
+# ``QuantizationMethods`` in vllm/model_executor/layers/quantization/__init__.py lists awq, gptq,
+# fp8, compressed-tensors, modelopt, mxfp4, torchao, ...; online shorthands such as
+# ``fp8_per_channel`` and ``int8_per_channel_weight_only`` took its place).
+_NO_BNB = (
+    "vLLM 0.32 has no bitsandbytes quantization method any more, so a bitsandbytes checkpoint "
+    "would not load",
+    "use --to gptq or --to awq for 4-bit weights, --to fp8 for 8-bit (all load in vLLM)",
+)
+REFUSED_METHODS: dict[str, tuple[str, str]] = {"bnb": _NO_BNB, "bitsandbytes": _NO_BNB}
+
+
 def is_vllm_target(spec: str) -> bool:
-    return spec.partition(":")[0].strip().lower() in METHODS
+    """Whether ``spec`` names a vLLM method; a method vLLM cannot load is refused here."""
+    method = spec.partition(":")[0].strip().lower()
+    _refuse(spec, method)
+    return method in METHODS
+
+
+def _refuse(spec: str, method: str) -> None:
+    if method in REFUSED_METHODS:
+        why, instead = REFUSED_METHODS[method]
+        raise InputError(f"--to {spec}: {why}", instead)
 
 
 def parse_vllm_target(spec: str) -> VllmTarget:
     """``gptq:bits=4,group=64`` → GPTQTarget(bits=4, group=64). InputError on anything unknown."""
     method, _, rest = spec.partition(":")
     method = method.strip().lower()
+    _refuse(spec, method)
     model = _MODELS.get(method)
     if model is None:
         raise InputError(f"unknown target {spec!r}", f"vLLM targets are {', '.join(METHODS)}")

@@ -26,7 +26,7 @@ CONVERT_OPTIONS = ("force", "threads", "name", "dry_run", "clamp_f16", "allow_pi
 @dataclass
 class ExportArtifact:
     path: Path
-    format: str  # "gguf", "gguf-lora" or "vllm-lora" (a directory: no sha256)
+    format: str  # "gguf", "gguf-lora", "vllm-lora" or "hf" (a directory: no sha256)
     type: str  # F16, Q8_0, ... ("gguf-lora" for an adapter)
     size: int
     sha256: str
@@ -68,7 +68,8 @@ def export(
 ) -> ExportResult:
     """Export ``model`` to every target (the CLI's ``--to`` strings) under ``output_dir``.
 
-    ``model``: a local HF checkpoint directory, a ``transformers`` causal LM, or a ``peft``
+    ``model``: a local HF checkpoint directory or Hub id (``org/name[@revision]``, through the
+    HF cache), a ``transformers`` causal LM, or a ``peft``
     model (its active LoRA adapter is merged). ``tokenizer``: needed for a model in memory unless
     the model carries one as ``.tokenizer``. ``adapter``: a PEFT adapter directory to merge into
     a base given as a path. ``calib``: calibration text for an importance matrix (path models).
@@ -76,7 +77,7 @@ def export(
     and the quantizer's ``output_type``, ``embedding_type``, ``pure``, ``leave_output``,
     ``imatrix`` (a file), ``no_fallback``.
     """
-    from quantkit.convert import QuantSettings, convert
+    from quantkit.convert import QuantSettings
     from quantkit.quantize.gguf import QuantizeOptions
 
     targets = [targets] if isinstance(targets, str) else list(targets)
@@ -95,7 +96,10 @@ def export(
     kw = {k: options[k] for k in CONVERT_OPTIONS if k in options}
     out = Path(output_dir)
     if isinstance(model, (str, os.PathLike)):
-        res = convert(model, targets, out, quant=quant, adapter=adapter, **kw)
+        from quantkit.hub import resolve_model
+
+        model = resolve_model(model)  # a Hub id: its snapshot in the HF cache
+        res = _convert(model, targets, out, quant, adapter, kw)
     else:
         if adapter is not None:
             raise InputError(
@@ -110,7 +114,7 @@ def export(
         with tempfile.TemporaryDirectory(prefix="quantkit-export-") as work:
             ckpt, lora = memory_checkpoint(model, tokenizer, Path(work))
             kw.setdefault("name", _default_name(model))
-            res = convert(ckpt, targets, out, quant=quant, adapter=lora, **kw)
+            res = _convert(ckpt, targets, out, quant, lora, kw)
             result = _result(res, kw)
             if validate and not kw.get("dry_run"):
                 # the reference is the model itself (base + adapter for a peft model), scored
@@ -121,6 +125,40 @@ def export(
     if validate and not kw.get("dry_run"):
         _validate(result, Path(model), adapter, validate, options.get("threads"))
     return result
+
+
+@dataclass
+class _Converted:  # convert()'s result when only hf targets were asked
+    artifacts: list[Any]
+    architecture: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _convert(
+    model: Any, targets: list[str], out: Path, quant: Any, adapter: Any, kw: dict[str, Any]
+) -> Any:
+    """GGUF and adapter targets through ``convert``, ``hf`` targets through the HF checkpoint
+    writer (a folder ``STEM-hf[-DTYPE]`` each, after the others in the result)."""
+    from quantkit.checkpoint import Checkpoint, read_json
+    from quantkit.convert import convert
+    from quantkit.convert.hf_checkpoint import is_hf_target, write_hf_checkpoint
+
+    hf = [t for t in targets if is_hf_target(t)]
+    rest = [t for t in targets if not is_hf_target(t)]
+    if hf and kw.get("dry_run"):
+        raise InputError("dry_run applies to GGUF targets", "leave the hf targets out of a dry run")
+    if rest or not hf:
+        res = convert(model, rest, out, quant=quant, adapter=adapter, **kw)
+    else:
+        cfg = model.config if isinstance(model, Checkpoint) else read_json(model / "config.json")
+        archs = cfg.get("architectures") if isinstance(cfg, dict) else None
+        res = _Converted([], str(archs[0]) if isinstance(archs, list) and archs else "?")
+    for t in hf:
+        res.artifacts.append(
+            write_hf_checkpoint(model, t, out, adapter=adapter, force=bool(kw.get("force")),
+                                name=kw.get("name"), out_is_folder=False)
+        )  # fmt: skip
+    return res
 
 
 def _result(res: Any, kw: dict[str, Any]) -> ExportResult:
@@ -182,12 +220,14 @@ def _validate(
 
 
 def _artifact(a: Any, dry: bool) -> ExportArtifact:
+    from quantkit.convert.hf_checkpoint import HFArtifact
     from quantkit.convert.hf_to_gguf import ADAPTER_TARGETS
     from quantkit.validate.harness import sha256_file
 
+    fmt = a.type if a.type in ADAPTER_TARGETS else "gguf"
     return ExportArtifact(
         path=a.path,
-        format=a.type if a.type in ADAPTER_TARGETS else "gguf",
+        format="hf" if isinstance(a, HFArtifact) else fmt,
         type=a.type,
         size=a.size,
         sha256="" if dry or a.path.is_dir() else sha256_file(a.path),

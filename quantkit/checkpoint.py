@@ -382,8 +382,10 @@ def _weight_files(root: Path) -> list[Path]:
             raise CheckpointError(f"{index}: no 'weight_map' object of tensor → file names")
         files = []
         for name in sorted(set(wm.values())):
-            p = (root / name).resolve()
-            if root.resolve() not in p.parents:
+            # judged by the name, not by where a link points: in the HF cache every file of a
+            # snapshot is a symlink into the repository's blobs/ folder
+            p = Path(os.path.normpath(root / name))
+            if Path(os.path.normpath(root)) not in p.parents:
                 raise CheckpointError(f"{index}: shard {name!r} lies outside the model folder")
             if not p.is_file():
                 raise CheckpointError(

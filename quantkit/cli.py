@@ -37,6 +37,9 @@ vLLM targets (llm-compressor; `quantkit engines setup llmcompressor` once):
   quantkit convert ./my-model --to awq:group=64 --calib calib.txt --samples 64 --seq-len 512
   quantkit convert ./my-model --to gptq:group=64,actorder=group --layout legacy --calib c.txt
   quantkit convert ./my-model --to gptq --ignore lm_head --ignore 're:.*down_proj$' --calib c.txt
+
+A plain HF checkpoint (safetensors; transformers and vLLM load it), e.g. a merged fine-tune:
+  quantkit convert ./base --adapter ./my-lora --to hf:bf16 -o my-finetune/
 """
 
 EPILOG_INSPECT = """\b
@@ -63,12 +66,13 @@ def cli() -> None:
     "targets",
     multiple=True,
     required=True,
-    metavar="gguf:TYPE|gptq|awq|fp8[:OPTIONS]",
+    metavar="gguf:TYPE|gptq|awq|fp8|hf[:OPTIONS]",
     help="Output type, repeatable (case-insensitive; `quantkit types` lists them): gguf:F16, "
     "gguf:Q8_0, gguf:Q4_K_M, gguf:IQ4_XS, ... Several types share one read of the checkpoint "
     "and one base conversion. vLLM checkpoints (compressed-tensors, via llm-compressor): "
     "gptq[:bits=4|8,group=32|64|128|channel,sym=true|false,actorder=static|group|weight|none,"
-    "dampening=0.01], awq[:bits,group,sym,duo_scaling,grid=20], fp8[:dynamic|static|block].",
+    "dampening=0.01], awq[:bits,group,sym,duo_scaling,grid=20], fp8[:dynamic|static|block]. "
+    "A plain HF checkpoint folder (safetensors; --adapter merged): hf[:bf16|fp16|f32,shard=5GB].",
 )
 @click.option(
     "-o",
@@ -215,10 +219,22 @@ def convert(
     samples: int | None = None,
     seq_len: int | None = None,
 ) -> None:
-    """Convert a local Hugging Face checkpoint (MODEL folder) to GGUF, quantized by llama.cpp,
-    or to a vLLM checkpoint (GPTQ, AWQ, FP8) quantized by llm-compressor."""
+    """Convert a Hugging Face checkpoint (MODEL: a local folder or a Hub id, org/name[@revision])
+    to GGUF, quantized by llama.cpp, or to a vLLM checkpoint (GPTQ, AWQ, FP8) quantized by
+    llm-compressor."""
+    from quantkit.hub import resolve_model
+
+    model = resolve_model(model)
+    from quantkit.convert.hf_checkpoint import is_hf_target
     from quantkit.quantize.vllm_targets import is_vllm_target
 
+    hf_targets = [t for t in targets if is_hf_target(t)]
+    if hf_targets:
+        _convert_hf(model, hf_targets, output, adapter, force=force,
+                    only=len(targets) == 1, as_json=as_json, dry_run=dry_run)  # fmt: skip
+        targets = tuple(t for t in targets if not is_hf_target(t))
+        if not targets:
+            return
     vllm_targets = [t for t in targets if is_vllm_target(t)]
     if vllm_targets:
         _convert_vllm(
@@ -372,6 +388,40 @@ def convert(
             + ", ".join(res.unused_tensors[:5]),
             err=True,
         )
+
+
+def _convert_hf(
+    model: Path,
+    targets: list[str],
+    output: Path | None,
+    adapter: Path | None,
+    *,
+    force: bool,
+    only: bool,
+    as_json: bool,
+    dry_run: bool,
+) -> None:
+    """``convert --to hf[:DTYPE]``: a plain HF checkpoint folder (convert/hf_checkpoint.py);
+    ``-o`` names it when it is the only target (as for the vLLM checkpoints), else holds it."""
+    from quantkit.convert.hf_checkpoint import write_hf_checkpoint
+
+    if dry_run:
+        raise click.UsageError("--dry-run applies to GGUF targets")
+    arts = [
+        write_hf_checkpoint(model, t, output, adapter=adapter, force=force,
+                            out_is_folder=only, progress=ProgressPrinter())
+        for t in targets
+    ]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps({"artifacts": [a.to_json() for a in arts]}, indent=2))
+        return
+    click.echo(
+        format_table(
+            ["type", "size", "tensors", "shards", "time", "path"],
+            [[a.type, human_bytes(a.size), str(a.n_tensors), str(a.n_shards),
+              f"{a.seconds:.1f}s", str(a.path)] for a in arts],
+        )
+    )  # fmt: skip
 
 
 def _convert_vllm(
@@ -561,11 +611,13 @@ def imatrix(
     from quantkit.checkpoint import Checkpoint
     from quantkit.convert.archs import resolve
     from quantkit.errors import InputError
+    from quantkit.hub import resolve_model
     from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
 
     check_writable(output, force=force)
     if not calib.is_file():
         raise InputError(f"{calib}: calibration text not found")
+    model = resolve_model(model)
     with Checkpoint.open(model) as ck:
         # unsupported architectures fail before the model is loaded
         resolve(ck.config, ck.path / "config.json")
@@ -850,6 +902,9 @@ def validate(
         adapter=adapter,
     )
     settings.lora_base, settings.vllm_lora_base = split_lora_bases(lora_base)
+    from quantkit.hub import resolve_model
+
+    reference = resolve_model(reference)
     report = run_validate(list(artifacts), reference, data, settings, progress=ProgressPrinter())
     for out, body in (
         (json_out, lambda: json.dumps(report, indent=2)),

@@ -22,6 +22,7 @@ from typing import Any
 
 from quantkit.atomic import atomic_output
 from quantkit.errors import InputError
+from quantkit.hub import folder_name, hub_source
 from quantkit.recipe import DEFAULT, GGUFTarget, Recipe, validated
 
 KEY_VERSION = "1"  # bump when what a key covers changes
@@ -134,7 +135,7 @@ class Context:
         self.calib = self._text(recipe.calibration.data) if recipe.calibration else None
         self.vdata = self._text(recipe.validation.data) if recipe.validation else None
         # artifacts are named like `quantkit convert` names them: after the adapter for a fine-tune
-        self.stem = self.adapter.resolve().name if self.adapter else self.model.name
+        self.stem = self.adapter.resolve().name if self.adapter else folder_name(self.model)
 
     def _path(self, p: str) -> Path:
         q = Path(p).expanduser()
@@ -146,6 +147,11 @@ class Context:
 
             return demo_model()
         p = self._path(m)
+        if not p.exists():
+            from quantkit.hub import is_hub_id, resolve_model
+
+            if is_hub_id(m):  # a local folder of that spelling would have won
+                p = resolve_model(m)
         if not (p / "config.json").is_file():
             raise InputError(f"source.model: {p} is not a Hugging Face model folder")
         return p
@@ -512,6 +518,11 @@ def _build_vllm(ctx: Context, t: Any, progress: Any) -> None:
     _write_manifest(ctx, t, final, "vllm", v.label(), v.model_dump(), calib)
 
 
+def _hub(model: Path) -> dict[str, str] | None:
+    src = hub_source(model)
+    return {"id": src[0], "commit": src[1]} if src else None
+
+
 def _write_manifest(
     ctx: Context, t: Any, final: Path, fmt: str, type_: str, options: dict, calib: dict | None
 ) -> None:
@@ -535,6 +546,8 @@ def _write_manifest(
             "recipe_sha256": _sha256(ctx.recipe_path),
             "source": ctx.recipe.source.model,
             "source_sha256": ctx.model_key,
+            # a Hub id as source: the repository and the snapshot's commit it resolved to
+            "source_hub": _hub(ctx.model),
             # the fine-tune's PEFT adapter (path as in the recipe, sha256 over its files)
             "adapter": ctx.recipe.source.adapter,
             "adapter_sha256": ctx.adapter_key,
@@ -747,6 +760,11 @@ def _write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
         "",
         f"- base model: `{p['source']}` (files sha256 `{p['source_sha256']}`)",
     ]
+    if p.get("source_hub"):
+        lines.append(
+            f"- from the Hugging Face Hub: `{p['source_hub']['id']}` at commit "
+            f"`{p['source_hub']['commit']}`"
+        )
     if p.get("adapter"):
         lines.append(
             f"- adapter: `{p['adapter']}` (PEFT LoRA, merged; files sha256 `{p['adapter_sha256']}`)"

@@ -27,7 +27,10 @@ class _Strict(BaseModel):
 
 
 class Source(_Strict):
-    model: str = Field(description="HF checkpoint folder, or `default` (the embedded demo model)")
+    model: str = Field(
+        description="HF checkpoint folder, a Hub id `org/name[@revision]` (through the HF cache), "
+        "or `default` (the embedded demo model)"
+    )
     adapter: str | None = Field(
         None,
         description="a PEFT LoRA adapter folder trained on `model`: every target is made from "

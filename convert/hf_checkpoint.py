@@ -1,0 +1,335 @@
+"""``--to hf[:bf16|fp16|f32]``: a plain Hugging Face checkpoint folder that transformers and vLLM
+load, written tensor by tensor.
+
+The weights stream from the checkpoint reader's memory map straight into safetensors shards:
+each tensor is read, merged with the LoRA adapter when one is given (``LoraAdapter.apply``, the
+merge the GGUF path uses), cast in slices and written before the next is read, so peak memory is
+bounded by the largest tensor (by its float32 copy when it is merged), never by the model. The
+output keeps the input's tensor names; config.json (dtype, and the vocabulary size of a fine-tune
+that resized its embeddings), generation_config.json and the tokenizer files (the adapter's when
+it carries one) go beside the shards. The folder appears under its final name only when complete.
+
+The safetensors layout written here is the format's own (huggingface/safetensors README
+"Format"): an 8-byte little-endian header length, a JSON header of ``dtype`` / ``shape`` /
+``data_offsets`` per tensor padded with spaces to a multiple of 8, then the data. Shards and
+``model.safetensors.index.json`` follow transformers' ``save_pretrained``:
+``model-00001-of-00003.safetensors`` and ``{"metadata": {"total_size": …}, "weight_map": …}``,
+with ``{"format": "pt"}`` as each file's metadata (transformers refuses a file without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
+from quantkit.checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, _as_float32
+from quantkit.diskspace import check_free_space
+from quantkit.errors import CheckpointError, InputError
+
+Progress = Callable[[str, int, int], None]
+
+HF_TARGET = "hf"
+# transformers' save_pretrained default for max_shard_size ("5GB" = 5 * 10**9 bytes)
+DEFAULT_SHARD_BYTES = 5 * 10**9
+# hf:DTYPE spellings -> safetensors dtype
+DTYPES = {
+    "bf16": "BF16", "bfloat16": "BF16",
+    "fp16": "F16", "f16": "F16", "float16": "F16",
+    "f32": "F32", "fp32": "F32", "float32": "F32",
+}  # fmt: skip
+# safetensors dtype -> config.json "dtype" (transformers' name)
+CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+F16_MAX = 65504.0  # largest finite IEEE half
+SLICE = 1 << 18  # elements cast per step: the cast's temporaries stay about 3 MB
+SIZE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+# Files a transformers or vLLM user expects beside the weights; the tokenizer's come from the
+# adapter when the fine-tune saved its own (added tokens, chat template), like the GGUF path's.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MODEL_FILES = ("generation_config.json",)
+
+
+@dataclass(frozen=True)
+class HFArtifact:
+    path: Path
+    type: str  # "hf-bf16", "hf-f16", "hf-f32", or "hf" (each tensor in its own dtype)
+    size: int  # bytes of every file in the folder
+    n_tensors: int
+    n_shards: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "type": self.type,
+            "size": self.size,
+            "tensors": self.n_tensors,
+            "shards": self.n_shards,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def is_hf_target(spec: str) -> bool:
+    return spec.partition(":")[0].strip().lower() == HF_TARGET
+
+
+def write_hf_checkpoint(
+    model: str | os.PathLike[str] | Checkpoint,
+    spec: str,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    adapter: Any = None,
+    force: bool = False,
+    name: str | None = None,
+    out_is_folder: bool = True,
+    progress: Progress | None = None,
+) -> HFArtifact:
+    """Write ``model`` (a checkpoint folder or an open ``Checkpoint``), merged with ``adapter``
+    (a PEFT LoRA folder or ``LoraAdapter``) when given, as an HF checkpoint folder.
+
+    ``spec``: ``hf``, ``hf:bf16`` / ``hf:fp16`` / ``hf:f32``, optionally with ``shard=SIZE``
+    (``hf:bf16,shard=2GB``; default 5 GB per shard). Without a dtype every tensor keeps its
+    stored dtype (a merged one goes back to its base tensor's). ``out``: the checkpoint folder
+    itself, or with ``out_is_folder=False`` the folder that holds ``STEM-hf-DTYPE`` (default:
+    the current directory). ``name``: that STEM (default: the model's or the adapter's name).
+    """
+    from quantkit.convert.hf_to_gguf import default_name
+    from quantkit.convert.lora import LoraAdapter
+
+    dtype, shard_bytes = _parse(spec)
+    t0 = time.perf_counter()
+    given = model if isinstance(model, Checkpoint) else None
+    ckpt = given or Checkpoint.open(Path(model))  # type: ignore[arg-type]
+    lora = None
+    if adapter is not None:
+        lora = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter)
+    try:
+        # -- preflight: nothing is written until all of this holds ---------------------------
+        config = dict(ckpt.config)
+        quant = config.get("quantization_config")
+        if isinstance(quant, dict):
+            raise CheckpointError(
+                f"{ckpt.path}: is already quantized ({quant.get('quant_method', '?')})",
+                "--to hf writes float checkpoints: give the unquantized model",
+            )
+        shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+        if lora is not None:
+            lora.check_base(shapes)
+            shapes = lora.shapes(shapes)
+            config = _resized(config, lora)
+        label = f"{HF_TARGET}-{dtype.lower()}" if dtype else HF_TARGET
+        stem = name or (
+            default_name(ckpt.path, ckpt.config) if lora is None else lora.path.resolve().name
+        )
+        final = _output_path(Path(out) if out is not None else None, stem, label, out_is_folder)
+        check_writable_dir(final, force=force)
+        plan = _plan(ckpt, shapes, dtype)
+        shards = _shard(plan, shard_bytes)
+        total = sum(p[2] for p in plan)
+        check_free_space([(final, total + 64 * 2**20)])
+        if dtype:
+            config["dtype"] = CONFIG_DTYPES[dtype]
+            if "torch_dtype" in config:  # transformers 4's name for it
+                config["torch_dtype"] = CONFIG_DTYPES[dtype]
+        tok_dir = lora.path if lora is not None and lora.has_tokenizer else ckpt.path
+
+        # -- write -------------------------------------------------------------------------
+        with output_dirs([final]), atomic_output_dir(final, force=force) as tmp:
+            tmp.mkdir()
+            names = _shard_names(len(shards))
+            done = 0
+            for file, shard in zip(names, shards, strict=True):
+                with open(tmp / file, "wb") as f:
+                    _write_header(f, shard)
+                    for tname, out_dtype, _, _ in shard:
+                        if progress:
+                            progress("convert hf", done, len(plan))
+                        _write_tensor(f, ckpt, lora, tname, out_dtype)
+                        done += 1
+            if progress:
+                progress("convert hf", len(plan), len(plan))
+            if len(shards) > 1:
+                index = {
+                    "metadata": {"total_size": total},
+                    "weight_map": {t[0]: f for f, s in zip(names, shards, strict=True) for t in s},
+                }
+                _write_json(tmp / "model.safetensors.index.json", index)
+            _write_json(tmp / "config.json", config)
+            for src, files in ((tok_dir, TOKENIZER_FILES), (ckpt.path, MODEL_FILES)):
+                for fname in files:
+                    if (src / fname).is_file():
+                        shutil.copyfile(src / fname, tmp / fname)
+            size = sum(p.stat().st_size for p in tmp.iterdir())
+        return HFArtifact(final, label, size, len(plan), len(shards), time.perf_counter() - t0)
+    finally:
+        if lora is not None and lora is not adapter:
+            lora.close()
+        if given is None:
+            ckpt.close()
+
+
+def _parse(spec: str) -> tuple[str | None, int]:
+    """``hf[:DTYPE][,shard=SIZE]`` → (safetensors dtype or None, shard size in bytes)."""
+    _, _, rest = spec.partition(":")
+    dtype: str | None = None
+    shard = DEFAULT_SHARD_BYTES
+    hint = (
+        "write hf, hf:bf16, hf:fp16 or hf:f32, optionally with shard=SIZE (e.g. hf:bf16,shard=2GB)"
+    )
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not eq:
+            key, value = "dtype", key
+        if key == "dtype" and value.lower() in DTYPES:
+            dtype = DTYPES[value.lower()]
+        elif key == "shard":
+            shard = _size(value, spec, hint)
+        else:
+            raise InputError(f"--to {spec}: unknown option {item!r}", hint)
+    return dtype, shard
+
+
+def _size(value: str, spec: str, hint: str) -> int:
+    low = value.lower()
+    unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if low.endswith(u)), "")
+    try:
+        n = int(float(low[: len(low) - len(unit)]) * SIZE_UNITS.get(unit, 1))
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise InputError(f"--to {spec}: shard size {value!r} is not a size", hint)
+    return n
+
+
+def _output_path(out: Path | None, stem: str, label: str, out_is_folder: bool) -> Path:
+    """``out`` itself, or ``out`` (default: the current directory) holding ``STEM-LABEL``."""
+    if out is not None and out_is_folder:
+        return out
+    return (out if out is not None else Path.cwd()) / f"{stem}-{label}"
+
+
+def _resized(config: dict[str, Any], lora: Any) -> dict[str, Any]:
+    """A fine-tune that added tokens saved a resized embed_tokens (modules_to_save): the merged
+    model's vocabulary is that size."""
+    for target, name in lora.replaced.items():
+        rows = lora.tensors[name].shape[0]
+        if target.endswith("embed_tokens.weight") and rows != config.get("vocab_size"):
+            return {**config, "vocab_size": rows}
+    return config
+
+
+# (tensor name, output dtype, output bytes, shape)
+Planned = tuple[str, str, int, tuple[int, ...]]
+
+
+def _plan(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]], dtype: str | None) -> list[Planned]:
+    plan: list[Planned] = []
+    for tname in ckpt.iter_names():  # the input's order: reads the disk front to back
+        src = ckpt.tensors[tname].dtype
+        out = dtype if dtype is not None and src in FLOAT_DTYPES else src
+        shape = shapes[tname]
+        plan.append((tname, out, int(np.prod(shape, dtype=np.int64)) * _itemsize(out), shape))
+    return plan
+
+
+def _itemsize(dtype: str) -> int:
+    return SAFETENSORS_DTYPES[dtype][1]
+
+
+def _shard(plan: list[Planned], limit: int) -> list[list[Planned]]:
+    """Greedy, in order, as transformers shards: a new shard when the next tensor would take the
+    current one past ``limit`` (a tensor larger than the limit gets a shard of its own)."""
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for p in plan:
+        if shards[-1] and size + p[2] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p[2]
+    return shards
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _write_header(f: Any, shard: list[Planned]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for tname, dtype, nbytes, shape in shard:
+        header[tname] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+
+
+def _write_tensor(f: Any, ckpt: Checkpoint, lora: Any, tname: str, out: str) -> None:
+    src = ckpt.tensors[tname].dtype
+    raw = ckpt.raw(tname)
+    if lora is not None and (tname in lora.modules or tname in lora.replaced):
+        raw, src = lora.apply(tname, raw, src)  # float32, merged (or the trained copy)
+    flat = raw.reshape(-1)
+    if src == out:
+        f.write(memoryview(np.ascontiguousarray(flat)).cast("B"))
+    else:
+        for i in range(0, flat.size, SLICE):
+            f.write(_cast(flat[i : i + SLICE], src, out, tname, ckpt).tobytes())
+    del raw, flat
+    ckpt.release(tname)
+
+
+def _cast(part: np.ndarray, src: str, out: str, tname: str, ckpt: Checkpoint) -> np.ndarray:
+    """A slice of a stored tensor (BF16 as uint16) → ``out``'s bytes (BF16 as uint16)."""
+    if src not in FLOAT_DTYPES or out not in FLOAT_DTYPES:
+        raise CheckpointError(f"tensor {tname!r}: cannot cast {src} to {out}")
+    f32 = _as_float32(part, src)
+    if out == "F32":
+        return f32.astype("<f4", copy=False)
+    if out == "F64":
+        return f32.astype("<f8")
+    if out == "F16":
+        big = float(np.max(np.abs(f32), initial=0.0))
+        if big > F16_MAX:
+            raise CheckpointError(
+                f"{ckpt.tensors[tname].file.name}: tensor {tname!r} has values up to {big:.4g}, "
+                "beyond the F16 range (±65504)",
+                "use --to hf:bf16 (or hf:f32)",
+            )
+        return f32.astype("<f2")
+    # F32 → BF16, round to nearest even with NaN kept quiet, as torch's .to(torch.bfloat16)
+    # (c10/util/BFloat16.h round_to_nearest_even) and gguf-py's quants do it
+    u = f32.view(np.uint32)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype("<u2")
+    if nan.any():
+        r[nan] = ((u[nan] >> 16) | 0x40).astype("<u2")
+    return r
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
