@@ -291,6 +291,12 @@ def convert(
                 "--adapter needs the HF base checkpoint, not a GGUF",
                 f"convert the base folder with --adapter, or use --to {LORA_TARGET} and load both in llama.cpp",
             )
+        if name is not None:
+            raise InputError(
+                "--name sets the name of a model converted from its HF checkpoint; a GGUF input "
+                "keeps its own",
+                "convert the HF checkpoint with --name instead",
+            )
         return requantize(
             model_dir, types, out, force=force, progress=progress, quant=qs, dry_run=dry_run
         )
@@ -304,7 +310,8 @@ def convert(
             )
 
         return convert_upstream(model_dir, types, out, force=force, allow_pickle=allow_pickle,
-                                threads=threads, progress=progress, quant=qs, dry_run=dry_run)  # fmt: skip
+                                threads=threads, progress=progress, quant=qs, dry_run=dry_run,
+                                name=name)  # fmt: skip
 
     # -- preflight: nothing is written until all of this holds -------------------------------
     ckpt = given or Checkpoint.open(model_dir, allow_pickle=allow_pickle)
