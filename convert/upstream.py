@@ -291,6 +291,7 @@ def convert_upstream(
         output_paths,
         with_imatrix,
     )
+    from quantkit.convert.loadcheck import check_gguf_vocab, check_loads
     from quantkit.diskspace import check_free_space
     from quantkit.gguf_file import read_gguf
     from quantkit.quantize.audit import audit
@@ -340,6 +341,7 @@ def convert_upstream(
         stack.enter_context(output_dirs(list(paths.values())))
         t0 = time.perf_counter()
         made: dict[str, Path] = {}
+        shown: dict[str, str] = {}  # how each file is named in messages
         for t in floats:
             tmp = stack.enter_context(atomic_output(paths[t.name], force=force))
             if progress:
@@ -348,10 +350,17 @@ def convert_upstream(
             if progress:
                 progress("convert (llama.cpp)", 1, 1)
             made[t.name] = tmp
+            shown[t.name] = paths[t.name].name
         if base_name is not None and base_name not in made:
             base = stack.enter_context(scratch_file(paths[quants[0].name]))
             run_converter(model_dir, base, base_name, pre=pre, name=name)
             made[base_name] = base
+            shown[base_name] = f"the {base_name} base of {paths[quants[0].name].name}"
+        for t_name, path in made.items():
+            # the name and vocabulary are the converter's: what would stop llama.cpp (or abort
+            # it, duplicate token texts) is named from the metadata before the load itself
+            check_gguf_vocab(path, shown[t_name])
+            check_loads(path, shown[t_name])
         timings["stream"] = time.perf_counter() - t0
         first = next(iter(made.values()))
         notes = check_vocab(first, model_dir)
