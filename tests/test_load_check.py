@@ -189,4 +189,8 @@ def test_gguf_input_with_a_phi3_name_is_refused_before_quantizing(
     assert f"lacks {missing} " in msg, msg
     assert "convert the HF checkpoint again with --name 'tiny-phi'" in msg, msg
     _nothing_written(out)
+    # a GGUF input keeps its own name: --name is for a conversion from the HF checkpoint
+    r = run_cli("convert", str(src), "--to", "gguf:Q8_0", "-o", str(out), "--name", "tiny-phi")
+    assert r.returncode == 2 and "a GGUF input keeps its own" in _one_line(r.stderr), r.stderr
+    _nothing_written(out)
     shutil.rmtree(tmp_path / "src")
