@@ -26,6 +26,7 @@ from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_
 from quantkit.checkpoint import Checkpoint
 from quantkit.convert.archs import Architecture, resolve
 from quantkit.convert.archs.base import PlannedTensor, to_f32
+from quantkit.convert.loadcheck import check_gguf_vocab, check_loads, check_name_rules
 from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
 from quantkit.convert.writer import GGUFWriter
 from quantkit.diskspace import check_free_space
@@ -293,6 +294,12 @@ def convert(
                 "--adapter needs the HF base checkpoint, not a GGUF",
                 f"convert the base folder with --adapter, or use --to {LORA_TARGET} and load both in llama.cpp",
             )
+        if name is not None:
+            raise InputError(
+                "--name sets the name of a model converted from its HF checkpoint; a GGUF input "
+                "keeps its own",
+                "convert the HF checkpoint with --name instead",
+            )
         return requantize(
             model_dir, types, out, force=force, progress=progress, quant=qs, dry_run=dry_run
         )
@@ -306,7 +313,8 @@ def convert(
             )
 
         return convert_upstream(model_dir, types, out, force=force, allow_pickle=allow_pickle,
-                                threads=threads, progress=progress, quant=qs, dry_run=dry_run)  # fmt: skip
+                                threads=threads, progress=progress, quant=qs, dry_run=dry_run,
+                                name=name)  # fmt: skip
 
     # -- preflight: nothing is written until all of this holds -------------------------------
     ckpt = given or Checkpoint.open(model_dir, allow_pickle=allow_pickle)
@@ -348,6 +356,8 @@ def convert(
         tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
         base_model = (lora.base_name or default_name(model_dir, ckpt.config)) if lora else None
         vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
+        if types:  # model files; a GGUF LoRA is not loaded as a model, no vocabulary of its own
+            check_name_rules(stem, vocab.tokens, arch=arch.arch_name, pre=vocab.pre)
         for pt in plan:
             for source in pt.sources or ([pt.source] if pt.source else []):
                 info = ckpt.tensors[source]
@@ -422,6 +432,11 @@ def convert(
             t0 = time.perf_counter()
             clamped: dict[str, float] | None = {} if clamp_f16 else None
             read = _stream(ckpt, arch, plan, sinks, progress, clamped, lora) if sinks else 0
+            if not dry_run:  # each float file, and the base the quantized types come from
+                for t_name, tmp in tmps.items():
+                    check_loads(tmp, paths[t_name].name)
+                if base_path is not None and base_name not in tmps:
+                    check_loads(base_path, f"the {base_name} base of {paths[quants[0].name].name}")
             elapsed = timings["stream"] = time.perf_counter() - t0
             for t in floats:
                 if dry_run:
@@ -607,6 +622,11 @@ def _write_lora(
             * 4
         )
         return Artifact(path, LORA_TARGET, size, n, 0.0)
+    # No llama.cpp load check here, unlike every model file: llama_adapter_lora_init loads an
+    # adapter only onto a loaded base (llama-adapter.cpp checks the architecture and each
+    # lora_a/lora_b pair against the base tensor's shape), and convert has no GGUF of the
+    # unmerged base (the float files of an --adapter run are the merged model); building one
+    # costs a whole base conversion. tests/test_lora.py applies these files to a base in llama.cpp.
     with output_dirs([path]), atomic_output(path, force=force) as tmp:
         n = write_gguf_lora(lora, arch, tmp, stem)
         size = tmp.stat().st_size
@@ -646,6 +666,9 @@ def requantize(
             "convert the HF checkpoint for float types; a GGUF input takes quantized targets",
         )
     stem = src.stem.removesuffix(f"-{ftype.name}")
+    # the quantized files keep the source's vocabulary and name: what llama.cpp would refuse in
+    # them is refused here, before quantizing
+    check_gguf_vocab(src, how="convert the HF checkpoint again with --name")
     paths = output_paths(Path(out) if out is not None else None, stem, types)
     imatrix = _preflight_imatrix([t for t in types if not t.base], quant, dry_run)
     options = with_imatrix(quant.options, imatrix, quant.imatrix_file)
@@ -695,6 +718,7 @@ def _quantize_one(
                             planned=rep.planned, fallbacks=rep.fallbacks)  # fmt: skip
     with atomic_output(path, force=force) as tmp:
         rep = quantize_file(base, tmp, q, options, progress=progress)
+        check_loads(tmp, path.name)
         size = tmp.stat().st_size
         aud = audit(tmp, rep)
     aud.path = str(path)

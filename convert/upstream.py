@@ -182,7 +182,9 @@ def bpe_pre(model_dir: Path) -> str | None:
     return vocab.pre if vocab.model == "gpt2" else None
 
 
-def run_converter(model_dir: Path, out: Path, outtype: str, *, pre: str | None) -> None:
+def run_converter(
+    model_dir: Path, out: Path, outtype: str, *, pre: str | None, name: str | None = None
+) -> None:
     """llama.cpp's converter in a subprocess, writing ``out`` (a path quantkit renames later).
 
     Its output is shown only with QUANTKIT_DEBUG=1; a failure becomes one EngineError line
@@ -199,6 +201,8 @@ def run_converter(model_dir: Path, out: Path, outtype: str, *, pre: str | None) 
     }
     cmd = [sys.executable, str(DRIVER), str(src), str(model_dir),
            "--outfile", str(out), "--outtype", CONVERTER_OUTTYPE[outtype]]  # fmt: skip
+    if name:
+        cmd += ["--model-name", name]  # its general.name (default: from the folder and model card)
     proc = subprocess.run(
         cmd,
         env=env,
@@ -272,8 +276,10 @@ def convert_upstream(
     progress: Any,
     quant: Any,
     dry_run: bool,
+    name: str | None = None,
 ) -> Any:
-    """``convert`` through llama.cpp's converter: float bases from it, the rest as usual."""
+    """``convert`` through llama.cpp's converter: float bases from it, the rest as usual.
+    ``name``: general.name and the output file stem."""
     from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
     from quantkit.checkpoint import Checkpoint
     from quantkit.convert.hf_to_gguf import (
@@ -285,6 +291,7 @@ def convert_upstream(
         output_paths,
         with_imatrix,
     )
+    from quantkit.convert.loadcheck import check_gguf_vocab, check_loads
     from quantkit.diskspace import check_free_space
     from quantkit.gguf_file import read_gguf
     from quantkit.quantize.audit import audit
@@ -304,7 +311,7 @@ def convert_upstream(
             "compute one with llama.cpp's llama-imatrix on the float GGUF, then pass --imatrix FILE",
         )
     with Checkpoint.open(model_dir, allow_pickle=allow_pickle) as ckpt:  # headers, pickle policy
-        stem = default_name(model_dir, ckpt.config)
+        stem = name or default_name(model_dir, ckpt.config)
         src_base = ckpt.source_dtype if ckpt.source_dtype in CONVERTER_OUTTYPE else "F32"
         n_params = sum(t.n_elements for t in ckpt.tensors.values())
     paths = output_paths(Path(out) if out is not None else None, stem, types)
@@ -334,18 +341,26 @@ def convert_upstream(
         stack.enter_context(output_dirs(list(paths.values())))
         t0 = time.perf_counter()
         made: dict[str, Path] = {}
+        shown: dict[str, str] = {}  # how each file is named in messages
         for t in floats:
             tmp = stack.enter_context(atomic_output(paths[t.name], force=force))
             if progress:
                 progress("convert (llama.cpp)", 0, 1)
-            run_converter(model_dir, tmp, t.name, pre=pre)
+            run_converter(model_dir, tmp, t.name, pre=pre, name=name)
             if progress:
                 progress("convert (llama.cpp)", 1, 1)
             made[t.name] = tmp
+            shown[t.name] = paths[t.name].name
         if base_name is not None and base_name not in made:
             base = stack.enter_context(scratch_file(paths[quants[0].name]))
-            run_converter(model_dir, base, base_name, pre=pre)
+            run_converter(model_dir, base, base_name, pre=pre, name=name)
             made[base_name] = base
+            shown[base_name] = f"the {base_name} base of {paths[quants[0].name].name}"
+        for t_name, path in made.items():
+            # the name and vocabulary are the converter's: what would stop llama.cpp (or abort
+            # it, duplicate token texts) is named from the metadata before the load itself
+            check_gguf_vocab(path, shown[t_name])
+            check_loads(path, shown[t_name])
         timings["stream"] = time.perf_counter() - t0
         first = next(iter(made.values()))
         notes = check_vocab(first, model_dir)

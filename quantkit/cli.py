@@ -83,6 +83,12 @@ def cli() -> None:
 )
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option(
+    "--name",
+    default=None,
+    help="GGUF targets from an HF checkpoint: the model's name (general.name) and the output "
+    "file stem (default: the model's name in config.json, else its folder's).",
+)
+@click.option(
     "--allow-pickle",
     is_flag=True,
     help="Accept pytorch_model.bin checkpoints (loaded with torch.load(weights_only=True)).",
@@ -197,6 +203,7 @@ def convert(
     targets: tuple[str, ...],
     output: Path | None,
     force: bool,
+    name: str | None,
     allow_pickle: bool,
     clamp_f16: bool,
     threads: int | None,
@@ -292,6 +299,7 @@ def convert(
         converter=converter,
         clamp_f16=clamp_f16,
         adapter=adapter,
+        name=name,
     )
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)

@@ -41,6 +41,10 @@ class GGUFFormatError(InputError):
     """A GGUF file that is malformed."""
 
 
+class GGUFLoadError(InputError):
+    """A GGUF quantkit would write that llama.cpp cannot load: refused before it gets its name."""
+
+
 class OutputExistsError(InputError):
     """The output path exists and --force was not given."""
 
