@@ -1,6 +1,6 @@
 """HF checkpoint → GGUF, streaming one tensor at a time.
 
-Flow (DESIGN.md "Data flow"): preflight everything that can fail cheaply (output paths, config,
+Flow (docs/architecture.md, "The pipeline"): preflight everything that can fail cheaply (output paths, config,
 architecture, every tensor's presence and shape, tokenizer) before writing a byte; then one pass
 over the checkpoint writes every requested float file (F32/F16/BF16) at once, each tensor read
 through the memory map, transformed, cast, written and released before the next; quantized

@@ -3,7 +3,7 @@
 Architectures without a native class (convert/archs) still convert: the llama-cpp-python source
 distribution the engine was built from carries llama.cpp's converter (``convert_hf_to_gguf.py``,
 its ``conversion`` package and ``gguf-py``), so the file always matches the engine that loads it
-(DESIGN.md decision 5). That source is extracted once into
+(docs/decisions.md, decision 5). That source is extracted once into
 ``$QUANTKIT_CACHE/upstream/<version>/`` (to a temporary name, renamed when complete) and run in a
 subprocess with this interpreter and PYTHONPATH pointing at its gguf-py.
 

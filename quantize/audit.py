@@ -34,7 +34,7 @@ class Audit:
 
     @property
     def bpw(self) -> float:
-        """Bits per weight of the tensor data (DESIGN.md: weight bytes × 8 / parameters)."""
+        """Bits per weight of the tensor data (weight bytes × 8 / parameters, as docs/report-schema.md defines it)."""
         return self.tensor_bytes * 8 / self.n_params if self.n_params else 0.0
 
     @property

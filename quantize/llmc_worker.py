@@ -42,7 +42,7 @@ def cpu_quirks() -> list[str]:
     llmcompressor 0.14.0.1: AWQ caches calibration intermediates with
     ``IntermediatesCache.pin_memory``, which calls ``Tensor.pin_memory()`` and fails on CPU-only
     torch ("Cannot access accelerator device when none is available"). Pinned memory only
-    speeds up host→GPU copies, so with no accelerator the call becomes a no-op (DESIGN.md,
+    speeds up host→GPU copies, so with no accelerator the call becomes a no-op (docs/decisions.md,
     measured 2026-11-24)."""
     import torch
 

@@ -6,7 +6,7 @@ nothing outside the standard library.
 Why not the default build: llama.cpp's native build (``GGML_NATIVE=ON``) crashes on quantized
 GGUFs on the Intel Xeons we run on (they advertise AMX and llama.cpp's AMX path dies), and a build
 with AVX-512 forced on dies with "Illegal instruction" on AMD EPYCs without it (measured
-2026-11-24, see shared DESIGN.md). So every ISA switch is set from the CPU's own flags and AMX is
+2026-11-24, docs/decisions.md). So every ISA switch is set from the CPU's own flags and AMX is
 always off.
 """
 

@@ -1,7 +1,7 @@
 """Reading a Hugging Face checkpoint directory: config, tensor index, and tensors one at a time.
 
 Tensors are read through a memory map of each safetensors file, so a tensor costs its own size
-only while it is being converted (DESIGN.md decision 4). The safetensors header is parsed and
+only while it is being converted (docs/decisions.md, decision 4). The safetensors header is parsed and
 checked here rather than by the ``safetensors`` package: the package's numpy frontend has no
 bfloat16, its torch frontend would pull torch into the conversion path, and every length in a
 header must be checked against the file before anything is allocated (a lying header must not

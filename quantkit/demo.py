@@ -3,7 +3,7 @@
 transformers dequantizes the GGUF into an HF model; we save that as an F16 safetensors checkpoint
 in the user cache, once. transformers 5.24 keeps such a model marked GGUF-quantized and refuses to
 save it ("not serializable"); clearing ``hf_quantizer`` and ``quantization_config`` first writes
-correct weights (DESIGN.md, measured 2026-11-24).
+correct weights (docs/decisions.md, measured 2026-11-24).
 """
 
 from __future__ import annotations

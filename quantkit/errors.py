@@ -75,8 +75,8 @@ class Interrupted(KeyboardInterrupt):
         self.hint = hint  # the same attributes as a QuantkitError
 
 
-# Exit codes by error type, most specific first; the CLI walks this table (DEVELOPERS.md: one
-# table maps error types to messages and exit codes).
+# Exit codes by error type, most specific first; the CLI walks this table (docs/decisions.md,
+# decision 8: one table maps error types to messages and exit codes).
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (Interrupted, 130),
     (KeyboardInterrupt, 130),

@@ -63,7 +63,7 @@ def llama_cpp() -> ModuleType:
 
 def check_build() -> None:
     """Refuse a llama.cpp built for another CPU (a venv carried to a machine with other ISA
-    flags would die with "Illegal instruction" or take the crashing AMX path; DESIGN.md)."""
+    flags would die with "Illegal instruction" or take the crashing AMX path; docs/decisions.md)."""
     from quantkit.buildflags import flags_key
 
     marker = Path(sys.prefix) / ".llama-cpp-flags"

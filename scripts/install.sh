@@ -14,7 +14,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${QUANTKIT_VENV:-$repo/.venv}"
 cache="${QUANTKIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/quantkit}"
-llama_version="0.3.36"   # pinned: the version DESIGN.md's measurements were made with
+llama_version="0.3.36"   # pinned: the version docs/decisions.md's measurements were made with
 torch_version="2.13.0"   # the CPU wheel provided locally; a bare `torch` would pull CUDA builds
 
 say() { printf '[install] %s\n' "$*" >&2; }

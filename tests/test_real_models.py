@@ -1,7 +1,7 @@
 """Real trained models: stories260K (shared fixture) and the embedded SmolLM2-135M-Instruct.
 
 llama.cpp on our GGUF and transformers on the checkpoint must agree on logits; the quantized
-Q8_0 file must actually run (DESIGN.md: the default native llama.cpp build crashed on quantized
+Q8_0 file must actually run (docs/decisions.md: the default native llama.cpp build crashed on quantized
 files on some CPUs, so this test is what shows a bad build).
 """
 

@@ -81,7 +81,7 @@ class LlamaCppModel:
 
     def set_adapter(self, path: str | Path | None, scale: float = 1.0) -> None:
         """Apply a GGUF LoRA to this context (None removes it). The low-level calls keep the
-        base memory-mapped, unlike ``Llama(lora_path=...)`` which turns mmap off (DESIGN.md), and
+        base memory-mapped, unlike ``Llama(lora_path=...)`` which turns mmap off (docs/decisions.md), and
         one loaded base can score several adapters in turn."""
         import ctypes
 

@@ -452,6 +452,6 @@ def main(argv: list[str]) -> int:
 
 
 # vLLM (0.32) may start worker processes with the "spawn" method, which re-imports this file as
-# __mp_main__: the guard keeps the children from running the job again (DESIGN.md).
+# __mp_main__: the guard keeps the children from running the job again (docs/decisions.md).
 if __name__ == "__main__":
     main(sys.argv[1:])
