@@ -159,16 +159,6 @@ def is_moe(config: dict[str, Any]) -> bool:
     return any(int(config.get(k) or 0) > 1 for k in MOE_CONFIG_KEYS)
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def fp8_experts_problem(target: FP8Target) -> str | None:
     """Why this host's vLLM cannot run FP8 MoE experts of ``target`` (None: it can).
 
@@ -181,6 +171,8 @@ def fp8_experts_problem(target: FP8Target) -> str | None:
 
     if envs.has_cuda():
         return None
+    from quantkit.buildflags import cpu_flags
+
     if target.scheme == "block" and "amx_tile" in cpu_flags():
         return None
     if target.scheme != "block":

@@ -53,6 +53,28 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
+# The flags that decide which kernels an engine can run here (llama.cpp's ISA switches, vLLM's
+# AVX-512 / AMX libraries): what host keys and verdict caches are made of.
+KERNEL_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "bmi2", "sse4")
+
+
+def kernel_flags() -> list[str]:
+    return sorted(f for f in cpu_flags() if f.startswith(KERNEL_FLAG_PREFIXES))
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (else what the platform module says)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cmake_options(flags: set[str]) -> dict[str, str]:
     opts = dict(ALWAYS)
     for option, flag in ISA_FLAGS.items():

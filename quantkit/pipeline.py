@@ -260,17 +260,10 @@ def host_tag() -> str:
     an "unsupported" or "too-slow" verdict is reused only on a host with the same tag."""
     import platform
 
+    from quantkit.buildflags import kernel_flags
     from quantkit.envs import has_cuda
 
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith("avx"))
-                break
-    except OSError:
-        pass
-    return _key("host", platform.machine(), flags, has_cuda())
+    return _key("host", platform.machine(), kernel_flags(), has_cuda())
 
 
 def _validation_ok(ctx: Context, t: GGUFTarget) -> bool:

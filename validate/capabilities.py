@@ -267,11 +267,9 @@ def _quant_format(q: dict[str, Any]) -> str | None:
 
 # -- host key and cache --------------------------------------------------------------------------
 
+
 # CPU flags that select kernels in llama.cpp (ggml ISA switches) and in vLLM's CPU build (AVX2 vs
 # AVX-512 libraries, AMX tiles for MoE/FP8 experts, BF16/VNNI dot products).
-_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "bmi2", "sse4")
-
-
 def _gpu() -> str | None:
     from quantkit import envs
 
@@ -296,18 +294,14 @@ def _gpu() -> str | None:
 
 
 def host() -> dict[str, Any]:
-    from quantkit.buildflags import cpu_flags
+    from quantkit.buildflags import cpu_model, kernel_flags
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = sorted(f for f in cpu_flags() if f.startswith(_FLAG_PREFIXES))
-    return {"machine": platform.machine(), "cpu": cpu, "flags": flags, "gpu": _gpu()}
+    return {
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+        "flags": kernel_flags(),
+        "gpu": _gpu(),
+    }
 
 
 def engine_version(engine: str) -> str | None:

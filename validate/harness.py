@@ -207,14 +207,9 @@ def tokenize_reference(model: Path, text: str) -> tuple[list[int], int | None]:
 def host_info(threads: int) -> dict[str, Any]:
     import platform
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from quantkit.buildflags import cpu_model
+
+    cpu = cpu_model()
     gpu = None
     if shutil.which("nvidia-smi"):
         try:
