@@ -26,6 +26,9 @@ from quantkit.proc import kill_group
 from quantkit.progress import clock
 
 LOG_TAIL_LINES = 25
+# Poll often at first (a budget of seconds is enforced close to when it passes), then every half
+# second: the interval grows by a tenth of the elapsed time from 50 ms to POLL_S.
+POLL_FIRST_S = 0.05
 POLL_S = 0.5
 # A budget is also given up early when, after at least one scored chunk, the projected time is
 # this many times the budget: the rate of later chunks does not recover such a gap (each chunk is
@@ -167,8 +170,9 @@ def run_worker(
         rc: int | None = None
         try:
             while rc is None:
+                wait = min(POLL_S, POLL_FIRST_S + (time.monotonic() - t0) / 10)
                 try:
-                    rc = proc.wait(timeout=max(0.001, min(POLL_S, t0 + timeout - time.monotonic())))
+                    rc = proc.wait(timeout=max(0.001, min(wait, t0 + timeout - time.monotonic())))
                 except subprocess.TimeoutExpired:
                     pass
                 now = time.monotonic()
