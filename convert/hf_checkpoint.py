@@ -31,7 +31,14 @@ from typing import Any
 import numpy as np
 
 from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
-from quantkit.checkpoint import FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, _as_float32
+from quantkit.checkpoint import (
+    FLOAT_DTYPES,
+    MODEL_FILES,
+    SAFETENSORS_DTYPES,
+    TOKENIZER_FILES,
+    Checkpoint,
+    _as_float32,
+)
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
 
@@ -51,21 +58,6 @@ CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": 
 F16_MAX = 65504.0  # largest finite IEEE half
 SLICE = 1 << 18  # elements cast per step: the cast's temporaries stay about 3 MB
 SIZE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-# Files a transformers or vLLM user expects beside the weights; the tokenizer's come from the
-# adapter when the fine-tune saved its own (added tokens, chat template), like the GGUF path's.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-MODEL_FILES = ("generation_config.json",)
 
 
 @dataclass(frozen=True)
@@ -174,6 +166,8 @@ def write_hf_checkpoint(
                 }
                 _write_json(tmp / "model.safetensors.index.json", index)
             _write_json(tmp / "config.json", config)
+            # the tokenizer's files come from the adapter when the fine-tune saved its own
+            # (added tokens, chat template), as on the GGUF path
             for src, files in ((tok_dir, TOKENIZER_FILES), (ckpt.path, MODEL_FILES)):
                 for fname in files:
                     if (src / fname).is_file():

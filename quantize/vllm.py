@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
-from quantkit.checkpoint import Checkpoint
+from quantkit.checkpoint import SIDE_FILES, Checkpoint
 from quantkit.errors import EngineError, InputError
 from quantkit.hub import folder_name
 from quantkit.proc import kill_group
@@ -52,20 +52,6 @@ WORKER = Path(__file__).with_name("llmc_worker.py")
 DEFAULT_SAMPLES = 16
 DEFAULT_SEQ_LEN = 256
 
-# Files a vLLM/transformers user expects beside the weights, copied from the source when the
-# save did not write them (tokenizer.model: SentencePiece models).
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "generation_config.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 # Memory model of one oneshot run, in bytes: interpreter + torch + transformers + llm-compressor
 # (peak RSS 495 MiB on the tiny test model), the model in its own dtype about 1.3 times (weights

@@ -51,6 +51,22 @@ PICKLE_WEIGHTS = (
     "pytorch_model.pt",
 )
 
+# Files a transformers or vLLM user expects beside a checkpoint's weights: the tokenizer's
+# (SentencePiece models keep tokenizer.model), chat template, and the generation defaults.
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+MODEL_FILES: tuple[str, ...] = ("generation_config.json",)
+SIDE_FILES: tuple[str, ...] = TOKENIZER_FILES + MODEL_FILES
+
 
 def read_json(path: Path, *, what: str | None = None, limit: int = MAX_JSON_BYTES) -> Any:
     """Parse a JSON file with a size bound and duplicate-key check; errors name the file."""
