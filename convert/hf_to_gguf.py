@@ -688,7 +688,8 @@ def requantize(
             f"{src}: is {ftype.name if ftype else 'of unknown file type'}, not F32/F16/BF16",
             "quantize from a float GGUF (or the HF checkpoint); requantizing loses quality",
         )
-    if quant.calib is not None:
+    if quant.calib is not None and (types or quant.imatrix_file is None):
+        # with gguf:auto alone and --imatrix, --calib is only the text the gains are probed on
         raise InputError(
             "--calib needs the HF checkpoint (the matrix is collected in torch)",
             "compute it with `quantkit imatrix MODEL_DIR`, then pass --imatrix FILE",
@@ -847,7 +848,7 @@ def _preflight_imatrix(
     quants: list[GGUFType], qs: QuantSettings, dry_run: bool, autos: Sequence[AutoSpec] = ()
 ):
     """Load a given importance matrix; refuse types that need one when none will exist."""
-    if qs.imatrix_file is not None and qs.calib is not None:
+    if qs.imatrix_file is not None and qs.calib is not None and (quants or not autos):
         raise InputError(
             "both --imatrix and --calib given", "use one: --imatrix reuses a saved matrix"
         )
