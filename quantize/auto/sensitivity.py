@@ -40,8 +40,11 @@ from quantkit.quantize.auto import rows
 from quantkit.quantize.auto.sizes import Slot
 from quantkit.quantize.gguf import QuantizeOptions
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 PROBE_TYPE = "Q4_0"  # a type every 32-multiple row takes, in the range budgets land in
+# when types= leaves Q4_0 out: a probe type near 4 bits first (where gains matter most)
+PROBE_ORDER = (PROBE_TYPE, "Q4_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_0", "Q3_K", "Q5_K", "IQ3_S",
+               "Q5_1", "Q6_K", "Q2_K", "Q8_0")  # fmt: skip
 Progress = Callable[[str, int, int], None]
 
 
@@ -117,15 +120,20 @@ def calibrate_gains(
     probe: object, slots: list[Slot], errors: dict[str, dict[str, float]],
     progress: Progress | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
-    """One llama.cpp measurement per kind of tensor: gain = KLD / Σ err at PROBE_TYPE."""
+    """One llama.cpp measurement per kind of tensor: gain = KLD / Σ err, all tensors of the kind
+    in PROBE_TYPE (or, when the candidates exclude it, the first of PROBE_ORDER they all have)."""
     kinds: dict[str, list[Slot]] = {}
     for s in slots:
-        if s.quantizable and PROBE_TYPE in s.options:
+        if s.quantizable:
             kinds.setdefault(s.kind, []).append(s)
     gains, measured = {}, {}
     for i, (kind, group) in enumerate(sorted(kinds.items())):
-        kld = probe.kld({s.name: PROBE_TYPE for s in group})  # type: ignore[attr-defined]
-        err = sum(errors[s.name][PROBE_TYPE] for s in group)
+        common = set.intersection(*(set(s.options) for s in group))
+        t = next((x for x in PROBE_ORDER if x in common), None)
+        if t is None:
+            continue  # no type every tensor of the kind takes: gain 1 (raw error)
+        kld = probe.kld({s.name: t for s in group})  # type: ignore[attr-defined]
+        err = sum(errors[s.name][t] for s in group)
         measured[kind] = kld
         gains[kind] = max(kld, 1e-12) / err if err > 0 else 1.0
         if progress:
