@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--fixtures", type=Path, default=FIXTURES, help="the shared fixtures folder")
     args = ap.parse_args()
     set_fixtures(args.fixtures)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]  # progress in logs
 
     from quantkit.convert import QuantSettings, convert
     from quantkit.demo import demo_model
