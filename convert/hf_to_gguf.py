@@ -32,6 +32,7 @@ from quantkit.convert.writer import GGUFWriter
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
 from quantkit.quantize.audit import Audit, audit, file_type_of
+from quantkit.quantize.auto.spec import AutoSpec, is_auto_target, parse_auto
 from quantkit.quantize.gguf import Fallback, QuantizeOptions, quantize_file
 from quantkit.quantize.types import GGUF_TYPES, GGUFType, gguf_type
 from quantkit.text import read_text
@@ -59,6 +60,7 @@ class Artifact:
     audit: Audit | None = None
     planned: dict[str, str] | None = None  # dry run: tensor -> type
     fallbacks: list[Fallback] = field(default_factory=list)  # dry run: llama.cpp's plan
+    auto: dict[str, Any] | None = None  # gguf:auto: the plan (predicted size, KLD, types)
 
     def to_json(self) -> dict:
         d = {
@@ -72,6 +74,8 @@ class Artifact:
         if self.planned is not None:
             d["planned"] = self.planned
             d["fallbacks"] = [asdict(f) for f in self.fallbacks]
+        if self.auto is not None:
+            d["auto"] = self.auto
         return d
 
 
@@ -98,11 +102,12 @@ ADAPTER_TARGETS = (LORA_TARGET, VLLM_LORA_TARGET)
 
 
 def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
-    """``gguf:Q8_0`` / ``Q8_0`` → GGUF types, de-duplicated, order kept."""
+    """``gguf:Q8_0`` / ``Q8_0`` → GGUF types, de-duplicated, order kept (``gguf:auto…`` targets:
+    ``parse_auto_targets``)."""
     out: list[GGUFType] = []
     for t in targets:
-        if t.lower() in ADAPTER_TARGETS:
-            continue  # handled by convert() with an adapter
+        if t.lower() in ADAPTER_TARGETS or is_auto_target(t):
+            continue  # handled by convert() with an adapter / by the auto planner
         fmt, _, name = t.partition(":")
         if not name:
             fmt, name = "gguf", fmt
@@ -111,9 +116,32 @@ def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
         gt = gguf_type(name)
         if gt not in out:
             out.append(gt)
-    if not out and not any(t.lower() in ADAPTER_TARGETS for t in targets):
+    if not out and not any(t.lower() in ADAPTER_TARGETS or is_auto_target(t) for t in targets):
         raise InputError("no target given", "pass --to gguf:F16 (repeatable)")
     return out
+
+
+def parse_auto_targets(targets: Sequence[str]) -> list[AutoSpec]:
+    out: list[AutoSpec] = []
+    for t in targets:
+        if is_auto_target(t) and (spec := parse_auto(t)) not in out:
+            out.append(spec)
+    return out
+
+
+def auto_paths(
+    out: Path | None, stem: str, autos: Sequence[AutoSpec], n_other: int
+) -> dict[AutoSpec, Path]:
+    """As ``output_paths``: OUT.gguf for a single target, else OUT/STEM-AUTO-….gguf."""
+    if out is not None and out.suffix.lower() == ".gguf" and autos:
+        if len(autos) + n_other > 1:
+            raise InputError(
+                f"-o {out} names one file but {len(autos) + n_other} targets were given",
+                "give a directory with -o when converting to several types",
+            )
+        return {autos[0]: out}
+    folder = out if out is not None else Path.cwd()
+    return {a: folder / f"{stem}-{a.name}.gguf" for a in autos}
 
 
 def default_name(model_dir: Path, config: dict) -> str:
@@ -279,6 +307,7 @@ def convert(
     ``name``: general.name and the output file stem (default: the model's or adapter's name).
     """
     types = parse_targets(targets)
+    autos = parse_auto_targets(targets)
     want_lora = any(t.lower() == LORA_TARGET for t in targets)
     want_vllm = any(t.lower() == VLLM_LORA_TARGET for t in targets)
     if (want_lora or want_vllm) and adapter is None:
@@ -301,11 +330,23 @@ def convert(
                 "convert the HF checkpoint with --name instead",
             )
         return requantize(
-            model_dir, types, out, force=force, progress=progress, quant=qs, dry_run=dry_run
+            model_dir,
+            types,
+            out,
+            force=force,
+            progress=progress,
+            quant=qs,
+            dry_run=dry_run,
+            autos=autos,
         )
     if _use_upstream(model_dir, converter):
         from quantkit.convert.upstream import convert_upstream
 
+        if autos:
+            raise InputError(
+                "gguf:auto needs a native architecture (or a float GGUF as input)",
+                "convert to gguf:F16 first, then run gguf:auto on that file with --imatrix",
+            )
         if adapter is not None or given is not None:
             raise InputError(
                 "llama.cpp's converter (the fallback) takes only a checkpoint folder, no adapter",
@@ -335,14 +376,16 @@ def convert(
             Path(out) if out is not None else None,
             stem,
             types,
-            n_extra=int(want_lora) + int(want_vllm),
+            n_extra=int(want_lora) + int(want_vllm) + len(autos),
         )
+        apaths = auto_paths(Path(out) if out is not None else None, stem, autos,
+                            len(types) + int(want_lora) + int(want_vllm))  # fmt: skip
         lora_path = (
             _lora_path(Path(out) if out is not None else None, stem, types) if want_lora else None
         )
         vllm_path = _vllm_path(Path(out) if out is not None else None, stem) if want_vllm else None
         if not dry_run:
-            for p in [*paths.values(), *(x for x in (lora_path, vllm_path) if x)]:
+            for p in [*paths.values(), *apaths.values(), *(x for x in (lora_path, vllm_path) if x)]:
                 check_writable(p, force=force)
         if lora is not None:
             expected = arch.expected()
@@ -368,24 +411,27 @@ def convert(
                     )
         floats = [t for t in types if t.base]
         quants = [t for t in types if not t.base]
-        imatrix = _preflight_imatrix(quants, qs, dry_run)
+        imatrix = _preflight_imatrix(quants, qs, dry_run, autos)
 
         # The float files asked for, plus (if any quantized type is asked) a base to quantize
         # from: the requested float type matching the source precision (or F32), else a
         # temporary in the source's own precision, so quantization sees the weights as trained.
         src_base = ckpt.source_dtype if ckpt.source_dtype in BASE_STORAGE else "F32"
         base_name = None
-        if quants:
+        if quants or autos:
             base_name = next((t.name for t in floats if t.name in (src_base, "F32")), src_base)
         if not dry_run:
             planned = [(paths[t.name], _float_bytes(plan, t.name, vocab)) for t in floats]
             planned += [(paths[q.name], _quant_bytes(plan, q, vocab)) for q in quants]
+            planned += [(p, a.size or _quant_bytes(plan, GGUF_TYPES["Q8_0"], vocab))
+                        for a, p in apaths.items()]  # fmt: skip
             if base_name is not None and base_name not in {t.name for t in floats}:
-                planned.append((paths[quants[0].name], _float_bytes(plan, base_name, vocab)))
+                first = paths[quants[0].name] if quants else next(iter(apaths.values()))
+                planned.append((first, _float_bytes(plan, base_name, vocab)))
             check_free_space(planned)
         timings = {"preflight": time.perf_counter() - t_start}
 
-        if imatrix is None and qs.calib is not None and quants:
+        if imatrix is None and qs.calib is not None and (quants or autos):
             from quantkit.quantize.imatrix import collect_imatrix
 
             t1 = time.perf_counter()
@@ -405,7 +451,7 @@ def convert(
         artifacts: list[Artifact] = []
         with ExitStack() as stack:
             if not dry_run:
-                stack.enter_context(output_dirs(list(paths.values())))
+                stack.enter_context(output_dirs([*paths.values(), *apaths.values()]))
             # atomic_output renames each float file into place when the stack closes cleanly;
             # a dry run writes only the scratch base it needs for llama.cpp's planner
             tmps = (
@@ -423,7 +469,7 @@ def convert(
             ]
             base_path = tmps.get(base_name) if base_name else None
             if base_name is not None and base_path is None:
-                near = paths[quants[0].name]
+                near = paths[quants[0].name] if quants else next(iter(apaths.values()))
                 if dry_run:
                     near = Path(tempfile.gettempdir()) / near.name
                 base_path = stack.enter_context(scratch_file(near))
@@ -458,6 +504,14 @@ def convert(
                 )  # fmt: skip
             if quants:
                 timings["quantize"] = time.perf_counter() - t0 - elapsed
+            for a in autos:
+                assert base_path is not None
+                t2 = time.perf_counter()
+                artifacts.append(
+                    _auto_one(base_path, a, apaths[a], options, qs, force=force, dry_run=dry_run,
+                              threads=threads, progress=progress)
+                )  # fmt: skip
+                timings[f"auto {a.name}"] = time.perf_counter() - t2
             if lora is not None and lora_path is not None:
                 artifacts.append(_write_lora(lora, arch, lora_path, stem, force, dry_run))
             if lora is not None and vllm_path is not None:
@@ -466,6 +520,7 @@ def convert(
             if a.audit is None and not dry_run and a.type not in ADAPTER_TARGETS:
                 a.audit = _float_audit(a, plan)
         order = {t.name: i for i, t in enumerate(types)}
+        order.update({a.name: len(types) + i for i, a in enumerate(autos)})
         artifacts.sort(key=lambda a: order.get(a.type, len(order)))
         return ConvertResult(
             artifacts,
@@ -642,6 +697,7 @@ def requantize(
     progress: Progress | None,
     quant: QuantSettings,
     dry_run: bool,
+    autos: Sequence[AutoSpec] = (),
 ) -> ConvertResult:
     """Quantize an existing F32/F16/BF16 GGUF (no HF checkpoint needed) to each type."""
     from quantkit.gguf_file import read_gguf
@@ -654,7 +710,8 @@ def requantize(
             f"{src}: is {ftype.name if ftype else 'of unknown file type'}, not F32/F16/BF16",
             "quantize from a float GGUF (or the HF checkpoint); requantizing loses quality",
         )
-    if quant.calib is not None:
+    if quant.calib is not None and (types or quant.imatrix_file is None):
+        # with gguf:auto alone and --imatrix, --calib is only the text the gains are probed on
         raise InputError(
             "--calib needs the HF checkpoint (the matrix is collected in torch)",
             "compute it with `quantkit imatrix MODEL_DIR`, then pass --imatrix FILE",
@@ -669,11 +726,13 @@ def requantize(
     # the quantized files keep the source's vocabulary and name: what llama.cpp would refuse in
     # them is refused here, before quantizing
     check_gguf_vocab(src, how="convert the HF checkpoint again with --name")
-    paths = output_paths(Path(out) if out is not None else None, stem, types)
-    imatrix = _preflight_imatrix([t for t in types if not t.base], quant, dry_run)
+    o = Path(out) if out is not None else None
+    paths = output_paths(o, stem, types, n_extra=len(autos))
+    apaths = auto_paths(o, stem, autos, len(types))
+    imatrix = _preflight_imatrix([t for t in types if not t.base], quant, dry_run, autos)
     options = with_imatrix(quant.options, imatrix, quant.imatrix_file)
     if not dry_run:
-        for p in paths.values():
+        for p in [*paths.values(), *apaths.values()]:
             check_writable(p, force=force)
         src_bytes = info.tensor_bytes
         meta = info.size - src_bytes
@@ -684,11 +743,16 @@ def requantize(
         )  # fmt: skip
     timings = {"preflight": time.perf_counter() - t_start}
     artifacts: list[Artifact] = []
-    with output_dirs([] if dry_run else list(paths.values())):
+    with output_dirs([] if dry_run else [*paths.values(), *apaths.values()]):
         for q in types:
             artifacts.append(
                 _quantize_one(src, q, paths[q.name], options, quant, len(info.tensors),
                               force=force, dry_run=dry_run, progress=progress)
+            )  # fmt: skip
+        for a in autos:
+            artifacts.append(
+                _auto_one(src, a, apaths[a], options, quant, force=force, dry_run=dry_run,
+                          threads=options.threads, progress=progress)
             )  # fmt: skip
     timings["quantize"] = time.perf_counter() - t_start - timings["preflight"]
     arch = str(info.metadata.get("general.architecture", "?"))
@@ -806,9 +870,11 @@ def _planned_bytes(shape: tuple[int, ...], type_name: str) -> int:
     return int(np.prod(shape, dtype=np.int64)) // block * size
 
 
-def _preflight_imatrix(quants: list[GGUFType], qs: QuantSettings, dry_run: bool):
+def _preflight_imatrix(
+    quants: list[GGUFType], qs: QuantSettings, dry_run: bool, autos: Sequence[AutoSpec] = ()
+):
     """Load a given importance matrix; refuse types that need one when none will exist."""
-    if qs.imatrix_file is not None and qs.calib is not None:
+    if qs.imatrix_file is not None and qs.calib is not None and (quants or not autos):
         raise InputError(
             "both --imatrix and --calib given", "use one: --imatrix reuses a saved matrix"
         )
@@ -820,11 +886,65 @@ def _preflight_imatrix(quants: list[GGUFType], qs: QuantSettings, dry_run: bool)
             f"{', '.join(needing)} need an importance matrix (llama.cpp refuses them without one)",
             "pass --calib TEXT to compute one on the way, or --imatrix FILE to reuse one",
         )
+    if autos and qs.imatrix_file is None and qs.calib is None:
+        iq = [t for a in autos for t in (a.types or ()) if t.startswith("IQ")]
+        raise InputError(
+            (f"gguf:auto with {', '.join(iq)} needs an importance matrix" if iq else
+             "gguf:auto needs an importance matrix: it weighs each tensor's error by it"),
+            "pass --calib TEXT to compute one on the way, or --imatrix FILE to reuse one",
+        )  # fmt: skip
     if qs.imatrix_file is not None:
         from quantkit.quantize.imatrix import load_imatrix
 
         return load_imatrix(qs.imatrix_file)
     return None
+
+
+def _probe_chunks(base: Path, qs: QuantSettings) -> list[list[int]] | None:
+    """Calibration chunks for measuring the per-kind gains in llama.cpp (None without text)."""
+    if qs.calib is None:
+        return None
+    from quantkit.quantize.auto.build import PROBE_CHUNKS
+    from quantkit.validate.metrics import make_chunks
+    from quantkit.validate.quality import llama_tokens
+
+    text = read_text(qs.calib)
+    prefix = text[: max(50_000, PROBE_CHUNKS * qs.calib_ctx * 8)]
+    tokens, bos = llama_tokens(base, prefix, n_ctx=qs.calib_ctx)
+    return make_chunks(tokens, qs.calib_ctx, PROBE_CHUNKS, bos) or None
+
+
+def _auto_one(
+    base: Path,
+    spec: AutoSpec,
+    path: Path,
+    options: QuantizeOptions,
+    qs: QuantSettings,
+    *,
+    force: bool,
+    dry_run: bool,
+    threads: int | None,
+    progress: Progress | None,
+) -> Artifact:
+    """A gguf:auto target: planned (dry run) or written, checked against the plan and audited."""
+    from quantkit.quantize.auto.build import plan_auto, write_auto
+
+    t1 = time.perf_counter()
+    plan = plan_auto(base, spec, options, probe_chunks=_probe_chunks(base, qs),
+                     n_ctx=qs.calib_ctx, threads=threads, progress=progress)  # fmt: skip
+    n = len(plan.tensor_bytes)
+    if dry_run:
+        return Artifact(path, spec.name, plan.file_bytes, n, time.perf_counter() - t1,
+                        planned=plan.types, auto=plan.to_json())  # fmt: skip
+    with atomic_output(path, force=force) as tmp:
+        rep = write_auto(base, plan, tmp, options, progress=progress)
+        check_loads(tmp, path.name)
+        size = tmp.stat().st_size
+        aud = audit(tmp, rep)
+    aud.path = str(path)
+    aud.fallbacks = list(rep.fallbacks)  # every type was chosen to fit its rows: none expected
+    return Artifact(path, spec.name, size, n, time.perf_counter() - t1, audit=aud,
+                    auto=plan.to_json())  # fmt: skip
 
 
 def _checked(ckpt: Checkpoint, arch: Architecture, source: str) -> tuple[np.ndarray, str]:

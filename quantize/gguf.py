@@ -1,7 +1,7 @@
 """GGUF quantization in llama.cpp's own code (``llama_model_quantize`` via llama-cpp-python).
 
 No quantizer is re-implemented here: every quantized type comes out of libllama, the same code as
-llama.cpp's ``llama-quantize`` tool (DESIGN.md decision 2). This module fills
+llama.cpp's ``llama-quantize`` tool (docs/decisions.md, decision 2). This module fills
 ``llama_model_quantize_params`` (threads, output/embedding types, pure, regex tensor-type
 overrides, importance matrix, dry run) and reads llama.cpp's log for per-tensor progress, the
 planned types of a dry run, and the fallbacks it chose.
@@ -113,6 +113,21 @@ class QuantizeOptions:
     imatrix_chunks: int = 0
 
 
+def imatrix_kvs(o: QuantizeOptions) -> list[tuple[str, int, str | int]]:
+    """The quantize.imatrix.* metadata llama-quantize writes (tools/quantize/quantize.cpp main)."""
+    kvs: list[tuple[str, int, str | int]] = []
+    if not o.imatrix:
+        return kvs
+    if o.imatrix_file:
+        kvs.append(("quantize.imatrix.file", KV_STR, o.imatrix_file))
+    if o.imatrix_dataset:
+        kvs.append(("quantize.imatrix.dataset", KV_STR, o.imatrix_dataset))
+    kvs.append(("quantize.imatrix.entries_count", KV_INT, len(o.imatrix)))
+    if o.imatrix_chunks > 0:
+        kvs.append(("quantize.imatrix.chunks_count", KV_INT, o.imatrix_chunks))
+    return kvs
+
+
 class _LogParser:
     """Turns llama.cpp's log fragments into progress calls and a QuantizeReport."""
 
@@ -205,15 +220,7 @@ def quantize_file(
         arr[len(o.imatrix)].name, arr[len(o.imatrix)].size = None, 0  # terminator, as quantize.cpp
         keep.append(arr)
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(lib.llama_model_imatrix_data))
-        # the quantize.imatrix.* metadata llama-quantize writes (tools/quantize/quantize.cpp main)
-        kvs: list[tuple[str, int, str | int]] = []
-        if o.imatrix_file:
-            kvs.append(("quantize.imatrix.file", KV_STR, o.imatrix_file))
-        if o.imatrix_dataset:
-            kvs.append(("quantize.imatrix.dataset", KV_STR, o.imatrix_dataset))
-        kvs.append(("quantize.imatrix.entries_count", KV_INT, len(o.imatrix)))
-        if o.imatrix_chunks > 0:
-            kvs.append(("quantize.imatrix.chunks_count", KV_INT, o.imatrix_chunks))
+        kvs = imatrix_kvs(o)
         kv = (lib.llama_model_kv_override * (len(kvs) + 1))()  # zeroed last entry ends the list
         for i, (key, tag, val) in enumerate(kvs):
             kv[i].key, kv[i].tag = key.encode(), tag

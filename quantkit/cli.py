@@ -29,6 +29,8 @@ Examples:
   quantkit convert ./my-model --to gguf:F16 --to gguf:Q8_0 --to gguf:Q4_K_M -o out/
   quantkit convert ./my-model --to gguf:IQ4_XS --calib calib.txt -o out/
   quantkit convert ./my-model --to gguf:Q4_K_M --tensor-type 'attn_v=q6_k' --dry-run
+  quantkit convert ./my-model --to gguf:auto:size=100MB --calib calib.txt --dry-run
+  quantkit convert ./my-model --to gguf:auto:bpw=4.5:types=Q4_K,Q5_K,Q6_K,Q8_0 --calib c.txt
   quantkit convert ./my-model --to Q8_0 --force -o out/ --json
 
 vLLM targets (llm-compressor; `quantkit engines setup llmcompressor` once):
@@ -66,10 +68,12 @@ def cli() -> None:
     "targets",
     multiple=True,
     required=True,
-    metavar="gguf:TYPE|gptq|awq|fp8|hf[:OPTIONS]",
+    metavar="gguf:TYPE|gguf:auto:size=N|bpw=X|gptq|awq|fp8|hf[:OPTIONS]",
     help="Output type, repeatable (case-insensitive; `quantkit types` lists them): gguf:F16, "
     "gguf:Q8_0, gguf:Q4_K_M, gguf:IQ4_XS, ... Several types share one read of the checkpoint "
-    "and one base conversion. vLLM checkpoints (compressed-tensors, via llm-compressor): "
+    "and one base conversion. gguf:auto:size=N (bytes; KB/MB/GB) or gguf:auto:bpw=X "
+    "[:types=Q4_K,Q5_K,...]: the per-tensor mix of least predicted KLD within that budget "
+    "(needs --calib or --imatrix). vLLM checkpoints (compressed-tensors, via llm-compressor): "
     "gptq[:bits=4|8,group=32|64|128|channel,sym=true|false,actorder=static|group|weight|none,"
     "dampening=0.01], awq[:bits,group,sym,duo_scaling,grid=20], fp8[:dynamic|static|block]. "
     "A plain HF checkpoint folder (safetensors; --adapter merged): hf[:bf16|fp16|f32,shard=5GB].",
@@ -343,8 +347,15 @@ def convert(
             )
         )
         return
+    autos = [a for a in res.artifacts if a.auto is not None]
+    if dry_run and autos:
+        _echo_auto_plans(autos)
+        if len(autos) == len(res.artifacts):
+            return
     if dry_run:
         for a in res.artifacts:
+            if a.auto is not None:
+                continue
             click.echo(
                 f"{a.type}: {len(a.planned or {})} tensors, predicted {human_bytes(a.size)} → {a.path}"
             )
@@ -359,12 +370,13 @@ def convert(
                 click.echo(
                     f"  fallbacks: {len(a.fallbacks)} (e.g. {a.fallbacks[0].tensor} {a.fallbacks[0].wanted}→{a.fallbacks[0].got})"
                 )
+        plain = [a for a in res.artifacts if a.auto is None]
         click.echo("\nper tensor:")
-        names = list((res.artifacts[0].planned or {}).keys())
+        names = list((plain[0].planned or {}).keys())
         click.echo(
             format_table(
-                ["tensor"] + [a.type for a in res.artifacts],
-                [[n] + [(a.planned or {}).get(n, "") for a in res.artifacts] for n in names],
+                ["tensor"] + [a.type for a in plain],
+                [[n] + [(a.planned or {}).get(n, "") for a in plain] for n in names],
             )
         )
         return
@@ -430,6 +442,29 @@ def _convert_hf(
               f"{a.seconds:.1f}s", str(a.path)] for a in arts],
         )
     )  # fmt: skip
+
+
+def _echo_auto_plans(autos: list) -> None:
+    """gguf:auto dry run: the budget, the predicted size (exact) and KLD, each tensor's type."""
+    for a in autos:
+        p = a.auto
+        sens = p["sensitivity"]
+        click.echo(
+            f"{a.type}: predicted {p['predicted_bytes']:,} bytes ({human_bytes(p['predicted_bytes'])}), "
+            f"{p['predicted_bpw']:.3f} bits per weight, predicted mean KLD {p['predicted_kld']:.4g} → {a.path}"
+        )
+        click.echo(
+            "  types: " + ", ".join(f"{k} ×{v}" for k, v in p["histogram"].items())
+            + f"; sensitivity {'from the cache' if sens['cache_hit'] else 'measured'}"
+            + ("" if sens["gains"] else " (no --calib text: per-kind gains not measured, raw proxy)")
+        )  # fmt: skip
+        click.echo("\nper tensor:")
+        click.echo(
+            format_table(
+                ["tensor", "type", "predicted KLD"],
+                [[n, t, f"{p['tensor_kld'][n]:.3g}"] for n, t in p["types"].items()],
+            )
+        )
 
 
 def _convert_vllm(

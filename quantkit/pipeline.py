@@ -219,6 +219,9 @@ class Context:
                 calib = [_sha256(self.calib), c.samples, c.ctx]
             return _key("vllm", self.source_key, v.model_dump(), calib)
         opts = t.model_dump(include={"type", "overrides", "output_type", "embedding_type"})
+        if t.type == "AUTO":  # the budget, and the probe text the per-kind gains are measured on
+            opts.update(t.model_dump(include={"size", "bpw", "types"}))
+            opts["probe"] = _sha256(self.calib) if self.calib else None
         return _key("gguf", self.base_key(), opts, self.imatrix_key() if t.imatrix else None)
 
     def target_dir(self, t: Any) -> Path:
@@ -463,7 +466,18 @@ def _build_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
     d.mkdir(parents=True, exist_ok=True)
     final = ctx.artifact_path(t)
     (d / "manifest.json").unlink(missing_ok=True)  # the old one no longer describes the file
-    if t.type == "F16":  # the base itself: copied, not converted again
+    if t.type == "AUTO":
+        c = ctx.recipe.calibration
+        qs = QuantSettings(
+            imatrix_file=ctx.imatrix_path(),
+            calib=ctx.calib,  # only the probe text here: the matrix is the recipe's
+            calib_ctx=c.ctx if c else 512,
+        )
+        requantize(
+            ctx.base_path(), [], final, force=True, progress=progress, quant=qs, dry_run=False,
+            autos=[t.auto_spec()],
+        )  # fmt: skip
+    elif t.type == "F16":  # the base itself: copied, not converted again
         with atomic_output(final, force=True) as tmp:
             shutil.copyfile(ctx.base_path(), tmp)
     elif gguf_type(t.type).base:
@@ -488,7 +502,19 @@ def _build_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
         final,
         "gguf",
         t.type,
-        t.model_dump(include={"type", "overrides", "output_type", "embedding_type", "imatrix"}),
+        t.model_dump(
+            include={
+                "type",
+                "overrides",
+                "output_type",
+                "embedding_type",
+                "imatrix",
+                "size",
+                "bpw",
+                "types",
+            },
+            exclude_none=True,
+        ),  # fmt: skip
         c.model_dump() if t.imatrix and c else None,
     )
 

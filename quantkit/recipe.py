@@ -13,7 +13,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from quantkit.errors import InputError
 
@@ -81,8 +88,16 @@ class Validation(_Strict):
 class GGUFTarget(_Strict):
     name: str
     method: Literal["gguf"] = "gguf"
-    type: str = Field(description="llama.cpp file type: F16, Q8_0, Q4_K_M, IQ4_XS, ...")
+    type: str = Field(
+        description="llama.cpp file type: F16, Q8_0, Q4_K_M, IQ4_XS, ...; or `auto` with `size` "
+        "or `bpw`: the per-tensor mix of least predicted KLD in that budget (gguf:auto)"
+    )
     imatrix: bool = Field(False, description="quantize with the calibration importance matrix")
+    size: int | str | None = Field(
+        None, description="type auto: file size budget (bytes, or 100MB)"
+    )
+    bpw: float | None = Field(None, gt=0, le=32, description="type auto: bits per weight budget")
+    types: list[str] | None = Field(None, description="type auto: candidate tensor types")
     overrides: list[str] = Field(default_factory=list, description="PATTERN=TYPE per tensor")
     output_type: str | None = None
     embedding_type: str | None = None
@@ -95,9 +110,33 @@ class GGUFTarget(_Strict):
         from quantkit.quantize.types import GGUF_TYPES
 
         up = v.upper()
-        if up not in GGUF_TYPES:
+        if up != "AUTO" and up not in GGUF_TYPES:
             raise ValueError(f"unknown GGUF type {v!r} (e.g. F16, Q8_0, Q4_K_M)")
         return up
+
+    @model_validator(mode="after")
+    def _auto(self) -> GGUFTarget:
+        if self.type != "AUTO":
+            if self.size is not None or self.bpw is not None or self.types is not None:
+                raise ValueError("size, bpw and types apply to type: auto")
+            return self
+        if not self.imatrix:
+            raise ValueError("type auto needs imatrix: true (and a calibration section)")
+        try:
+            self.auto_spec()
+        except InputError as e:
+            raise ValueError(e.message) from None
+        return self
+
+    def auto_spec(self) -> Any:
+        """The gguf:auto target this entry stands for (quantize/auto/spec.py)."""
+        from quantkit.quantize.auto.spec import parse_auto
+
+        parts = ["gguf:auto"]
+        parts += [f"size={self.size}"] if self.size is not None else []
+        parts += [f"bpw={self.bpw}"] if self.bpw is not None else []
+        parts += [f"types={','.join(self.types)}"] if self.types else []
+        return parse_auto(":".join(parts))
 
     @field_validator("overrides")
     @classmethod

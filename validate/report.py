@@ -254,6 +254,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 xytext=(4, 4),
                 fontsize=8,
             )
+        front = pareto_front([(p[0], p[1]) for p in pts])
+        if len(front) > 1:  # what each megabyte buys: nothing smaller is better
+            ax.step(*zip(*front, strict=True), where="post", color="tab:green", alpha=0.6,
+                    label="Pareto front")  # fmt: skip
+            ax.legend(loc="upper right", fontsize=8)
         if key == "kld_mean" and pts and all(p[1] > 0 for p in pts):
             ax.set_yscale("log")
         ax.set_xlabel("file size (MiB)")
@@ -263,6 +268,43 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"{Path(report['reference']['model']).name}: quality vs size "
         f"({report['data']['chunks']}×{report['data']['ctx']} tokens)"
     )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(size, loss) points no other point beats on both, by size ascending."""
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not out or y < out[-1][1]:
+            out.append((x, y))
+    return out
+
+
+def size_kld_chart(points: list[tuple[str, int, float, bool]], path: Path, title: str) -> None:
+    """PNG: mean KLD (log) against file size, one labelled point per file, the Pareto front,
+    highlighted points (``True``: e.g. gguf:auto files) in another colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    pts = [(b / 2**20, k, label, hi) for label, b, k, hi in points if k > 0]
+    front = pareto_front([(x, y) for x, y, _, _ in pts])
+    ax.step(*zip(*front, strict=True), where="post", color="tab:green", alpha=0.6,
+            label="Pareto front")  # fmt: skip
+    for x, y, label, hi in pts:
+        ax.scatter([x], [y], color="tab:red" if hi else "tab:blue", marker="*" if hi else "o",
+                   s=90 if hi else 25, zorder=3)  # fmt: skip
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("mean KLD to F16")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,285 @@
+"""gguf:auto on the embedded default against every llama.cpp type and stock mix, by size and KLD.
+
+    .venv/bin/python bench/auto.py [--work DIR] [--chunks 20] [--rank 24] [--plot auto.png]
+
+The protocol of bench/quality.py: importance matrix from tinystories_train_head.txt (ctx 512, 20
+chunks), every file scored in llama.cpp on the first 20 chunks of wiki.test.raw (ctx 512,
+llama-perplexity's chunking, flash attention on), mean KLD and top-1 against the F16 file.
+Calibration and evaluation texts are disjoint; nothing is tuned on the evaluation text.
+
+1. every quantized llama.cpp file type (stock mixes included) with the same importance matrix;
+2. the sensitivity pass (in a child process: its time and peak RSS), then ``gguf:auto:size=``
+   at the exact byte size of stock Q4_K_M and of stock Q3_K_M (and any ``--budgets``);
+3. one validation of the F16 file against itself (child process, same text): the cost the
+   sensitivity pass is compared with;
+4. scores, the acceptance check (auto's KLD ≥ 15 % below every file that fits its budget), the
+   size–KLD chart with the Pareto front;
+5. with ``--rank N``: N tensor × type pairs, each quantized alone and measured in llama.cpp on
+   calibration chunks, against the proxy's prediction — Spearman rank correlation.
+
+Files and the sensitivity cache are kept in --work so that a rerun only redoes what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+CALIB = FIXTURES / "tinystories" / "tinystories_train_head.txt"
+WIKI = FIXTURES / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def set_fixtures(folder: Path) -> None:
+    global CALIB, WIKI
+    CALIB = folder / "tinystories" / "tinystories_train_head.txt"
+    WIKI = folder / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def child(code: str, env: dict[str, str]) -> tuple[float, float, str]:
+    """Run ``code`` in a fresh interpreter: (wall seconds, peak RSS MiB, stdout)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, env={**os.environ, **env}, text=True
+    )
+    out = p.stdout.read() if p.stdout else ""
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit(f"child failed ({p.returncode}):\n{code}")
+    return time.perf_counter() - t0, ru.ru_maxrss / 1024, out
+
+
+SENS = """
+import json
+from pathlib import Path
+from quantkit.convert.hf_to_gguf import QuantSettings, _probe_chunks, with_imatrix
+from quantkit.quantize.auto import sizes
+from quantkit.quantize.auto.build import _options
+from quantkit.quantize.auto.sensitivity import measure
+from quantkit.quantize.gguf import QuantizeOptions
+from quantkit.quantize.imatrix import load_imatrix
+w = Path({work!r})
+im = load_imatrix(w / "im.gguf")
+o = _options(with_imatrix(QuantizeOptions(threads={threads}), im, w / "im.gguf"))
+slots = sizes.slots(w / "m-F16.gguf", set(o.imatrix), None)
+chunks = _probe_chunks(w / "m-F16.gguf", QuantSettings(calib=Path({calib!r}), calib_ctx={ctx}))
+s = measure(w / "m-F16.gguf", slots, o, probe_chunks=chunks, n_ctx={ctx}, threads={threads})
+n = sum(len(v) for v in s.errors.values())
+print(json.dumps({{"hit": s.cache_hit, "seconds": s.seconds, "pairs": n, "tensors": len(s.errors),
+                  "gains": s.gains}}))
+"""
+
+VALIDATE_ONE = """
+from pathlib import Path
+from quantkit.text import read_text
+from quantkit.validate.quality import llama_tokens, score_files
+w = Path({work!r})
+wiki = read_text(Path({wiki!r}))
+tokens, bos = llama_tokens(w / "m-F16.gguf", wiki[:200_000], n_ctx={ctx})
+score_files([w / "m-F16.gguf"], tokens, n_ctx={ctx}, n_chunks={chunks}, bos=bos,
+            reference=w / "m-F16.gguf", threads={threads})
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--work", type=Path, default=Path("bench-auto"))
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--calib-chunks", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budgets", default="", help="more gguf:auto sizes, comma-separated bytes")
+    ap.add_argument("--rank", type=int, default=0, help="tensor × type pairs for the rank check")
+    ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--skip-cost", action="store_true", help="no child-process timing")
+    ap.add_argument("--fixtures", type=Path, default=FIXTURES, help="the shared fixtures folder")
+    args = ap.parse_args()
+    set_fixtures(args.fixtures)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]  # progress in logs
+
+    from quantkit.convert import QuantSettings, convert
+    from quantkit.demo import demo_model
+    from quantkit.quantize.gguf import QuantizeOptions
+    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+    from quantkit.quantize.types import GGUF_TYPES
+    from quantkit.text import read_text
+    from quantkit.validate.quality import llama_tokens, score_files
+
+    w = args.work.resolve()
+    w.mkdir(parents=True, exist_ok=True)
+    env = {"QUANTKIT_CACHE": str(w / "cache")}
+    os.environ.update(env)
+    model = demo_model()
+    f16 = w / "m-F16.gguf"
+    if not f16.exists():
+        convert(model, ["gguf:F16"], f16)
+    if not (w / "im.gguf").exists():
+        im = collect_imatrix(
+            model, read_text(CALIB), ctx=args.ctx, chunks=args.calib_chunks, threads=args.threads
+        )
+        save_imatrix(im, w / "im.gguf")
+    qs = QuantSettings(options=QuantizeOptions(threads=args.threads), imatrix_file=w / "im.gguf")
+    stock = [n for n, t in GGUF_TYPES.items() if t.quantized]
+    (w / "stock").mkdir(exist_ok=True)
+    for name in stock:
+        if not (w / "stock" / f"m-{name}.gguf").exists():
+            convert(f16, [f"gguf:{name}"], w / "stock", quant=qs)
+    files = {n: w / "stock" / f"m-{n}.gguf" for n in stock}
+
+    cost: dict[str, tuple[float, float]] = {}
+    if not args.skip_cost:
+        fmt = dict(work=str(w), calib=str(CALIB), wiki=str(WIKI), ctx=args.ctx,
+                   chunks=args.chunks, threads=args.threads)  # fmt: skip
+        s, rss, out = child(SENS.format(**fmt), env)
+        info = json.loads(out.strip().splitlines()[-1])
+        cost["sensitivity"] = (s, rss)
+        if info["hit"]:
+            print("note: sensitivity came from the cache; delete --work/cache to time it")
+        s2, rss2, _ = child(VALIDATE_ONE.format(**fmt), env)
+        cost["validation"] = (s2, rss2)
+        print(
+            f"sensitivity pass: {s:.1f} s wall (proxy {info['seconds']['proxy']:.1f} s, "
+            f"llama.cpp probes {info['seconds']['probe']:.1f} s), peak RSS {rss:.0f} MiB; "
+            f"{info['tensors']} tensors, {info['pairs']} tensor×type pairs "
+            f"({1000 * info['seconds']['proxy'] / info['pairs']:.0f} ms per pair)"
+        )
+        print(
+            f"one validation (F16 vs itself, {args.chunks}×{args.ctx} tokens): {s2:.1f} s, "
+            f"peak RSS {rss2:.0f} MiB → ratio time {s / s2:.2f}, memory {rss / rss2:.2f}"
+        )
+
+    budgets = {
+        "Q4_K_M": files["Q4_K_M"].stat().st_size,
+        "Q3_K_M": files["Q3_K_M"].stat().st_size,
+    }
+    for b in filter(None, args.budgets.split(",")):
+        budgets[f"{int(b)}B"] = int(b)
+    qs_auto = QuantSettings(
+        options=QuantizeOptions(threads=args.threads), calib=CALIB, calib_ctx=args.ctx
+    )
+    autos: dict[str, Path] = {}
+    plans: dict[str, dict] = {}
+    for label, size in budgets.items():
+        out = w / "auto" / f"m-auto-{label}.gguf"
+        out.parent.mkdir(exist_ok=True)
+        # the auto target needs the matrix as a file and the text for the probes
+        from quantkit.convert.hf_to_gguf import _auto_one, with_imatrix
+        from quantkit.quantize.auto.spec import AutoSpec
+        from quantkit.quantize.imatrix import load_imatrix
+
+        opts = with_imatrix(qs.options, load_imatrix(w / "im.gguf"), w / "im.gguf")
+        if out.exists():
+            out.unlink()
+        art = _auto_one(f16, AutoSpec(size=size), out, opts, qs_auto, force=True,
+                        dry_run=False, threads=args.threads, progress=None)  # fmt: skip
+        autos[f"auto@{label}"] = out
+        plans[f"auto@{label}"] = art.auto or {}
+        print(
+            f"auto at {label} ({size:,} B): wrote {art.size:,} B (predicted "
+            f"{art.auto['predicted_bytes']:,}), predicted KLD {art.auto['predicted_kld']:.4f}, "
+            f"types {art.auto['histogram']}"
+        )
+
+    wiki = read_text(WIKI)
+    tokens, bos = llama_tokens(
+        f16, wiki[: max(200_000, args.chunks * args.ctx * 8)], n_ctx=args.ctx
+    )
+    all_files = {**files, **autos}
+    res_path = w / "scores.json"
+    scores = json.loads(res_path.read_text()) if res_path.exists() else {}
+    todo = [n for n in all_files if n not in scores or n.startswith("auto@")]
+    t0 = time.perf_counter()
+    res = score_files([all_files[n] for n in todo], tokens, n_ctx=args.ctx, n_chunks=args.chunks,
+                      bos=bos, reference=f16, threads=args.threads)  # fmt: skip
+    for n in todo:
+        acc = res[str(all_files[n])]
+        k = acc.kld_stats()
+        scores[n] = {"bytes": all_files[n].stat().st_size, "kld": k["mean"], "top1": k["top1"],
+                     "ppl": acc.ppl()[0]}  # fmt: skip
+    res_path.write_text(json.dumps(scores, indent=1))
+    print(f"scored {len(todo)} files in {time.perf_counter() - t0:.0f} s\n")
+
+    print(f"{'file':<16} {'bytes':>12} {'mean KLD':>10} {'top-1':>7} {'PPL':>8}")
+    for n, s in sorted(scores.items(), key=lambda kv: -kv[1]["bytes"]):
+        print(
+            f"{n:<16} {s['bytes']:>12,} {s['kld']:>10.5f} {100 * s['top1']:>6.2f}% {s['ppl']:>8.3f}"
+        )
+    print()
+    for label in budgets:
+        a = scores[f"auto@{label}"]
+        fits = {
+            n: s
+            for n, s in scores.items()
+            if not n.startswith("auto@") and s["bytes"] <= budgets[label]
+        }
+        best_n = min(fits, key=lambda n: fits[n]["kld"])
+        gain = 1 - a["kld"] / fits[best_n]["kld"]
+        verdict = "PASS" if gain >= 0.15 else "not reached"
+        print(
+            f"budget {label} {budgets[label]:,} B: auto {a['bytes']:,} B KLD {a['kld']:.5f}; best "
+            f"fitting stock {best_n} {fits[best_n]['bytes']:,} B KLD {fits[best_n]['kld']:.5f} → "
+            f"{100 * gain:.1f} % lower ({verdict} the 15 % bar)"
+        )
+    if args.plot:
+        from quantkit.validate.report import size_kld_chart
+
+        size_kld_chart(
+            [(n, s["bytes"], s["kld"], n.startswith("auto@")) for n, s in scores.items()],
+            args.plot,
+            f"SmolLM2-135M-Instruct: mean KLD vs F16 on wiki.test.raw ({args.chunks}×{args.ctx})",
+        )
+        print(f"chart: {args.plot}")
+    if args.rank:
+        rank_check(w, f16, qs, args, plans)
+
+
+def rank_check(w: Path, f16: Path, qs, args, plans: dict) -> None:
+    """Single tensor × type pairs measured in llama.cpp vs the proxy (Spearman)."""
+    import numpy as np
+
+    from quantkit.convert.hf_to_gguf import QuantSettings, _probe_chunks, with_imatrix
+    from quantkit.quantize.auto import sizes
+    from quantkit.quantize.auto.build import _options
+    from quantkit.quantize.auto.probe import KLDProbe
+    from quantkit.quantize.auto.sensitivity import measure
+    from quantkit.quantize.imatrix import load_imatrix
+
+    o = _options(with_imatrix(qs.options, load_imatrix(w / "im.gguf"), w / "im.gguf"))
+    slots = sizes.slots(f16, set(o.imatrix or {}), None)
+    chunks = _probe_chunks(f16, QuantSettings(calib=CALIB, calib_ctx=args.ctx))
+    sens = measure(f16, slots, o, probe_chunks=chunks, n_ctx=args.ctx, threads=args.threads)
+    rng = random.Random(0)
+    pool = [(s, t) for s in slots if s.quantizable for t in s.options if t != "F16"]
+    sample = rng.sample(pool, args.rank)
+    probe = KLDProbe(f16, chunks or [], o, threads=args.threads, n_ctx=args.ctx)
+    rows = []
+    for s, t in sample:
+        kld = probe.kld({s.name: t})
+        rows.append((s.name, t, kld, sens.kld(s, t), sens.errors[s.name][t]))
+        print(f"  {s.name:<28} {t:<8} measured {kld:.3e} predicted {rows[-1][3]:.3e}", flush=True)
+
+    def spearman(a, b) -> float:
+        ra = np.argsort(np.argsort(a))
+        rb = np.argsort(np.argsort(b))
+        return float(np.corrcoef(ra, rb)[0, 1])
+
+    m = [r[2] for r in rows]
+    print(
+        f"rank correlation over {len(rows)} tensor×type pairs (calibration chunks): "
+        f"Spearman {spearman(m, [r[3] for r in rows]):.3f} with per-kind gains, "
+        f"{spearman(m, [r[4] for r in rows]):.3f} raw imatrix-weighted error"
+    )
+    (w / "rank.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""``gguf:auto``: the plan (sensitivity → solver over exact sizes) and its writing by llama.cpp.
+
+The plan names a type for every quantizable tensor; it is written by ``llama_model_quantize``
+with one anchored override per tensor, so llama.cpp's own mix rules never apply, and the file
+is then read back: its tensor types and size must be the plan's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import EngineError, InputError
+from quantkit.quantize.auto import sizes
+from quantkit.quantize.auto.probe import overrides
+from quantkit.quantize.auto.sensitivity import Sensitivity, measure
+from quantkit.quantize.auto.solver import BudgetTooSmall, Option, solve
+from quantkit.quantize.auto.spec import AutoSpec
+from quantkit.quantize.gguf import QuantizeOptions, QuantizeReport, imatrix_kvs, quantize_file
+from quantkit.quantize.types import GGUF_TYPES, GGUFType
+
+Progress = Callable[[str, int, int], None]
+PROBE_CHUNKS = 4  # calibration chunks the per-kind gains are measured on
+
+
+@dataclass
+class AutoPlan:
+    spec: AutoSpec
+    types: dict[str, str]  # quantizable tensor -> ggml type
+    tensor_kld: dict[str, float]  # predicted contribution of each tensor
+    tensor_bytes: dict[str, int]  # exact bytes of each tensor's data (all tensors)
+    file_bytes: int  # predicted size of the file, exactly
+    n_params: int
+    budget: int  # what the solver was given: file bytes (size=) or tensor bytes (bpw=)
+    ftype: GGUFType
+    sensitivity: Sensitivity
+
+    @property
+    def predicted_kld(self) -> float:
+        return sum(self.tensor_kld.values())
+
+    @property
+    def bpw(self) -> float:
+        return sum(self.tensor_bytes.values()) * 8 / self.n_params
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "budget": {"size": self.spec.size, "bpw": self.spec.bpw},
+            "predicted_bytes": self.file_bytes,
+            "predicted_bpw": round(self.bpw, 4),
+            "predicted_kld": self.predicted_kld,
+            "types": self.types,
+            "tensor_kld": self.tensor_kld,
+            "histogram": dict(Counter(self.types.values()).most_common()),
+            "sensitivity": {
+                "cache_hit": self.sensitivity.cache_hit,
+                "gains": self.sensitivity.gains,
+                "seconds": self.sensitivity.seconds,
+            },
+        }
+
+
+def _options(o: QuantizeOptions) -> QuantizeOptions:
+    """The plan owns every tensor: no llama.cpp mix, no output/embedding type, no user overrides."""
+    return replace(o, output_type=None, embedding_type=None, pure=False, overrides=[],
+                   leave_output=False)  # fmt: skip
+
+
+def _file_type(types: dict[str, str], nbytes: dict[str, int]) -> GGUFType:
+    """general.file_type: the first llama.cpp file type whose main type holds the most bytes
+    (a label only; a quantized one, since llama.cpp applies overrides only under those)."""
+    by_type: Counter[str] = Counter()
+    for name, t in types.items():
+        by_type[t] += nbytes[name]
+    for t, _ in by_type.most_common():
+        for g in GGUF_TYPES.values():
+            if g.quantized and g.main.name == t and not g.imatrix:
+                return g
+    return GGUF_TYPES["Q8_0"]
+
+
+def plan_auto(
+    base: Path,
+    spec: AutoSpec,
+    options: QuantizeOptions,
+    *,
+    probe_chunks: list[list[int]] | None = None,
+    n_ctx: int = 512,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> AutoPlan:
+    """Measure (or reuse) the sensitivity of every tensor of the float ``base`` and choose the
+    types that minimise the predicted KLD within the budget."""
+    if not options.imatrix:
+        raise InputError(
+            "gguf:auto needs an importance matrix",
+            "pass --calib TEXT (computed on the way) or --imatrix FILE",
+        )
+    opts = _options(options)
+    slots = sizes.slots(base, set(opts.imatrix or {}), spec.types)
+    fixed = [s for s in slots if not s.quantizable]
+    free = [s for s in slots if s.quantizable]
+    empty = [s.name for s in free if not s.options]
+    if empty:
+        raise InputError(
+            f"gguf:auto: no candidate type fits {empty[0]} ({free[0].ncols if free else 0}-wide rows)"
+            + (f" and {len(empty) - 1} more" if len(empty) > 1 else ""),
+            "add a type with 32-wide blocks to types= (Q8_0, Q5_0, Q4_0, IQ4_NL)",
+        )
+    n_params = sum(s.n_elements for s in slots)
+    align = sizes.alignment(base)
+    if spec.size is not None:
+        probe_ftype = GGUF_TYPES["Q8_0"]  # the metadata's size does not depend on the file type
+        meta = sizes.metadata_bytes(base, int(probe_ftype.ftype), imatrix_kvs(opts))
+        budget = spec.size - meta - sum(sizes.padded(s.base_bytes, align) for s in fixed)
+        cost = lambda n: sizes.padded(n, align)  # noqa: E731 - each tensor padded to alignment
+    else:
+        assert spec.bpw is not None
+        budget = int(spec.bpw * n_params / 8) - sum(s.base_bytes for s in fixed)
+        cost = lambda n: n  # noqa: E731 - bits per weight count the data alone
+    sens = measure(base, slots, opts, probe_chunks=probe_chunks, n_ctx=n_ctx, threads=threads,
+                   progress=progress)  # fmt: skip
+    choices = {
+        s.name: [Option(t, cost(n), sens.kld(s, t)) for t, n in s.options.items()] for s in free
+    }
+    try:
+        sol = solve(choices, budget)
+    except BudgetTooSmall as e:
+        smallest = e.smallest + (spec.size - budget if spec.size is not None else 0)
+        what = (
+            f"{spec.size:,} bytes" if spec.size is not None
+            else f"{spec.bpw:g} bits per weight"
+        )  # fmt: skip
+        least = (
+            f"{smallest:,} bytes" if spec.size is not None
+            else f"{(e.smallest + spec.bpw * n_params / 8 - budget) * 8 / n_params:.3f} bits per weight"
+        )  # fmt: skip
+        raise InputError(
+            f"gguf:auto: {what} is below the smallest file these types can make ({least})",
+            "raise the budget or add smaller types to types= (e.g. Q2_K, IQ2_XS)",
+        ) from None
+    types = {name: o.type for name, o in sol.choice.items()}
+    nbytes = {s.name: s.base_bytes for s in fixed}
+    nbytes.update({s.name: s.options[types[s.name]] for s in free})
+    ftype = _file_type(types, nbytes)
+    meta = sizes.metadata_bytes(base, int(ftype.ftype), imatrix_kvs(opts))
+    file_bytes = meta + sum(sizes.padded(n, align) for n in nbytes.values())
+    return AutoPlan(
+        spec, types, {n: o.kld for n, o in sol.choice.items()}, nbytes, file_bytes, n_params,
+        budget, ftype, sens,
+    )  # fmt: skip
+
+
+def write_auto(
+    base: Path,
+    plan: AutoPlan,
+    dst: Path,
+    options: QuantizeOptions,
+    *,
+    progress: Progress | None = None,
+) -> QuantizeReport:
+    """Write the plan with llama.cpp's quantizer and check the file is the plan."""
+    from quantkit.gguf_file import read_gguf
+
+    opts = replace(_options(options), overrides=overrides(plan.types))
+    rep = quantize_file(base, dst, plan.ftype, opts, progress=progress)
+    info = read_gguf(dst)
+    got = {t.name: t.type for t in info.tensors if t.name in plan.types}
+    wrong = [n for n, t in plan.types.items() if got.get(n) != t]
+    if wrong or info.size != plan.file_bytes:
+        raise EngineError(
+            f"llama.cpp did not write the plan: {len(wrong)} tensor(s) differ"
+            + (
+                f" (e.g. {wrong[0]}: {got.get(wrong[0])} for {plan.types[wrong[0]]})"
+                if wrong
+                else ""
+            )
+            + f"; {info.size:,} bytes for {plan.file_bytes:,} predicted"
+        )
+    return rep

@@ -1,0 +1,137 @@
+"""gguf:auto: budget target parsing, the solver, exact sizes, the plan written by llama.cpp."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+from conftest import TRAIN_TEXT, make_tiny_model, run_cli
+
+from quantkit.errors import InputError
+from quantkit.quantize.auto.solver import BudgetTooSmall, Option, solve
+from quantkit.quantize.auto.spec import AutoSpec, parse_auto
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama (rows of 256 and 512), its F16 GGUF and an importance matrix; a private
+    sensitivity cache so that the first plan is always a miss."""
+    from quantkit.convert import convert
+    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+
+    root = tmp_path_factory.mktemp("auto")
+    model = make_tiny_model(root / "tiny", "LlamaForCausalLM")
+    calib = root / "calib.txt"
+    calib.write_text(TRAIN_TEXT * 3)
+    f16 = convert(model, ["gguf:F16"], root / "tiny-F16.gguf").artifacts[0].path
+    im = collect_imatrix(model, calib.read_text(), ctx=64, threads=2)
+    save_imatrix(im, root / "im.gguf")
+    return {"root": root, "model": model, "calib": calib, "f16": f16, "im": root / "im.gguf"}
+
+
+@pytest.fixture
+def cached(work, monkeypatch) -> dict[str, Path]:
+    monkeypatch.setenv("QUANTKIT_CACHE", str(work["root"] / "cache"))
+    return work
+
+
+def test_spec_parsing() -> None:
+    assert parse_auto("gguf:auto:size=100MB") == AutoSpec(size=100_000_000)
+    assert parse_auto("gguf:auto:size=2MiB").size == 2 * 2**20
+    assert parse_auto("gguf:auto:size=12345").size == 12345
+    s = parse_auto("gguf:auto:bpw=4.5:types=q4_k,Q8_0")
+    assert s.bpw == 4.5 and s.types == ("Q4_K", "Q8_0")
+    for bad in ("gguf:auto", "gguf:auto:size=1MB:bpw=4", "gguf:auto:bpw=x",
+                "gguf:auto:size=1XB", "gguf:auto:types=Q4_K_M:bpw=4", "gguf:auto:foo=1"):  # fmt: skip
+        with pytest.raises(InputError):
+            parse_auto(bad)
+
+
+def _brute(options: dict[str, list[Option]], budget: int) -> float:
+    best = float("inf")
+    for combo in itertools.product(*options.values()):
+        if sum(o.cost for o in combo) <= budget:
+            best = min(best, sum(o.kld for o in combo))
+    return best
+
+
+def test_solver_respects_budget_and_is_near_optimal() -> None:
+    rng = random.Random(0)
+    for _ in range(60):
+        options = {}
+        for t in range(5):
+            opts, cost, kld = [], rng.randint(10, 30), rng.uniform(5, 10)
+            for _k in range(4):
+                opts.append(Option(f"T{_k}", cost, kld))
+                cost += rng.randint(5, 40)
+                kld *= rng.uniform(0.1, 0.9)
+            options[f"t{t}"] = opts
+        lo = sum(o[0].cost for o in options.values())
+        hi = sum(o[-1].cost for o in options.values())
+        budget = rng.randint(lo, hi)
+        sol = solve(options, budget)
+        assert sol.cost <= budget
+        assert sol.cost == sum(o.cost for o in sol.choice.values())
+        # greedy over convex hulls: optimal up to one unused step; never far off here
+        assert sol.kld <= _brute(options, budget) * 1.6 + 1e-9
+    with pytest.raises(BudgetTooSmall):
+        solve({"a": [Option("x", 10, 1.0)]}, 9)
+
+
+def test_plan_written_exactly(cached, tmp_path: Path) -> None:
+    """Predicted size == written size, within the budget; the file's types are the plan's;
+    a second plan reuses the cached sensitivity."""
+    from quantkit.convert import QuantSettings, convert
+    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf import QuantizeOptions
+
+    work = cached
+    f16_size = work["f16"].stat().st_size
+    budget = f16_size * 4 // 10
+    qs = QuantSettings(options=QuantizeOptions(threads=2), calib=None, imatrix_file=work["im"])
+    dry = convert(work["f16"], [f"gguf:auto:size={budget}"], tmp_path, quant=qs, dry_run=True)
+    plan = dry.artifacts[0]
+    assert plan.auto is not None and plan.size <= budget
+    assert not plan.auto["sensitivity"]["cache_hit"]
+    res = convert(work["f16"], [f"gguf:auto:size={budget}"], tmp_path, quant=qs)
+    art = res.artifacts[0]
+    assert art.auto["sensitivity"]["cache_hit"]
+    assert art.size == plan.size == art.path.stat().st_size <= budget
+    written = {t.name: t.type for t in read_gguf(art.path).tensors}
+    assert {n: written[n] for n in art.auto["types"]} == art.auto["types"]
+    assert len(set(art.auto["types"].values())) > 1  # a real mix at 40 % of F16
+    assert budget - art.size < 0.01 * budget
+
+
+def test_bpw_lands_within_one_percent(cached, tmp_path: Path) -> None:
+    from quantkit.convert import QuantSettings, convert
+
+    work = cached
+    qs = QuantSettings(calib=work["calib"], calib_ctx=64)
+    for bpw in (3.3, 5.0):  # K-quants only: no IQ grids to build, and the second is a cache hit
+        target = f"gguf:auto:bpw={bpw}:types=Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0"
+        res = convert(work["model"], [target], tmp_path / str(bpw), quant=qs)
+        got = res.artifacts[0].audit.bpw
+        assert bpw * 0.99 <= got <= bpw, (bpw, got)
+        assert res.artifacts[0].auto["sensitivity"]["gains"]  # measured in llama.cpp (--calib)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--to", "gguf:auto:size=1MB:bpw=4", "--imatrix", "IM"], "exactly one budget"),
+        (["--to", "gguf:auto:types=Q4_K"], "exactly one budget"),
+        (["--to", "gguf:auto:bpw=4:types=IQ2_XS,Q4_K"], "IQ2_XS needs an importance matrix"),
+        (["--to", "gguf:auto:size=10KB", "--imatrix", "IM"], "below the smallest file"),
+    ],
+)
+def test_bad_specs_exit_2(cached, tmp_path: Path, args: list[str], expect: str) -> None:
+    work = cached
+    args = [str(work["im"]) if a == "IM" else a for a in args]
+    r = run_cli("convert", str(work["f16"]), *args, "-o", str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expect in lines[0] and " — " in lines[0], r.stderr
+    assert not list(tmp_path.iterdir())
