@@ -482,7 +482,8 @@ def convert(
                 for t_name, tmp in tmps.items():
                     check_loads(tmp, paths[t_name].name)
                 if base_path is not None and base_name not in tmps:
-                    check_loads(base_path, f"the {base_name} base of {paths[quants[0].name].name}")
+                    first = paths[quants[0].name] if quants else next(iter(apaths.values()))
+                    check_loads(base_path, f"the {base_name} base of {first.name}")
             elapsed = timings["stream"] = time.perf_counter() - t0
             for t in floats:
                 if dry_run:
