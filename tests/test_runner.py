@@ -76,7 +76,7 @@ def test_too_slow_artifact_is_stopped_with_its_rate(tiny: dict[str, Path]) -> No
     r = run_cli(
         "validate", str(tiny["f32"]), "--reference", str(tiny["model"]), "--data",
         str(tiny["text"]), "--ctx", "64", "--chunks", "4", "--pp", "16", "--tg", "4",
-        "--max-minutes", "0.002", "--no-cache", "--json", str(out),
+        "--max-minutes", "0.0005", "--no-cache", "--json", str(out),
     )  # fmt: skip
     elapsed = time.monotonic() - t0
     assert r.returncode == 1, r.stdout + r.stderr
@@ -84,9 +84,10 @@ def test_too_slow_artifact_is_stopped_with_its_rate(tiny: dict[str, Path]) -> No
     check_schema(rep)
     a = rep["artifacts"][0]
     assert a["status"] == "too-slow" and rep["too_slow_artifacts"] == [a["name"]]
-    assert (
-        a["error"].startswith("too slow for the 0.002-minute budget") and "tokens/s" in a["error"]
-    )
+    # 30 ms: less than a worker process needs to import numpy and llama.cpp, so the budget passes
+    # before the first chunk on any host (a tiny model scores its chunks in a few ms)
+    assert a["error"].startswith("too slow for the 0.0005-minute budget: no chunk"), a["error"]
+    assert "tokens/s" in a["error"]
     assert not rep["passed"] and "TOO SLOW" in r.stdout and "--max-minutes" in r.stderr
     assert elapsed < 120
     left = [
