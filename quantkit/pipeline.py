@@ -124,11 +124,11 @@ class Context:
         )
         self.model = self._model(recipe.source.model)
         self.model_key = model_hash(self.model)
-        # a fine-tune: the base plus a PEFT LoRA adapter, merged into every target (issue 9)
+        # a fine-tune: the base plus a PEFT LoRA adapter, merged into every target
         self.adapter = self._adapter(recipe.source.adapter)
         self.adapter_key = model_hash(self.adapter) if self.adapter else None
         # what the targets are made from: the base's files, plus the adapter's when there is one
-        # (without one the keys are the base's alone, as before adapters were accepted)
+        # (without one the keys are the base's alone, so recipes without an adapter keep their cache)
         self.source_key = (
             _key("lora", self.model_key, self.adapter_key) if self.adapter else self.model_key
         )

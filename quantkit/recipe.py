@@ -151,7 +151,7 @@ class GGUFTarget(_Strict):
 
 
 def _vllm_members() -> tuple[type[BaseModel], ...]:
-    """AWQ/GPTQ/FP8 targets reuse the option models of quantize/vllm_targets.py (issue 11b)
+    """AWQ/GPTQ/FP8 targets reuse the option models of quantize/vllm_targets.py
     with a name and gates added; absent from a build without it, so the union is GGUF only."""
     try:
         from quantkit.quantize import vllm_targets as vt

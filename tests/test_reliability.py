@@ -1,4 +1,4 @@
-"""Numerical hazards, disk space, hung engines, chat templates and concurrent runs (issue 7)."""
+"""Numerical hazards, disk space, hung engines, chat templates and concurrent runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Recipes with `adapter:` in the source (issue 9 item 4): every target is made from the fine-tune
+"""Recipes with `adapter:` in the source: every target is made from the fine-tune
 (base + PEFT LoRA), validated against base + adapter in transformers, and the manifests and
 model cards say which base and which adapter (path and content hash) it came from."""
 

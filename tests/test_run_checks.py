@@ -1,4 +1,4 @@
-"""`quantkit run` as issue 6 checks it: killed inside a quantization (SIGTERM, then SIGINT) and
+"""`quantkit run` under stress: killed inside a quantization (SIGTERM, then SIGINT) and
 run again gives the manifests of an uninterrupted run without rebuilding finished targets; a
 SIGTERM during validation exits 130; the model card's commands run and its metrics are the
 report's."""

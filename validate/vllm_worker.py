@@ -296,8 +296,9 @@ def _has_fp8_weights(cfg: dict[str, Any]) -> bool:
 # torch._scaled_mm (what vLLM's CPU FP8 linear calls) to it, and on AVX-512/AMX Xeons that is
 # oneDNN's reference kernel ("ref:any" in ONEDNN_VERBOSE): 1327 ms for 32×576 @ 576×1536 against
 # 16 ms for torch's own emulation with identical output, which made vLLM's FP8 validation of a
-# 135M model run for hours. On AVX2-only EPYCs and on a Zen 5 EPYC with AVX-512 (no AMX) oneDNN
-# does not take the call at all (no verbose line) and torch emulates it.
+# 135M model run for hours. On a Zen 5 EPYC with AVX-512 and no AMX oneDNN does not take the call
+# (no verbose line) and torch emulates it; on AVX2-only EPYCs FP8 validation was fast (torch's own
+# emulation there too, by its timing).
 FP8_PROBE = (32, 576, 1536)
 
 
