@@ -126,7 +126,7 @@ def main() -> None:
     from quantkit import envs
     from quantkit.demo import demo_model
     from quantkit.quantize import vllm
-    from quantkit.quantize.vllm_targets import parse_vllm_target
+    from quantkit.targets import parse_target
 
     model = a.model or demo_model()
     targets = a.targets or ["gptq:group=64", "awq:group=64", "fp8"]
@@ -145,7 +145,7 @@ def main() -> None:
     rows = []
     exports: dict[str, str] = {}
     for spec in targets:
-        t = parse_vllm_target(spec)
+        t = parse_target(spec)
         q_runs, d_runs = [], []
         for r in range(a.repeat):
             out_q = work / f"{t.label()}-quantkit-{r}"

@@ -7,7 +7,6 @@ from quantkit.convert.hf_to_gguf import (
     ConvertResult,
     QuantSettings,
     convert,
-    parse_targets,
 )
 
-__all__ = ["Artifact", "ConvertResult", "QuantSettings", "convert", "parse_targets"]
+__all__ = ["Artifact", "ConvertResult", "QuantSettings", "convert"]

@@ -44,20 +44,12 @@ from quantkit.errors import CheckpointError, InputError
 
 Progress = Callable[[str, int, int], None]
 
-HF_TARGET = "hf"
-# transformers' save_pretrained default for max_shard_size ("5GB" = 5 * 10**9 bytes)
-DEFAULT_SHARD_BYTES = 5 * 10**9
-# hf:DTYPE spellings -> safetensors dtype
-DTYPES = {
-    "bf16": "BF16", "bfloat16": "BF16",
-    "fp16": "F16", "f16": "F16", "float16": "F16",
-    "f32": "F32", "fp32": "F32", "float32": "F32",
-}  # fmt: skip
+# HFTarget.dtype (quantkit/targets.py) -> safetensors dtype
+DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 # safetensors dtype -> config.json "dtype" (transformers' name)
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 F16_MAX = 65504.0  # largest finite IEEE half
 SLICE = 1 << 18  # elements cast per step: the cast's temporaries stay about 3 MB
-SIZE_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
 @dataclass(frozen=True)
@@ -80,13 +72,9 @@ class HFArtifact:
         }
 
 
-def is_hf_target(spec: str) -> bool:
-    return spec.partition(":")[0].strip().lower() == HF_TARGET
-
-
 def write_hf_checkpoint(
     model: str | os.PathLike[str] | Checkpoint,
-    spec: str,
+    target: Any,
     out: str | os.PathLike[str] | None = None,
     *,
     adapter: Any = None,
@@ -98,16 +86,21 @@ def write_hf_checkpoint(
     """Write ``model`` (a checkpoint folder or an open ``Checkpoint``), merged with ``adapter``
     (a PEFT LoRA folder or ``LoraAdapter``) when given, as an HF checkpoint folder.
 
-    ``spec``: ``hf``, ``hf:bf16`` / ``hf:fp16`` / ``hf:f32``, optionally with ``shard=SIZE``
-    (``hf:bf16,shard=2GB``; default 5 GB per shard). Without a dtype every tensor keeps its
-    stored dtype (a merged one goes back to its base tensor's). ``out``: the checkpoint folder
+    ``target``: an ``HFTarget`` (quantkit/targets.py) or its text, ``hf``, ``hf:bf16`` /
+    ``hf:fp16`` / ``hf:f32``, optionally with ``shard=SIZE`` (``hf:bf16,shard=2GB``; default
+    5 GB per shard). Without a dtype every tensor keeps its stored dtype (a merged one goes back
+    to its base tensor's). ``out``: the checkpoint folder
     itself, or with ``out_is_folder=False`` the folder that holds ``STEM-hf-DTYPE`` (default:
     the current directory). ``name``: that STEM (default: the model's or the adapter's name).
     """
     from quantkit.convert.hf_to_gguf import default_name
     from quantkit.convert.lora import LoraAdapter
+    from quantkit.targets import HFTarget, parse_target
 
-    dtype, shard_bytes = _parse(spec)
+    t = parse_target(target)
+    if not isinstance(t, HFTarget):
+        raise InputError(f"{t.label()} is not an hf target")
+    dtype, shard_bytes = (DTYPES[t.dtype] if t.dtype else None), t.shard
     t0 = time.perf_counter()
     given = model if isinstance(model, Checkpoint) else None
     ckpt = given or Checkpoint.open(Path(model))  # type: ignore[arg-type]
@@ -128,7 +121,7 @@ def write_hf_checkpoint(
             lora.check_base(shapes)
             shapes = lora.shapes(shapes)
             config = _resized(config, lora)
-        label = f"{HF_TARGET}-{dtype.lower()}" if dtype else HF_TARGET
+        label = t.label()
         stem = name or (
             default_name(ckpt.path, ckpt.config) if lora is None else lora.path.resolve().name
         )
@@ -179,40 +172,6 @@ def write_hf_checkpoint(
             lora.close()
         if given is None:
             ckpt.close()
-
-
-def _parse(spec: str) -> tuple[str | None, int]:
-    """``hf[:DTYPE][,shard=SIZE]`` → (safetensors dtype or None, shard size in bytes)."""
-    _, _, rest = spec.partition(":")
-    dtype: str | None = None
-    shard = DEFAULT_SHARD_BYTES
-    hint = (
-        "write hf, hf:bf16, hf:fp16 or hf:f32, optionally with shard=SIZE (e.g. hf:bf16,shard=2GB)"
-    )
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key, value = key.strip().lower(), value.strip()
-        if not eq:
-            key, value = "dtype", key
-        if key == "dtype" and value.lower() in DTYPES:
-            dtype = DTYPES[value.lower()]
-        elif key == "shard":
-            shard = _size(value, spec, hint)
-        else:
-            raise InputError(f"--to {spec}: unknown option {item!r}", hint)
-    return dtype, shard
-
-
-def _size(value: str, spec: str, hint: str) -> int:
-    low = value.lower()
-    unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if low.endswith(u)), "")
-    try:
-        n = int(float(low[: len(low) - len(unit)]) * SIZE_UNITS.get(unit, 1))
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise InputError(f"--to {spec}: shard size {value!r} is not a size", hint)
-    return n
 
 
 def _output_path(out: Path | None, stem: str, label: str, out_is_folder: bool) -> Path:

@@ -32,9 +32,9 @@ from quantkit.convert.writer import GGUFWriter
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
 from quantkit.quantize.audit import Audit, audit, file_type_of
-from quantkit.quantize.auto.spec import AutoSpec, is_auto_target, parse_auto
+from quantkit.quantize.auto.spec import AutoSpec
 from quantkit.quantize.gguf import Fallback, QuantizeOptions, quantize_file
-from quantkit.quantize.types import GGUF_TYPES, GGUFType, gguf_type
+from quantkit.quantize.types import GGUF_TYPES, GGUFType
 from quantkit.text import read_text
 
 # progress(stage, done, total): the CLI draws bars from it; library code never prints.
@@ -101,32 +101,23 @@ VLLM_LORA_TARGET = "vllm-lora"
 ADAPTER_TARGETS = (LORA_TARGET, VLLM_LORA_TARGET)
 
 
-def parse_targets(targets: Sequence[str]) -> list[GGUFType]:
-    """``gguf:Q8_0`` / ``Q8_0`` → GGUF types, de-duplicated, order kept (``gguf:auto…`` targets:
-    ``parse_auto_targets``)."""
-    out: list[GGUFType] = []
-    for t in targets:
-        if t.lower() in ADAPTER_TARGETS or is_auto_target(t):
-            continue  # handled by convert() with an adapter / by the auto planner
-        fmt, _, name = t.partition(":")
-        if not name:
-            fmt, name = "gguf", fmt
-        if fmt.lower() != "gguf":
-            raise InputError(f"unknown target {t!r}", "targets look like gguf:F16 or gguf:Q8_0")
-        gt = gguf_type(name)
-        if gt not in out:
-            out.append(gt)
-    if not out and not any(t.lower() in ADAPTER_TARGETS or is_auto_target(t) for t in targets):
-        raise InputError("no target given", "pass --to gguf:F16 (repeatable)")
-    return out
+def gguf_targets(targets: Sequence[Any]) -> tuple[list[GGUFType], list[AutoSpec], bool, bool]:
+    """The GGUF-family targets (quantkit/targets.py; strings are parsed there): file types,
+    gguf:auto budgets, and whether the GGUF LoRA / vLLM adapter is asked."""
+    from quantkit.targets import FAMILY, GGUFTarget, parse_targets
 
-
-def parse_auto_targets(targets: Sequence[str]) -> list[AutoSpec]:
-    out: list[AutoSpec] = []
-    for t in targets:
-        if is_auto_target(t) and (spec := parse_auto(t)) not in out:
-            out.append(spec)
-    return out
+    ts = parse_targets(targets)
+    other = [t for t in ts if FAMILY[t.method] != "gguf"]
+    if other:
+        raise InputError(
+            f"convert() writes GGUF files and adapters, not {other[0].label()}",
+            "quantkit.export (and `quantkit convert`) make every kind of target",
+        )
+    ggufs = [t for t in ts if isinstance(t, GGUFTarget)]
+    types = list(dict.fromkeys(t.gguf_type for t in ggufs if not t.is_auto))
+    autos = list(dict.fromkeys(t.auto_spec() for t in ggufs if t.is_auto))
+    methods = {t.method for t in ts}
+    return types, autos, LORA_TARGET in methods, VLLM_LORA_TARGET in methods
 
 
 def auto_paths(
@@ -276,7 +267,7 @@ class QuantSettings:
 
 def convert(
     model: str | os.PathLike[str] | Checkpoint,
-    targets: Sequence[str],
+    targets: Sequence[Any],
     out: str | os.PathLike[str] | None = None,
     *,
     force: bool = False,
@@ -306,10 +297,7 @@ def convert(
     (quantkit.export streams a model in memory that way) and ``adapter`` a ``LoraAdapter``.
     ``name``: general.name and the output file stem (default: the model's or adapter's name).
     """
-    types = parse_targets(targets)
-    autos = parse_auto_targets(targets)
-    want_lora = any(t.lower() == LORA_TARGET for t in targets)
-    want_vllm = any(t.lower() == VLLM_LORA_TARGET for t in targets)
+    types, autos, want_lora, want_vllm = gguf_targets(targets)
     if (want_lora or want_vllm) and adapter is None:
         which = LORA_TARGET if want_lora else VLLM_LORA_TARGET
         raise InputError(f"--to {which} needs --adapter DIR", "pass the PEFT adapter folder")

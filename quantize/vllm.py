@@ -40,18 +40,13 @@ from quantkit.quantize.vllm_targets import (
     FP8Target,
     GPTQTarget,
     VllmTarget,
-    parse_vllm_target,
 )
 
 Progress = Callable[[str, int, int], None]
 
 WORKER = Path(__file__).with_name("llmc_worker.py")
 
-# Calibration defaults, chosen with bench/vllm_export.py on a 2-core CPU so that the embedded
-# default (SmolLM2-135M, 30 layers) exports in minutes; docs/cli.md gives the quality they cost.
-DEFAULT_SAMPLES = 16
-DEFAULT_SEQ_LEN = 256
-
+from quantkit.targets import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN  # noqa: E402
 
 # Memory model of one oneshot run, in bytes: interpreter + torch + transformers + llm-compressor
 # (peak RSS 495 MiB on the tiny test model), the model in its own dtype about 1.3 times (weights
@@ -751,24 +746,32 @@ def export_vllm(
     force: bool = False,
     progress: Progress | None = None,
     python: Path | None = None,
+    name: str | None = None,
+    n_outputs: int | None = None,
 ) -> VllmResult:
-    """Quantize a local HF checkpoint for vLLM, one llm-compressor run per target."""
+    """Quantize a local HF checkpoint for vLLM, one llm-compressor run per target.
+
+    ``name``: the output stem (default: the model's name). ``n_outputs``: how many artifacts
+    the whole export writes (``-o`` names the checkpoint folder only when it is the one)."""
     s = settings or VllmSettings()
     model_dir = Path(model)
-    parsed = [t if not isinstance(t, str) else parse_vllm_target(t) for t in targets]
-    if not parsed:
-        raise InputError("no target given", "pass --to gptq, --to awq or --to fp8")
+    from quantkit.targets import FAMILY, parse_targets
+
+    parsed = parse_targets(targets)
+    if any(FAMILY[t.method] != "vllm" for t in parsed):
+        raise InputError("export_vllm() makes gptq, awq and fp8 checkpoints", "see quantkit.export")
     # legacy first: it reads the compressed-tensors output, which then moves into place
     layouts = tuple(sorted(dict.fromkeys(s.layouts), key=lambda lay: lay != "legacy"))
     s.layouts = layouts
     t_start = time.perf_counter()
     with Checkpoint.open(model_dir) as ck:
-        stem = str(ck.config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
+        stem = name or str(ck.config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
     stem = stem or folder_name(model_dir)  # a Hub snapshot: the repository's name
 
     # -- preflight: all targets, before any model load --------------------------------------
     outp = Path(out) if out is not None else None
-    paths = {id(t): output_paths(outp, stem, t, layouts, len(parsed)) for t in parsed}
+    n = max(len(parsed), n_outputs or 0)
+    paths = {id(t): output_paths(outp, stem, t, layouts, n) for t in parsed}
     for t in parsed:
         for p in paths[id(t)].values():
             check_writable_dir(p, force=force)

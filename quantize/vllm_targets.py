@@ -1,7 +1,6 @@
-"""vLLM targets of ``quantkit convert --to``: ``gptq``, ``awq``, ``fp8`` with options.
+"""The vLLM target kinds (``gptq``, ``awq``, ``fp8``) and their options; quantkit/targets.py
+parses ``--to gptq:bits=4,group=64`` into them, as part of its one Target union.
 
-A target is ``METHOD[:OPTIONS]`` where OPTIONS is a comma-separated list of ``key=value``
-(``gptq:bits=4,group=64,actorder=group``); for fp8 a bare word is the scheme (``fp8:block``).
 Each method is a pydantic model that rejects unknown keys, so a typo fails before any work.
 The models translate to llm-compressor's recipe arguments (``to_recipe``), which
 ``quantize/llmc_worker.py`` hands to ``oneshot`` in the llmcompressor environment.
@@ -11,9 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from quantkit.errors import InputError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 METHODS = ("gptq", "awq", "fp8")
 LAYOUTS = ("compressed-tensors", "legacy")
@@ -149,99 +146,3 @@ class FP8Target(_Target):
 
 
 VllmTarget = GPTQTarget | AWQTarget | FP8Target
-_MODELS: dict[str, type[_Target]] = {"gptq": GPTQTarget, "awq": AWQTarget, "fp8": FP8Target}
-# A bare word after the colon: which option it sets.
-_BARE: dict[str, str] = {"fp8": "scheme"}
-
-
-# Methods users ask for that vLLM 0.32 cannot load, refused when the target is parsed: name ->
-# (why, what to use instead). vLLM 0.32 has no bitsandbytes quantization method (its
-# ``QuantizationMethods`` in vllm/model_executor/layers/quantization/__init__.py lists awq, gptq,
-# fp8, compressed-tensors, modelopt, mxfp4, torchao, ...; online shorthands such as
-# ``fp8_per_channel`` and ``int8_per_channel_weight_only`` took its place).
-_NO_BNB = (
-    "vLLM 0.32 has no bitsandbytes quantization method any more, so a bitsandbytes checkpoint "
-    "would not load",
-    "use --to gptq or --to awq for 4-bit weights, --to fp8 for 8-bit (all load in vLLM)",
-)
-REFUSED_METHODS: dict[str, tuple[str, str]] = {"bnb": _NO_BNB, "bitsandbytes": _NO_BNB}
-
-
-def is_vllm_target(spec: str) -> bool:
-    """Whether ``spec`` names a vLLM method; a method vLLM cannot load is refused here."""
-    method = spec.partition(":")[0].strip().lower()
-    _refuse(spec, method)
-    return method in METHODS
-
-
-def _refuse(spec: str, method: str) -> None:
-    if method in REFUSED_METHODS:
-        why, instead = REFUSED_METHODS[method]
-        raise InputError(f"--to {spec}: {why}", instead)
-
-
-def parse_vllm_target(spec: str) -> VllmTarget:
-    """``gptq:bits=4,group=64`` → GPTQTarget(bits=4, group=64). InputError on anything unknown."""
-    method, _, rest = spec.partition(":")
-    method = method.strip().lower()
-    _refuse(spec, method)
-    model = _MODELS.get(method)
-    if model is None:
-        raise InputError(f"unknown target {spec!r}", f"vLLM targets are {', '.join(METHODS)}")
-    opts: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().lower().replace("-", "_")
-        if not eq:
-            if method not in _BARE:
-                raise InputError(
-                    f"{spec!r}: option {item!r} has no value",
-                    f"write options as key=value, e.g. {method}:bits=4,group=64",
-                )
-            key, value = _BARE[method], item
-        if key == "method":
-            raise InputError(f"{spec!r}: 'method' is not an option")
-        opts[key] = _coerce(value.strip())
-    try:
-        return model(**opts)  # type: ignore[return-value]
-    except ValidationError as e:
-        raise InputError(f"{spec!r}: {_first_error(e)}", _options_hint(model)) from None
-
-
-def _coerce(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    for kind in (int, float):  # Literal[4, 8] needs an int, not "8"
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "options"
-    if err["type"] == "extra_forbidden":
-        return f"unknown option {loc!r}"
-    return f"{loc}: {err['msg']}"
-
-
-def _options_hint(model: type[_Target]) -> str:
-    opts = []
-    for name, f in model.model_fields.items():
-        if name == "method":
-            continue
-        ann = f.annotation
-        choices = getattr(ann, "__args__", None)
-        if name == "group":
-            opts.append("group=32|64|128|channel")
-        elif choices and all(isinstance(c, (str, int)) for c in choices):
-            opts.append(f"{name}={'|'.join(str(c) for c in choices)}")
-        else:
-            opts.append(f"{name}=…")
-    method = model.model_fields["method"].default
-    return f"{method} options: {', '.join(opts)}"

@@ -6,8 +6,16 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # lazy: `import quantkit` stays cheap for the CLI
-    if name in ("export", "ExportResult", "ExportArtifact"):
-        from quantkit import api
+    if name == "export":
+        from quantkit.api import export
 
-        return getattr(api, name)
+        return export
+    if name in ("BuildResult", "Artifact", "ExportOptions"):
+        from quantkit.pipeline import build
+
+        return getattr(build, name)
+    if name in ("parse_target", "parse_targets"):
+        from quantkit import targets
+
+        return getattr(targets, name)
     raise AttributeError(f"module 'quantkit' has no attribute {name!r}")

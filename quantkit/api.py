@@ -1,10 +1,12 @@
-"""``quantkit.export``: the Python face of the converter, for fine-tuning pipelines.
+"""``quantkit.export``: the Python face of the export, for fine-tuning pipelines.
 
 A training run leaves an HF directory, a base plus a PEFT LoRA adapter, or a model still in
-memory; ``export`` takes any of them. A model in memory is streamed tensor by tensor from its own
-storage (no HF copy of the weights is saved first): its ``state_dict`` tensors are read in place
-through the same path the converter uses for a checkpoint, and a PEFT model's adapter is merged
-with exactly the arithmetic ``quantkit convert --adapter`` uses, so both write the same bytes.
+memory; ``export`` takes any of them, to every target ``quantkit convert`` makes, through the
+same dispatch (quantkit/pipeline/build.py). A model in memory is streamed tensor by tensor from
+its own storage: its ``state_dict`` tensors are read in place through the same path the
+converter uses for a checkpoint, and a PEFT model's adapter is merged with exactly the
+arithmetic ``quantkit convert --adapter`` uses, so both write the same bytes. Tools that load a
+model in torch (llm-compressor, the importance matrix) get a temporary merged copy instead.
 """
 
 from __future__ import annotations
@@ -12,52 +14,29 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantkit.errors import InputError
 
-# export(**options) -> convert() keyword arguments
-CONVERT_OPTIONS = ("force", "threads", "name", "dry_run", "clamp_f16", "allow_pickle", "progress")
+if TYPE_CHECKING:
+    from quantkit.pipeline.build import BuildResult
 
-
-@dataclass
-class ExportArtifact:
-    path: Path
-    format: str  # "gguf", "gguf-lora", "vllm-lora" or "hf" (a directory: no sha256)
-    type: str  # F16, Q8_0, ... ("gguf-lora" for an adapter)
-    size: int
-    sha256: str
-    audit: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None  # validation, when asked
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            f.name: str(v) if isinstance(v, Path) else v
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
-
-
-@dataclass
-class ExportResult:
-    artifacts: list[ExportArtifact]
-    architecture: str
-    warnings: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "architecture": self.architecture,
-            "artifacts": [a.to_json() for a in self.artifacts],
-            "warnings": self.warnings,
-        }
+# export(**options) -> ExportOptions fields (quantkit/pipeline/build.py)
+OPTIONS = (
+    "force", "threads", "name", "dry_run", "clamp_f16", "allow_pickle", "progress",
+    "no_fallback", "imatrix", "calib_ctx", "calib_chunks", "samples", "seq_len", "ignore",
+    "layouts", "converter",
+)  # fmt: skip
+# GGUF tensor options, set on every GGUF target (a recipe gives them per target)
+GGUF_OPTIONS = ("output_type", "embedding_type", "pure", "leave_output", "overrides")
 
 
 def export(
     model: Any,
-    targets: str | Sequence[str],
+    targets: Any,
     output_dir: str | os.PathLike[str],
     *,
     tokenizer: Any = None,
@@ -65,112 +44,74 @@ def export(
     calib: str | os.PathLike[str] | None = None,
     validate: Any = None,
     **options: Any,
-) -> ExportResult:
-    """Export ``model`` to every target (the CLI's ``--to`` strings) under ``output_dir``.
+) -> BuildResult:
+    """Export ``model`` to every target under ``output_dir``.
 
-    ``model``: a local HF checkpoint directory or Hub id (``org/name[@revision]``, through the
-    HF cache), a ``transformers`` causal LM, or a ``peft``
-    model (its active LoRA adapter is merged). ``tokenizer``: needed for a model in memory unless
-    the model carries one as ``.tokenizer``. ``adapter``: a PEFT adapter directory to merge into
-    a base given as a path. ``calib``: calibration text for an importance matrix (path models).
+    ``targets``: the CLI's ``--to`` strings (``gguf:Q8_0``, ``gguf:auto:size=90MB``, ``gptq``,
+    ``awq:group=64``, ``fp8``, ``hf:bf16``, ``gguf-lora``, ``vllm-lora``) or Target models
+    (quantkit/targets.py), one or several. ``model``: a local HF checkpoint directory or Hub id
+    (``org/name[@revision]``, through the HF cache), a ``transformers`` causal LM, or a ``peft``
+    model (its active LoRA adapter is merged). ``tokenizer``: needed for a model in memory
+    unless the model carries one as ``.tokenizer``. ``adapter``: a PEFT adapter directory to
+    merge into a base given as a path. ``calib``: calibration text (importance matrix, GPTQ/AWQ
+    samples), for models on disk and in memory alike: a fine-tune's matrix and llm-compressor
+    see the merged model, from a temporary merged copy removed afterwards.
     ``options``: ``force``, ``threads``, ``name``, ``dry_run``, ``clamp_f16``, ``allow_pickle``,
-    and the quantizer's ``output_type``, ``embedding_type``, ``pure``, ``leave_output``,
-    ``imatrix`` (a file), ``no_fallback``.
+    ``no_fallback``, ``imatrix`` (a saved matrix), ``calib_ctx``, ``calib_chunks``,
+    ``samples``, ``seq_len``, ``ignore``, ``layouts``, ``converter``, ``progress``, and the GGUF
+    tensor options ``output_type``, ``embedding_type``, ``pure``, ``leave_output``,
+    ``overrides``. The same inputs give the same bytes as ``quantkit convert``.
     """
-    from quantkit.convert import QuantSettings
-    from quantkit.quantize.gguf import QuantizeOptions
+    from quantkit.pipeline.build import ExportOptions, build, with_options
+    from quantkit.targets import parse_targets
 
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    qfields = {"output_type", "embedding_type", "pure", "leave_output"}
-    unknown = sorted(set(options) - set(CONVERT_OPTIONS) - qfields - {"imatrix", "no_fallback"})
+    unknown = sorted(set(options) - set(OPTIONS) - set(GGUF_OPTIONS))
     if unknown:
         raise InputError(f"export() got unknown option(s): {', '.join(unknown)}")
-    quant = QuantSettings(
-        options=QuantizeOptions(
-            threads=options.get("threads"), **{k: options[k] for k in qfields if k in options}
-        ),
-        imatrix_file=Path(options["imatrix"]) if options.get("imatrix") else None,
-        calib=Path(calib) if calib is not None else None,
-        no_fallback=bool(options.get("no_fallback", False)),
+    ts = with_options(
+        parse_targets(targets), **{k: options.pop(k) for k in GGUF_OPTIONS if k in options}
     )
-    kw = {k: options[k] for k in CONVERT_OPTIONS if k in options}
+    o = ExportOptions(**{k: v for k, v in options.items()})
+    o.calib = Path(calib) if calib is not None else None
+    o.imatrix = Path(o.imatrix) if o.imatrix else None
+    o.ignore, o.layouts = tuple(o.ignore), tuple(o.layouts)
     out = Path(output_dir)
-    if isinstance(model, (str, os.PathLike)):
-        from quantkit.hub import resolve_model
-
-        model = resolve_model(model)  # a Hub id: its snapshot in the HF cache
-        res = _convert(model, targets, out, quant, adapter, kw)
-    else:
-        if adapter is not None:
-            raise InputError(
-                "adapter= goes with a base given as a path",
-                "for a model in memory, pass the peft model itself",
-            )
-        if calib is not None:
-            raise InputError(
-                "calib= needs the model on disk (the matrix is collected by loading it)",
-                "pass imatrix=FILE computed with `quantkit imatrix`, or save the model first",
-            )
-        with tempfile.TemporaryDirectory(prefix="quantkit-export-") as work:
-            ckpt, lora = memory_checkpoint(model, tokenizer, Path(work))
-            kw.setdefault("name", _default_name(model))
-            res = _convert(ckpt, targets, out, quant, lora, kw)
-            result = _result(res, kw)
-            if validate and not kw.get("dry_run"):
-                # the reference is the model itself (base + adapter for a peft model), scored
-                # in this process; the folder holds its config.json and tokenizer
-                _validate(result, Path(work), None, validate, options.get("threads"), model)
-            return result
-    result = _result(res, kw)
-    if validate and not kw.get("dry_run"):
-        _validate(result, Path(model), adapter, validate, options.get("threads"))
+    with _source(model, tokenizer, adapter, o) as src:
+        result = build(src, ts, out, o, out_is_dir=True)
+        if validate and not o.dry_run:
+            # the reference: the checkpoint (+ adapter), or the model in memory itself, scored
+            # in this process (its folder holds config.json and the tokenizer)
+            memory = model if src.in_memory else None
+            _validate(result, src.folder, None if memory else adapter, validate, o.threads, memory)
     return result
 
 
-@dataclass
-class _Converted:  # convert()'s result when only hf targets were asked
-    artifacts: list[Any]
-    architecture: str
-    warnings: list[str] = field(default_factory=list)
+@contextmanager
+def _source(model: Any, tokenizer: Any, adapter: Any, o: Any) -> Iterator[Any]:
+    """The build's Source: a folder or Hub id (+ adapter), or a model in memory read in place."""
+    from quantkit.pipeline.build import Source
 
+    if isinstance(model, (str, os.PathLike)):
+        from quantkit.hub import resolve_model
 
-def _convert(
-    model: Any, targets: list[str], out: Path, quant: Any, adapter: Any, kw: dict[str, Any]
-) -> Any:
-    """GGUF and adapter targets through ``convert``, ``hf`` targets through the HF checkpoint
-    writer (a folder ``STEM-hf[-DTYPE]`` each, after the others in the result)."""
-    from quantkit.checkpoint import Checkpoint, read_json
-    from quantkit.convert import convert
-    from quantkit.convert.hf_checkpoint import is_hf_target, write_hf_checkpoint
-
-    hf = [t for t in targets if is_hf_target(t)]
-    rest = [t for t in targets if not is_hf_target(t)]
-    if hf and kw.get("dry_run"):
-        raise InputError("dry_run applies to GGUF targets", "leave the hf targets out of a dry run")
-    if rest or not hf:
-        res = convert(model, rest, out, quant=quant, adapter=adapter, **kw)
-    else:
-        cfg = model.config if isinstance(model, Checkpoint) else read_json(model / "config.json")
-        archs = cfg.get("architectures") if isinstance(cfg, dict) else None
-        res = _Converted([], str(archs[0]) if isinstance(archs, list) and archs else "?")
-    for t in hf:
-        res.artifacts.append(
-            write_hf_checkpoint(model, t, out, adapter=adapter, force=bool(kw.get("force")),
-                                name=kw.get("name"), out_is_folder=False)
-        )  # fmt: skip
-    return res
-
-
-def _result(res: Any, kw: dict[str, Any]) -> ExportResult:
-    return ExportResult(
-        [_artifact(a, dry=bool(kw.get("dry_run"))) for a in res.artifacts],
-        res.architecture,
-        res.warnings,
-    )
+        # a Hub id: its snapshot in the HF cache
+        with Source(resolve_model(model), adapter, o.name) as src:
+            yield src
+        return
+    if adapter is not None:
+        raise InputError(
+            "adapter= goes with a base given as a path",
+            "for a model in memory, pass the peft model itself",
+        )
+    with tempfile.TemporaryDirectory(prefix="quantkit-export-") as work:
+        ckpt, lora = memory_checkpoint(model, tokenizer, Path(work))
+        o.name = o.name or _default_name(model)
+        with Source(ckpt, lora, o.name) as src:
+            yield src
 
 
 def _validate(
-    result: ExportResult,
+    result: BuildResult,
     model: Path,
     adapter: Any,
     spec: Any,
@@ -198,7 +139,7 @@ def _validate(
     )
     arts = [
         a for a in result.artifacts
-        if a.format == "gguf"
+        if a.format in ("gguf", "vllm", "hf")
         or (a.format == "gguf-lora" and gguf_base is not None)
         or (a.format == "vllm-lora" and adapter is not None and in_memory is None)
     ]  # fmt: skip
@@ -217,22 +158,6 @@ def _validate(
     )
     for a, entry in zip(arts, report["artifacts"], strict=True):
         a.metrics = entry
-
-
-def _artifact(a: Any, dry: bool) -> ExportArtifact:
-    from quantkit.convert.hf_checkpoint import HFArtifact
-    from quantkit.convert.hf_to_gguf import ADAPTER_TARGETS
-    from quantkit.validate.harness import sha256_file
-
-    fmt = a.type if a.type in ADAPTER_TARGETS else "gguf"
-    return ExportArtifact(
-        path=a.path,
-        format="hf" if isinstance(a, HFArtifact) else fmt,
-        type=a.type,
-        size=a.size,
-        sha256="" if dry or a.path.is_dir() else sha256_file(a.path),
-        audit=a.to_json().get("audit"),
-    )
 
 
 def _default_name(model: Any) -> str:

@@ -1,7 +1,7 @@
 """The demo text: calibration and validation data of the shipped recipes (``data: default``).
 
 ``quantkit demo`` itself runs the shipped recipe ``demo`` (recipes/demo.yaml) through
-quantkit/pipeline.py; see quantkit/cli_recipes.py.
+quantkit/pipeline/; see quantkit/cli/recipes.py.
 """
 
 from __future__ import annotations

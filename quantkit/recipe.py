@@ -1,6 +1,6 @@
 """Recipes: one YAML file describing a release (source, calibration, targets, validation, gates).
 
-``quantkit run RECIPE`` executes it (quantkit/pipeline.py). Every model here rejects unknown keys,
+``quantkit run RECIPE`` executes it (quantkit/pipeline/). Every model here rejects unknown keys,
 and a bad recipe is reported as one line naming the offending key path (``targets[2].type``).
 Relative input paths (model, texts) are relative to the recipe file; ``output`` and ``cache``
 are relative to the current directory. ``model: default`` is the embedded
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from quantkit.errors import InputError
+from quantkit.targets import METHODS, REFUSED_METHODS, Target
 
 DEFAULT = "default"  # the embedded default model / text
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -85,98 +86,24 @@ class Validation(_Strict):
     max_minutes: float | None = Field(None, gt=0)
 
 
-class GGUFTarget(_Strict):
+class RecipeTarget(_Strict):
+    """A named target: what to make (quantkit/targets.py, the same fields as ``--to`` takes,
+    written flat beside ``name``), with its own gates and whether to validate it."""
+
     name: str
-    method: Literal["gguf"] = "gguf"
-    type: str = Field(
-        description="llama.cpp file type: F16, Q8_0, Q4_K_M, IQ4_XS, ...; or `auto` with `size` "
-        "or `bpw`: the per-tensor mix of least predicted KLD in that budget (gguf:auto)"
-    )
-    imatrix: bool = Field(False, description="quantize with the calibration importance matrix")
-    size: int | str | None = Field(
-        None, description="type auto: file size budget (bytes, or 100MB)"
-    )
-    bpw: float | None = Field(None, gt=0, le=32, description="type auto: bits per weight budget")
-    types: list[str] | None = Field(None, description="type auto: candidate tensor types")
-    overrides: list[str] = Field(default_factory=list, description="PATTERN=TYPE per tensor")
-    output_type: str | None = None
-    embedding_type: str | None = None
+    target: Target
     gates: GateSpec | None = None
     validate_: bool = Field(True, alias="validate")
 
-    @field_validator("type")
+    @model_validator(mode="before")
     @classmethod
-    def _known_type(cls, v: str) -> str:
-        from quantkit.quantize.types import GGUF_TYPES
-
-        up = v.upper()
-        if up != "AUTO" and up not in GGUF_TYPES:
-            raise ValueError(f"unknown GGUF type {v!r} (e.g. F16, Q8_0, Q4_K_M)")
-        return up
-
-    @model_validator(mode="after")
-    def _auto(self) -> GGUFTarget:
-        if self.type != "AUTO":
-            if self.size is not None or self.bpw is not None or self.types is not None:
-                raise ValueError("size, bpw and types apply to type: auto")
-            return self
-        if not self.imatrix:
-            raise ValueError("type auto needs imatrix: true (and a calibration section)")
-        try:
-            self.auto_spec()
-        except InputError as e:
-            raise ValueError(e.message) from None
-        return self
-
-    def auto_spec(self) -> Any:
-        """The gguf:auto target this entry stands for (quantize/auto/spec.py)."""
-        from quantkit.quantize.auto.spec import parse_auto
-
-        parts = ["gguf:auto"]
-        parts += [f"size={self.size}"] if self.size is not None else []
-        parts += [f"bpw={self.bpw}"] if self.bpw is not None else []
-        parts += [f"types={','.join(self.types)}"] if self.types else []
-        return parse_auto(":".join(parts))
-
-    @field_validator("overrides")
-    @classmethod
-    def _overrides(cls, v: list[str]) -> list[str]:
-        from quantkit.quantize.gguf import parse_overrides
-
-        try:
-            parse_overrides(v)
-        except InputError as e:
-            raise ValueError(e.message) from None
-        return v
-
-
-def _vllm_members() -> tuple[type[BaseModel], ...]:
-    """AWQ/GPTQ/FP8 targets reuse the option models of quantize/vllm_targets.py
-    with a name and gates added; absent from a build without it, so the union is GGUF only."""
-    try:
-        from quantkit.quantize import vllm_targets as vt
-    except ImportError:
-        return ()
-    out = []
-    for base in (vt.GPTQTarget, vt.AWQTarget, vt.FP8Target):
-        extra = {
-            "__annotations__": {"name": str, "gates": GateSpec | None, "validate_": bool},
-            "gates": None,
-            "validate_": Field(True, alias="validate"),
-        }
-        out.append(type(f"Recipe{base.__name__}", (base,), extra))
-    return tuple(out)
-
-
-_VLLM = _vllm_members()
-VLLM_METHODS = tuple(m.model_fields["method"].default for m in _VLLM)
-if _VLLM:
-    Target = Annotated[  # type: ignore[misc]
-        GGUFTarget | _VLLM[0] | _VLLM[1] | _VLLM[2],  # type: ignore[valid-type]
-        Field(discriminator="method"),
-    ]
-else:
-    Target = GGUFTarget  # type: ignore[misc]
+    def _flat(cls, data: Any) -> Any:
+        """``{name, method, type, ...}`` → ``{name, target: {method, type, ...}}``."""
+        if not isinstance(data, dict) or "target" in data:
+            return data
+        own = {k: data[k] for k in ("name", "gates", "validate") if k in data}
+        rest = {k: v for k, v in data.items() if k not in own}
+        return {**own, "target": {"method": "gguf", **rest}}
 
 
 class Recipe(_Strict):
@@ -184,7 +111,7 @@ class Recipe(_Strict):
     description: str = ""
     source: Source
     calibration: Calibration | None = None
-    targets: list[Target] = Field(min_length=1)  # type: ignore[valid-type]
+    targets: list[RecipeTarget] = Field(min_length=1)
     validation: Validation | None = None
     gates: GateSpec = Field(default_factory=GateSpec)
     output: str = Field("out", description="output folder (relative to the current directory)")
@@ -205,7 +132,18 @@ class Recipe(_Strict):
             if names.index(n) != i:
                 raise InputError(f"targets[{i}].name: {n!r} is used twice", "names must differ")
             t = self.targets[i]
-            if getattr(t, "imatrix", False) and self.calibration is None:
+            if t.target.method in ("gguf-lora", "vllm-lora"):
+                raise InputError(
+                    f"targets[{i}].method: a recipe makes models; {t.target.method} is the "
+                    "adapter alone, which validation cannot score without its base",
+                    "give source.adapter to make every target from the fine-tune, or export the "
+                    "adapter with `quantkit convert BASE --adapter DIR --to gguf-lora`",
+                )
+            if getattr(t.target, "is_auto", False) and not t.target.imatrix:
+                raise InputError(
+                    f"targets[{i}]: type auto needs imatrix: true (and a calibration section)"
+                )
+            if getattr(t.target, "imatrix", False) and self.calibration is None:
                 raise InputError(
                     f"targets[{i}].imatrix: needs a calibration section", "add calibration: data"
                 )
@@ -216,7 +154,7 @@ class Recipe(_Strict):
                 )
 
 
-def validated(recipe: Recipe, t: Any) -> bool:
+def validated(recipe: Recipe, t: RecipeTarget) -> bool:
     """A target is validated when the recipe has a validation section, unless it opts out."""
     return recipe.validation is not None and bool(getattr(t, "validate_", True))
 
@@ -226,8 +164,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("gguf", "gptq", "awq", "fp8") and out.endswith("]"):
-            continue  # the union member pydantic tried: not a key of the user's file
+        elif part == "target" or part in METHODS:
+            continue  # the wrapper and the union member pydantic tried: not keys of the file
         else:
             out += ("." if out else "") + str(part)
     return out or "(top level)"
@@ -241,15 +179,14 @@ def parse(data: Any, where: str = "recipe") -> Recipe:
     if isinstance(targets, list):
         for i, t in enumerate(targets):
             m = t.get("method", "gguf") if isinstance(t, dict) else None
-            if m is not None and m not in ("gguf", *VLLM_METHODS):
-                hint = (
-                    "this build has no vLLM targets (quantize/vllm_targets.py)"
-                    if m in ("gptq", "awq", "fp8")
-                    else "methods: gguf, " + ", ".join(VLLM_METHODS or ("gptq", "awq", "fp8"))
+            if m in REFUSED_METHODS:
+                why, instead = REFUSED_METHODS[m]
+                raise InputError(f"{where}: targets[{i}].method: {why}", instead)
+            if m is not None and m not in METHODS:
+                raise InputError(
+                    f"{where}: targets[{i}].method: unknown method {m!r}",
+                    "methods: " + ", ".join(METHODS),
                 )
-                raise InputError(f"{where}: targets[{i}].method: unknown method {m!r}", hint)
-            if isinstance(t, dict):
-                t.setdefault("method", "gguf")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:

@@ -67,7 +67,7 @@ def test_in_memory_peft_writes_cli_bytes(saved):
         model, ["gguf:F32", "gguf:Q8_0", "gguf-lora"], root / "api",
         tokenizer=AutoTokenizer.from_pretrained(base), name="my-adapter", threads=2,
     )  # fmt: skip
-    assert [a.type for a in res.artifacts] == ["F32", "Q8_0", "gguf-lora"]
+    assert [a.label for a in res.artifacts] == ["F32", "Q8_0", "gguf-lora"]
     for a in res.artifacts:
         twin = cli_out / a.path.name
         assert a.sha256 == _sha(twin) == _sha(a.path), a.path.name

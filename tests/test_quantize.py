@@ -148,12 +148,12 @@ def test_dry_run_writes_nothing_and_predicts_size(tiny: Path, tmp_path: Path) ->
     )
     assert r.returncode == 0, r.stderr
     assert not out.exists()
-    plan = {a["type"]: a for a in json.loads(r.stdout)["artifacts"]}
+    plan = {a["label"]: a for a in json.loads(r.stdout)["artifacts"]}
     assert plan["Q4_K_M"]["planned"]["blk.0.attn_q.weight"] == "Q4_K"
     assert plan["F16"]["planned"]["blk.0.attn_q.weight"] == "F16"
     assert plan["F16"]["planned"]["blk.0.attn_norm.weight"] == "F32"
     r = run_cli("convert", str(tiny), "--to", "Q4_K_M", "--to", "F16", "-o", str(out), "--json")
-    real = {a["type"]: a for a in json.loads(r.stdout)["artifacts"]}
+    real = {a["label"]: a for a in json.loads(r.stdout)["artifacts"]}
     for t in ("Q4_K_M", "F16"):
         tensor_bytes = real[t]["audit"]["tensor_bytes"]
         assert abs(plan[t]["size"] - tensor_bytes) <= 0.01 * tensor_bytes, (

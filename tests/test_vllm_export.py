@@ -26,9 +26,9 @@ def _llmc_python() -> Path:
 
 def test_target_options_parse_and_reject_unknown():
     from quantkit.errors import InputError
-    from quantkit.quantize.vllm_targets import parse_vllm_target
+    from quantkit.targets import parse_target
 
-    t = parse_vllm_target("gptq:bits=8,group=64,actorder=weight,dampening=0.05,sym=false")
+    t = parse_target("gptq:bits=8,group=64,actorder=weight,dampening=0.05,sym=false")
     assert (t.bits, t.group, t.actorder, t.dampening, t.sym) == (8, 64, "weight", 0.05, False)
     assert t.to_recipe()["weights"] == {
         "num_bits": 8,
@@ -39,12 +39,12 @@ def test_target_options_parse_and_reject_unknown():
         "actorder": "weight",
     }
     assert t.to_recipe()["kwargs"] == {"dampening_frac": 0.05}
-    assert parse_vllm_target("awq:group=channel").to_recipe()["weights"]["strategy"] == "channel"
-    assert parse_vllm_target("AWQ").sym is False  # AWQ's usual asymmetric scheme
-    assert parse_vllm_target("fp8").scheme == "dynamic"
-    assert not parse_vllm_target("fp8").needs_calibration
-    assert parse_vllm_target("fp8:block").to_recipe()["preset"] == "FP8_BLOCK"
-    assert parse_vllm_target("fp8:scheme=static").needs_calibration
+    assert parse_target("awq:group=channel").to_recipe()["weights"]["strategy"] == "channel"
+    assert parse_target("AWQ").sym is False  # AWQ's usual asymmetric scheme
+    assert parse_target("fp8").scheme == "dynamic"
+    assert not parse_target("fp8").needs_calibration
+    assert parse_target("fp8:block").to_recipe()["preset"] == "FP8_BLOCK"
+    assert parse_target("fp8:scheme=static").needs_calibration
     for bad, words in [
         ("gptq:bitz=4", "unknown option 'bitz'"),
         ("awq:actorder=weight", "unknown option 'actorder'"),  # GPTQ-only option
@@ -56,7 +56,7 @@ def test_target_options_parse_and_reject_unknown():
         ("gptq:64", "has no value"),
     ]:
         with pytest.raises(InputError) as e:
-            parse_vllm_target(bad)
+            parse_target(bad)
         assert words in str(e.value), (bad, str(e.value))
 
 
@@ -187,10 +187,10 @@ def test_preflight_refuses_group_128_on_demo_listing_every_layer(demo_model_dir,
 
 def test_preflight_suggested_ignore_makes_it_pass(demo_model_dir):
     from quantkit.quantize.vllm import VllmSettings, preflight
-    from quantkit.quantize.vllm_targets import parse_vllm_target
+    from quantkit.targets import parse_target
 
     s = VllmSettings(ignore=("lm_head", "re:.*\\.(gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)$"))
-    plan = preflight(demo_model_dir, parse_vllm_target("gptq:group=128"), s, None)
+    plan = preflight(demo_model_dir, parse_target("gptq:group=128"), s, None)
     assert {lay.name.rsplit(".", 1)[-1] for lay in plan.quantized} == {"down_proj"}
     assert len(plan.quantized) == 30 and plan.memory_estimate > 0
 
@@ -278,10 +278,10 @@ def test_vllm_preflight_imports_neither_torch_nor_transformers(demo_model_dir, t
         "import sys\n"
         "from pathlib import Path\n"
         "from quantkit.quantize import vllm\n"
-        "from quantkit.quantize.vllm_targets import parse_vllm_target\n"
+        "from quantkit.targets import parse_target\n"
         f"m = Path({str(demo_model_dir)!r})\n"
         f"s = vllm.VllmSettings(calib=Path({str(calib)!r}), samples=4, seq_len=64)\n"
-        "plan = vllm.preflight(m, parse_vllm_target('gptq:group=64'), s, None)\n"
+        "plan = vllm.preflight(m, parse_target('gptq:group=64'), s, None)\n"
         "ids = vllm.calibration_ids(m, s.calib, s.samples, s.seq_len)\n"
         "print(len(plan.quantized), ids.shape, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
     )

@@ -153,13 +153,13 @@ def test_awq_preflight_maps_moe(moe_models: dict[str, Path], case: str) -> None:
     preflight sees the experts as llm-compressor does and routers are left in float."""
     py = llmc_python_or_skip()
     from quantkit.quantize.vllm import VllmSettings, awq_mappings, preflight, target_ignore
-    from quantkit.quantize.vllm_targets import parse_vllm_target
+    from quantkit.targets import parse_target
 
     known, _ = awq_mappings(py) or (set(), [])
     arch = {"mixtral": "MixtralForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
             "qwen2moe": "Qwen2MoeForCausalLM"}[case]  # fmt: skip
     assert (arch in known) == (case != "mixtral")
-    t = parse_vllm_target("awq:group=64")
+    t = parse_target("awq:group=64")
     from quantkit.checkpoint import Checkpoint
 
     with Checkpoint.open(moe_models[case]) as ck:
@@ -176,12 +176,12 @@ def test_awq_preflight_maps_moe(moe_models: dict[str, Path], case: str) -> None:
 def test_group_check_covers_experts(tmp_path: Path) -> None:
     """An expert width the group size does not divide is named before llm-compressor runs."""
     from quantkit.quantize.vllm import PreflightError, VllmSettings, preflight
-    from quantkit.quantize.vllm_targets import parse_vllm_target
+    from quantkit.targets import parse_target
 
     model = make_case(tmp_path / "q3", "qwen3moe", moe_intermediate_size=192)
     with pytest.raises(PreflightError) as e:
         preflight(
-            model, parse_vllm_target("gptq:group=128"), VllmSettings(check_memory=False), None
+            model, parse_target("gptq:group=128"), VllmSettings(check_memory=False), None
         )
     assert "model.layers.{0-1}.mlp.experts.0.down_proj (192)" in str(e.value), str(e.value)
     assert "group=64" in (e.value.hint or "")

@@ -259,7 +259,7 @@ def _exports(
     one run for every target (the int ones in both layouts when any legacy one is asked; FP8 has
     no legacy layout, so it runs apart then)."""
     from quantkit.quantize.vllm import VllmSettings, export_vllm
-    from quantkit.quantize.vllm_targets import parse_vllm_target
+    from quantkit.targets import parse_target
 
     # (arch, dtype, layouts) → target → the specs (layouts) wanted of it
     groups: dict[tuple[str, str, tuple[str, ...]], dict[str, list[Spec]]] = {}
@@ -275,7 +275,7 @@ def _exports(
         # share the label "fp8-block"): a second one goes to another run
         batches: list[dict[str, str]] = []  # label → target
         for target in by_target:
-            label = parse_vllm_target(target).label()
+            label = parse_target(target).label()
             b = next((b for b in batches if label not in b), None)
             if b is None:
                 batches.append(b := {})

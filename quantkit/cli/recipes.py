@@ -1,4 +1,4 @@
-"""``quantkit recipes …``, ``quantkit run RECIPE`` and ``quantkit report merge`` (quantkit/pipeline.py)."""
+"""``quantkit recipes …``, ``quantkit run RECIPE`` and ``quantkit report merge`` (quantkit/pipeline/)."""
 
 from __future__ import annotations
 
