@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import EngineError, InputError, UnsupportedArchitectureError
+from quantkit.paths import sdist_dir, upstream_dir
 
 # What the converter needs from the sdist (paths under vendor/llama.cpp/).
 MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
@@ -49,22 +50,14 @@ def engine_version() -> str:
         raise EngineError("llama-cpp-python is not installed", "run scripts/install.sh") from None
 
 
-def cache_root() -> Path:
-    root = os.environ.get("QUANTKIT_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "quantkit"
-
-
 def sdist_path(version: str) -> Path:
-    return cache_root() / "sdist" / f"llama_cpp_python-{version}.tar.gz"
+    return sdist_dir() / f"llama_cpp_python-{version}.tar.gz"
 
 
 def source_dir(version: str | None = None) -> Path:
     """llama.cpp's converter of the engine's version, extracted once from the sdist."""
     version = version or engine_version()
-    dest = cache_root() / "upstream" / version
+    dest = upstream_dir() / version
     if (dest / "convert_hf_to_gguf.py").is_file():
         return dest
     sdist = sdist_path(version)

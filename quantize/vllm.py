@@ -157,7 +157,7 @@ def fp8_experts_problem(target: FP8Target) -> str | None:
 
     if envs.has_cuda():
         return None
-    from quantkit.buildflags import cpu_flags
+    from quantkit.host import cpu_flags
 
     if target.scheme == "block" and "amx_tile" in cpu_flags():
         return None

@@ -222,7 +222,7 @@ def _validate(
 def _artifact(a: Any, dry: bool) -> ExportArtifact:
     from quantkit.convert.hf_checkpoint import HFArtifact
     from quantkit.convert.hf_to_gguf import ADAPTER_TARGETS
-    from quantkit.validate.harness import sha256_file
+    from quantkit.hashing import sha256_file
 
     fmt = a.type if a.type in ADAPTER_TARGETS else "gguf"
     return ExportArtifact(

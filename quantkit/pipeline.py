@@ -41,7 +41,7 @@ def _key(*parts: Any) -> str:
 def _sha256(path: Path) -> str:
     """A file's sha256, or for a checkpoint folder (vLLM targets) one over its files' names and
     contents (validate/harness.py model_hash)."""
-    from quantkit.validate.harness import model_hash, sha256_file
+    from quantkit.hashing import model_hash, sha256_file
 
     return model_hash(path) if path.is_dir() else sha256_file(path)
 
@@ -103,7 +103,7 @@ class Context:
         model: Path | None = None,
     ) -> None:
         """``output`` / ``model`` override the recipe's (``quantkit demo MODEL -o OUT``)."""
-        from quantkit.validate.harness import model_hash
+        from quantkit.hashing import model_hash
 
         if output is not None or model is not None:
             recipe = recipe.model_copy(
@@ -263,8 +263,7 @@ def host_tag() -> str:
     an "unsupported" or "too-slow" verdict is reused only on a host with the same tag."""
     import platform
 
-    from quantkit.buildflags import kernel_flags
-    from quantkit.envs import has_cuda
+    from quantkit.host import has_cuda, kernel_flags
 
     return _key("host", platform.machine(), kernel_flags(), has_cuda())
 

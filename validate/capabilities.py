@@ -268,33 +268,18 @@ def _quant_format(q: dict[str, Any]) -> str | None:
 # -- host key and cache --------------------------------------------------------------------------
 
 
+def _gpu() -> str | None:
+    from quantkit.host import gpu_name, has_cuda
+
+    if not has_cuda():
+        return None
+    return gpu_name() or "cuda"
+
+
 # CPU flags that select kernels in llama.cpp (ggml ISA switches) and in vLLM's CPU build (AVX2 vs
 # AVX-512 libraries, AMX tiles for MoE/FP8 experts, BF16/VNNI dot products).
-def _gpu() -> str | None:
-    from quantkit import envs
-
-    if not envs.has_cuda():
-        return None
-    import shutil
-    import subprocess
-
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return "cuda"
-    try:
-        r = subprocess.run(
-            [smi, "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout else "cuda"
-    except (OSError, subprocess.TimeoutExpired):
-        return "cuda"
-
-
 def host() -> dict[str, Any]:
-    from quantkit.buildflags import cpu_model, kernel_flags
+    from quantkit.host import cpu_model, kernel_flags
 
     return {
         "machine": platform.machine(),
@@ -343,9 +328,9 @@ def host_key(engine: str, h: dict[str, Any] | None = None) -> str | None:
 
 
 def _root() -> Path:
-    from quantkit.demo import cache_dir
+    from quantkit.paths import capabilities_dir
 
-    return cache_dir() / "capabilities"
+    return capabilities_dir()
 
 
 def _cache_file(engine: str, key: str) -> Path:

@@ -77,9 +77,9 @@ class Spec:
 
 
 def root() -> Path:
-    from quantkit.demo import cache_dir
+    from quantkit.paths import capability_artifacts_dir
 
-    return cache_dir() / "capabilities" / "artifacts"
+    return capability_artifacts_dir()
 
 
 def _entry(spec: Spec) -> Path:

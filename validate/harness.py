@@ -18,8 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,9 @@ from quantkit.atomic import atomic_dir, file_lock
 from quantkit.checkpoint import read_json
 from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
+from quantkit.hashing import model_hash, sha256_file
+from quantkit.host import cpu_model, gpu_name
+from quantkit.paths import reference_dir
 from quantkit.text import read_text
 from quantkit.validate import capabilities
 from quantkit.validate.engines import (
@@ -157,27 +158,7 @@ class Settings:
 
 
 def cache_root() -> Path:
-    from quantkit.demo import cache_dir
-
-    return cache_dir() / "validate" / "reference"
-
-
-def sha256_file(path: Path, h: Any = None) -> str:
-    h = h or hashlib.sha256()
-    with path.open("rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
-
-
-def model_hash(model: Path) -> str:
-    """sha256 over a model folder's files (names and contents), or one file's content."""
-    h = hashlib.sha256()
-    files = sorted(p for p in model.rglob("*") if p.is_file()) if model.is_dir() else [model]
-    for p in files:
-        h.update(str(p.relative_to(model) if model.is_dir() else p.name).encode() + b"\0")
-        sha256_file(p, h)
-    return h.hexdigest()
+    return reference_dir()
 
 
 def reference_key(model: Path, text: str, ctx: int, chunks: int | None, dtype: str | None) -> str:
@@ -207,26 +188,11 @@ def tokenize_reference(model: Path, text: str) -> tuple[list[int], int | None]:
 def host_info(threads: int) -> dict[str, Any]:
     import platform
 
-    from quantkit.buildflags import cpu_model
-
-    cpu = cpu_model()
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        try:
-            r = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            gpu = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout else None
-        except (OSError, subprocess.TimeoutExpired):
-            gpu = None
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": threads,
-        "gpu": gpu,
+        "gpu": gpu_name(),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }

@@ -164,9 +164,9 @@ def cache_key(
 
 
 def cache_root() -> Path:
-    from quantkit.demo import cache_dir
+    from quantkit.paths import sensitivity_dir
 
-    return cache_dir() / "auto-sensitivity"
+    return sensitivity_dir()
 
 
 def measure(
