@@ -34,7 +34,7 @@ from quantkit.errors import CheckpointError, InputError
 from quantkit.quantize.audit import Audit, audit, file_type_of
 from quantkit.quantize.auto.spec import AutoSpec, is_auto_target, parse_auto
 from quantkit.quantize.gguf import Fallback, QuantizeOptions, quantize_file
-from quantkit.quantize.types import GGUF_TYPES, GGUFType, gguf_type
+from quantkit.quantize.gguf_types import GGUF_TYPES, GGUFType, gguf_type
 from quantkit.text import read_text
 
 # progress(stage, done, total): the CLI draws bars from it; library code never prints.

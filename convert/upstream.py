@@ -288,7 +288,7 @@ def convert_upstream(
     from quantkit.diskspace import check_free_space
     from quantkit.gguf_file import read_gguf
     from quantkit.quantize.audit import audit
-    from quantkit.quantize.types import GGUF_TYPES
+    from quantkit.quantize.gguf_types import GGUF_TYPES
 
     t_start = time.perf_counter()
     if dry_run:

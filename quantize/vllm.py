@@ -640,8 +640,9 @@ def run_worker(
     seen = 0
     with log.open("wb") as lf:
         proc = subprocess.Popen(
-            # -I: isolated (no script folder on sys.path: quantize/types.py would shadow the
-            # standard library's types; no PYTHON* variables, no user site); -u: unbuffered
+            # -I: isolated (no script folder on sys.path: quantize/gguf.py and quantize/vllm.py
+            # would shadow the gguf and vllm packages; no PYTHON* variables, no user site);
+            # -u: unbuffered
             [str(python), "-I", "-u", str(WORKER), str(job_file)],
             stdout=None if debug else lf,
             stderr=None if debug else subprocess.STDOUT,

@@ -459,7 +459,7 @@ def _build_target(ctx: Context, t: GGUFTarget, progress: Any) -> None:
     from quantkit.convert import QuantSettings, convert
     from quantkit.convert.hf_to_gguf import requantize
     from quantkit.quantize.gguf import QuantizeOptions, parse_overrides
-    from quantkit.quantize.types import gguf_type
+    from quantkit.quantize.gguf_types import gguf_type
 
     d = ctx.target_dir(t)
     d.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ class GGUFTarget(_Strict):
     @field_validator("type")
     @classmethod
     def _known_type(cls, v: str) -> str:
-        from quantkit.quantize.types import GGUF_TYPES
+        from quantkit.quantize.gguf_types import GGUF_TYPES
 
         up = v.upper()
         if up != "AUTO" and up not in GGUF_TYPES:

@@ -137,7 +137,7 @@ def engine_of(row_id: str) -> str:
 
 def parse_row(row_id: str) -> Row:
     """The row a row id names; InputError (exit 2) when it names none."""
-    from quantkit.quantize.types import GGUF_TYPES
+    from quantkit.quantize.gguf_types import GGUF_TYPES
 
     if row_id == "gguf-lora":
         return Row(row_id, "llama.cpp", "GGUF LoRA adapter on an F32 base",

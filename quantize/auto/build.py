@@ -20,7 +20,7 @@ from quantkit.quantize.auto.sensitivity import Sensitivity, measure
 from quantkit.quantize.auto.solver import BudgetTooSmall, Option, solve
 from quantkit.quantize.auto.spec import AutoSpec
 from quantkit.quantize.gguf import QuantizeOptions, QuantizeReport, imatrix_kvs, quantize_file
-from quantkit.quantize.types import GGUF_TYPES, GGUFType
+from quantkit.quantize.gguf_types import GGUF_TYPES, GGUFType
 
 Progress = Callable[[str, int, int], None]
 PROBE_CHUNKS = 4  # calibration chunks the per-kind gains are measured on
