@@ -275,16 +275,14 @@ def convert_upstream(
     ``name``: general.name and the output file stem."""
     from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
     from quantkit.checkpoint import Checkpoint
-    from quantkit.convert.hf_to_gguf import (
+    from quantkit.convert.hf_to_gguf import ConvertResult, default_name, output_paths
+    from quantkit.convert.loadcheck import check_gguf_vocab, check_loads
+    from quantkit.convert.quantized import (
         Artifact,
-        ConvertResult,
-        _preflight_imatrix,
-        _quantize_one,
-        default_name,
-        output_paths,
+        preflight_imatrix,
+        quantize_one,
         with_imatrix,
     )
-    from quantkit.convert.loadcheck import check_gguf_vocab, check_loads
     from quantkit.diskspace import check_free_space
     from quantkit.gguf_file import read_gguf
     from quantkit.quantize.audit import audit
@@ -318,7 +316,7 @@ def convert_upstream(
     if quants and src_base not in {t.name for t in floats}:
         planned.append((paths[quants[0].name], int(n_params * GGUF_TYPES[src_base].bpw / 8)))
     check_free_space(planned)
-    imatrix = _preflight_imatrix(quants, quant, dry_run)
+    imatrix = preflight_imatrix(quants, quant, dry_run)
     options = with_imatrix(quant.options, imatrix, quant.imatrix_file)
     if threads and not options.threads:
         options = replace(options, threads=threads)
@@ -369,8 +367,8 @@ def convert_upstream(
         t1 = time.perf_counter()
         for q in quants:
             artifacts.append(
-                _quantize_one(made[base_name], q, paths[q.name], options, quant, n_tensors,  # type: ignore[index]
-                              force=force, dry_run=False, progress=progress)
+                quantize_one(made[base_name], q, paths[q.name], options, quant, n_tensors,  # type: ignore[index]
+                             force=force, dry_run=False, progress=progress)
             )  # fmt: skip
         if quants:
             timings["quantize"] = time.perf_counter() - t1

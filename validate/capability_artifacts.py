@@ -228,7 +228,7 @@ def _build(spec: Spec, work: Path, text: Path, get: Callable[[Spec], Path], say:
             _build_adapter(base, dest / "tiny-adapter")
         return _store(spec, dest / "tiny-adapter")
     if spec.kind == "gguf":
-        from quantkit.convert.hf_to_gguf import QuantSettings
+        from quantkit.convert.quantized import QuantSettings
         from quantkit.quantize.gguf_types import gguf_type
 
         base = get(Spec("base", spec.arch, spec.dtype))
