@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,14 +34,12 @@ from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
 from quantkit.convert.writer import GGUFWriter
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
+from quantkit.progress import Progress
 from quantkit.quantize.audit import Audit, audit, file_type_of
 from quantkit.quantize.auto.spec import AutoSpec, is_auto_target, parse_auto
 from quantkit.quantize.gguf import QuantizeOptions
 from quantkit.quantize.gguf_types import GGUF_TYPES, GGUFType, gguf_type
 from quantkit.text import read_text
-
-# progress(stage, done, total): the CLI draws bars from it; library code never prints.
-Progress = Callable[[str, int, int], None]
 
 F16_MAX = 65504.0  # largest finite IEEE half
 

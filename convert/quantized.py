@@ -5,7 +5,7 @@ quantizer (load-checked and audited before its rename), and the record of each f
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,13 +13,11 @@ from typing import Any
 from quantkit.atomic import atomic_output
 from quantkit.convert.loadcheck import check_loads
 from quantkit.errors import InputError
+from quantkit.progress import Progress
 from quantkit.quantize.audit import Audit, audit
 from quantkit.quantize.auto.spec import AutoSpec
 from quantkit.quantize.gguf import Fallback, QuantizeOptions, quantize_file
 from quantkit.quantize.gguf_types import GGUFType
-
-# progress(stage, done, total): the CLI draws bars from it; library code never prints.
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
