@@ -43,9 +43,11 @@ import numpy as np
 from quantkit.atomic import atomic_output, file_lock
 from quantkit.errors import InputError, QuantkitError
 from quantkit.validate.capability_artifacts import DTYPES, Spec
+from quantkit.validate.engines import ENGINES as ENGINE_TYPES
+from quantkit.validate.engines import LlamaCppEngine, VllmEngine, is_lora_dir
 
 MATRIX_VERSION = "1"  # bump when what a row measures changes (re-measures every host)
-ENGINES = ("llama.cpp", "vllm")
+ENGINES = (LlamaCppEngine.name, VllmEngine.name)  # the engines with a measured matrix
 Say = Callable[[str], None]
 
 # The job every row is scored with: a few tokens, as fast as a start allows.
@@ -190,7 +192,6 @@ def parse_row(row_id: str) -> Row:
 def format_of(path: Path) -> str | None:
     """The row id of an artifact (a GGUF file, an HF folder, a LoRA adapter), or None when the
     matrix has no row for its format."""
-    from quantkit.validate.engines import is_lora_dir
 
     p = Path(path)
     if p.is_file():
@@ -396,11 +397,10 @@ def _run_one(
     row: Row, path: Path, base: Path | None, work: Path, options: dict[str, Any]
 ) -> tuple[bool, str | None, dict[str, Any]]:
     """Score the row's artifact once: (runs, the engine's error line, result)."""
-    from quantkit.validate.engines import VLLM
-    from quantkit.validate.harness import Settings, _engine_options
+    from quantkit.validate.harness import Settings
     from quantkit.validate.runner import log_tail, run_worker
 
-    opts = _engine_options(row.engine, Settings(topk=TOPK, vllm_eager=True)) | options
+    opts = ENGINE_TYPES[row.engine].job_options(Settings(topk=TOPK, vllm_eager=True)) | options
     if row.lora and row.engine == "llama.cpp":
         opts["lora"], target = str(path), base
     elif row.lora:
@@ -428,7 +428,7 @@ def _run_one(
         raise NotMeasurable(f"{row.id}: {err}")
     if not res.get("ok"):  # a crash's error already ends with the engine's own last error line
         return False, err or (log_tail(work / f"run-{n}" / "worker.log") or ["?"])[-1], res
-    if row.engine == VLLM.name:
+    if row.engine == VllmEngine.name:  # its raw top-k arrays: figures need the reference
         lp = np.load(res["scores"]["target_logprobs"])
     else:
         lp = np.array([res["quality"]["ppl"]])
@@ -610,7 +610,7 @@ def settle(
     if not v.runs and not v.fix:
         entry.update(
             status="unsupported",
-            format="gguf" if engine == "llama.cpp" else "hf",
+            format=ENGINE_TYPES[engine].artifact_format,
             error=f"{v.reason} — measured on this host by `quantkit engines check` (row "
             f"{v.row}, host key {host_key(engine)}, {v.measured})",
             log_tail=[],
