@@ -109,8 +109,8 @@ def main() -> None:
     from quantkit.convert import QuantSettings, convert
     from quantkit.demo import demo_model
     from quantkit.quantize.gguf import QuantizeOptions
+    from quantkit.quantize.gguf_types import GGUF_TYPES
     from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
-    from quantkit.quantize.types import GGUF_TYPES
     from quantkit.text import read_text
     from quantkit.validate.quality import llama_tokens, score_files
 

@@ -43,7 +43,7 @@ def main() -> None:
     from quantkit.convert import QuantSettings, convert
     from quantkit.demo import demo_model
     from quantkit.quantize.gguf import QuantizeOptions
-    from quantkit.quantize.types import gguf_type
+    from quantkit.quantize.gguf_types import gguf_type
 
     model = demo_model()
     qtype = gguf_type(args.type)

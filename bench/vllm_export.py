@@ -38,7 +38,7 @@ FIXTURES = REPO.parent / "shared" / "fixtures"
 DIRECT = r"""
 import importlib.util, json, sys, time
 # the worker's recipe/calibration helpers, loaded by path (its folder must not go on sys.path:
-# quantize/types.py would shadow the standard library's types)
+# quantize/gguf.py and quantize/vllm.py would shadow the gguf and vllm packages)
 spec = importlib.util.spec_from_file_location("llmc_worker", sys.argv[2])
 w = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(w)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from quantkit.convert.hf_to_gguf import (
-    Artifact,
-    ConvertResult,
-    QuantSettings,
-    convert,
-)
+from quantkit.convert.hf_to_gguf import ConvertResult, convert
+from quantkit.convert.quantized import Artifact, QuantSettings
 
 __all__ = ["Artifact", "ConvertResult", "QuantSettings", "convert"]

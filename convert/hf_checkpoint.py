@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +40,7 @@ from quantkit.checkpoint import (
 )
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
-
-Progress = Callable[[str, int, int], None]
+from quantkit.progress import Progress
 
 # HFTarget.dtype (quantkit/targets.py) -> safetensors dtype
 DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,19 @@ from quantkit.checkpoint import Checkpoint
 from quantkit.convert.archs import Architecture, resolve
 from quantkit.convert.archs.base import PlannedTensor, to_f32
 from quantkit.convert.loadcheck import check_gguf_vocab, check_loads, check_name_rules
+from quantkit.convert.quantized import Artifact, QuantSettings, with_imatrix
+from quantkit.convert.quantized import preflight_imatrix as _preflight_imatrix
+from quantkit.convert.quantized import quantize_one as _quantize_one
 from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
 from quantkit.convert.writer import GGUFWriter
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
+from quantkit.progress import Progress
 from quantkit.quantize.audit import Audit, audit, file_type_of
 from quantkit.quantize.auto.spec import AutoSpec
-from quantkit.quantize.gguf import Fallback, QuantizeOptions, quantize_file
-from quantkit.quantize.types import GGUF_TYPES, GGUFType
+from quantkit.quantize.gguf import QuantizeOptions
+from quantkit.quantize.gguf_types import GGUF_TYPES, GGUFType
 from quantkit.text import read_text
-
-# progress(stage, done, total): the CLI draws bars from it; library code never prints.
-Progress = Callable[[str, int, int], None]
 
 F16_MAX = 65504.0  # largest finite IEEE half
 
@@ -48,35 +49,6 @@ BASE_STORAGE: dict[str, tuple[gguf.GGMLQuantizationType, np.dtype]] = {
     "F16": (gguf.GGMLQuantizationType.F16, np.dtype(np.float16)),
     "BF16": (gguf.GGMLQuantizationType.BF16, np.dtype(np.uint16)),
 }
-
-
-@dataclass
-class Artifact:
-    path: Path
-    type: str
-    size: int  # bytes on disk (dry run: predicted)
-    n_tensors: int
-    seconds: float
-    audit: Audit | None = None
-    planned: dict[str, str] | None = None  # dry run: tensor -> type
-    fallbacks: list[Fallback] = field(default_factory=list)  # dry run: llama.cpp's plan
-    auto: dict[str, Any] | None = None  # gguf:auto: the plan (predicted size, KLD, types)
-
-    def to_json(self) -> dict:
-        d = {
-            "path": str(self.path),
-            "type": self.type,
-            "size": self.size,
-            "seconds": round(self.seconds, 3),
-        }
-        if self.audit is not None:
-            d["audit"] = {k: v for k, v in self.audit.to_json().items() if k != "tensors"}
-        if self.planned is not None:
-            d["planned"] = self.planned
-            d["fallbacks"] = [asdict(f) for f in self.fallbacks]
-        if self.auto is not None:
-            d["auto"] = self.auto
-        return d
 
 
 @dataclass
@@ -251,18 +223,6 @@ def _cast(
     return (
         gguf.quants.quantize(f32, gguf.GGMLQuantizationType.BF16).view(np.uint16).reshape(f32.shape)
     )
-
-
-@dataclass
-class QuantSettings:
-    """How quantized targets are made (all optional)."""
-
-    options: QuantizeOptions = field(default_factory=QuantizeOptions)
-    imatrix_file: Path | None = None  # reuse a saved importance matrix
-    calib: Path | None = None  # calibration text: compute the importance matrix on the way
-    calib_ctx: int = 512
-    calib_chunks: int | None = None
-    no_fallback: bool = False  # a tensor that cannot get its type is an error
 
 
 def convert(
@@ -748,62 +708,6 @@ def requantize(
     return ConvertResult(artifacts, arch, [], 0, timings, imatrix)
 
 
-def _quantize_one(
-    base: Path,
-    q: GGUFType,
-    path: Path,
-    options: QuantizeOptions,
-    qs: QuantSettings,
-    n_tensors: int,
-    *,
-    force: bool,
-    dry_run: bool,
-    progress: Progress | None,
-) -> Artifact:
-    """One quantized type from a float base: planned (dry run) or written and audited."""
-    t1 = time.perf_counter()
-    if dry_run or qs.no_fallback:
-        rep = quantize_file(base, None, q, options, dry_run=True, progress=progress)
-        if qs.no_fallback and rep.fallbacks:
-            raise FallbackError(q.name, rep.fallbacks)
-        if dry_run:
-            return Artifact(path, q.name, rep.predicted_bytes or 0, n_tensors, 0.0,
-                            planned=rep.planned, fallbacks=rep.fallbacks)  # fmt: skip
-    with atomic_output(path, force=force) as tmp:
-        rep = quantize_file(base, tmp, q, options, progress=progress)
-        check_loads(tmp, path.name)
-        size = tmp.stat().st_size
-        aud = audit(tmp, rep)
-    aud.path = str(path)
-    return Artifact(path, q.name, size, n_tensors, time.perf_counter() - t1, audit=aud)
-
-
-class FallbackError(InputError):
-    def __init__(self, qtype: str, fallbacks: list[Fallback]) -> None:
-        shown = ", ".join(
-            f"{f.tensor} {f.wanted}→{f.got} ({f.ncols} cols, block {f.block})"
-            for f in fallbacks[:4]
-        )
-        more = f" and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else ""
-        super().__init__(
-            f"{qtype}: {len(fallbacks)} tensor(s) cannot get their type: {shown}{more}",
-            "drop --no-fallback to accept llama.cpp's fallbacks, or pick a type with 32-wide blocks (Q4_0, Q5_0, Q8_0, IQ4_NL)",
-        )
-
-
-def with_imatrix(options: QuantizeOptions, im: Any, file: Path | None) -> QuantizeOptions:
-    """Options carrying an importance matrix and its provenance (recorded in the GGUF)."""
-    if im is None:
-        return options
-    return replace(
-        options,
-        imatrix=im.to_quantizer(),
-        imatrix_file=str(file) if file else None,
-        imatrix_dataset=im.dataset or None,
-        imatrix_chunks=im.chunks,
-    )
-
-
 def _float_audit(art: Artifact, plan: list[PlannedTensor]) -> Audit:
     """The audit of a float file we just wrote, from its plan (no need to read it back: every
     tensor is the base type or F32 by construction, and there are no fallbacks)."""
@@ -857,36 +761,6 @@ def _quant_bytes(plan: list[PlannedTensor], q: GGUFType, vocab: Vocab) -> int:
 def _planned_bytes(shape: tuple[int, ...], type_name: str) -> int:
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     return int(np.prod(shape, dtype=np.int64)) // block * size
-
-
-def _preflight_imatrix(
-    quants: list[GGUFType], qs: QuantSettings, dry_run: bool, autos: Sequence[AutoSpec] = ()
-):
-    """Load a given importance matrix; refuse types that need one when none will exist."""
-    if qs.imatrix_file is not None and qs.calib is not None and (quants or not autos):
-        raise InputError(
-            "both --imatrix and --calib given", "use one: --imatrix reuses a saved matrix"
-        )
-    if qs.calib is not None and not qs.calib.is_file():
-        raise InputError(f"{qs.calib}: calibration text not found")
-    needing = [q.name for q in quants if q.imatrix]
-    if needing and qs.imatrix_file is None and qs.calib is None and not dry_run:
-        raise InputError(
-            f"{', '.join(needing)} need an importance matrix (llama.cpp refuses them without one)",
-            "pass --calib TEXT to compute one on the way, or --imatrix FILE to reuse one",
-        )
-    if autos and qs.imatrix_file is None and qs.calib is None:
-        iq = [t for a in autos for t in (a.types or ()) if t.startswith("IQ")]
-        raise InputError(
-            (f"gguf:auto with {', '.join(iq)} needs an importance matrix" if iq else
-             "gguf:auto needs an importance matrix: it weighs each tensor's error by it"),
-            "pass --calib TEXT to compute one on the way, or --imatrix FILE to reuse one",
-        )  # fmt: skip
-    if qs.imatrix_file is not None:
-        from quantkit.quantize.imatrix import load_imatrix
-
-        return load_imatrix(qs.imatrix_file)
-    return None
 
 
 def _probe_chunks(base: Path, qs: QuantSettings) -> list[list[int]] | None:

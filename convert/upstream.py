@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import EngineError, InputError, UnsupportedArchitectureError
+from quantkit.paths import sdist_dir, upstream_dir
 
 # What the converter needs from the sdist (paths under vendor/llama.cpp/).
 MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
@@ -49,22 +50,14 @@ def engine_version() -> str:
         raise EngineError("llama-cpp-python is not installed", "run scripts/install.sh") from None
 
 
-def cache_root() -> Path:
-    root = os.environ.get("QUANTKIT_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "quantkit"
-
-
 def sdist_path(version: str) -> Path:
-    return cache_root() / "sdist" / f"llama_cpp_python-{version}.tar.gz"
+    return sdist_dir() / f"llama_cpp_python-{version}.tar.gz"
 
 
 def source_dir(version: str | None = None) -> Path:
     """llama.cpp's converter of the engine's version, extracted once from the sdist."""
     version = version or engine_version()
-    dest = cache_root() / "upstream" / version
+    dest = upstream_dir() / version
     if (dest / "convert_hf_to_gguf.py").is_file():
         return dest
     sdist = sdist_path(version)
@@ -282,20 +275,18 @@ def convert_upstream(
     ``name``: general.name and the output file stem."""
     from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
     from quantkit.checkpoint import Checkpoint
-    from quantkit.convert.hf_to_gguf import (
+    from quantkit.convert.hf_to_gguf import ConvertResult, default_name, output_paths
+    from quantkit.convert.loadcheck import check_gguf_vocab, check_loads
+    from quantkit.convert.quantized import (
         Artifact,
-        ConvertResult,
-        _preflight_imatrix,
-        _quantize_one,
-        default_name,
-        output_paths,
+        preflight_imatrix,
+        quantize_one,
         with_imatrix,
     )
-    from quantkit.convert.loadcheck import check_gguf_vocab, check_loads
     from quantkit.diskspace import check_free_space
     from quantkit.gguf_file import read_gguf
     from quantkit.quantize.audit import audit
-    from quantkit.quantize.types import GGUF_TYPES
+    from quantkit.quantize.gguf_types import GGUF_TYPES
 
     t_start = time.perf_counter()
     if dry_run:
@@ -325,7 +316,7 @@ def convert_upstream(
     if quants and src_base not in {t.name for t in floats}:
         planned.append((paths[quants[0].name], int(n_params * GGUF_TYPES[src_base].bpw / 8)))
     check_free_space(planned)
-    imatrix = _preflight_imatrix(quants, quant, dry_run)
+    imatrix = preflight_imatrix(quants, quant, dry_run)
     options = with_imatrix(quant.options, imatrix, quant.imatrix_file)
     if threads and not options.threads:
         options = replace(options, threads=threads)
@@ -376,8 +367,8 @@ def convert_upstream(
         t1 = time.perf_counter()
         for q in quants:
             artifacts.append(
-                _quantize_one(made[base_name], q, paths[q.name], options, quant, n_tensors,  # type: ignore[index]
-                              force=force, dry_run=False, progress=progress)
+                quantize_one(made[base_name], q, paths[q.name], options, quant, n_tensors,  # type: ignore[index]
+                             force=force, dry_run=False, progress=progress)
             )  # fmt: skip
         if quants:
             timings["quantize"] = time.perf_counter() - t1

@@ -15,7 +15,7 @@ from typing import Any
 
 from quantkit.gguf_file import GGUFInfo, read_gguf
 from quantkit.quantize.gguf import Fallback, QuantizeReport
-from quantkit.quantize.types import BY_FTYPE, GGUFType
+from quantkit.quantize.gguf_types import BY_FTYPE, GGUFType
 
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 

@@ -32,7 +32,6 @@ import hashlib
 import mmap
 import os
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from quantkit.errors import CheckpointError, InputError, UnsupportedArchitectureError
+from quantkit.progress import Progress
 from quantkit.validate.metrics import make_chunks
 
 # llama.cpp constants (common/imatrix-loader.h, ggml/include/ggml.h, gguf.h)
@@ -55,8 +55,6 @@ GGUF_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
 GGUF_VERSION = 3
 GGML_TYPE_F32 = 0
 _VT_UINT32, _VT_STRING, _VT_ARRAY = 4, 8, 9  # enum gguf_type
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass

@@ -18,10 +18,9 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
 from quantkit.checkpoint import SIDE_FILES, Checkpoint
 from quantkit.errors import EngineError, InputError
 from quantkit.hub import folder_name
-from quantkit.proc import kill_group
+from quantkit.progress import Progress
 from quantkit.quantize.vllm_targets import (
     DEFAULT_IGNORE,
     LAYOUTS,
@@ -41,8 +40,7 @@ from quantkit.quantize.vllm_targets import (
     GPTQTarget,
     VllmTarget,
 )
-
-Progress = Callable[[str, int, int], None]
+from quantkit.worker_jobs import JOB_FILE, read_result, run_job
 
 WORKER = Path(__file__).with_name("llmc_worker.py")
 
@@ -152,7 +150,7 @@ def fp8_experts_problem(target: FP8Target) -> str | None:
 
     if envs.has_cuda():
         return None
-    from quantkit.buildflags import cpu_flags
+    from quantkit.host import cpu_flags
 
     if target.scheme == "block" and "amx_tile" in cpu_flags():
         return None
@@ -626,68 +624,31 @@ def run_worker(
 ) -> dict[str, Any]:
     """Run llmc_worker.py for ``job``; its output goes to work/worker.log (to stderr with
     QUANTKIT_DEBUG=1). Returns the worker's result or raises a one-line EngineError."""
-    debug = os.environ.get("QUANTKIT_DEBUG") == "1"
-    job_file = work / "job.json"
-    job_file.write_text(json.dumps(job))
-    log = work / "worker.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONPATH", None)  # nothing of quantkit's venv may leak into the other env
-    seen = 0
-    with log.open("wb") as lf:
-        proc = subprocess.Popen(
-            # -I: isolated (no script folder on sys.path: quantize/types.py would shadow the
-            # standard library's types; no PYTHON* variables, no user site); -u: unbuffered
-            [str(python), "-I", "-u", str(WORKER), str(job_file)],
-            stdout=None if debug else lf,
-            stderr=None if debug else subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        t0 = time.monotonic()
-        try:
-            while True:
-                try:
-                    proc.wait(timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() - t0 > timeout:
-                        kill_group(proc)
-                        raise EngineError(
-                            f"llm-compressor did not finish in {timeout:g} s", "lower --samples"
-                        ) from None
-                seen = _forward_progress(work, seen, progress)
-        except BaseException:
-            kill_group(proc)
-            raise
-    _forward_progress(work, seen, progress)
-    res_file = work / "result.json"
-    res = json.loads(res_file.read_text()) if res_file.is_file() else None
+    fin = run_job(
+        # -I: isolated (no script folder on sys.path: quantize/gguf.py and quantize/vllm.py
+        # would shadow the gguf and vllm packages; no PYTHON* variables, no user site);
+        # -u: unbuffered
+        [str(python), "-I", "-u", str(WORKER), str(work / JOB_FILE)],
+        job,
+        work,
+        timeout=timeout,
+        env=env,
+        progress=progress,
+        heartbeat=False,
+        log_to_terminal=os.environ.get("QUANTKIT_DEBUG") == "1",
+    )
+    if fin.timed_out:
+        raise EngineError(f"llm-compressor did not finish in {timeout:g} s", "lower --samples")
+    res = read_result(work)
     if res is None or not res.get("ok"):
-        why = (
-            res["error"]
-            if res
-            else f"the llm-compressor process died (exit code {proc.returncode})"
-        )
+        why = res["error"] if res else f"the llm-compressor process died (exit code {fin.rc})"
         raise EngineError(
             f"llm-compressor failed: {why}",
             "rerun with QUANTKIT_DEBUG=1 to see llm-compressor's own output",
         )
     return res
-
-
-def _forward_progress(work: Path, seen: int, progress: Progress | None) -> int:
-    if progress is None:
-        return seen
-    try:
-        lines = (work / "progress").read_text().splitlines()
-    except OSError:
-        return seen
-    for ln in lines[seen:]:
-        parts = ln.split()
-        if len(parts) == 3:
-            progress(parts[0], int(parts[1]), int(parts[2]))
-    return len(lines)
 
 
 # -- export --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """CPU-derived CMake flags for building llama.cpp (through llama-cpp-python).
 
 Runs standalone (``python quantkit/buildflags.py``) before quantkit is installed, so it imports
-nothing outside the standard library.
+nothing outside the standard library and ``host.py`` beside it (the CPU's flags).
 
 Why not the default build: llama.cpp's native build (``GGML_NATIVE=ON``) crashes on quantized
 GGUFs on the Intel Xeons we run on (they advertise AMX and llama.cpp's AMX path dies), and a build
@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from pathlib import Path
+
+try:
+    from quantkit.host import cpu_flags
+except ImportError:  # run by path before quantkit is installed: host.py is in this folder
+    from host import cpu_flags  # type: ignore[no-redef]
 
 # GGML CMake option -> /proc/cpuinfo flag that must be present to switch it on
 # (option names from ggml/CMakeLists.txt of llama.cpp as vendored by llama-cpp-python 0.3.36).
@@ -38,41 +42,6 @@ ALWAYS: dict[str, str] = {
     "LLAMA_BUILD_TESTS": "OFF",
     "LLAMA_BUILD_EXAMPLES": "OFF",
 }
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The ISA flags of the first CPU listed in /proc/cpuinfo."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags") and ":" in line:
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-# The flags that decide which kernels an engine can run here (llama.cpp's ISA switches, vLLM's
-# AVX-512 / AMX libraries): what host keys and verdict caches are made of.
-KERNEL_FLAG_PREFIXES = ("avx", "amx", "fma", "f16c", "bmi2", "sse4")
-
-
-def kernel_flags() -> list[str]:
-    return sorted(f for f in cpu_flags() if f.startswith(KERNEL_FLAG_PREFIXES))
-
-
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (else what the platform module says)."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cmake_options(flags: set[str]) -> dict[str, str]:

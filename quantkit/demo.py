@@ -9,11 +9,11 @@ correct weights (docs/decisions.md, measured 2026-11-24).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from quantkit.atomic import atomic_dir, file_lock
 from quantkit.errors import InputError
+from quantkit.paths import models_dir
 
 DEMO_NAME = "smollm2-135m-instruct"
 DEMO_BUILD = "v2"  # bump when the way the checkpoint is built changes (rebuilds the cache)
@@ -29,14 +29,6 @@ SMOLLM_PRE_TOKENIZER = {
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
     ],
 }
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("QUANTKIT_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "quantkit"
 
 
 def demo_gguf() -> Path:
@@ -64,7 +56,7 @@ def demo_model(progress: bool = False) -> Path:
     Built once per cache under a file lock: a second process started meanwhile waits, then finds
     the finished folder (it appears by one rename, so a folder under the final name is complete).
     """
-    target = cache_dir() / "models" / DEMO_BUILD / DEMO_NAME
+    target = models_dir() / DEMO_BUILD / DEMO_NAME
     if _complete(target):
         return target
     src = demo_gguf()

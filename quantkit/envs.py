@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import EngineError, InputError
+from quantkit.host import has_cuda
+from quantkit.paths import envs_dir
 
 TORCH = "torch==2.13.0"  # the CPU wheel every measurement was made with; a bare `torch` pulls CUDA builds
 SPEC_VERSION = 1  # bump when the way an env is built changes (not only its pins)
@@ -53,29 +55,6 @@ class EnvSpec:
     uninstall: tuple[str, ...]  # removed after install (see the table for why)
     check: str  # Python run in the env after install; must exit 0
     purpose: str
-
-
-def has_cuda() -> bool:
-    """Whether this host has an NVIDIA GPU with a driver loaded.
-
-    Decided from the host, not from torch: quantkit's own venv always holds the CPU torch wheel,
-    so ``torch.cuda.is_available()`` there says nothing about the machine. The kernel driver lists
-    every GPU under /proc/driver/nvidia/gpus; ``nvidia-smi -L`` covers containers that get the
-    device nodes without that proc entry. QUANTKIT_CUDA=0/1 overrides the guess."""
-    forced = os.environ.get("QUANTKIT_CUDA")
-    if forced in ("0", "1"):
-        return forced == "1"
-    gpus = Path("/proc/driver/nvidia/gpus")
-    if gpus.is_dir() and any(gpus.iterdir()):
-        return True
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            r = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
-            return r.returncode == 0 and "GPU" in r.stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-    return False
 
 
 def _specs(cuda: bool) -> dict[str, EnvSpec]:
@@ -137,9 +116,7 @@ def spec_hash(s: EnvSpec) -> str:
 
 
 def root() -> Path:
-    from quantkit.demo import cache_dir
-
-    return cache_dir() / "envs"
+    return envs_dir()
 
 
 def env_dir(name: str) -> Path:

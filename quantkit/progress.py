@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
+
+# progress(stage, done, total): what library code calls; the CLI draws bars from it.
+Progress = Callable[[str, int, int], None]
 
 # The unit of a stage's count, by a word of the stage, the last first ("Q4_K_M.gguf score" counts
 # tokens, "quantize Q4_K_M" tensors; "gptq:calibrate" counts samples).

@@ -63,7 +63,7 @@ class GGUFTarget(_Target):
     @field_validator("type")
     @classmethod
     def _known_type(cls, v: str) -> str:
-        from quantkit.quantize.types import GGUF_TYPES
+        from quantkit.quantize.gguf_types import GGUF_TYPES
 
         up = v.upper()
         if up != "AUTO" and up not in GGUF_TYPES:
@@ -100,8 +100,8 @@ class GGUFTarget(_Target):
 
     @property
     def gguf_type(self) -> Any:
-        """The file type's row of quantize/types.py (not for type auto)."""
-        from quantkit.quantize.types import gguf_type
+        """The file type's row of quantize/gguf_types.py (not for type auto)."""
+        from quantkit.quantize.gguf_types import gguf_type
 
         return gguf_type(self.type)
 
@@ -343,6 +343,6 @@ def needs_calibration(t: Any) -> bool:
 
 
 def _IMATRIX_TYPES() -> set[str]:  # noqa: N802 - a lazily built constant
-    from quantkit.quantize.types import GGUF_TYPES
+    from quantkit.quantize.gguf_types import GGUF_TYPES
 
     return {n for n, t in GGUF_TYPES.items() if t.imatrix}

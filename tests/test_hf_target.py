@@ -264,7 +264,7 @@ def test_export_api_writes_hf_from_memory_and_path(tiny):
                            adapter=tiny["adapter"])  # fmt: skip
     assert [(a.format, a.label) for a in mem.artifacts] == [("gguf", "F32"), ("hf", "hf")]
     hf = mem.artifacts[1]
-    from quantkit.validate.harness import model_hash
+    from quantkit.hashing import model_hash
 
     # a folder's hash is one over its files' names and bytes, as validation reports it
     assert hf.path == tiny["root"] / "api-mem" / "ft-hf" and hf.sha256 == model_hash(hf.path)

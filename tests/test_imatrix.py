@@ -25,6 +25,7 @@ import pytest
 from conftest import TRAIN_TEXT, fixture_path, make_tiny_model
 
 from quantkit.errors import EngineError, InputError
+from quantkit.quantize.gguf_types import GGUFType, gguf_type
 from quantkit.quantize.imatrix import (
     Imatrix,
     bos_added,
@@ -34,7 +35,6 @@ from quantkit.quantize.imatrix import (
     load_imatrix,
     save_imatrix,
 )
-from quantkit.quantize.types import GGUFType, gguf_type
 
 # -- llama.cpp helpers (ctypes) ------------------------------------------------------------------
 

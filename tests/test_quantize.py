@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TRAIN_TEXT, make_tiny_model, run_cli
 
-from quantkit.quantize.types import GGUF_TYPES
+from quantkit.quantize.gguf_types import GGUF_TYPES
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def _plan(recipe: Path) -> list[dict]:
 
 
 def test_finetune_recipe(work: Path) -> None:
-    from quantkit.validate.harness import model_hash
+    from quantkit.hashing import model_hash
 
     # vLLM targets (llm-compressor) load the same merged copy as the imatrix; one is left out
     # here for time (an llm-compressor start is ~45 s on the shared 2 cores)

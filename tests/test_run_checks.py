@@ -22,7 +22,7 @@ import yaml
 from conftest import TRAIN_TEXT, like_a_terminal, make_tiny_model
 
 from quantkit.errors import Interrupted
-from quantkit.validate.harness import sha256_file
+from quantkit.hashing import sha256_file
 
 VALIDATION = {"data": "text.txt", "ctx": 64, "chunks": 2, "threads": 2, "pp": 16, "tg": 4}
 # IQ4_XS/IQ4_NL quantize slowly (a grid search per block: ~1-3 s each for this model on the

@@ -96,9 +96,9 @@ def test_known_vllm_errors_get_a_hint() -> None:
     """The worker runs in the vLLM env, but its error wording is plain Python: load it here."""
     import importlib.util
 
-    from quantkit.validate.engines import VLLM
+    from quantkit.validate.engines import VllmEngine
 
-    spec = importlib.util.spec_from_file_location("vllm_worker", VLLM.script)
+    spec = importlib.util.spec_from_file_location("vllm_worker", VllmEngine.script)
     assert spec is not None and spec.loader is not None
     w = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(w)  # stdlib + numpy at import time: vLLM is imported in run()

@@ -180,8 +180,6 @@ def test_group_check_covers_experts(tmp_path: Path) -> None:
 
     model = make_case(tmp_path / "q3", "qwen3moe", moe_intermediate_size=192)
     with pytest.raises(PreflightError) as e:
-        preflight(
-            model, parse_target("gptq:group=128"), VllmSettings(check_memory=False), None
-        )
+        preflight(model, parse_target("gptq:group=128"), VllmSettings(check_memory=False), None)
     assert "model.layers.{0-1}.mlp.experts.0.down_proj (192)" in str(e.value), str(e.value)
     assert "group=64" in (e.value.hint or "")

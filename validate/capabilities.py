@@ -43,9 +43,11 @@ import numpy as np
 from quantkit.atomic import atomic_output, file_lock
 from quantkit.errors import InputError, QuantkitError
 from quantkit.validate.capability_artifacts import DTYPES, Spec
+from quantkit.validate.engines import ENGINES as ENGINE_TYPES
+from quantkit.validate.engines import LlamaCppEngine, VllmEngine, is_lora_dir
 
 MATRIX_VERSION = "1"  # bump when what a row measures changes (re-measures every host)
-ENGINES = ("llama.cpp", "vllm")
+ENGINES = (LlamaCppEngine.name, VllmEngine.name)  # the engines with a measured matrix
 Say = Callable[[str], None]
 
 # The job every row is scored with: a few tokens, as fast as a start allows.
@@ -137,7 +139,7 @@ def engine_of(row_id: str) -> str:
 
 def parse_row(row_id: str) -> Row:
     """The row a row id names; InputError (exit 2) when it names none."""
-    from quantkit.quantize.types import GGUF_TYPES
+    from quantkit.quantize.gguf_types import GGUF_TYPES
 
     if row_id == "gguf-lora":
         return Row(row_id, "llama.cpp", "GGUF LoRA adapter on an F32 base",
@@ -190,7 +192,6 @@ def parse_row(row_id: str) -> Row:
 def format_of(path: Path) -> str | None:
     """The row id of an artifact (a GGUF file, an HF folder, a LoRA adapter), or None when the
     matrix has no row for its format."""
-    from quantkit.validate.engines import is_lora_dir
 
     p = Path(path)
     if p.is_file():
@@ -268,33 +269,18 @@ def _quant_format(q: dict[str, Any]) -> str | None:
 # -- host key and cache --------------------------------------------------------------------------
 
 
+def _gpu() -> str | None:
+    from quantkit.host import gpu_name, has_cuda
+
+    if not has_cuda():
+        return None
+    return gpu_name() or "cuda"
+
+
 # CPU flags that select kernels in llama.cpp (ggml ISA switches) and in vLLM's CPU build (AVX2 vs
 # AVX-512 libraries, AMX tiles for MoE/FP8 experts, BF16/VNNI dot products).
-def _gpu() -> str | None:
-    from quantkit import envs
-
-    if not envs.has_cuda():
-        return None
-    import shutil
-    import subprocess
-
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return "cuda"
-    try:
-        r = subprocess.run(
-            [smi, "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout else "cuda"
-    except (OSError, subprocess.TimeoutExpired):
-        return "cuda"
-
-
 def host() -> dict[str, Any]:
-    from quantkit.buildflags import cpu_model, kernel_flags
+    from quantkit.host import cpu_model, kernel_flags
 
     return {
         "machine": platform.machine(),
@@ -343,9 +329,9 @@ def host_key(engine: str, h: dict[str, Any] | None = None) -> str | None:
 
 
 def _root() -> Path:
-    from quantkit.demo import cache_dir
+    from quantkit.paths import capabilities_dir
 
-    return cache_dir() / "capabilities"
+    return capabilities_dir()
 
 
 def _cache_file(engine: str, key: str) -> Path:
@@ -411,11 +397,10 @@ def _run_one(
     row: Row, path: Path, base: Path | None, work: Path, options: dict[str, Any]
 ) -> tuple[bool, str | None, dict[str, Any]]:
     """Score the row's artifact once: (runs, the engine's error line, result)."""
-    from quantkit.validate.engines import VLLM
-    from quantkit.validate.harness import Settings, _engine_options
+    from quantkit.validate.harness import Settings
     from quantkit.validate.runner import log_tail, run_worker
 
-    opts = _engine_options(row.engine, Settings(topk=TOPK, vllm_eager=True)) | options
+    opts = ENGINE_TYPES[row.engine].job_options(Settings(topk=TOPK, vllm_eager=True)) | options
     if row.lora and row.engine == "llama.cpp":
         opts["lora"], target = str(path), base
     elif row.lora:
@@ -443,7 +428,7 @@ def _run_one(
         raise NotMeasurable(f"{row.id}: {err}")
     if not res.get("ok"):  # a crash's error already ends with the engine's own last error line
         return False, err or (log_tail(work / f"run-{n}" / "worker.log") or ["?"])[-1], res
-    if row.engine == VLLM.name:
+    if row.engine == VllmEngine.name:  # its raw top-k arrays: figures need the reference
         lp = np.load(res["scores"]["target_logprobs"])
     else:
         lp = np.array([res["quality"]["ppl"]])
@@ -625,7 +610,7 @@ def settle(
     if not v.runs and not v.fix:
         entry.update(
             status="unsupported",
-            format="gguf" if engine == "llama.cpp" else "hf",
+            format=ENGINE_TYPES[engine].artifact_format,
             error=f"{v.reason} — measured on this host by `quantkit engines check` (row "
             f"{v.row}, host key {host_key(engine)}, {v.measured})",
             log_tail=[],

@@ -77,9 +77,9 @@ class Spec:
 
 
 def root() -> Path:
-    from quantkit.demo import cache_dir
+    from quantkit.paths import capability_artifacts_dir
 
-    return cache_dir() / "capabilities" / "artifacts"
+    return capability_artifacts_dir()
 
 
 def _entry(spec: Spec) -> Path:
@@ -228,8 +228,8 @@ def _build(spec: Spec, work: Path, text: Path, get: Callable[[Spec], Path], say:
             _build_adapter(base, dest / "tiny-adapter")
         return _store(spec, dest / "tiny-adapter")
     if spec.kind == "gguf":
-        from quantkit.convert.hf_to_gguf import QuantSettings
-        from quantkit.quantize.types import gguf_type
+        from quantkit.convert.quantized import QuantSettings
+        from quantkit.quantize.gguf_types import gguf_type
 
         base = get(Spec("base", spec.arch, spec.dtype))
         say(f"converting to GGUF {spec.gtype}")

@@ -1,33 +1,42 @@
-"""Engines behind one interface: load, score token ids, speed run, unload.
+"""Engines behind one interface: how each one's worker runs, the options it takes, how its result
+becomes report figures — and, for the engines quantkit's own worker loads, load / score / speed /
+unload.
 
 An engine scores *the harness's* token ids (one tokenization, one chunking) and returns, for every
 scored position, the log-probabilities of the next token: the full distribution (llama.cpp,
 transformers → exact KLD) or only the top-k plus the target (an engine such as vLLM that returns
-``prompt_logprobs`` → approximate KLD, labelled as such). Engines run inside the worker process
-(``quantkit.validate.worker``), never in the harness's own process, so an engine that crashes or
-hangs fails only its artifact.
+``prompt_logprobs`` → approximate KLD, labelled as such). Engines run inside a worker process,
+never in the harness's own process, so an engine that crashes or hangs fails only its artifact.
 
-Adding an engine: subclass ``Engine``, set ``name`` and ``distribution`` ("top-k" when only
-``prompt_logprobs`` come back: return ``Scored(topk_ids=…, topk_logprobs=…, target_logprobs=…)``,
-top-k sorted by decreasing log-prob), register it in ``ENGINES`` and teach ``engine_for`` which
-artifacts it takes. The harness, the metrics and the report do not change.
+Every engine is an ``Engine``; the harness and the runner ask it rather than test its name:
+``worker_command`` (which interpreter runs which worker), ``job_options`` (from the validate
+settings), ``finish`` (the worker's result → quality figures) and ``artifact_format``.
 
-An engine that lives in another virtual environment (vLLM: its pins clash with quantkit's and
-llm-compressor's, see ``quantkit/envs.py``) is a ``ScriptEngine``: a self-contained script run
-with that environment's interpreter (quantkit is not installed there) that speaks the same job
-protocol (JSON job, ``.npy`` chunk ids, ``progress``, ``result.json``) and returns raw top-k
-arrays; the harness computes the metrics from them with the same code (``SCRIPT_ENGINES``).
+- A ``ModelEngine`` is loaded by quantkit's worker (``quantkit.validate.worker``) in quantkit's
+  environment. Adding one: subclass it, set ``name`` and ``distribution`` ("top-k" when only
+  ``prompt_logprobs`` come back: return ``Scored(topk_ids=…, topk_logprobs=…,
+  target_logprobs=…)``, top-k sorted by decreasing log-prob), register it in ``ENGINES`` and
+  teach ``engine_for`` which artifacts it takes.
+- An engine that lives in another virtual environment (vLLM: its pins clash with quantkit's and
+  llm-compressor's, see ``quantkit/envs.py``) sets ``env`` and ``script``: a self-contained script
+  run with that environment's interpreter (quantkit is not installed there) that speaks the same
+  job protocol (JSON job, ``.npy`` chunk ids, ``progress``, ``result.json``) and returns raw top-k
+  arrays, which its ``finish`` turns into figures with the metric code every engine shares.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from quantkit.validate.harness import Settings
 
 
 def log_softmax32(logits: np.ndarray) -> np.ndarray:
@@ -53,11 +62,37 @@ class Scored:
 
 
 class Engine(ABC):
-    """One inference engine holding one model."""
+    """One inference engine as the harness sees it: its worker, its options, its figures."""
 
     name: ClassVar[str]
     distribution: ClassVar[str] = "full"  # "full" | "top-k"
-    python: ClassVar[str | None] = None  # interpreter for the worker; None: this one
+    artifact_format: ClassVar[str] = "hf"  # the report's "format" of the artifacts it runs
+    env: ClassVar[str | None] = None  # quantkit.envs environment of its worker; None: quantkit's
+    script: ClassVar[Path | None] = None  # self-contained worker run in ``env``
+
+    @classmethod
+    def worker_command(cls, job_file: Path) -> list[str]:
+        """The process that carries out the job in ``job_file``."""
+        if cls.script is None:
+            return [sys.executable, "-m", "quantkit.validate.worker", str(job_file)]
+        from quantkit import envs
+
+        assert cls.env is not None, f"{cls.name}: a worker script runs in an environment"
+        return [str(envs.python(cls.env)), str(cls.script), str(job_file)]
+
+    @classmethod
+    def job_options(cls, s: Settings) -> dict[str, Any]:
+        """The engine options of an artifact job, from the validate settings."""
+        return {}
+
+    @classmethod
+    def finish(cls, job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+        """The worker's successful result as the report takes it (figures already there)."""
+        return res
+
+
+class ModelEngine(Engine):
+    """An engine quantkit's worker loads, holding one model."""
 
     def __init__(self, path: str | Path, *, n_ctx: int, threads: int, **options: Any) -> None:
         self.path = Path(path)
@@ -94,11 +129,31 @@ class Engine(ABC):
     def unload(self) -> None: ...
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(ModelEngine):
     """A GGUF in llama.cpp (llama-cpp-python), full logits, only the scored positions computed
     (as llama-perplexity asks for them)."""
 
     name = "llama.cpp"
+    artifact_format = "gguf"
+
+    @classmethod
+    def job_options(cls, s: Settings) -> dict[str, Any]:
+        return {"kv_f32": s.kv_f32, "flash_attn": s.flash_attn}
+
+    @classmethod
+    def audit(cls, path: str | Path) -> dict[str, Any] | None:
+        """The GGUF's types, size and fallbacks (quantize/audit.py) for the report's size block."""
+        from quantkit.quantize.audit import audit
+
+        a = audit(path)
+        return {
+            "file_type": a.file_type,
+            "n_params": a.n_params,
+            "tensor_bytes": a.tensor_bytes,
+            "bits_per_weight": a.bpw,
+            "type_histogram": a.histogram,
+            "fallbacks": len(a.fallbacks),
+        }
 
     def load(self) -> None:
         from quantkit.validate.llamacpp import LlamaCppModel
@@ -188,7 +243,7 @@ class LlamaCppEngine(Engine):
         self.model.close()
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(ModelEngine):
     """An HF checkpoint in transformers on CPU (CUDA when present), eager attention, in the
     checkpoint's own dtype unless ``dtype`` is given."""
 
@@ -283,36 +338,89 @@ class MemoryEngine(TransformersEngine):
         self.model = None
 
 
+class VllmEngine(Engine):
+    """An HF folder (quantized or not) or a LoRA adapter on its base in vLLM, run by
+    ``vllm_worker.py`` in the vLLM environment; top-k log-probs per position come back."""
+
+    name = "vllm"
+    distribution = "top-k"
+    env = "vllm"
+    script = Path(__file__).with_name("vllm_worker.py")
+
+    @classmethod
+    def job_options(cls, s: Settings) -> dict[str, Any]:
+        return {"topk": s.topk, "dtype": s.vllm_dtype, "eager": s.vllm_eager}
+
+    @classmethod
+    def finish(cls, job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+        return finish_topk(job, res)
+
+
 ENGINES: dict[str, type[Engine]] = {
-    LlamaCppEngine.name: LlamaCppEngine,
-    TransformersEngine.name: TransformersEngine,
+    e.name: e for e in (LlamaCppEngine, TransformersEngine, VllmEngine)
 }
 
 
-@dataclass(frozen=True)
-class ScriptEngine:
-    """An engine run as a self-contained script in its own environment (``quantkit.envs``)."""
+def finish_topk(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
+    """Quality figures from a worker's raw top-k arrays (``vllm_worker.py``) against the cached
+    reference, with the metric code every engine shares; and its tokenization check."""
+    from quantkit.validate.metrics import Accumulator, position_stats_topk, renormalize
+    from quantkit.validate.worker import token_mismatch_share
 
-    name: str
-    distribution: str  # "full" | "top-k"
-    env: str  # quantkit.envs environment whose interpreter runs the script
-    script: Path
+    chunks = np.load(job["chunks"])
+    first = int(job["first"])
+    sc = res.pop("scores")
+    ids = np.load(sc["topk_ids"], mmap_mode="r")
+    lps = np.load(sc["topk_logprobs"], mmap_mode="r")
+    tgt = np.load(sc["target_logprobs"], mmap_mode="r")
+    ref = np.load(job["ref_logprobs"], mmap_mode="r")
+    acc = Accumulator()
+    dmax = 0.0
+    for i in range(chunks.shape[0]):
+        lp_ref = renormalize(ref[i]) if ref.dtype == np.float16 else np.asarray(ref[i])
+        targets = np.asarray(chunks[i, first + 1 :])
+        acc.extend(position_stats_topk(ids[i], lps[i], tgt[i], targets, lp_ref))
+        ref_t = lp_ref[np.arange(len(targets)), targets].astype(np.float64)
+        dmax = max(dmax, float(np.max(np.abs(np.asarray(tgt[i], np.float64) - ref_t))))
+    ppl, err = acc.ppl()
+    k = acc.kld_stats()
+    res["quality"] = {
+        "ppl": ppl,
+        "ppl_stderr": err,
+        "kld_mean": k["mean"],
+        "kld_p99": k["p99"],
+        "kld_max": k["max"],
+        "kld_method": "approx-top-k",
+        "top1_pct": 100 * k["top1"],
+        "mean_abs_dp": k["mean_abs_dp"],
+        # max |log q(next) − log p_ref(next)|: an exactness check where only top-k comes back
+        # (float16-rounded when the reference cache is float16, see ref_dtype)
+        "max_abs_dlogprob": dmax,
+    }
+    tok = res.pop("tokenization", None)
+    if tok:
+        own = np.load(tok["ids"]).tolist()
+        ref_ids = np.load(job["ref_ids"]).tolist()
+        res["tokenization"] = {
+            "engine_tokens": len(own),
+            "reference_tokens": len(ref_ids),
+            "differ_share": token_mismatch_share(ref_ids, own),
+            "bos_agrees": bool(tok["adds_bos"]) == bool(job.get("ref_adds_bos")),
+        }
+    return res
 
-
-VLLM = ScriptEngine("vllm", "top-k", env="vllm", script=Path(__file__).with_name("vllm_worker.py"))
-SCRIPT_ENGINES: dict[str, ScriptEngine] = {VLLM.name: VLLM}
 
 # Engines a user may ask for by name for Hugging Face folders (``validate --engine``).
-HF_ENGINES: tuple[str, ...] = (TransformersEngine.name, VLLM.name)
+HF_ENGINES: tuple[str, ...] = (TransformersEngine.name, VllmEngine.name)
 
 # quantization_config.quant_method of an HF folder → the engine that loads it. These are the
 # checkpoints quantkit's vLLM exports write (compressed-tensors; legacy AutoGPTQ/AutoAWQ layouts)
 # and vLLM's own FP8 format; transformers alone cannot run them on CPU.
 QUANT_METHOD_ENGINE: dict[str, str] = {
-    "compressed-tensors": VLLM.name,
-    "gptq": VLLM.name,
-    "awq": VLLM.name,
-    "fp8": VLLM.name,
+    "compressed-tensors": VllmEngine.name,
+    "gptq": VllmEngine.name,
+    "awq": VllmEngine.name,
+    "fp8": VllmEngine.name,
 }
 
 
@@ -342,7 +450,7 @@ def engine_for(path: str | Path, hf_engine: str | None = None) -> str:
     (``QUANT_METHOD_ENGINE``), else ``hf_engine`` when given, else transformers."""
     p = Path(path)
     if is_lora_dir(p):
-        return VLLM.name
+        return VllmEngine.name
     if p.is_file():
         with p.open("rb") as f:
             if f.read(4) == b"GGUF" or p.suffix.lower() == ".gguf":

@@ -8,8 +8,9 @@
    ``ctx`` and ``chunks`` (``reference_key``), so later runs and every artifact reuse them.
 3. Each artifact is scored in a worker process of its engine with a timeout; a crash, a hang or a
    corrupt file fails that artifact (error + log tail in the report) and the others go on.
-   Engines in another environment (vLLM) run as a script with that environment's interpreter and
-   return raw top-k arrays; the metrics are computed here with the same code (``_finish_topk``).
+   The engine says how its worker runs (``Engine.worker_command``: quantkit's worker, or a script
+   in another environment such as vLLM's) and turns its result into figures (``Engine.finish``:
+   vLLM's raw top-k arrays get the metric code every engine shares).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,17 +34,21 @@ from quantkit.atomic import atomic_dir, file_lock
 from quantkit.checkpoint import read_json
 from quantkit.diskspace import check_free_space
 from quantkit.errors import InputError, QuantkitError
+from quantkit.hashing import model_hash, sha256_file
+from quantkit.host import cpu_model, gpu_name
+from quantkit.paths import reference_dir
+from quantkit.progress import Progress
 from quantkit.text import read_text
 from quantkit.validate import capabilities
 from quantkit.validate.engines import (
-    SCRIPT_ENGINES,
+    ENGINES,
     engine_for,
     hf_file_type,
     hf_quant_method,
     is_lora_dir,
 )
 from quantkit.validate.metrics import make_chunks
-from quantkit.validate.runner import Progress, run_worker
+from quantkit.validate.runner import run_worker
 
 CACHE_VERSION = "1"
 
@@ -157,27 +160,7 @@ class Settings:
 
 
 def cache_root() -> Path:
-    from quantkit.demo import cache_dir
-
-    return cache_dir() / "validate" / "reference"
-
-
-def sha256_file(path: Path, h: Any = None) -> str:
-    h = h or hashlib.sha256()
-    with path.open("rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
-
-
-def model_hash(model: Path) -> str:
-    """sha256 over a model folder's files (names and contents), or one file's content."""
-    h = hashlib.sha256()
-    files = sorted(p for p in model.rglob("*") if p.is_file()) if model.is_dir() else [model]
-    for p in files:
-        h.update(str(p.relative_to(model) if model.is_dir() else p.name).encode() + b"\0")
-        sha256_file(p, h)
-    return h.hexdigest()
+    return reference_dir()
 
 
 def reference_key(model: Path, text: str, ctx: int, chunks: int | None, dtype: str | None) -> str:
@@ -207,26 +190,11 @@ def tokenize_reference(model: Path, text: str) -> tuple[list[int], int | None]:
 def host_info(threads: int) -> dict[str, Any]:
     import platform
 
-    from quantkit.buildflags import cpu_model
-
-    cpu = cpu_model()
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        try:
-            r = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            gpu = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout else None
-        except (OSError, subprocess.TimeoutExpired):
-            gpu = None
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": threads,
-        "gpu": gpu,
+        "gpu": gpu_name(),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
@@ -293,63 +261,6 @@ def _score_reference(
         ref_res["logprobs_sha256"] = sha256_file(staging / "logprobs.npy")
         (staging / "result.json").write_text(json.dumps(ref_res))
     return ref_res
-
-
-def _finish_topk(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
-    """Quality figures from a script engine's raw top-k arrays (``vllm_worker.py``) against the
-    cached reference, with the metric code every engine shares; and its tokenization check."""
-    from quantkit.validate.metrics import Accumulator, position_stats_topk, renormalize
-    from quantkit.validate.worker import token_mismatch_share
-
-    chunks = np.load(job["chunks"])
-    first = int(job["first"])
-    sc = res.pop("scores")
-    ids = np.load(sc["topk_ids"], mmap_mode="r")
-    lps = np.load(sc["topk_logprobs"], mmap_mode="r")
-    tgt = np.load(sc["target_logprobs"], mmap_mode="r")
-    ref = np.load(job["ref_logprobs"], mmap_mode="r")
-    acc = Accumulator()
-    dmax = 0.0
-    for i in range(chunks.shape[0]):
-        lp_ref = renormalize(ref[i]) if ref.dtype == np.float16 else np.asarray(ref[i])
-        targets = np.asarray(chunks[i, first + 1 :])
-        acc.extend(position_stats_topk(ids[i], lps[i], tgt[i], targets, lp_ref))
-        ref_t = lp_ref[np.arange(len(targets)), targets].astype(np.float64)
-        dmax = max(dmax, float(np.max(np.abs(np.asarray(tgt[i], np.float64) - ref_t))))
-    ppl, err = acc.ppl()
-    k = acc.kld_stats()
-    res["quality"] = {
-        "ppl": ppl,
-        "ppl_stderr": err,
-        "kld_mean": k["mean"],
-        "kld_p99": k["p99"],
-        "kld_max": k["max"],
-        "kld_method": "approx-top-k",
-        "top1_pct": 100 * k["top1"],
-        "mean_abs_dp": k["mean_abs_dp"],
-        # max |log q(next) − log p_ref(next)|: an exactness check where only top-k comes back
-        # (float16-rounded when the reference cache is float16, see ref_dtype)
-        "max_abs_dlogprob": dmax,
-    }
-    tok = res.pop("tokenization", None)
-    if tok:
-        own = np.load(tok["ids"]).tolist()
-        ref_ids = np.load(job["ref_ids"]).tolist()
-        res["tokenization"] = {
-            "engine_tokens": len(own),
-            "reference_tokens": len(ref_ids),
-            "differ_share": token_mismatch_share(ref_ids, own),
-            "bos_agrees": bool(tok["adds_bos"]) == bool(job.get("ref_adds_bos")),
-        }
-    return res
-
-
-def _engine_options(eng: str, s: Settings) -> dict[str, Any]:
-    if eng == "llama.cpp":
-        return {"kv_f32": s.kv_f32, "flash_attn": s.flash_attn}
-    if eng == "vllm":
-        return {"topk": s.topk, "dtype": s.vllm_dtype, "eager": s.vllm_eager}
-    return {}
 
 
 def split_lora_bases(paths: Sequence[Path]) -> tuple[Path | None, Path | None]:
@@ -471,6 +382,23 @@ def cap_to_context(s: Settings, n_pos: int | None) -> tuple[Settings, list[str]]
     return (dataclasses.replace(s, **caps) if caps else s), notes
 
 
+@dataclass
+class _Run:
+    """What every artifact job of one ``validate`` call shares."""
+
+    s: Settings
+    data: Path
+    run_dir: Path
+    base_job: dict[str, Any]
+    bos: int | None
+    ref_logprobs: Path
+    ref_ppl: float
+    threads: int
+    progress: Progress | None
+    vllm_base: Path | None
+    vllm_loras: dict[Path, dict[str, Any]]
+
+
 def validate(
     artifacts: list[Path],
     reference: Path,
@@ -485,37 +413,14 @@ def validate(
     ``reference_model``: the reference as a transformers/peft model in this process (then
     ``reference`` is a folder with its config.json and tokenizer only); it is scored in-process
     and never cached (the folder's files do not identify its weights)."""
-    from quantkit import __version__
-
     s = settings or Settings()
     if reference_model is not None:
         s = dataclasses.replace(s, cache=False)
-    if not reference.exists():
-        raise InputError(f"{reference}: reference model not found")
-    if not (reference / "config.json").is_file():
-        raise InputError(f"{reference}: not a Hugging Face model folder (no config.json)")
-    if not data.is_file():
-        raise InputError(f"{data}: text not found")
-    for a in artifacts:
-        if not a.exists():
-            raise InputError(f"{a}: artifact not found")
+    _check_inputs(artifacts, reference, data, s)
     threads = s.threads or os.cpu_count() or 1
     s, notes = cap_to_context(s, model_context(reference))
     text = read_text(data)
-    tok_dir = reference
-    if s.adapter is not None:
-        from quantkit.convert.lora import LoraAdapter
-
-        lora = LoraAdapter.open(s.adapter)  # refuses a bad adapter before any engine starts
-        lora.close()
-        tok_dir = s.adapter if lora.has_tokenizer else reference
-    if s.lora_base is not None and not s.lora_base.is_file():
-        raise InputError(f"{s.lora_base}: --lora-base GGUF not found")
-    if s.lora_base is not None and _is_gguf_adapter(s.lora_base):
-        raise InputError(
-            f"{s.lora_base}: --lora-base is itself a GGUF LoRA",
-            "give the base model's GGUF (convert BASE --to gguf:TYPE)",
-        )
+    tok_dir = _tokenizer_dir(reference, s)
     vllm_base, vllm_loras = vllm_lora_jobs(artifacts, reference, s)
     ids, bos = tokenize_reference(tok_dir, text)
     chunks = make_chunks(ids, s.ctx, s.chunks, bos)
@@ -525,21 +430,86 @@ def validate(
             "give a longer text or a smaller --ctx",
         )
     first = s.ctx // 2
+    est = _reference_bytes(reference, len(chunks), s.ctx - 1 - first)
+    report = _report_head(s, data, text, ids, bos, len(chunks), threads, reference, notes)
+    with tempfile.TemporaryDirectory(prefix="quantkit-validate-") as tmp:
+        run_dir = Path(tmp)
+        np.save(run_dir / "chunks.npy", np.asarray(chunks, dtype=np.int32))
+        np.save(run_dir / "ids.npy", np.asarray(ids[1:] if bos is not None else ids, np.int32))
+        base_job = {"chunks": str(run_dir / "chunks.npy"), "first": first, "threads": threads}
+        ref_res, cdir, report["reference"] = _reference(
+            reference, text, s, base_job, run_dir, progress, reference_model, est
+        )
+        run = _Run(s, data, run_dir, base_job, bos, cdir / "logprobs.npy",
+                   ref_res["quality"]["ppl"], threads, progress, vllm_base, vllm_loras)  # fmt: skip
+        arts = [_artifact(run, i, a) for i, a in enumerate(artifacts)]
+    return _conclude(report, arts)
+
+
+def _check_inputs(artifacts: list[Path], reference: Path, data: Path, s: Settings) -> None:
+    """Every path given exists and is of its kind, before anything is computed."""
+    if not reference.exists():
+        raise InputError(f"{reference}: reference model not found")
+    if not (reference / "config.json").is_file():
+        raise InputError(f"{reference}: not a Hugging Face model folder (no config.json)")
+    if not data.is_file():
+        raise InputError(f"{data}: text not found")
+    for a in artifacts:
+        if not a.exists():
+            raise InputError(f"{a}: artifact not found")
+    if s.lora_base is not None and not s.lora_base.is_file():
+        raise InputError(f"{s.lora_base}: --lora-base GGUF not found")
+    if s.lora_base is not None and _is_gguf_adapter(s.lora_base):
+        raise InputError(
+            f"{s.lora_base}: --lora-base is itself a GGUF LoRA",
+            "give the base model's GGUF (convert BASE --to gguf:TYPE)",
+        )
+
+
+def _tokenizer_dir(reference: Path, s: Settings) -> Path:
+    """The reference tokenizer: the fine-tune's adapter's own when it has one."""
+    if s.adapter is None:
+        return reference
+    from quantkit.convert.lora import LoraAdapter
+
+    lora = LoraAdapter.open(s.adapter)  # refuses a bad adapter before any engine starts
+    lora.close()
+    return s.adapter if lora.has_tokenizer else reference
+
+
+def _reference_bytes(reference: Path, n_chunks: int, scored_per_chunk: int) -> int:
+    """Bytes the reference log-probs take in the cache (float16, the larger case)."""
     cfg_path = reference / "config.json"
     cfg = read_json(cfg_path)
     if not isinstance(cfg, dict):
         raise InputError(f"{cfg_path}: config.json is not a JSON object")
     # the one key read here; the reference may be any family transformers loads
     schemas.check("config.json", {"vocab_size": cfg.get("vocab_size")}, cfg_path)
-    vocab = int(cfg.get("vocab_size") or 0)
-    est = len(chunks) * (s.ctx - 1 - first) * vocab * 2
+    est = n_chunks * scored_per_chunk * int(cfg.get("vocab_size") or 0) * 2
     if est > 4 * 2**30:
         print(
-            f"quantkit validate: note: the reference log-probs for {len(chunks)} chunks take "
+            f"quantkit validate: note: the reference log-probs for {n_chunks} chunks take "
             f"~{est / 2**30:.0f} GiB (float16) in the cache; --chunks limits them",
             file=sys.stderr,
         )
-    report: dict[str, Any] = {
+    return est
+
+
+def _report_head(
+    s: Settings,
+    data: Path,
+    text: str,
+    ids: list[int],
+    bos: int | None,
+    n_chunks: int,
+    threads: int,
+    reference: Path,
+    notes: list[str],
+) -> dict[str, Any]:
+    from quantkit import __version__
+
+    scored = s.ctx - 1 - s.ctx // 2
+    return {
         "schema": "quantkit.validate.report",
         "schema_version": 1,
         "quantkit_version": __version__,
@@ -550,164 +520,177 @@ def validate(
             "sha256": hashlib.sha256(text.encode()).hexdigest(),
             "tokens": len(ids),
             "ctx": s.ctx,
-            "chunks": len(chunks),
-            "scored_per_chunk": s.ctx - 1 - first,
-            "scored_tokens": len(chunks) * (s.ctx - 1 - first),
+            "chunks": n_chunks,
+            "scored_per_chunk": scored,
+            "scored_tokens": n_chunks * scored,
             "bos": bos,
             "tokenizer": str(reference),
         },
         "gates": s.gates.to_json(),
         "notes": notes,
     }
-    with tempfile.TemporaryDirectory(prefix="quantkit-validate-") as tmp:
-        run_dir = Path(tmp)
-        np.save(run_dir / "chunks.npy", np.asarray(chunks, dtype=np.int32))
-        np.save(run_dir / "ids.npy", np.asarray(ids[1:] if bos is not None else ids, np.int32))
-        base_job = {
-            "chunks": str(run_dir / "chunks.npy"),
-            "first": first,
-            "threads": threads,
-        }
-        # reference, once, cached by content; built under a lock so that two runs on one cache
-        # do not both compute it nor replace an entry the other is reading
-        key = reference_key(reference, text, s.ctx, s.chunks, s.reference_dtype)
-        if s.adapter is not None:
-            key = hashlib.sha256(f"{key}+{model_hash(s.adapter)}".encode()).hexdigest()[:32]
-        cdir = cache_root() / key if s.cache else run_dir / "reference"
-        ref_res = _cached_reference(cdir)
-        hit = ref_res is not None
-        if ref_res is None:
-            with file_lock(cdir.with_name(f".{key}.lock")):
-                ref_res = _cached_reference(cdir)
-                hit = ref_res is not None
-                if ref_res is None:
-                    if s.cache:
-                        check_free_space([(cdir, est)])
-                    ref_res = _score_reference(
-                        cdir, reference, base_job, s, run_dir, progress, reference_model
-                    )
-        ref_ppl = ref_res["quality"]["ppl"]
-        report["reference"] = {
-            "model": str(reference)
-            if reference_model is None
-            else f"<in memory: {type(reference_model).__name__}>",
-            "engine": ref_res["engine"],
-            "ppl": ref_ppl,
-            "ppl_stderr": ref_res["quality"]["ppl_stderr"],
-            "load_seconds": ref_res["load_seconds"],
-            "peak_rss_bytes": ref_res["peak_rss_bytes"],
-            "cache": {
-                "key": key,
-                "hit": hit,
-                "path": str(cdir) if s.cache else None,
-                "dtype": ref_res["ref_dtype"],
-                "vocab": ref_res["vocab"],
-            },
-        }
-        arts = []
-        for i, a in enumerate(artifacts):
-            entry: dict[str, Any] = {"path": str(a), "name": a.name}
-            try:
-                eng = engine_for(a, s.hf_engine)
-            except InputError as e:
-                entry.update(status="failed", error=str(e), log_tail=[])
-                arts.append(entry)
-                continue
-            lora_opt: dict[str, Any] = {}
-            if eng == "llama.cpp" and _is_gguf_adapter(a):
-                if s.lora_base is None:
-                    entry.update(
-                        status="failed",
-                        error=f"{a.name} is a GGUF LoRA: pass its base GGUF with --lora-base",
-                        log_tail=[],
-                    )
-                    arts.append(entry)
-                    continue
-                lora_opt = {"lora": str(a)}
-            elif a in vllm_loras:  # a vLLM LoRA adapter: base + adapter in one engine start
-                lora_opt = {"lora": vllm_loras[a]}
-            job = {
-                **base_job,
-                "role": "artifact",
-                "engine": eng,
-                "path": str((s.lora_base if eng == "llama.cpp" else vllm_base) if lora_opt else a),
-                "text": str(data),
-                "ref_ids": str(run_dir / "ids.npy"),
-                "ref_adds_bos": bos is not None,
-                "ref_logprobs": str(cdir / "logprobs.npy"),
-                "pp": s.pp,
-                "tg": s.tg,
-                "options": {**_engine_options(eng, s), **lora_opt},
-            }
-            # the host's measured capability matrix: a format it cannot run is "unsupported"
-            # without starting the engine; one that runs with other options gets them
-            if capabilities.settle(a, eng, job, entry, progress):
-                arts.append(entry)
-                continue
-            try:
-                res, tail = run_worker(
-                    job,
-                    run_dir / f"art-{i}",
-                    s.timeout,
-                    progress,
-                    a.name,
-                    budget=None if s.max_minutes is None else 60 * s.max_minutes,
-                    chunk_tokens=s.ctx,
+
+
+def _reference(
+    reference: Path,
+    text: str,
+    s: Settings,
+    base_job: dict[str, Any],
+    run_dir: Path,
+    progress: Progress | None,
+    reference_model: Any,
+    est: int,
+) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    """The reference's result, its cache folder and its report entry: from the cache, or scored
+    once under a lock so that two runs on one cache neither both compute it nor replace an entry
+    the other is reading."""
+    key = reference_key(reference, text, s.ctx, s.chunks, s.reference_dtype)
+    if s.adapter is not None:
+        key = hashlib.sha256(f"{key}+{model_hash(s.adapter)}".encode()).hexdigest()[:32]
+    cdir = cache_root() / key if s.cache else run_dir / "reference"
+    ref_res = _cached_reference(cdir)
+    hit = ref_res is not None
+    if ref_res is None:
+        with file_lock(cdir.with_name(f".{key}.lock")):
+            ref_res = _cached_reference(cdir)
+            hit = ref_res is not None
+            if ref_res is None:
+                if s.cache:
+                    check_free_space([(cdir, est)])
+                ref_res = _score_reference(
+                    cdir, reference, base_job, s, run_dir, progress, reference_model
                 )
-            except QuantkitError as e:  # e.g. the engine's environment is not installed
-                res, tail = {"ok": False, "error": str(e)}, []
-            if res.get("ok") and eng in SCRIPT_ENGINES:
-                job["dir"] = str(run_dir / f"art-{i}")
-                res = _finish_topk(job, res)
-            entry["format"] = "gguf" if eng == "llama.cpp" else "hf"
-            if lora_opt:
-                entry["lora_base"] = job["path"]
-            entry["file_bytes"] = (
-                a.stat().st_size
-                if a.is_file()
-                else sum(p.stat().st_size for p in a.rglob("*") if p.is_file())
-            )
-            if not res.get("ok"):
-                # "too-slow": it runs, at a rate that does not fit the time budget; a format
-                # this host cannot run never gets here (capabilities.settle: "unsupported")
-                entry.update(
-                    status="too-slow" if res.get("too_slow") else "failed",
-                    error=res.get("error"),
-                    log_tail=[] if res.get("too_slow") else tail,
-                )
-                entry["peak_rss_bytes"] = res.get("peak_rss_bytes")
-                arts.append(entry)
-                continue
-            q = res["quality"]
-            q["ppl_increase_pct"] = 100 * (q["ppl"] / ref_ppl - 1)
-            au = res.get("audit") or ({"file_type": hf_file_type(a)} if a.is_dir() else {})
-            entry.update(
-                status="ok",
-                error=None,
-                log_tail=[],
-                engine={**res["engine"], "threads": threads},
-                size={
-                    "file_bytes": entry["file_bytes"],
-                    "file_type": au.get("file_type"),
-                    "n_params": au.get("n_params"),
-                    "bits_per_weight": au.get("bits_per_weight"),
-                    "type_histogram": au.get("type_histogram"),
-                    "fallbacks": au.get("fallbacks"),
-                },
-                tokenization=res.get("tokenization"),
-                quality=q,
-                speed=_speed_entry(res),
-            )
-            notes = list(entry.get("notes") or []) + list(res.get("notes") or [])
-            if notes:
-                entry["notes"] = notes
-            entry["gates"] = s.gates.check(entry)
-            entry["passed"] = all(g["passed"] for g in entry["gates"])
-            arts.append(entry)
+    entry = {
+        "model": str(reference)
+        if reference_model is None
+        else f"<in memory: {type(reference_model).__name__}>",
+        "engine": ref_res["engine"],
+        "ppl": ref_res["quality"]["ppl"],
+        "ppl_stderr": ref_res["quality"]["ppl_stderr"],
+        "load_seconds": ref_res["load_seconds"],
+        "peak_rss_bytes": ref_res["peak_rss_bytes"],
+        "cache": {
+            "key": key,
+            "hit": hit,
+            "path": str(cdir) if s.cache else None,
+            "dtype": ref_res["ref_dtype"],
+            "vocab": ref_res["vocab"],
+        },
+    }
+    return ref_res, cdir, entry
+
+
+def _lora_target(run: _Run, a: Path) -> tuple[Path, dict[str, Any]]:
+    """What the engine loads for artifact ``a`` and its LoRA option: a GGUF LoRA on the
+    ``--lora-base`` GGUF, a PEFT LoRA folder on its HF base (``vllm_lora_jobs``), else ``a``."""
+    if a.is_file() and _is_gguf_adapter(a):
+        if run.s.lora_base is None:
+            raise InputError(f"{a.name} is a GGUF LoRA: pass its base GGUF with --lora-base")
+        return run.s.lora_base, {"lora": str(a)}
+    if a in run.vllm_loras:  # base + adapter in one engine start
+        assert run.vllm_base is not None
+        return run.vllm_base, {"lora": run.vllm_loras[a]}
+    return a, {}
+
+
+def _artifact(run: _Run, i: int, a: Path) -> dict[str, Any]:
+    """One artifact's report entry: scored in its engine's worker, or why it was not."""
+    entry: dict[str, Any] = {"path": str(a), "name": a.name}
+    try:
+        engine = ENGINES[engine_for(a, run.s.hf_engine)]
+        target, lora_opt = _lora_target(run, a)
+    except InputError as e:
+        entry.update(status="failed", error=str(e), log_tail=[])
+        return entry
+    job = {
+        **run.base_job,
+        "role": "artifact",
+        "engine": engine.name,
+        "path": str(target),
+        "text": str(run.data),
+        "ref_ids": str(run.run_dir / "ids.npy"),
+        "ref_adds_bos": run.bos is not None,
+        "ref_logprobs": str(run.ref_logprobs),
+        "pp": run.s.pp,
+        "tg": run.s.tg,
+        "options": {**engine.job_options(run.s), **lora_opt},
+    }
+    # the host's measured capability matrix: a format it cannot run is "unsupported" without
+    # starting the engine; one that runs with other options gets them
+    if capabilities.settle(a, engine.name, job, entry, run.progress):
+        return entry
+    try:
+        res, tail = run_worker(
+            job,
+            run.run_dir / f"art-{i}",
+            run.s.timeout,
+            run.progress,
+            a.name,
+            budget=None if run.s.max_minutes is None else 60 * run.s.max_minutes,
+            chunk_tokens=run.s.ctx,
+        )
+    except QuantkitError as e:  # e.g. the engine's environment is not installed
+        res, tail = {"ok": False, "error": str(e)}, []
+    if res.get("ok"):
+        res = engine.finish(job, res)
+    entry["format"] = engine.artifact_format
+    if lora_opt:
+        entry["lora_base"] = job["path"]
+    return _scored_entry(run, a, entry, res, tail)
+
+
+def _scored_entry(
+    run: _Run, a: Path, entry: dict[str, Any], res: dict[str, Any], tail: list[str]
+) -> dict[str, Any]:
+    """The entry of an artifact whose worker ran: its figures and gates, or why it failed."""
+    file_bytes = (
+        a.stat().st_size
+        if a.is_file()
+        else sum(p.stat().st_size for p in a.rglob("*") if p.is_file())
+    )
+    if not res.get("ok"):
+        # "too-slow": it runs, at a rate that does not fit the time budget; a format this host
+        # cannot run never gets here (capabilities.settle: "unsupported")
+        entry.update(
+            status="too-slow" if res.get("too_slow") else "failed",
+            error=res.get("error"),
+            log_tail=[] if res.get("too_slow") else tail,
+        )
+        entry["peak_rss_bytes"] = res.get("peak_rss_bytes")
+        return entry
+    q = res["quality"]
+    q["ppl_increase_pct"] = 100 * (q["ppl"] / run.ref_ppl - 1)
+    au = res.get("audit") or ({"file_type": hf_file_type(a)} if a.is_dir() else {})
+    entry.update(
+        status="ok",
+        error=None,
+        log_tail=[],
+        engine={**res["engine"], "threads": run.threads},
+        size={
+            "file_bytes": file_bytes,
+            "file_type": au.get("file_type"),
+            "n_params": au.get("n_params"),
+            "bits_per_weight": au.get("bits_per_weight"),
+            "type_histogram": au.get("type_histogram"),
+            "fallbacks": au.get("fallbacks"),
+        },
+        tokenization=res.get("tokenization"),
+        quality=q,
+        speed=_speed_entry(res),
+    )
+    notes = list(entry.get("notes") or []) + list(res.get("notes") or [])
+    if notes:
+        entry["notes"] = notes
+    entry["gates"] = run.s.gates.check(entry)
+    entry["passed"] = all(g["passed"] for g in entry["gates"])
+    return entry
+
+
+def _conclude(report: dict[str, Any], arts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's artifact list, the failures by kind and the verdict."""
     for e in arts:
         e.setdefault("gates", [])
         e.setdefault("passed", False)
-        e.pop("file_bytes", None)
     report["artifacts"] = arts
     report["failed_gates"] = [
         {"artifact": e["name"], **g} for e in arts for g in e["gates"] if not g["passed"]

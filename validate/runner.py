@@ -14,28 +14,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantkit.proc import kill_group
-from quantkit.progress import clock
+from quantkit.progress import Progress, clock
+from quantkit.worker_jobs import JOB_FILE, LOG_FILE, RESULT_FILE, ProgressLines, run_job
 
 LOG_TAIL_LINES = 25
-# Poll often at first (a budget of seconds is enforced close to when it passes), then every half
-# second: the interval grows by a tenth of the elapsed time from 50 ms to POLL_S.
-POLL_FIRST_S = 0.05
-POLL_S = 0.5
 # A budget is also given up early when, after at least one scored chunk, the projected time is
 # this many times the budget: the rate of later chunks does not recover such a gap (each chunk is
 # the same amount of work), and waiting the whole budget out would only burn it.
 HOPELESS_FACTOR = 2.0
-
-Progress = Callable[[str, int, int], None]
 
 # Lines that carry an engine's own error, newest wins (Python exceptions, C++ aborts, torch
 # compiled-kernel asserts, the kernel's signal messages).
@@ -62,36 +52,20 @@ def last_error_line(lines: list[str]) -> str | None:
 
 
 @dataclass
-class _Watch:
-    """What the progress file says of a running worker."""
+class _Watch(ProgressLines):
+    """What the progress file says of a running engine worker, its scored chunks included."""
 
-    stage: str = "starting"
-    done: int = 0
-    total: int = 1
     chunks_done: int = 0
     chunks: int = 0
-    score_t0: float | None = None  # monotonic time the first chunk started
-    seen: int = 0
 
-    def read(self, path: Path, now: float) -> list[tuple[str, int, int]]:
-        try:
-            lines = path.read_text().splitlines()
-        except OSError:
-            return []
-        new = []
-        for ln in lines[self.seen :]:
-            parts = ln.split()
-            if len(parts) != 3:
-                break  # a line still being written
-            stage, done, total = parts[0], int(parts[1]), int(parts[2])
-            self.seen += 1
-            self.stage, self.done, self.total = stage, done, total
-            if stage == "score":
-                self.chunks_done, self.chunks = done, total
-                if self.score_t0 is None:
-                    self.score_t0 = now
-            new.append((stage, done, total))
-        return new
+    @property
+    def score_t0(self) -> float | None:
+        """Monotonic time the first chunk started."""
+        return self.first_seen.get("score")
+
+    def line(self, stage: str, done: int, total: int, now: float) -> None:
+        if stage == "score":
+            self.chunks_done, self.chunks = done, total
 
     def projected(self, now: float, t0: float) -> float | None:
         """Projected seconds for the whole artifact (load + every chunk), from the chunks so far."""
@@ -119,15 +93,9 @@ def _too_slow(w: _Watch, now: float, t0: float, budget: float, chunk_tokens: int
 
 
 def _worker_command(job: dict[str, Any], workdir: Path) -> list[str]:
-    from quantkit.validate.engines import ENGINES, SCRIPT_ENGINES
+    from quantkit.validate.engines import ENGINES
 
-    if job["engine"] in SCRIPT_ENGINES:
-        from quantkit import envs
-
-        se = SCRIPT_ENGINES[job["engine"]]
-        return [str(envs.python(se.env)), str(se.script), str(workdir / "job.json")]
-    python = ENGINES[job["engine"]].python or sys.executable
-    return [python, "-m", "quantkit.validate.worker", str(workdir / "job.json")]
+    return ENGINES[job["engine"]].worker_command(workdir / JOB_FILE)
 
 
 def run_worker(
@@ -150,55 +118,36 @@ def run_worker(
     that a renderer can show the clock running while the count does not move. If the process
     dies or is stopped after every chunk was scored, the quality result is kept and ``speed``
     carries the error."""
-    workdir.mkdir(parents=True, exist_ok=True)
     job = {**job, "dir": str(workdir)}
-    (workdir / "job.json").write_text(json.dumps(job))
-    log = workdir / "worker.log"
     env = {**os.environ, "QUANTKIT_DEBUG": "1", "PYTHONUNBUFFERED": "1"}
     w = _Watch()
-    stopped: str | None = None
     too_slow = False
-    with log.open("wb") as lf:
-        proc = subprocess.Popen(
-            _worker_command(job, workdir),
-            stdout=lf,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        t0 = time.monotonic()
-        rc: int | None = None
-        try:
-            while rc is None:
-                wait = min(POLL_S, POLL_FIRST_S + (time.monotonic() - t0) / 10)
-                try:
-                    rc = proc.wait(timeout=max(0.001, min(wait, t0 + timeout - time.monotonic())))
-                except subprocess.TimeoutExpired:
-                    pass
-                now = time.monotonic()
-                new = w.read(workdir / "progress", now)
-                if progress is not None:  # every step, or the latest again as a heartbeat
-                    for stage, done, total in new or [(w.stage, w.done, w.total)]:
-                        scale = chunk_tokens if stage == "score" else 1
-                        progress(f"{label} {stage}", done * scale, total * scale)
-                if rc is not None:
-                    break
-                if now - t0 >= timeout:
-                    stopped = f"timed out after {timeout:g} s"
-                elif budget is not None and w.stage != "speed":
-                    proj = w.projected(now, t0)
-                    if now - t0 >= budget or (proj is not None and proj > HOPELESS_FACTOR * budget):
-                        stopped, too_slow = _too_slow(w, now, t0, budget, chunk_tokens), True
-                elif budget is not None and now - t0 >= budget:
-                    stopped = f"stopped at the {budget / 60:g}-minute budget"
-                if stopped:
-                    kill_group(proc)
-                    rc = proc.returncode
-        except BaseException:
-            kill_group(proc)  # interrupted (Ctrl-C, SIGTERM): the worker is in its own session
-            raise
-    tail = log_tail(log)
-    return _outcome(workdir, job, rc, stopped, too_slow, tail), tail
+
+    def over_budget(now: float, t0: float) -> str | None:
+        nonlocal too_slow
+        assert budget is not None
+        if w.stage == "speed":  # every chunk scored: only the budget itself stops the speed run
+            return f"stopped at the {budget / 60:g}-minute budget" if now - t0 >= budget else None
+        proj = w.projected(now, t0)
+        if now - t0 >= budget or (proj is not None and proj > HOPELESS_FACTOR * budget):
+            too_slow = True
+            return _too_slow(w, now, t0, budget, chunk_tokens)
+        return None
+
+    fin = run_job(
+        _worker_command(job, workdir),
+        job,
+        workdir,
+        timeout=timeout,
+        env=env,
+        progress=progress,
+        label=label,
+        units={"score": chunk_tokens},
+        watch=w,
+        stop=None if budget is None else over_budget,
+    )
+    tail = log_tail(workdir / LOG_FILE)
+    return _outcome(workdir, job, fin.rc, fin.stopped, too_slow, tail), tail
 
 
 def _outcome(
@@ -209,7 +158,7 @@ def _outcome(
     too_slow: bool,
     tail: list[str],
 ) -> dict[str, Any]:
-    res_file, scored_file = workdir / "result.json", workdir / "scored.json"
+    res_file, scored_file = workdir / RESULT_FILE, workdir / "scored.json"
     if res_file.is_file() and not stopped:
         return json.loads(res_file.read_text())
     if stopped:

@@ -56,7 +56,7 @@ def token_mismatch_share(ref: list[int], got: list[int], limit: int = 20000) -> 
 def run(job: dict[str, Any], engine: Any = None) -> dict[str, Any]:
     """Carry out ``job``; ``engine`` (an Engine instance) replaces the one the job names — used
     in-process for a reference model that exists only in memory (engines.MemoryEngine)."""
-    from quantkit.validate.engines import ENGINES
+    from quantkit.validate.engines import ENGINES, ModelEngine
     from quantkit.validate.metrics import (
         Accumulator,
         position_stats,
@@ -68,24 +68,17 @@ def run(job: dict[str, Any], engine: Any = None) -> dict[str, Any]:
     first = int(job["first"])
     n_chunks, n_ctx = chunks.shape
     res: dict[str, Any] = {}
-    if job["role"] == "artifact" and job["engine"] == "llama.cpp":
-        from quantkit.quantize.audit import audit
-
-        a = audit(job["path"])
-        res["audit"] = {
-            "file_type": a.file_type,
-            "n_params": a.n_params,
-            "tensor_bytes": a.tensor_bytes,
-            "bits_per_weight": a.bpw,
-            "type_histogram": a.histogram,
-            "fallbacks": len(a.fallbacks),
-        }
+    cls = type(engine) if engine is not None else ENGINES[job["engine"]]
+    assert issubclass(cls, ModelEngine), f"{cls.name} runs in its own worker script"
+    if job["role"] == "artifact":
+        audit = getattr(cls, "audit", None)  # the engine's own file audit (GGUF), when it has one
+        if audit is not None:
+            res["audit"] = audit(job["path"])
     n_load = max(n_ctx, int(job.get("pp", 0)), int(job.get("tg", 0)))
     if engine is None:
-        cls = ENGINES[job["engine"]]
         eng = cls(job["path"], n_ctx=n_load, threads=int(job["threads"]), **job.get("options", {}))
     else:
-        eng, cls = engine, type(engine)
+        eng = engine
     if not job.get("in_process"):
         print(f"[worker] loading {job['path']} in {cls.name}", file=sys.stderr, flush=True)
     _progress(job, "load", 0, 1)

@@ -8,21 +8,20 @@ is then read back: its tensor types and size must be the plan's.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import EngineError, InputError
+from quantkit.progress import Progress
 from quantkit.quantize.auto import sizes
 from quantkit.quantize.auto.probe import overrides
 from quantkit.quantize.auto.sensitivity import Sensitivity, measure
 from quantkit.quantize.auto.solver import BudgetTooSmall, Option, solve
 from quantkit.quantize.auto.spec import AutoSpec
 from quantkit.quantize.gguf import QuantizeOptions, QuantizeReport, imatrix_kvs, quantize_file
-from quantkit.quantize.types import GGUF_TYPES, GGUFType
+from quantkit.quantize.gguf_types import GGUF_TYPES, GGUFType
 
-Progress = Callable[[str, int, int], None]
 PROBE_CHUNKS = 4  # calibration chunks the per-kind gains are measured on
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from quantkit.progress import Progress
 from quantkit.quantize.auto import rows
 from quantkit.quantize.auto.sizes import Slot
 from quantkit.quantize.gguf import QuantizeOptions
@@ -45,7 +45,6 @@ PROBE_TYPE = "Q4_0"  # a type every 32-multiple row takes, in the range budgets 
 # when types= leaves Q4_0 out: a probe type near 4 bits first (where gains matter most)
 PROBE_ORDER = (PROBE_TYPE, "Q4_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_0", "Q3_K", "Q5_K", "IQ3_S",
                "Q5_1", "Q6_K", "Q2_K", "Q8_0")  # fmt: skip
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -164,9 +163,9 @@ def cache_key(
 
 
 def cache_root() -> Path:
-    from quantkit.demo import cache_dir
+    from quantkit.paths import sensitivity_dir
 
-    return cache_dir() / "auto-sensitivity"
+    return sensitivity_dir()
 
 
 def measure(

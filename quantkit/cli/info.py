@@ -20,7 +20,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def types(as_json: bool) -> None:
     """List the GGUF types quantkit writes, with nominal bits per weight."""
-    from quantkit.quantize.types import GGUF_TYPES
+    from quantkit.quantize.gguf_types import GGUF_TYPES
 
     rows = [
         {

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import InputError
+from quantkit.progress import Progress
 from quantkit.targets import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
@@ -25,8 +26,6 @@ from quantkit.targets import (
     GGUFTarget,
     updated,
 )
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -374,7 +373,7 @@ def _architecture(src: Source) -> str:
 
 
 def _hash(path: Path) -> str:
-    from quantkit.validate.harness import model_hash, sha256_file
+    from quantkit.hashing import model_hash, sha256_file
 
     return model_hash(path) if path.is_dir() else sha256_file(path)
 

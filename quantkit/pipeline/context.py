@@ -29,7 +29,7 @@ def content_key(*parts: Any) -> str:
 def content_sha256(path: Path) -> str:
     """A file's sha256, or for a checkpoint folder (vLLM targets) one over its files' names and
     contents (validate/harness.py model_hash)."""
-    from quantkit.validate.harness import model_hash, sha256_file
+    from quantkit.hashing import model_hash, sha256_file
 
     return model_hash(path) if path.is_dir() else sha256_file(path)
 
@@ -50,7 +50,7 @@ class Context:
         model: Path | None = None,
     ) -> None:
         """``output`` / ``model`` override the recipe's (``quantkit demo MODEL -o OUT``)."""
-        from quantkit.validate.harness import model_hash
+        from quantkit.hashing import model_hash
 
         if output is not None or model is not None:
             recipe = recipe.model_copy(

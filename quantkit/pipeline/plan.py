@@ -44,8 +44,7 @@ def host_tag() -> str:
     an "unsupported" or "too-slow" verdict is reused only on a host with the same tag."""
     import platform
 
-    from quantkit.buildflags import kernel_flags
-    from quantkit.envs import has_cuda
+    from quantkit.host import has_cuda, kernel_flags
 
     return content_key("host", platform.machine(), kernel_flags(), has_cuda())
 
