@@ -81,6 +81,32 @@ def test_schema_errors_name_the_key(work: Path, edit, expect: str) -> None:
     assert expect.replace("Value error, ", "") in err, err
 
 
+def test_hf_target_in_a_recipe_matches_convert(work: Path) -> None:
+    """A recipe takes every Target kind the CLI does: an hf target is built through the same
+    builder as `convert --to hf:bf16` (same tensors, same bytes) and its manifest names it."""
+    p = _recipe(work, "hf", [{"name": "hf", "method": "hf", "dtype": "bf16"}])
+    r = run_cli("run", str(p))
+    assert r.returncode == 0, r.stderr
+    m = json.loads((work / "out-hf" / "hf" / "manifest.json").read_text())
+    assert (m["format"], m["type"], m["provenance"]["options"]["dtype"]) == (
+        "hf",
+        "hf-bf16",
+        "bf16",
+    )
+    folder = work / "out-hf" / "hf" / m["artifact"]
+    cli = work / "cli-hf"
+    r = run_cli("convert", str(work / "tiny"), "--to", "hf:bf16", "-o", str(cli))
+    assert r.returncode == 0, r.stderr
+    got, want = (f / "model.safetensors" for f in (folder, cli))
+    assert got.read_bytes() == want.read_bytes()
+
+
+def test_adapter_targets_are_refused_in_recipes(work: Path) -> None:
+    p = _recipe(work, "lora", [{"name": "l", "method": "gguf-lora"}])
+    r = run_cli("recipes", "validate", str(p))
+    assert r.returncode == 2 and "targets[0].method" in r.stderr and "adapter" in r.stderr
+
+
 def test_shipped_recipes_list_and_laptop_validates() -> None:
     r = run_cli("recipes", "list")
     assert r.returncode == 0 and "laptop" in r.stdout and "release" in r.stdout
