@@ -181,7 +181,12 @@ def _refuse(spec: str, method: str) -> None:
 
 
 def parse_vllm_target(spec: str) -> VllmTarget:
-    """``gptq:bits=4,group=64`` → GPTQTarget(bits=4, group=64). InputError on anything unknown."""
+    """``gptq:bits=4,group=64`` → GPTQTarget(bits=4, group=64). InputError on anything unknown.
+    ``gptq:auto:bits=4.5`` → a VllmAutoSpec (quantize/vllm_auto/spec.py), planned at export."""
+    from quantkit.quantize.vllm_auto.spec import is_vllm_auto, parse_vllm_auto
+
+    if is_vllm_auto(spec):
+        return parse_vllm_auto(spec)  # type: ignore[return-value]
     method, _, rest = spec.partition(":")
     method = method.strip().lower()
     _refuse(spec, method)
