@@ -467,6 +467,39 @@ def _echo_auto_plans(autos: list) -> None:
         )
 
 
+def _echo_vllm_auto_plans(model: Path, targets: list[str], settings: Any, as_json: bool) -> None:
+    """gptq:auto dry run: per fused group its scheme, bits and predicted KLD; the average."""
+    from quantkit.quantize.vllm_auto.plan import make_plan
+    from quantkit.quantize.vllm_auto.spec import parse_vllm_auto
+
+    plans = []
+    for t in targets:
+        spec = parse_vllm_auto(t)
+        plan, _ = make_plan(model, spec, ignore=settings.ignore, calib=settings.calib,
+                            samples=settings.samples, seq_len=settings.seq_len,
+                            threads=settings.threads, progress=ProgressPrinter())  # fmt: skip
+        plans.append((spec, plan.to_json()))
+    if as_json:
+        click.echo(json.dumps({"dry_run": True, "plans": {s.label(): p for s, p in plans}}, indent=2))
+        return
+    for spec, p in plans:
+        for note in p["notes"]:
+            click.echo(f"note: {spec.label()}: {note}", err=True)
+        click.echo(
+            f"{spec.label()}: predicted {p['predicted_bits']:.3f} bits per weight "
+            f"({p['bits_asked']:g} asked), predicted KLD {p['predicted_kld']:.4g}; candidates "
+            f"{', '.join(p['candidates'])}; "
+            + ", ".join(f"{k} ×{v}" for k, v in p["histogram"].items())
+        )
+        click.echo(
+            format_table(
+                ["group", "scheme", "bits", "predicted KLD"],
+                [[g["group"], g["scheme"], f"{g['bits']:.3f}", f"{g['predicted_kld']:.3g}"]
+                 for g in p["groups"]],
+            )
+        )  # fmt: skip
+
+
 def _convert_vllm(
     model: Path,
     targets: list[str],
@@ -484,9 +517,10 @@ def _convert_vllm(
 ) -> None:
     """``convert --to gptq|awq|fp8``: llm-compressor in its own environment (quantize/vllm.py)."""
     from quantkit.quantize import vllm
+    from quantkit.quantize.vllm_auto.spec import is_vllm_auto
 
-    if dry_run:
-        raise click.UsageError("--dry-run applies to GGUF targets")
+    if dry_run and not all(is_vllm_auto(t) for t in targets):
+        raise click.UsageError("--dry-run applies to GGUF targets and gptq:auto")
     settings = vllm.VllmSettings(
         ignore=ignore or vllm.DEFAULT_IGNORE,
         layouts=layouts or ("compressed-tensors",),
@@ -495,6 +529,9 @@ def _convert_vllm(
         seq_len=seq_len or vllm.DEFAULT_SEQ_LEN,
         threads=threads,
     )
+    if dry_run:
+        _echo_vllm_auto_plans(model, targets, settings, as_json)
+        return
     res = vllm.export_vllm(
         model, targets, output, settings, force=force, progress=ProgressPrinter()
     )
