@@ -43,8 +43,12 @@ def main() -> None:
     import torch
 
     from quantkit.demo import demo_model
-    from quantkit.quantize.vllm import DEFAULT_IGNORE, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
-    from quantkit.quantize.vllm import calibration_ids
+    from quantkit.quantize.vllm import (
+        DEFAULT_IGNORE,
+        DEFAULT_SAMPLES,
+        DEFAULT_SEQ_LEN,
+        calibration_ids,
+    )
     from quantkit.quantize.vllm_auto import sensitivity as sn
     from quantkit.quantize.vllm_auto.host import runnable
     from quantkit.quantize.vllm_auto.plan import group_options, planned_groups
@@ -53,7 +57,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_dir = demo_model()
     calib = Path("/tmp/vllm-auto-calib.txt")
-    calib.write_text((args.fixtures / "tinystories" / "tinystories_train_head.txt").read_text()[:400_000])
+    calib.write_text(
+        (args.fixtures / "tinystories" / "tinystories_train_head.txt").read_text()[:400_000]
+    )
     wiki = args.fixtures / "wikitext-2-raw" / "wiki.test.raw"
     evalf = Path("/tmp/vllm-auto-eval.txt")
     evalf.write_text(wiki.read_text()[:200_000])

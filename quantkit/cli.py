@@ -480,7 +480,9 @@ def _echo_vllm_auto_plans(model: Path, targets: list[str], settings: Any, as_jso
                             threads=settings.threads, progress=ProgressPrinter())  # fmt: skip
         plans.append((spec, plan.to_json()))
     if as_json:
-        click.echo(json.dumps({"dry_run": True, "plans": {s.label(): p for s, p in plans}}, indent=2))
+        click.echo(
+            json.dumps({"dry_run": True, "plans": {s.label(): p for s, p in plans}}, indent=2)
+        )
         return
     for spec, p in plans:
         for note in p["notes"]:

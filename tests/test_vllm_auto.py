@@ -76,9 +76,14 @@ def test_candidates_follow_the_host_matrix(monkeypatch):
 LLAMA = [
     (f"model.layers.{i}.{p}", 256, out)
     for i in range(3)
-    for p, out in (("self_attn.q_proj", 256), ("self_attn.k_proj", 128),
-                   ("self_attn.v_proj", 128), ("self_attn.o_proj", 256),
-                   ("mlp.gate_proj", 512), ("mlp.up_proj", 512))  # fmt: skip
+    for p, out in (
+        ("self_attn.q_proj", 256),
+        ("self_attn.k_proj", 128),
+        ("self_attn.v_proj", 128),
+        ("self_attn.o_proj", 256),
+        ("mlp.gate_proj", 512),
+        ("mlp.up_proj", 512),
+    )  # fmt: skip
 ] + [(f"model.layers.{i}.mlp.down_proj", 512, 256) for i in range(3)]
 
 

@@ -381,8 +381,8 @@ def hf_file_type(folder: Path) -> str | None:
         return f"{method.upper()} {q.get('bits', '?')}-bit" + (f" g{g}" if g and g > 0 else "")
     if method == "compressed-tensors":
         groups = list((q.get("config_groups") or {}).values())
-        labels = []
-        for g in groups:  # several in a mixed-precision checkpoint (gptq:auto): "W4A16 g64+W8A8 FP8"
+        labels = []  # several in a mixed-precision checkpoint (gptq:auto): "W4A16 g64+W8A8 FP8"
+        for g in groups:
             w = g.get("weights") or {}
             a = g.get("input_activations") or {}
             label = f"W{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}"

@@ -81,8 +81,14 @@ class AutoPlan:
             "groups": [c.__dict__ for c in self.choices],
             "notes": self.notes,
             **(
-                {"sensitivity": {"cache_hit": s.cache_hit, "gains": s.gains,
-                                 "probe_kld": s.probe_kld, "seconds": s.seconds}}  # fmt: skip
+                {
+                    "sensitivity": {
+                        "cache_hit": s.cache_hit,
+                        "gains": s.gains,
+                        "probe_kld": s.probe_kld,
+                        "seconds": s.seconds,
+                    }
+                }  # fmt: skip
                 if s is not None
                 else {}
             ),
