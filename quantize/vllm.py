@@ -31,6 +31,7 @@ from quantkit.checkpoint import SIDE_FILES, Checkpoint
 from quantkit.errors import EngineError, InputError
 from quantkit.hub import folder_name
 from quantkit.proc import kill_group
+from quantkit.quantize.vllm_auto.spec import VllmAutoSpec
 from quantkit.quantize.vllm_targets import (
     DEFAULT_IGNORE,
     LAYOUTS,
@@ -761,7 +762,7 @@ def export_vllm(
     if not parsed:
         raise InputError("no target given", "pass --to gptq, --to awq or --to fp8")
     auto_notes: list[str] = []
-    if any(type(t).__name__ == "VllmAutoSpec" for t in parsed):  # gptq:auto: plan it now
+    if any(isinstance(t, VllmAutoSpec) for t in parsed):  # gptq:auto: plan it now
         from quantkit.quantize.vllm_auto.plan import resolve
 
         parsed, auto_notes = resolve(model_dir, parsed, s, progress)

@@ -61,7 +61,7 @@ def runnable(
         else:
             out.dropped[s.name] = f"{v.reason} (capability row {v.row}, measured {v.measured})"
     if spec.explicit and out.dropped:
-        name, why = next(iter(out.dropped.items()))
+        why = next(iter(out.dropped.values()))
         raise InputError(
             f"{spec.label()}: this host's vLLM cannot run {', '.join(out.dropped)}: {why}",
             f"leave it out of types= (runs here: {', '.join(s.name for s in out.schemes)}), "
