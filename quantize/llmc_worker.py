@@ -73,7 +73,8 @@ def build_recipe(export: dict[str, Any]) -> Any:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         return QuantizationModifier(targets=["Linear"], scheme=r["preset"], ignore=ignore)
-    groups = {"group_0": {"targets": ["Linear"], "weights": r["weights"]}}
+    # gptq:auto gives its own config groups (one per scheme, targets by module name)
+    groups = r.get("config_groups") or {"group_0": {"targets": ["Linear"], "weights": r["weights"]}}
     if kind == "GPTQModifier":
         from llmcompressor.modifiers.quantization import GPTQModifier
 

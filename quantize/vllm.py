@@ -30,6 +30,7 @@ from quantkit.checkpoint import SIDE_FILES, Checkpoint
 from quantkit.errors import EngineError, InputError
 from quantkit.hub import folder_name
 from quantkit.progress import Progress
+from quantkit.quantize.vllm_auto.spec import VllmAutoSpec
 from quantkit.quantize.vllm_targets import (
     DEFAULT_IGNORE,
     LAYOUTS,
@@ -106,9 +107,11 @@ class VllmArtifact:
     seconds: float
     quantized_layers: int
     ignored_layers: list[str] = field(default_factory=list)
+    auto: dict[str, Any] | None = None  # gptq:auto: the plan and the bits written
 
     def to_json(self) -> dict[str, Any]:
         return {
+            **({"auto": self.auto} if self.auto is not None else {}),
             "path": str(self.path),
             "type": self.type,
             "layout": self.layout,
@@ -721,6 +724,11 @@ def export_vllm(
     parsed = parse_targets(targets)
     if any(FAMILY[t.method] != "vllm" for t in parsed):
         raise InputError("export_vllm() makes gptq, awq and fp8 checkpoints", "see quantkit.export")
+    auto_notes: list[str] = []
+    if any(isinstance(t, VllmAutoSpec) for t in parsed):  # gptq:auto: plan it now
+        from quantkit.quantize.vllm_auto.plan import resolve
+
+        parsed, auto_notes = resolve(model_dir, parsed, s, progress)
     # legacy first: it reads the compressed-tensors output, which then moves into place
     layouts = tuple(sorted(dict.fromkeys(s.layouts), key=lambda lay: lay != "legacy"))
     s.layouts = layouts
@@ -750,10 +758,11 @@ def export_vllm(
             env_error = e
     with Checkpoint.open(model_dir) as ck:
         config = ck.config
-    notes: list[str] = []
+    notes: list[str] = list(auto_notes)
     per_target: dict[int, VllmSettings] = {}
     for t in parsed:
         ign, tnotes = target_ignore(t, s.ignore, config)
+        ign = (*ign, *getattr(t, "float_layers", ()))  # gptq:auto's groups left in float
         per_target[id(t)] = dataclasses.replace(s, ignore=ign)
         notes += tnotes
     plans = {id(t): preflight(model_dir, t, per_target[id(t)], py) for t in parsed}
@@ -836,6 +845,16 @@ def export_vllm(
                         ignored_layers=plan.ignored,
                     )
                 )
+    for a in artifacts:  # gptq:auto: the bits the written checkpoint holds
+        t = next(t for t in parsed if t.label() == a.type)
+        if (plan := getattr(t, "plan_json", None)) and a.layout == "compressed-tensors":
+            from quantkit.quantize.vllm_auto.plan import actual_bits
+
+            a.auto = {**plan, "actual_bits": round(actual_bits(a.path, plan), 4)}
+            notes.append(
+                f"{a.type}: {a.auto['actual_bits']:.3f} bits per weight written "
+                f"({plan['predicted_bits']:.3f} predicted, {plan['bits_asked']:g} asked)"
+            )
     timings["total"] = time.perf_counter() - t_start
     return VllmResult(artifacts, plans[id(parsed[0])], timings, worker_res, notes)
 

@@ -50,6 +50,11 @@ def sensitivity_dir() -> Path:
     return cache_root() / "auto-sensitivity"
 
 
+def vllm_sensitivity_dir() -> Path:
+    """gptq:auto's per-group sensitivity measurements (quantize/vllm_auto/sensitivity.py)."""
+    return cache_root() / "vllm-auto-sensitivity"
+
+
 def sdist_dir() -> Path:
     """llama-cpp-python source distributions (scripts/install.sh downloads them)."""
     return cache_root() / "sdist"

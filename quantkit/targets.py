@@ -9,6 +9,8 @@ one bare word where a kind has a main option):
                                    the per-tensor mix of least predicted KLD in that budget
     gguf-lora / vllm-lora          the fine-tune's adapter itself (needs an adapter)
     gptq[:bits=4|8,group=32|64|128|channel,sym=…,actorder=static|weight|none,dampening=0.01]
+    gptq:auto:bits=X[:types=w4g64,fp8,float,...]
+                                   a per-layer mix of schemes at an average bit width
     awq[:bits,group,sym,duo_scaling,grid]
     fp8[:dynamic|static|block]     vLLM checkpoints (compressed-tensors, via llm-compressor)
     hf[:bf16|fp16|f32][,shard=5GB] a plain HF checkpoint folder
@@ -26,6 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from quantkit.errors import InputError
+from quantkit.quantize.vllm_auto.spec import VllmAutoSpec, is_vllm_auto, parse_vllm_auto
 from quantkit.quantize.vllm_targets import AWQTarget, FP8Target, GPTQTarget
 
 # vLLM calibration defaults of convert and quantkit.export, chosen with bench/vllm_export.py on a
@@ -163,18 +166,17 @@ class HFTarget(_Target):
 
 
 Target = Annotated[
-    GGUFTarget | AdapterTarget | GPTQTarget | AWQTarget | FP8Target | HFTarget,
+    GGUFTarget | AdapterTarget | GPTQTarget | AWQTarget | FP8Target | VllmAutoSpec | HFTarget,
     Field(discriminator="method"),
 ]
-METHODS = ("gguf", "gguf-lora", "vllm-lora", "gptq", "awq", "fp8", "hf")
-VLLM_METHODS = ("gptq", "awq", "fp8")
+METHODS = ("gguf", "gguf-lora", "vllm-lora", "gptq", "awq", "fp8", "gptq-auto", "hf")
 _TARGET: TypeAdapter[Any] = TypeAdapter(Target)
 
 # Which builder family makes a kind (quantkit/pipeline/build.py BUILDERS): several targets of one
 # family are made together (one read of the checkpoint; one llm-compressor process).
 FAMILY = {
     "gguf": "gguf", "gguf-lora": "gguf", "vllm-lora": "gguf",
-    "gptq": "vllm", "awq": "vllm", "fp8": "vllm", "hf": "hf",
+    "gptq": "vllm", "awq": "vllm", "fp8": "vllm", "gptq-auto": "vllm", "hf": "hf",
 }  # fmt: skip
 
 # A bare word after the colon: which option it sets.
@@ -210,6 +212,8 @@ def parse_target(spec: str | Any) -> Any:
         method, rest = "gguf", text  # a bare GGUF type: Q8_0
     if method == "gguf":
         return _gguf(spec, rest)
+    if is_vllm_auto(text):
+        return parse_vllm_auto(text)
     if method in ("gguf-lora", "vllm-lora") and rest:
         raise InputError(f"--to {spec}: {method} takes no options")
     fields: dict[str, Any] = {"method": method, **_options(spec, method, rest)}

@@ -246,6 +246,9 @@ def _quant_format(q: dict[str, Any]) -> str | None:
     groups = [g for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
     if not groups:
         return None
+    # a mixed-precision checkpoint (gptq:auto) is its int group's row: the one whose kernel
+    # needs the most of a host (and 16-bit activations)
+    groups.sort(key=lambda g: (g.get("weights") or {}).get("type") != "int")
     w = groups[0].get("weights") or {}
     a = groups[0].get("input_activations") or None
     if w.get("type") == "float" and w.get("num_bits") == 8:

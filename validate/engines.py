@@ -489,16 +489,17 @@ def hf_file_type(folder: Path) -> str | None:
         return f"{method.upper()} {q.get('bits', '?')}-bit" + (f" g{g}" if g and g > 0 else "")
     if method == "compressed-tensors":
         groups = list((q.get("config_groups") or {}).values())
-        if groups:
-            w = groups[0].get("weights") or {}
-            a = groups[0].get("input_activations") or {}
+        labels = []  # several in a mixed-precision checkpoint (gptq:auto): "W4A16 g64+W8A8 FP8"
+        for g in groups:
+            w = g.get("weights") or {}
+            a = g.get("input_activations") or {}
             label = f"W{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}"
             if w.get("type") == "float":
                 label += " FP8" if w.get("num_bits") == 8 else " FP"
             if w.get("group_size"):
                 label += f" g{w['group_size']}"
-            return label
-        return "compressed-tensors"
+            labels.append(label)
+        return "+".join(sorted(dict.fromkeys(labels))) or "compressed-tensors"
     if method:
         return str(method)
     dtype = cfg.get("dtype") or cfg.get("torch_dtype")

@@ -155,9 +155,12 @@ def _json(res: Any, o: Any, seconds: float) -> dict[str, Any]:
 
 def _dry_run(arts: list[Any]) -> None:
     """Each file's planned types and predicted size; a gguf:auto plan in full."""
-    autos = [a for a in arts if "auto" in a.details]
+    autos = [a for a in arts if "auto" in a.details and a.format == "gguf"]
     if autos:
         _echo_auto_plans(autos)
+    for a in arts:
+        if "auto" in a.details and a.format == "vllm":
+            _echo_vllm_auto_plan(a.label, a.details["auto"])
     plain = [a for a in arts if "auto" not in a.details and "planned" in a.details]
     for a in plain:
         planned = a.details["planned"]
@@ -183,3 +186,22 @@ def _dry_run(arts: list[Any]) -> None:
                 [[n] + [a.details["planned"].get(n, "") for a in plain] for n in names],
             )
         )
+
+
+def _echo_vllm_auto_plan(label: str, p: dict[str, Any]) -> None:
+    """gptq:auto dry run: per fused group its scheme, bits and predicted KLD; the average."""
+    for note in p["notes"]:
+        click.echo(f"note: {label}: {note}", err=True)
+    click.echo(
+        f"{label}: predicted {p['predicted_bits']:.3f} bits per weight ({p['bits_asked']:g} "
+        f"asked), predicted KLD {p['predicted_kld']:.4g}; candidates "
+        f"{', '.join(p['candidates'])}; "
+        + ", ".join(f"{k} ×{v}" for k, v in p["histogram"].items())
+    )
+    click.echo(
+        format_table(
+            ["group", "scheme", "bits", "predicted KLD"],
+            [[g["group"], g["scheme"], f"{g['bits']:.3f}", f"{g['predicted_kld']:.3g}"]
+             for g in p["groups"]],
+        )
+    )  # fmt: skip

@@ -257,8 +257,6 @@ def build_vllm(
     from the model's folder (a fine-tune: its merged copy)."""
     from quantkit.quantize.vllm import DEFAULT_IGNORE, VllmSettings, export_vllm
 
-    if o.dry_run:
-        raise InputError("--dry-run applies to GGUF targets", "leave the vLLM targets out of it")
     settings = VllmSettings(
         ignore=o.ignore or DEFAULT_IGNORE,
         layouts=o.layouts or ("compressed-tensors",),
@@ -268,6 +266,8 @@ def build_vllm(
         threads=o.threads,
     )
     folder = src.torch_folder(_out_folder(out))
+    if o.dry_run:
+        return _vllm_plans(folder, targets, settings, o)
     res = export_vllm(
         folder, targets, out, settings, force=o.force, progress=o.progress, name=src.stem(),
         n_outputs=1 if single else 2,
@@ -287,11 +287,27 @@ def build_vllm(
                 "quant_method": a.quant_method,
                 "quantized_layers": a.quantized_layers,
                 "ignored_layers": a.ignored_layers,
+                **({"auto": a.auto} if a.auto is not None else {}),
             },
         )
         for a in res.artifacts
     ]
     return BuildResult(arts, res.plan.architecture, [], res.notes, dict(res.timings), vllm=res)
+
+
+def _vllm_plans(folder: Path, targets: list[Any], settings: Any, o: ExportOptions) -> BuildResult:
+    """A dry run of gptq:auto: each target's plan (scheme, bits and predicted KLD per fused
+    group), measured and solved but not written."""
+    from quantkit.quantize.vllm_auto.plan import make_plan
+
+    arts = []
+    for t in targets:
+        plan, _ = make_plan(folder, t, ignore=settings.ignore, calib=settings.calib,
+                            samples=settings.samples, seq_len=settings.seq_len,
+                            threads=settings.threads, progress=o.progress)  # fmt: skip
+        arts.append(Artifact(folder, "vllm", t.label(), 0, "", 0.0, t,
+                             details={"auto": plan.to_json()}))  # fmt: skip
+    return BuildResult(arts, _architecture(Source(folder)))
 
 
 def build_hf(
@@ -352,9 +368,13 @@ def build(
 
 def _preflight(source: Source, groups: dict[str, list[Any]], o: ExportOptions) -> None:
     """What no builder can do, named before any of them writes."""
-    if o.dry_run and set(groups) - {"gguf"}:
+    planned = {"gguf"} | (
+        {"vllm"} if all(is_vllm_auto_target(t) for t in groups.get("vllm", [])) else set()
+    )
+    if o.dry_run and set(groups) - planned:
         raise InputError(
-            "--dry-run applies to GGUF targets", "leave the vLLM and hf targets out of a dry run"
+            "--dry-run applies to GGUF targets and gptq:auto",
+            "leave the other vLLM and hf targets out of a dry run",
         )
     if (o.ignore or o.layouts or o.samples != DEFAULT_SAMPLES or o.seq_len != DEFAULT_SEQ_LEN) and (
         "vllm" not in groups
@@ -362,6 +382,10 @@ def _preflight(source: Source, groups: dict[str, list[Any]], o: ExportOptions) -
         raise InputError("--ignore, --layout, --samples and --seq-len apply to vLLM targets")
     if "vllm" in groups and source.folder.suffix.lower() == ".gguf":
         raise InputError("vLLM targets are made from an HF checkpoint, not a GGUF file")
+
+
+def is_vllm_auto_target(t: Any) -> bool:
+    return t.method == "gptq-auto"
 
 
 def _architecture(src: Source) -> str:

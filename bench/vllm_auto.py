@@ -1,0 +1,112 @@
+"""gptq:auto's sensitivity proxy against measured KLD, on the embedded default model.
+
+    .venv/bin/python bench/vllm_auto.py [--pairs 40] [--fixtures ../shared/fixtures]
+
+Calibration: the first 400 KB of tinystories_train_head.txt, in quantkit's default windows (16 ×
+256 tokens), exactly what ``convert --to gptq:auto --calib`` uses, so the sensitivity comes from
+its cache. ``--pairs`` (group, scheme) pairs are drawn at random (seed 0) among the non-float
+options; each is quantized alone (compressed-tensors' round to nearest, as the proxy assumes),
+and its mean KLD against the float model measured with transformers on --eval-samples windows
+of wiki.test.raw (disjoint from the calibration text). Prints the Spearman rank correlation of
+the predicted KLD (gain × error) and of the raw error against the measured KLD, overall and
+within one scheme.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra = np.argsort(np.argsort(a)).astype(float)
+    rb = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pairs", type=int, default=40)
+    ap.add_argument("--eval-samples", type=int, default=4)
+    ap.add_argument("--fixtures", type=Path, default=FIXTURES)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    from quantkit.demo import demo_model
+    from quantkit.quantize.vllm import (
+        DEFAULT_IGNORE,
+        DEFAULT_SAMPLES,
+        DEFAULT_SEQ_LEN,
+        calibration_ids,
+    )
+    from quantkit.quantize.vllm_auto import sensitivity as sn
+    from quantkit.quantize.vllm_auto.host import runnable
+    from quantkit.quantize.vllm_auto.plan import group_options, planned_groups
+    from quantkit.quantize.vllm_auto.spec import parse_vllm_auto
+
+    torch.set_num_threads(args.threads)
+    model_dir = demo_model()
+    calib = Path("/tmp/vllm-auto-calib.txt")
+    calib.write_text(
+        (args.fixtures / "tinystories" / "tinystories_train_head.txt").read_text()[:400_000]
+    )
+    wiki = args.fixtures / "wikitext-2-raw" / "wiki.test.raw"
+    evalf = Path("/tmp/vllm-auto-eval.txt")
+    evalf.write_text(wiki.read_text()[:200_000])
+
+    groups, dtype = planned_groups(model_dir, DEFAULT_IGNORE)
+    spec = parse_vllm_auto("gptq:auto:bits=4.5")
+    options = group_options(groups, runnable(spec, dtype).schemes)
+    ids = calibration_ids(model_dir, calib, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN)
+    t0 = time.perf_counter()
+    sens = sn.measure(model_dir, groups, options, ids, dtype=dtype, threads=args.threads)
+    print(f"sensitivity: {'cache' if sens.cache_hit else 'measured'} in "
+          f"{time.perf_counter() - t0:.1f} s; gains {sens.gains}")  # fmt: skip
+
+    eval_ids = calibration_ids(model_dir, evalf, args.eval_samples, DEFAULT_SEQ_LEN)
+    model = sn.load_model(model_dir)
+    scale_dtype = getattr(torch, dtype)
+    ref = sn.importance(model, [], eval_ids)["ref"]
+    pairs = [(g, s) for g in groups for s in options[g.name] if s.kind != "float"]
+    random.Random(0).shuffle(pairs)
+    rows = []
+    t0 = time.perf_counter()
+    for g, s in pairs[: args.pairs]:
+        saved = sn.set_scheme(model, [g], s, scale_dtype)
+        kld = sn.mean_kld(model, eval_ids, ref)
+        sn.restore(model, saved)
+        rows.append({"group": g.name, "kind": g.kind, "scheme": s.name, "measured": kld,
+                     "predicted": sens.kld(g, s.name), "raw": sens.errors[g.name][s.name]})  # fmt: skip
+        print(f"{g.name:38s} {s.name:7s} measured {kld:.3e} predicted {rows[-1]['predicted']:.3e}")
+    meas = [r["measured"] for r in rows]
+    out = {
+        "pairs": len(rows),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "spearman_predicted": spearman([r["predicted"] for r in rows], meas),
+        "spearman_raw_error": spearman([r["raw"] for r in rows], meas),
+        "by_scheme": {},
+    }
+    for name in sorted({r["scheme"] for r in rows}):
+        sub = [r for r in rows if r["scheme"] == name]
+        if len(sub) >= 5:
+            out["by_scheme"][name] = {
+                "pairs": len(sub),
+                "spearman": spearman([r["predicted"] for r in sub], [r["measured"] for r in sub]),
+            }
+    print(json.dumps(out, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps({**out, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

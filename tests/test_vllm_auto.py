@@ -1,0 +1,169 @@
+"""gptq:auto: target grammar and refusals, fused groups, the budget, and one mixed checkpoint of a
+tiny model written by llm-compressor and scored in vLLM (skipped where those envs are absent)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+from conftest import (
+    TRAIN_TEXT,
+    assert_scored_as_measured,
+    llmc_python_or_skip,
+    make_tiny_model,
+    run_cli,
+    validate_report,
+    vllm_env_or_skip,
+)
+
+from quantkit.errors import InputError
+from quantkit.quantize.vllm_auto import host
+from quantkit.quantize.vllm_auto.groups import fused_groups
+from quantkit.quantize.vllm_auto.plan import choose, config_groups, targets
+from quantkit.quantize.vllm_auto.schemes import scheme
+from quantkit.quantize.vllm_auto.sensitivity import Sensitivity
+from quantkit.quantize.vllm_auto.spec import is_vllm_auto, parse_vllm_auto
+from quantkit.targets import FAMILY, parse_target
+from quantkit.validate.capabilities import Verdict
+
+
+def test_spec_parses_and_refuses_with_exit_2():
+    s = parse_target("gptq:auto:bits=4.5:types=W4G64,fp8,float,w4g64")
+    assert s.bits == 4.5 and s.types == ("w4g64", "fp8", "float") and not s.force
+    assert s.label() == "gptq-auto-4.5b"
+    assert FAMILY[parse_target("gptq:auto:bits=5").method] == "vllm"
+    assert is_vllm_auto("gptq:auto:bits=5")
+    assert not is_vllm_auto("gptq:bits=4,group=64")
+    assert parse_vllm_auto("gptq:auto:bits=5:types=w8g128:force").force
+    assert parse_vllm_auto("gptq:auto:bits=5").types is None
+    for bad in ("gptq:auto", "gptq:auto:bits=x", "gptq:auto:bits=0", "gptq:auto:bits=4:size=9",
+                "gptq:auto:bits=4:types=q4_k", "gptq:auto:bits=4:types=", "gptq:auto:bits=4:bits=5",
+                "gptq:auto:bits=4:types=w4g96"):  # fmt: skip
+        with pytest.raises(InputError) as e:
+            parse_vllm_auto(bad)
+        assert e.value.hint and "gptq:auto:bits=" in e.value.hint
+    r = run_cli("convert", "nowhere", "--to", "gptq:auto:bits=4:types=w4g96")
+    assert r.returncode == 2 and "w4g96" in r.stderr, r.stderr
+
+
+def _verdicts(monkeypatch, runs: dict[str, bool]) -> None:
+    from quantkit.validate import capabilities
+
+    table = {
+        row: Verdict(row, ok, None if ok else "ValueError: no kernel", {}, None, None, "now")
+        for row, ok in runs.items()
+    }
+    monkeypatch.setattr(capabilities, "load", lambda engine, key=None: dict(table))
+    monkeypatch.setattr(capabilities, "measure_rows", lambda rows, say=None: ({}, {}))
+
+
+def test_candidates_follow_the_host_matrix(monkeypatch):
+    _verdicts(monkeypatch, {"w4a16-g64:f16": True, "w8a16-g128:f16": False,
+                            "fp8-dynamic:f16": True})  # fmt: skip
+    c = host.runnable(parse_vllm_auto("gptq:auto:bits=5:types=w4g64,w8g128,fp8,float:force"),
+                      "float16")  # fmt: skip
+    assert [s.name for s in c.schemes] == ["w4g64", "w8g128", "fp8", "float"]
+    with pytest.raises(InputError) as e:  # explicit and not runnable here: refused
+        host.runnable(parse_vllm_auto("gptq:auto:bits=5:types=w4g64,w8g128"), "float16")
+    assert "w8g128" in str(e.value) and "no kernel" in str(e.value) and ":force" in e.value.hint
+    d = host.runnable(parse_vllm_auto("gptq:auto:bits=5"), "float16")  # defaults: dropped
+    names = [s.name for s in d.schemes]
+    assert "w8g128" not in names and {"w4g64", "fp8", "float"} <= set(names)
+    assert "w8g128" in d.dropped and any("w4g32" in n for n in d.notes)  # unmeasured: kept, noted
+
+
+LLAMA = [
+    (f"model.layers.{i}.{p}", 256, out)
+    for i in range(3)
+    for p, out in (
+        ("self_attn.q_proj", 256),
+        ("self_attn.k_proj", 128),
+        ("self_attn.v_proj", 128),
+        ("self_attn.o_proj", 256),
+        ("mlp.gate_proj", 512),
+        ("mlp.up_proj", 512),
+    )  # fmt: skip
+] + [(f"model.layers.{i}.mlp.down_proj", 512, 256) for i in range(3)]
+
+
+def test_fused_groups_share_one_scheme_and_targets_match_exactly():
+    groups = fused_groups(LLAMA)
+    assert len(groups) == 3 * 4
+    qkv = next(g for g in groups if g.name == "model.layers.1.self_attn.qkv_proj")
+    assert [m.name.rsplit(".", 1)[1] for m in qkv.members] == ["q_proj", "k_proj", "v_proj"]
+    gu = next(g for g in groups if g.name == "model.layers.2.mlp.gate_up_proj")
+    assert len(gu.members) == 2
+    members = {"w4g64": [m.name for m in qkv.members + gu.members],
+               "fp8": ["model.layers.0.mlp.down_proj"], "float": ["model.layers.0.self_attn.o_proj"]}  # fmt: skip
+    cg, floats = config_groups(members)
+    assert floats == ["model.layers.0.self_attn.o_proj"]
+    assert cg["group_0"]["weights"]["type"] == "int"  # int first (capabilities reads its row)
+    assert cg["group_1"]["input_activations"]["dynamic"] is True
+    names = [n for n, _, _ in LLAMA]
+    for g in cg.values():
+        hit = {n for n in names for t in g["targets"] if re.match(t[3:], n)}
+        want = set(members["w4g64"] if g["weights"]["type"] == "int" else members["fp8"])
+        assert hit == want
+    assert targets(["lm_head"]) == ["lm_head"]
+
+
+def test_plan_within_budget_and_close_to_it():
+    groups = fused_groups(LLAMA)
+    schemes = [scheme(n) for n in ("w4g128", "w4g64", "w4g32", "fp8", "float")]
+    options = {g.name: [s for s in schemes if g.fits(s)] for g in groups}
+    base = {"w4g128": 8.0, "w4g64": 6.0, "w4g32": 5.0, "fp8": 1.0, "float": 0.0}
+    errors = {g.name: {s: v * (1 + i) for s, v in base.items()} for i, g in enumerate(groups)}
+    sens = Sensitivity(errors, gains={})
+    weights = sum(g.weights for g in groups)
+    for bits in (4.2, 4.5, 5.0, 6.0, 9.0):
+        spec = parse_vllm_auto(f"gptq:auto:bits={bits}")
+        choices, cost, w, budget = choose(spec, groups, options, sens, 16)
+        assert w == weights and cost <= budget == math.floor(bits * weights)
+        assert {c.group for c in choices} == {g.name for g in groups}  # one scheme per group
+        # close: no single group's next upgrade would still fit
+        assert cost / weights > bits - 1.0, (bits, cost / weights)
+    spread = {c.scheme for c in choose(parse_vllm_auto("gptq:auto:bits=6"), groups, options,
+                                       sens, 16)[0]}  # fmt: skip
+    assert len(spread) > 1
+    with pytest.raises(InputError) as e:
+        choose(parse_vllm_auto("gptq:auto:bits=3"), groups, options, sens, 16)
+    assert "bits=4.13" in e.value.hint
+
+
+def test_mixed_checkpoint_loads_and_scores_in_vllm(tmp_path):
+    """A tiny fp16 Llama: dry run, then the export through the CLI (llm-compressor), then
+    `quantkit validate` in vLLM: config groups of two schemes, bits at or below the budget."""
+    llmc_python_or_skip()
+    vllm_env_or_skip()
+    model = make_tiny_model(tmp_path / "tiny", "LlamaForCausalLM", dtype="float16")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TRAIN_TEXT)
+    evalt = tmp_path / "eval.txt"  # disjoint from the calibration text
+    evalt.write_text("The river ran past the old mill, and the boats came home at dusk. " * 40)
+    target = "gptq:auto:bits=6:types=w4g64,fp8,float"
+    common = ("--calib", str(calib), "--samples", "4", "--seq-len", "64", "--json")
+    r = run_cli("convert", str(model), "--to", target, "--dry-run", *common)
+    assert r.returncode == 0, r.stderr
+    (dry,) = json.loads(r.stdout)["artifacts"]
+    assert dry["label"] == "gptq-auto-6b"
+    plan = dry["auto"]
+    assert plan["predicted_bits"] <= 6 and len(plan["histogram"]) >= 2
+    out = tmp_path / "mixed"
+    r = run_cli("convert", str(model), "--to", target, "-o", str(out), *common)
+    assert r.returncode == 0, r.stderr
+    art = json.loads(r.stdout)["artifacts"][0]
+    assert art["auto"]["actual_bits"] <= 6 and art["auto"]["actual_bits"] > 5
+    assert abs(art["auto"]["actual_bits"] - plan["predicted_bits"]) < 1e-3
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    kinds = {(g["weights"]["type"], g["weights"]["num_bits"]) for g in q["config_groups"].values()}
+    assert ("int", 4) in kinds and len(kinds) + (len(q["ignore"]) > 1) >= 2, q
+    assert q["format"] in ("mixed-precision", "pack-quantized")
+    r, rep = validate_report([out], model, evalt, tmp_path / "rep.json")
+    assert r.returncode == 0, r.stderr
+    (entry,) = rep["artifacts"]
+    assert_scored_as_measured(entry, out)
+    if entry["status"] == "ok":
+        kld = entry["quality"]["kld_mean"]
+        assert math.isfinite(kld) and 0 <= kld < 0.2, entry["quality"]
