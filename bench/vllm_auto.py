@@ -49,10 +49,10 @@ def main() -> None:
         DEFAULT_SEQ_LEN,
         calibration_ids,
     )
-    from quantkit.quantize.vllm_auto import sensitivity as sn
-    from quantkit.quantize.vllm_auto.host import runnable
-    from quantkit.quantize.vllm_auto.plan import group_options, planned_groups
-    from quantkit.quantize.vllm_auto.spec import parse_vllm_auto
+    from quantkit.quantize.vllm.auto import sensitivity as sn
+    from quantkit.quantize.vllm.auto.host import runnable
+    from quantkit.quantize.vllm.auto.plan import group_options, planned_groups
+    from quantkit.quantize.vllm.auto.spec import parse_vllm_auto
 
     torch.set_num_threads(args.threads)
     model_dir = demo_model()

@@ -38,7 +38,7 @@ FIXTURES = REPO.parent / "shared" / "fixtures"
 DIRECT = r"""
 import importlib.util, json, sys, time
 # the worker's recipe/calibration helpers, loaded by path (its folder must not go on sys.path:
-# quantize/gguf.py and quantize/vllm.py would shadow the gguf and vllm packages)
+# its neighbours, targets.py, export.py, settings.py …, would shadow packages of those names)
 spec = importlib.util.spec_from_file_location("llmc_worker", sys.argv[2])
 w = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(w)
@@ -93,7 +93,7 @@ def run_tree(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
         # Each measured process tree in its own session: with the kernel's autogroup
         # scheduling (/proc/sys/kernel/sched_autogroup_enabled = 1, the default on desktop and
         # many server kernels) CPU time is shared between sessions first. quantkit starts its
-        # llm-compressor worker in a new session (quantize/vllm.py run_worker); a direct child
+        # llm-compressor worker in a new session (quantize/vllm/export.py run_worker); a direct child
         # left in this bench's session would compete with everything else started from the
         # same shell, and on a loaded machine came out 3x slower (ratio 0.32, not a real win).
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
@@ -126,12 +126,12 @@ def main() -> None:
     from quantkit import envs
     from quantkit.demo import demo_model
     from quantkit.quantize import vllm
-    from quantkit.targets import parse_target
+    from quantkit.targets import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, parse_target
 
     model = a.model or demo_model()
     targets = a.targets or ["gptq:group=64", "awq:group=64", "fp8"]
-    samples = a.samples or vllm.DEFAULT_SAMPLES
-    seq_len = a.seq_len or vllm.DEFAULT_SEQ_LEN
+    samples = a.samples or DEFAULT_SAMPLES
+    seq_len = a.seq_len or DEFAULT_SEQ_LEN
     py = envs.python("llmcompressor")
     ids = vllm.calibration_ids(model, a.calib, samples, seq_len)
     work = Path(tempfile.mkdtemp(prefix="qk-bench-vllm-", dir=a.keep))
@@ -186,7 +186,7 @@ def main() -> None:
                 "-c",
                 DIRECT,
                 str(work / "job.json"),
-                str(REPO / "quantize" / "llmc_worker.py"),
+                str(REPO / "quantize" / "vllm" / "llmc_worker.py"),
             ]
             # Alternate which side runs first (q d, d q, q d, ...): on a shared machine the load
             # drifts over minutes, and a fixed order hands that drift to one side every repeat

@@ -13,7 +13,7 @@ to that path and renamed into place when complete, so a half-made env is never u
 pin changes the hash and so builds a new env beside the old one.
 
 quantkit is not installed in these envs: code that runs there is a self-contained script run by
-path (``validate/vllm_worker.py``, ``quantize/llmc_worker.py``) talking through JSON/.npy files.
+path (``validate/vllm_worker.py``, ``quantize/vllm/llmc_worker.py``) talking through JSON/.npy files.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every /proc/cpuinfo read of quantkit's own process goes through here. Standard library only:
 ``quantkit/buildflags.py`` imports it when scripts/install.sh runs that file by path, before
 quantkit is installed. (The worker scripts run in other environments — validate/vllm_worker.py,
-quantize/llmc_worker.py — cannot import quantkit; none of them reads /proc/cpuinfo.)
+quantize/vllm/llmc_worker.py — cannot import quantkit; none of them reads /proc/cpuinfo.)
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def sensitivity_dir() -> Path:
 
 
 def vllm_sensitivity_dir() -> Path:
-    """gptq:auto's per-group sensitivity measurements (quantize/vllm_auto/sensitivity.py)."""
+    """gptq:auto's per-group sensitivity measurements (quantize/vllm/auto/sensitivity.py)."""
     return cache_root() / "vllm-auto-sensitivity"
 
 

@@ -28,8 +28,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from quantkit.errors import InputError
-from quantkit.quantize.vllm_auto.spec import VllmAutoSpec, is_vllm_auto, parse_vllm_auto
-from quantkit.quantize.vllm_targets import AWQTarget, FP8Target, GPTQTarget
+from quantkit.quantize.vllm.auto.spec import VllmAutoSpec, is_vllm_auto, parse_vllm_auto
+from quantkit.quantize.vllm.targets import AWQTarget, FP8Target, GPTQTarget
 
 # vLLM calibration defaults of convert and quantkit.export, chosen with bench/vllm_export.py on a
 # 2-core CPU so that the embedded default (SmolLM2-135M, 30 layers) exports in minutes

@@ -1,7 +1,7 @@
 """A worker process given one JSON job: started in its own session, watched, stopped.
 
 Engine workers (validate/worker.py, validate/vllm_worker.py) and the llm-compressor worker
-(quantize/llmc_worker.py) share one protocol: the job is ``job.json`` in a work folder, the worker
+(quantize/vllm/llmc_worker.py) share one protocol: the job is ``job.json`` in a work folder, the worker
 appends ``stage done total`` lines to ``progress`` there and writes ``result.json`` last. This
 module starts the process (in a new session, so that a kill takes its children too), polls the
 progress file while it waits, forwards each new line to the caller's ``progress`` (and, as a

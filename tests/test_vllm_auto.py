@@ -19,12 +19,12 @@ from conftest import (
 )
 
 from quantkit.errors import InputError
-from quantkit.quantize.vllm_auto import host
-from quantkit.quantize.vllm_auto.groups import fused_groups
-from quantkit.quantize.vllm_auto.plan import choose, config_groups, targets
-from quantkit.quantize.vllm_auto.schemes import scheme
-from quantkit.quantize.vllm_auto.sensitivity import Sensitivity
-from quantkit.quantize.vllm_auto.spec import is_vllm_auto, parse_vllm_auto
+from quantkit.quantize.vllm.auto import host
+from quantkit.quantize.vllm.auto.groups import fused_groups
+from quantkit.quantize.vllm.auto.plan import choose, config_groups, targets
+from quantkit.quantize.vllm.auto.schemes import scheme
+from quantkit.quantize.vllm.auto.sensitivity import Sensitivity
+from quantkit.quantize.vllm.auto.spec import is_vllm_auto, parse_vllm_auto
 from quantkit.targets import FAMILY, parse_target
 from quantkit.validate.capabilities import Verdict
 

@@ -73,7 +73,7 @@ def test_cli_refuses_unknown_option_and_writes_nothing(tmp_path):
 
 
 def _random_layer(bits: int, group: int, out_f: int = 64, in_f: int = 128, g_idx: bool = False):
-    from quantkit.quantize.legacy import IntLayer
+    from quantkit.quantize.vllm.legacy import IntLayer
 
     gen = torch.Generator().manual_seed(bits * 1000 + group)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -89,7 +89,7 @@ def _random_layer(bits: int, group: int, out_f: int = 64, in_f: int = 128, g_idx
 
 @pytest.mark.parametrize("bits,group,g_idx", [(4, 32, False), (4, 64, True), (8, 128, False)])
 def test_gptq_layout_round_trip(bits, group, g_idx):
-    from quantkit.quantize.legacy import gptq_tensors, read_gptq_layer
+    from quantkit.quantize.vllm.legacy import gptq_tensors, read_gptq_layer
 
     layer = _random_layer(bits, group, g_idx=g_idx)
     t = {f"m.{k}": v for k, v in gptq_tensors(layer, torch.float16).items()}
@@ -106,7 +106,7 @@ def test_gptq_layout_round_trip(bits, group, g_idx):
 def test_gptq_v1_zero_minus_one_and_input_dim_packing():
     """Hand-checked words: the first qweight word holds input channels 0..7 of output 0 (low
     nibble first, unsigned q+8); qzeros hold zero+8-1 (v1), so symmetric zeros are 0x77777777."""
-    from quantkit.quantize.legacy import IntLayer, gptq_tensors
+    from quantkit.quantize.vllm.legacy import IntLayer, gptq_tensors
 
     q = torch.zeros(8, 8, dtype=torch.int64)
     q[0, :] = torch.tensor([-8, -7, -6, -5, 4, 5, 6, 7])
@@ -128,7 +128,7 @@ def test_gptq_v1_zero_minus_one_and_input_dim_packing():
 def test_awq_layout_matches_vllm_unpacking():
     """vLLM's awq loaders unpack a word's 4-bit fields low to high and reorder them with
     (0, 4, 1, 5, 2, 6, 3, 7) (cpu_wna16.py); doing that to our words must give the weights."""
-    from quantkit.quantize.legacy import awq_tensors, read_awq_layer
+    from quantkit.quantize.vllm.legacy import awq_tensors, read_awq_layer
 
     layer = _random_layer(4, 64)
     t = awq_tensors(layer, torch.float16)
@@ -315,7 +315,7 @@ def _rel_err(a, b) -> float:
 
 @pytest.mark.parametrize("label", ["gptq", "awq"])
 def test_int4_export_config_tensors_and_weights(vllm_exports, label):
-    from quantkit.quantize.legacy import read_int_layer, weights_args
+    from quantkit.quantize.vllm.legacy import read_int_layer, weights_args
 
     d = vllm_exports[label]
     cfg = json.loads((d / "config.json").read_text())
@@ -358,7 +358,7 @@ def test_int4_export_config_tensors_and_weights(vllm_exports, label):
 
 @pytest.mark.parametrize("label", ["gptq", "awq"])
 def test_legacy_layout_dequantizes_to_the_same_weights(vllm_exports, label):
-    from quantkit.quantize.legacy import (
+    from quantkit.quantize.vllm.legacy import (
         read_awq_layer,
         read_gptq_layer,
         read_int_layer,

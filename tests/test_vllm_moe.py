@@ -70,7 +70,7 @@ def test_fp8_export_routers_and_experts(run: dict) -> None:
     assert len(routers) == 2 and all(dt[k] in ("F32", "F16", "BF16") for k in routers)
     assert dt["model.layers.0.self_attn.q_proj.weight"] == "F8_E4M3"
     expert = dt["model.layers.1.mlp.experts.3.down_proj.weight"]
-    from quantkit.quantize.vllm_targets import FP8Target
+    from quantkit.quantize.vllm.targets import FP8Target
 
     problem = fp8_experts_problem(FP8Target())
     notes = run["res"].notes

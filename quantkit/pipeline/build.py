@@ -253,7 +253,7 @@ def _gguf_artifact(a: Any, target: Any, dry: bool) -> Artifact:
 def build_vllm(
     src: Source, targets: list[Any], out: Path | None, o: ExportOptions, single: bool
 ) -> BuildResult:
-    """GPTQ / AWQ / FP8 checkpoints: llm-compressor in its own environment (quantize/vllm.py),
+    """GPTQ / AWQ / FP8 checkpoints: llm-compressor in its own environment (quantize/vllm/),
     from the model's folder (a fine-tune: its merged copy)."""
     from quantkit.quantize.vllm import DEFAULT_IGNORE, VllmSettings, export_vllm
 
@@ -298,7 +298,7 @@ def build_vllm(
 def _vllm_plans(folder: Path, targets: list[Any], settings: Any, o: ExportOptions) -> BuildResult:
     """A dry run of gptq:auto: each target's plan (scheme, bits and predicted KLD per fused
     group), measured and solved but not written."""
-    from quantkit.quantize.vllm_auto.plan import make_plan
+    from quantkit.quantize.vllm.auto.plan import make_plan
 
     arts = []
     for t in targets:

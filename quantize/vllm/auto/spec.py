@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from quantkit.errors import InputError
-from quantkit.quantize.vllm_auto.schemes import DEFAULT_TYPES, scheme
+from quantkit.quantize.vllm.auto.schemes import DEFAULT_TYPES, scheme
 
 METHODS = ("gptq",)  # the `--to` prefix: gptq:auto:…
 _HINT = (

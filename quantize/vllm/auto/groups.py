@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from quantkit.quantize.vllm_auto.schemes import Scheme
+from quantkit.quantize.vllm.auto.schemes import Scheme
 
 # vLLM's packed_modules_mapping for the dense decoders quantkit exports: fused name -> shards
 FUSED: dict[str, tuple[str, ...]] = {

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.quantize.vllm_auto.groups import Group
-from quantkit.quantize.vllm_auto.schemes import Scheme
+from quantkit.quantize.vllm.auto.groups import Group
+from quantkit.quantize.vllm.auto.schemes import Scheme
 
 CACHE_VERSION = "1"
 # probe scheme of a kind: the first of these every group of the kind may take (4-bit first:

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from quantkit.errors import InputError
-from quantkit.quantize.vllm_auto.schemes import Scheme, scheme
-from quantkit.quantize.vllm_auto.spec import VllmAutoSpec
+from quantkit.quantize.vllm.auto.schemes import Scheme, scheme
+from quantkit.quantize.vllm.auto.spec import VllmAutoSpec
 
 Say = Callable[[str], None]
 DTYPE_ROW = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}

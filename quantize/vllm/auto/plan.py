@@ -6,7 +6,7 @@ exact bits of the stored tensors, value = predicted KLD). The plan becomes a ``M
 one compressed-tensors config group per scheme, whose ``targets`` are anchored regular
 expressions over the layer index, and the float groups in ``ignore``. llm-compressor's
 GPTQModifier quantizes every group (int and FP8 weights alike) and writes the
-``mixed-precision`` checkpoint; quantize/vllm.py runs it like any other target.
+``mixed-precision`` checkpoint; quantize/vllm/export.py runs it like any other target.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 
 from quantkit.errors import InputError
 from quantkit.quantize.auto.solver import BudgetTooSmall, Option, solve
-from quantkit.quantize.vllm_auto.groups import FUSED, Group, fused_groups
-from quantkit.quantize.vllm_auto.schemes import Scheme, scheme
-from quantkit.quantize.vllm_auto.sensitivity import Sensitivity, measure
-from quantkit.quantize.vllm_auto.spec import VllmAutoSpec
-from quantkit.quantize.vllm_targets import GPTQTarget
+from quantkit.quantize.vllm.auto.groups import FUSED, Group, fused_groups
+from quantkit.quantize.vllm.auto.schemes import Scheme, scheme
+from quantkit.quantize.vllm.auto.sensitivity import Sensitivity, measure
+from quantkit.quantize.vllm.auto.spec import VllmAutoSpec
+from quantkit.quantize.vllm.targets import GPTQTarget
 
 Progress = Callable[[str, int, int], None]
 DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
@@ -215,7 +215,7 @@ def make_plan(
 ) -> tuple[AutoPlan, list[Group]]:
     """Everything up to the choice of schemes (no llm-compressor, no file written)."""
     from quantkit.quantize.vllm import calibration_ids
-    from quantkit.quantize.vllm_auto.host import runnable
+    from quantkit.quantize.vllm.auto.host import runnable
 
     if calib is None:
         raise InputError(
@@ -311,7 +311,7 @@ def actual_bits(checkpoint: Path, plan_json: dict[str, Any]) -> float:
 def resolve(
     model_dir: Path, parsed: Sequence[Any], settings: Any, progress: Progress | None = None
 ) -> tuple[list[Any], list[str]]:
-    """quantize/vllm.py's hook: every VllmAutoSpec of ``parsed`` planned into a MixedTarget;
+    """quantize/vllm/export.py's hook: every VllmAutoSpec of ``parsed`` planned into a MixedTarget;
     returns the targets and the notes to print."""
     out, notes = [], []
     for t in parsed:

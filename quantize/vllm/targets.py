@@ -3,7 +3,7 @@ parses ``--to gptq:bits=4,group=64`` into them, as part of its one Target union.
 
 Each method is a pydantic model that rejects unknown keys, so a typo fails before any work.
 The models translate to llm-compressor's recipe arguments (``to_recipe``), which
-``quantize/llmc_worker.py`` hands to ``oneshot`` in the llmcompressor environment.
+``quantize/vllm/llmc_worker.py`` hands to ``oneshot`` in the llmcompressor environment.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class FP8Target(_Target):
     # block: 128×128 weight blocks, activations per 1×128 group at run time (no calibration).
     scheme: Literal["dynamic", "static", "block"] = "dynamic"
     # MoE experts: "auto" quantizes them where this host's vLLM has an FP8 fused-MoE kernel for
-    # the scheme (CUDA; on CPU only fp8:block with AMX, see quantize/vllm.py fp8_experts_problem)
+    # the scheme (CUDA; on CPU only fp8:block with AMX, see quantize/vllm/checks.py fp8_experts_problem)
     # and keeps them in float elsewhere (with a note), so the export loads where it was made.
     experts: Literal["auto", "fp8", "float"] = "auto"
 

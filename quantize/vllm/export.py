@@ -1,0 +1,323 @@
+"""HF checkpoint → vLLM checkpoint (GPTQ, AWQ, FP8) through llm-compressor.
+
+Flow: preflight everything that can fail cheaply, without loading weights (output path,
+checkpoint, target options, every targeted Linear's input width against the group size, the
+architecture against llm-compressor's AWQ mappings, calibration text long enough, memory);
+then one llm-compressor ``oneshot`` in the llmcompressor environment (quantize/vllm/llmc_worker.py,
+run by path: quantkit is not installed there) writes a compressed-tensors checkpoint into a
+temporary folder; quantkit completes it (tokenizer files, generation config, chat template),
+repacks it into the legacy gptq/awq layouts when asked (quantize/vllm/legacy.py), and renames each
+output into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
+from quantkit.checkpoint import SIDE_FILES, Checkpoint
+from quantkit.errors import EngineError, InputError
+from quantkit.hub import folder_name
+from quantkit.progress import Progress
+from quantkit.quantize.vllm.auto.spec import VllmAutoSpec
+from quantkit.quantize.vllm.calibration import calibration_ids
+from quantkit.quantize.vllm.checks import Plan, preflight, target_ignore
+from quantkit.quantize.vllm.settings import VllmSettings
+from quantkit.quantize.vllm.targets import (
+    MOE_EXPERTS_IGNORE,
+    VllmTarget,
+)
+from quantkit.worker_jobs import JOB_FILE, read_result, run_job
+
+WORKER = Path(__file__).with_name("llmc_worker.py")
+
+
+@dataclass
+class VllmArtifact:
+    path: Path
+    type: str  # e.g. "gptq-w4g64" or "gptq-w4g64 (legacy gptq)"
+    layout: str
+    quant_method: str
+    size: int
+    seconds: float
+    quantized_layers: int
+    ignored_layers: list[str] = field(default_factory=list)
+    auto: dict[str, Any] | None = None  # gptq:auto: the plan and the bits written
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **({"auto": self.auto} if self.auto is not None else {}),
+            "path": str(self.path),
+            "type": self.type,
+            "layout": self.layout,
+            "quant_method": self.quant_method,
+            "size": self.size,
+            "seconds": round(self.seconds, 3),
+            "quantized_layers": self.quantized_layers,
+            "ignored_layers": self.ignored_layers,
+        }
+
+
+@dataclass
+class VllmResult:
+    artifacts: list[VllmArtifact]
+    plan: Plan
+    timings: dict[str, float]
+    worker: dict[str, Any]
+    notes: list[str] = field(default_factory=list)  # the CLI prints them on stderr
+
+
+# -- running the worker --------------------------------------------------------------------------
+
+
+def llmc_python() -> Path:
+    from quantkit import envs
+
+    return envs.python("llmcompressor")
+
+
+def run_worker(
+    job: dict[str, Any], work: Path, python: Path, timeout: float, progress: Progress | None
+) -> dict[str, Any]:
+    """Run llmc_worker.py for ``job``; its output goes to work/worker.log (to stderr with
+    QUANTKIT_DEBUG=1). Returns the worker's result or raises a one-line EngineError."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)  # nothing of quantkit's venv may leak into the other env
+    fin = run_job(
+        # -I: isolated (no script folder on sys.path: its neighbours, targets.py, export.py,
+        # settings.py …, must not shadow packages llm-compressor imports; no PYTHON* variables,
+        # no user site);
+        # -u: unbuffered
+        [str(python), "-I", "-u", str(WORKER), str(work / JOB_FILE)],
+        job,
+        work,
+        timeout=timeout,
+        env=env,
+        progress=progress,
+        heartbeat=False,
+        log_to_terminal=os.environ.get("QUANTKIT_DEBUG") == "1",
+    )
+    if fin.timed_out:
+        raise EngineError(f"llm-compressor did not finish in {timeout:g} s", "lower --samples")
+    res = read_result(work)
+    if res is None or not res.get("ok"):
+        why = res["error"] if res else f"the llm-compressor process died (exit code {fin.rc})"
+        raise EngineError(
+            f"llm-compressor failed: {why}",
+            "rerun with QUANTKIT_DEBUG=1 to see llm-compressor's own output",
+        )
+    return res
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+def output_paths(
+    out: Path | None, stem: str, target: VllmTarget, layouts: Sequence[str], n_targets: int
+) -> dict[str, Path]:
+    """One target and one layout: ``-o`` names the checkpoint folder itself. Otherwise ``-o``
+    (default: the current directory) holds ``STEM-LABEL`` folders (``-legacy`` for the legacy
+    layout)."""
+    if out is not None and n_targets == 1 and len(layouts) == 1:
+        return {layouts[0]: out}
+    folder = out if out is not None else Path.cwd()
+    return {
+        lay: folder / f"{stem}-{target.label()}{'-legacy' if lay == 'legacy' else ''}"
+        for lay in layouts
+    }
+
+
+def _dir_size(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+# vLLM asks whether a fused-MoE layer is ignored by ``<layer>.experts.0.<ckpt projection>``
+# (compressed_tensors_moe.py get_moe_method), with its model's checkpoint projection names —
+# w1/w2/w3 for Mixtral (models/mixtral.py) — while llm-compressor's ignore list holds the
+# linearized names (…experts.0.gate_proj). A regex over any expert projection lets vLLM see
+# float experts whichever names it uses.
+VLLM_EXPERTS_IGNORE = "re:.*\\.experts\\.\\d+\\..*"
+
+
+def complete_checkpoint(src_model: Path, out: Path, experts_in_float: bool = False) -> None:
+    """Copy the side files the save did not write and check the quantization config; when the
+    experts were left in float, say so in a form vLLM matches (VLLM_EXPERTS_IGNORE)."""
+    for name in SIDE_FILES:
+        if (src_model / name).is_file() and not (out / name).exists():
+            shutil.copy2(src_model / name, out / name)
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg.get("quantization_config") or {}
+    if q.get("quant_method") != "compressed-tensors":
+        raise EngineError(
+            f"llm-compressor wrote no compressed-tensors quantization_config in {out}/config.json"
+        )
+    if experts_in_float and VLLM_EXPERTS_IGNORE not in (q.get("ignore") or []):
+        q["ignore"] = [*(q.get("ignore") or []), VLLM_EXPERTS_IGNORE]
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def export_vllm(
+    model: str | os.PathLike[str],
+    targets: Sequence[str | VllmTarget],
+    out: str | os.PathLike[str] | None = None,
+    settings: VllmSettings | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    python: Path | None = None,
+    name: str | None = None,
+    n_outputs: int | None = None,
+) -> VllmResult:
+    """Quantize a local HF checkpoint for vLLM, one llm-compressor run per target.
+
+    ``name``: the output stem (default: the model's name). ``n_outputs``: how many artifacts
+    the whole export writes (``-o`` names the checkpoint folder only when it is the one)."""
+    s = settings or VllmSettings()
+    model_dir = Path(model)
+    from quantkit.targets import FAMILY, parse_targets
+
+    parsed = parse_targets(targets)
+    if any(FAMILY[t.method] != "vllm" for t in parsed):
+        raise InputError("export_vllm() makes gptq, awq and fp8 checkpoints", "see quantkit.export")
+    auto_notes: list[str] = []
+    if any(isinstance(t, VllmAutoSpec) for t in parsed):  # gptq:auto: plan it now
+        from quantkit.quantize.vllm.auto.plan import resolve
+
+        parsed, auto_notes = resolve(model_dir, parsed, s, progress)
+    # legacy first: it reads the compressed-tensors output, which then moves into place
+    layouts = tuple(sorted(dict.fromkeys(s.layouts), key=lambda lay: lay != "legacy"))
+    s.layouts = layouts
+    t_start = time.perf_counter()
+    with Checkpoint.open(model_dir) as ck:
+        stem = name or str(ck.config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
+    stem = stem or folder_name(model_dir)  # a Hub snapshot: the repository's name
+
+    # -- preflight: all targets, before any model load --------------------------------------
+    outp = Path(out) if out is not None else None
+    n = max(len(parsed), n_outputs or 0)
+    paths = {id(t): output_paths(outp, stem, t, layouts, n) for t in parsed}
+    for t in parsed:
+        for p in paths[id(t)].values():
+            check_writable_dir(p, force=force)
+    if any(t.needs_calibration for t in parsed) and s.calib is None:
+        raise InputError(
+            "gptq, awq and fp8:static need calibration text",
+            "pass --calib FILE (plain text; e.g. a few hundred KB of text like the model's use)",
+        )
+    py = python
+    env_error: EngineError | None = None
+    if py is None:
+        try:
+            py = llmc_python()
+        except EngineError as e:  # bad input is reported first; then the missing env
+            env_error = e
+    with Checkpoint.open(model_dir) as ck:
+        config = ck.config
+    notes: list[str] = list(auto_notes)
+    per_target: dict[int, VllmSettings] = {}
+    for t in parsed:
+        ign, tnotes = target_ignore(t, s.ignore, config)
+        ign = (*ign, *getattr(t, "float_layers", ()))  # gptq:auto's groups left in float
+        per_target[id(t)] = dataclasses.replace(s, ignore=ign)
+        notes += tnotes
+    plans = {id(t): preflight(model_dir, t, per_target[id(t)], py) for t in parsed}
+    if env_error is not None or py is None:
+        raise env_error or EngineError("no llmcompressor environment")
+    ids = None
+    if s.calib is not None and any(t.needs_calibration for t in parsed):
+        ids = calibration_ids(model_dir, s.calib, s.samples, s.seq_len)
+    timings = {"preflight": time.perf_counter() - t_start}
+
+    artifacts: list[VllmArtifact] = []
+    all_paths = [p for t in parsed for p in paths[id(t)].values()]
+    labels = [t.label() for t in parsed]
+    if len(set(labels)) != len(labels):
+        raise InputError("the same vLLM target was given twice", "give each --to once")
+    # One worker process for every target (one start of torch + llm-compressor); its work
+    # folder sits beside the outputs so that moving a result into place is a rename.
+    with (
+        output_dirs(all_paths),
+        tempfile.TemporaryDirectory(prefix=".quantkit-llmc-", dir=all_paths[0].parent) as ws,
+    ):
+        work = Path(ws)
+        job: dict[str, Any] = {
+            "model": str(model_dir.resolve()),
+            "seq_len": s.seq_len,
+            "threads": s.threads,
+            "exports": [],
+        }
+        if ids is not None:
+            import numpy as np
+
+            np.save(work / "calib.npy", ids)
+        for t in parsed:
+            job["exports"].append(
+                {
+                    "label": t.label(),
+                    "output": str(work / t.label()),
+                    "recipe": t.to_recipe(),
+                    "ignore": list(per_target[id(t)].ignore),
+                    **(
+                        {"calib_ids": str(work / "calib.npy")}
+                        if t.needs_calibration and ids is not None
+                        else {}
+                    ),
+                }
+            )
+        t0 = time.perf_counter()
+        worker_res = run_worker(job, work, py, s.timeout, progress)
+        timings["llm-compressor"] = time.perf_counter() - t0
+        for t in parsed:
+            plan, tp, ct_dir = plans[id(t)], paths[id(t)], work / t.label()
+            plan.calib_tokens = int(ids.size) if (ids is not None and t.needs_calibration) else 0
+            complete_checkpoint(model_dir, ct_dir, MOE_EXPERTS_IGNORE in per_target[id(t)].ignore)
+            wt = (worker_res.get("timings") or {}).get(t.label(), {})
+            quant_seconds = float(sum(wt.values()))
+            for lay in layouts:
+                final = tp[lay]
+                t1 = time.perf_counter()
+                with atomic_output_dir(final, force=force) as tmp:
+                    if lay == "legacy":
+                        from quantkit.quantize.vllm.legacy import repack
+
+                        repack(ct_dir, tmp, t.method)
+                        method = t.method
+                    else:
+                        if lay == layouts[-1]:  # last use: a rename, no copy
+                            os.replace(ct_dir, tmp)
+                        else:
+                            shutil.copytree(ct_dir, tmp)
+                        method = "compressed-tensors"
+                artifacts.append(
+                    VllmArtifact(
+                        path=final,
+                        type=t.label(),
+                        layout=lay,
+                        quant_method=method,
+                        size=_dir_size(final),
+                        seconds=quant_seconds + time.perf_counter() - t1,
+                        quantized_layers=len(plan.quantized),
+                        ignored_layers=plan.ignored,
+                    )
+                )
+    for a in artifacts:  # gptq:auto: the bits the written checkpoint holds
+        t = next(t for t in parsed if t.label() == a.type)
+        if (plan := getattr(t, "plan_json", None)) and a.layout == "compressed-tensors":
+            from quantkit.quantize.vllm.auto.plan import actual_bits
+
+            a.auto = {**plan, "actual_bits": round(actual_bits(a.path, plan), 4)}
+            notes.append(
+                f"{a.type}: {a.auto['actual_bits']:.3f} bits per weight written "
+                f"({plan['predicted_bits']:.3f} predicted, {plan['bits_asked']:g} asked)"
+            )
+    timings["total"] = time.perf_counter() - t_start
+    return VllmResult(artifacts, plans[id(parsed[0])], timings, worker_res, notes)
