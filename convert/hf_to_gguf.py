@@ -266,221 +266,374 @@ def convert(
     model_dir = given.path if given is not None else Path(model)  # type: ignore[arg-type]
     t_start = time.perf_counter()
     if model_dir.is_file() and model_dir.suffix.lower() == ".gguf":
-        if adapter is not None:
-            raise InputError(
-                "--adapter needs the HF base checkpoint, not a GGUF",
-                f"convert the base folder with --adapter, or use --to {LORA_TARGET} and load both in llama.cpp",
-            )
-        if name is not None:
-            raise InputError(
-                "--name sets the name of a model converted from its HF checkpoint; a GGUF input "
-                "keeps its own",
-                "convert the HF checkpoint with --name instead",
-            )
-        return requantize(
-            model_dir,
-            types,
-            out,
-            force=force,
-            progress=progress,
-            quant=qs,
-            dry_run=dry_run,
-            autos=autos,
-        )
+        _refuse_for_gguf(adapter, name)
+        return requantize(model_dir, types, out, force=force, progress=progress, quant=qs,
+                          dry_run=dry_run, autos=autos)  # fmt: skip
     if _use_upstream(model_dir, converter):
         from quantkit.convert.upstream import convert_upstream
 
-        if autos:
-            raise InputError(
-                "gguf:auto needs a native architecture (or a float GGUF as input)",
-                "convert to gguf:F16 first, then run gguf:auto on that file with --imatrix",
-            )
-        if adapter is not None or given is not None:
-            raise InputError(
-                "llama.cpp's converter (the fallback) takes only a checkpoint folder, no adapter",
-                "merge the adapter into a saved HF copy first (peft merge_and_unload), then convert it",
-            )
-
+        _refuse_for_upstream(autos, adapter, given)
         return convert_upstream(model_dir, types, out, force=force, allow_pickle=allow_pickle,
                                 threads=threads, progress=progress, quant=qs, dry_run=dry_run,
                                 name=name)  # fmt: skip
-
-    # -- preflight: nothing is written until all of this holds -------------------------------
-    ckpt = given or Checkpoint.open(model_dir, allow_pickle=allow_pickle)
-    lora = _open_adapter(adapter, model_dir, qs) if adapter is not None else None
-    warnings: list[str] = []
-    with ckpt, ExitStack() as adapter_stack:
-        available = {n: t.shape for n, t in ckpt.tensors.items()}
-        config = ckpt.config
-        if lora is not None:
-            adapter_stack.callback(lora.close)
-            warnings += _adapter_warnings(lora, model_dir, config)
-            config = _resized_config(lora, config)
-        arch = resolve(config, ckpt.path / "config.json")
-        stem = name or (
-            default_name(model_dir, ckpt.config) if lora is None else lora.path.resolve().name
-        )
-        paths = output_paths(
-            Path(out) if out is not None else None,
-            stem,
-            types,
-            n_extra=int(want_lora) + int(want_vllm) + len(autos),
-        )
-        apaths = auto_paths(Path(out) if out is not None else None, stem, autos,
-                            len(types) + int(want_lora) + int(want_vllm))  # fmt: skip
-        lora_path = (
-            _lora_path(Path(out) if out is not None else None, stem, types) if want_lora else None
-        )
-        vllm_path = _vllm_path(Path(out) if out is not None else None, stem) if want_vllm else None
-        if not dry_run:
-            for p in [*paths.values(), *apaths.values(), *(x for x in (lora_path, vllm_path) if x)]:
-                check_writable(p, force=force)
-        if lora is not None:
-            expected = arch.expected()
-            lora.check_base({n: s for n, s in available.items() if n in expected})
-            available = lora.shapes(available)
-            if want_lora:
-                _check_gguf_lora(lora, arch)
-            if want_vllm:
-                _check_vllm_lora(lora)
-        plan = arch.plan(available)
-        tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
-        base_model = (lora.base_name or default_name(model_dir, ckpt.config)) if lora else None
-        vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
-        if types:  # model files; a GGUF LoRA is not loaded as a model, no vocabulary of its own
-            check_name_rules(stem, vocab.tokens, arch=arch.arch_name, pre=vocab.pre)
-        for pt in plan:
-            for source in pt.sources or ([pt.source] if pt.source else []):
-                info = ckpt.tensors[source]
-                if info.dtype not in BASE_STORAGE:
-                    raise CheckpointError(
-                        f"{info.file.name}: tensor {source!r} is {info.dtype}; only F32/F16/BF16 weights convert",
-                        "dequantize the checkpoint first",
-                    )
-        floats = [t for t in types if t.base]
-        quants = [t for t in types if not t.base]
-        imatrix = _preflight_imatrix(quants, qs, dry_run, autos)
-
-        # The float files asked for, plus (if any quantized type is asked) a base to quantize
-        # from: the requested float type matching the source precision (or F32), else a
-        # temporary in the source's own precision, so quantization sees the weights as trained.
-        src_base = ckpt.source_dtype if ckpt.source_dtype in BASE_STORAGE else "F32"
-        base_name = None
-        if quants or autos:
-            base_name = next((t.name for t in floats if t.name in (src_base, "F32")), src_base)
-        if not dry_run:
-            planned = [(paths[t.name], _float_bytes(plan, t.name, vocab)) for t in floats]
-            planned += [(paths[q.name], _quant_bytes(plan, q, vocab)) for q in quants]
-            planned += [(p, a.size or _quant_bytes(plan, GGUF_TYPES["Q8_0"], vocab))
-                        for a, p in apaths.items()]  # fmt: skip
-            if base_name is not None and base_name not in {t.name for t in floats}:
-                first = paths[quants[0].name] if quants else next(iter(apaths.values()))
-                planned.append((first, _float_bytes(plan, base_name, vocab)))
-            check_free_space(planned)
+    with ExitStack() as held:  # the checkpoint and the adapter are closed on every way out
+        ckpt = held.enter_context(given or Checkpoint.open(model_dir, allow_pickle=allow_pickle))
+        lora = _open_adapter(adapter, model_dir, qs, held) if adapter is not None else None
+        job = _preflight(ckpt, lora, model_dir, Path(out) if out is not None else None, name,
+                         types, autos, want_lora, want_vllm, qs=qs, force=force, dry_run=dry_run)  # fmt: skip
         timings = {"preflight": time.perf_counter() - t_start}
+        options = _quantize_options(job, qs, model_dir, timings, threads=threads, progress=progress)
+        return _write(job, options, qs, timings, force=force, dry_run=dry_run, threads=threads,
+                      progress=progress, clamp_f16=clamp_f16)  # fmt: skip
 
-        if imatrix is None and qs.calib is not None and (quants or autos):
-            from quantkit.quantize.imatrix import collect_imatrix
 
-            t1 = time.perf_counter()
-            imatrix = collect_imatrix(
-                model_dir,
-                read_text(qs.calib),
-                ctx=qs.calib_ctx,
-                chunks=qs.calib_chunks,
-                threads=threads,
-                progress=progress,
-            )
-            timings["imatrix"] = time.perf_counter() - t1
-        options = with_imatrix(qs.options, imatrix, qs.imatrix_file)
-        if threads and not options.threads:
-            options = replace(options, threads=threads)
-
-        artifacts: list[Artifact] = []
-        with ExitStack() as stack:
-            if not dry_run:
-                stack.enter_context(output_dirs([*paths.values(), *apaths.values()]))
-            # atomic_output renames each float file into place when the stack closes cleanly;
-            # a dry run writes only the scratch base it needs for llama.cpp's planner
-            tmps = (
-                {}
-                if dry_run
-                else {
-                    t.name: stack.enter_context(atomic_output(paths[t.name], force=force))
-                    for t in floats
-                }
-            )
-            sinks = [
-                _Sink(tmps[t.name], t.name, arch, vocab, stem, base_model)
-                for t in floats
-                if t.name in tmps
-            ]
-            base_path = tmps.get(base_name) if base_name else None
-            if base_name is not None and base_path is None:
-                near = paths[quants[0].name] if quants else next(iter(apaths.values()))
-                if dry_run:
-                    near = Path(tempfile.gettempdir()) / near.name
-                base_path = stack.enter_context(scratch_file(near))
-                sinks.append(_Sink(base_path, base_name, arch, vocab, stem, base_model))
-
-            t0 = time.perf_counter()
-            clamped: dict[str, float] | None = {} if clamp_f16 else None
-            read = _stream(ckpt, arch, plan, sinks, progress, clamped, lora) if sinks else 0
-            if not dry_run:  # each float file, and the base the quantized types come from
-                for t_name, tmp in tmps.items():
-                    check_loads(tmp, paths[t_name].name)
-                if base_path is not None and base_name not in tmps:
-                    first = paths[quants[0].name] if quants else next(iter(apaths.values()))
-                    check_loads(base_path, f"the {base_name} base of {first.name}")
-            elapsed = timings["stream"] = time.perf_counter() - t0
-            for t in floats:
-                if dry_run:
-                    planned = {pt.name: "F32" if pt.keep_f32 else t.name for pt in plan}
-                    size = sum(_planned_bytes(pt.shape, planned[pt.name]) for pt in plan)
-                    artifacts.append(
-                        Artifact(paths[t.name], t.name, size, len(plan), 0.0, planned=planned)
-                    )
-                    continue
-                size = tmps[t.name].stat().st_size
-                art = Artifact(paths[t.name], t.name, size, len(plan), elapsed)
-                artifacts.append(art)
-
-            for q in quants:
-                assert base_path is not None
-                artifacts.append(
-                    _quantize_one(base_path, q, paths[q.name], options, qs, len(plan),
-                                  force=force, dry_run=dry_run, progress=progress)
-                )  # fmt: skip
-            if quants:
-                timings["quantize"] = time.perf_counter() - t0 - elapsed
-            for a in autos:
-                assert base_path is not None
-                t2 = time.perf_counter()
-                artifacts.append(
-                    _auto_one(base_path, a, apaths[a], options, qs, force=force, dry_run=dry_run,
-                              threads=threads, progress=progress)
-                )  # fmt: skip
-                timings[f"auto {a.name}"] = time.perf_counter() - t2
-            if lora is not None and lora_path is not None:
-                artifacts.append(_write_lora(lora, arch, lora_path, stem, force, dry_run))
-            if lora is not None and vllm_path is not None:
-                artifacts.append(_write_vllm_lora(lora, vllm_path, dry_run))
-        for a in artifacts:
-            if a.audit is None and not dry_run and a.type not in ADAPTER_TARGETS:
-                a.audit = _float_audit(a, plan)
-        order = {t.name: i for i, t in enumerate(types)}
-        order.update({a.name: len(types) + i for i, a in enumerate(autos)})
-        artifacts.sort(key=lambda a: order.get(a.type, len(order)))
-        return ConvertResult(
-            artifacts,
-            arch.arch_name,
-            arch.unused(ckpt.tensors),
-            read,
-            timings,
-            imatrix,
-            clamped_f16=clamped or {},
-            warnings=warnings,
+def _refuse_for_gguf(adapter: Any, name: str | None) -> None:
+    """What a float GGUF input cannot take: both need the HF checkpoint."""
+    if adapter is not None:
+        raise InputError(
+            "--adapter needs the HF base checkpoint, not a GGUF",
+            f"convert the base folder with --adapter, or use --to {LORA_TARGET} and load both in llama.cpp",
         )
+    if name is not None:
+        raise InputError(
+            "--name sets the name of a model converted from its HF checkpoint; a GGUF input "
+            "keeps its own",
+            "convert the HF checkpoint with --name instead",
+        )
+
+
+def _refuse_for_upstream(autos: Sequence[AutoSpec], adapter: Any, given: Checkpoint | None) -> None:
+    """What llama.cpp's converter cannot take: it reads a checkpoint folder, nothing else."""
+    if autos:
+        raise InputError(
+            "gguf:auto needs a native architecture (or a float GGUF as input)",
+            "convert to gguf:F16 first, then run gguf:auto on that file with --imatrix",
+        )
+    if adapter is not None or given is not None:
+        raise InputError(
+            "llama.cpp's converter (the fallback) takes only a checkpoint folder, no adapter",
+            "merge the adapter into a saved HF copy first (peft merge_and_unload), then convert it",
+        )
+
+
+@dataclass
+class _Job:
+    """A native conversion that passed its preflight: what to read, and what to write where."""
+
+    ckpt: Checkpoint
+    lora: Any  # the open LoraAdapter, or None
+    arch: Architecture
+    plan: list[PlannedTensor]
+    vocab: Vocab
+    stem: str
+    base_model: str | None  # general.base_model of a merged fine-tune
+    types: list[GGUFType]
+    autos: list[AutoSpec]
+    paths: dict[str, Path]
+    apaths: dict[AutoSpec, Path]
+    lora_path: Path | None
+    vllm_path: Path | None
+    base_name: str | None  # the float type quantized targets are made from, if any
+    imatrix: Any
+    warnings: list[str]
+
+    @property
+    def floats(self) -> list[GGUFType]:
+        return [t for t in self.types if t.base]
+
+    @property
+    def quants(self) -> list[GGUFType]:
+        return [t for t in self.types if not t.base]
+
+    def first_made_from_base(self) -> Path:
+        """The first output made from the base: where a scratch base goes, and what it is named
+        after in messages."""
+        return self.paths[self.quants[0].name] if self.quants else next(iter(self.apaths.values()))
+
+
+def _preflight(
+    ckpt: Checkpoint,
+    lora: Any,
+    model_dir: Path,
+    out: Path | None,
+    name: str | None,
+    types: list[GGUFType],
+    autos: list[AutoSpec],
+    want_lora: bool,
+    want_vllm: bool,
+    *,
+    qs: QuantSettings,
+    force: bool,
+    dry_run: bool,
+) -> _Job:
+    """Everything that can fail cheaply, before a byte is written."""
+    warnings: list[str] = []
+    available = {n: t.shape for n, t in ckpt.tensors.items()}
+    config = ckpt.config
+    if lora is not None:
+        warnings += _adapter_warnings(lora, model_dir, config)
+        config = _resized_config(lora, config)
+    arch = resolve(config, ckpt.path / "config.json")
+    stem = name or (
+        default_name(model_dir, ckpt.config) if lora is None else lora.path.resolve().name
+    )
+    paths, apaths, lora_path, vllm_path = _outputs(out, stem, types, autos, want_lora, want_vllm)
+    if not dry_run:
+        for p in [*paths.values(), *apaths.values(), *(x for x in (lora_path, vllm_path) if x)]:
+            check_writable(p, force=force)
+    if lora is not None:
+        available = _check_adapter(lora, arch, available, want_lora, want_vllm)
+    plan = arch.plan(available)
+    tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
+    base_model = (lora.base_name or default_name(model_dir, ckpt.config)) if lora else None
+    vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
+    if types:  # model files; a GGUF LoRA is not loaded as a model, no vocabulary of its own
+        check_name_rules(stem, vocab.tokens, arch=arch.arch_name, pre=vocab.pre)
+    _check_dtypes(ckpt, plan)
+    quants = [t for t in types if not t.base]
+    imatrix = _preflight_imatrix(quants, qs, dry_run, autos)
+    job = _Job(ckpt, lora, arch, plan, vocab, stem, base_model, types, autos, paths, apaths,
+               lora_path, vllm_path, _base_name(ckpt, types, autos), imatrix, warnings)  # fmt: skip
+    if not dry_run:
+        _check_space(job)
+    return job
+
+
+def _outputs(
+    out: Path | None,
+    stem: str,
+    types: list[GGUFType],
+    autos: list[AutoSpec],
+    want_lora: bool,
+    want_vllm: bool,
+) -> tuple[dict[str, Path], dict[AutoSpec, Path], Path | None, Path | None]:
+    """Where each target goes: the typed files, the gguf:auto files, the two adapter outputs."""
+    paths = output_paths(out, stem, types, n_extra=int(want_lora) + int(want_vllm) + len(autos))
+    apaths = auto_paths(out, stem, autos, len(types) + int(want_lora) + int(want_vllm))
+    lora_path = _lora_path(out, stem, types) if want_lora else None
+    vllm_path = _vllm_path(out, stem) if want_vllm else None
+    return paths, apaths, lora_path, vllm_path
+
+
+def _check_adapter(
+    lora: Any,
+    arch: Architecture,
+    available: dict[str, tuple[int, ...]],
+    want_lora: bool,
+    want_vllm: bool,
+) -> dict[str, tuple[int, ...]]:
+    """The adapter fits the base and the adapter targets asked; the merged model's shapes."""
+    expected = arch.expected()
+    lora.check_base({n: s for n, s in available.items() if n in expected})
+    available = lora.shapes(available)
+    if want_lora:
+        _check_gguf_lora(lora, arch)
+    if want_vllm:
+        _check_vllm_lora(lora)
+    return available
+
+
+def _check_dtypes(ckpt: Checkpoint, plan: list[PlannedTensor]) -> None:
+    """Only float weights stream into a GGUF; a quantized checkpoint is refused up front."""
+    for pt in plan:
+        for source in pt.sources or ([pt.source] if pt.source else []):
+            info = ckpt.tensors[source]
+            if info.dtype not in BASE_STORAGE:
+                raise CheckpointError(
+                    f"{info.file.name}: tensor {source!r} is {info.dtype}; only F32/F16/BF16 weights convert",
+                    "dequantize the checkpoint first",
+                )
+
+
+def _base_name(ckpt: Checkpoint, types: list[GGUFType], autos: list[AutoSpec]) -> str | None:
+    """The float base quantized targets are made from: the requested float type matching the
+    source precision (or F32), else a temporary in the source's own precision, so quantization
+    sees the weights as trained. None when nothing is quantized."""
+    if all(t.base for t in types) and not autos:
+        return None
+    src_base = ckpt.source_dtype if ckpt.source_dtype in BASE_STORAGE else "F32"
+    return next((t.name for t in types if t.base and t.name in (src_base, "F32")), src_base)
+
+
+def _check_space(job: _Job) -> None:
+    """Room on disk for every output, and for the scratch base if no float target is it."""
+    plan, vocab, floats, quants = job.plan, job.vocab, job.floats, job.quants
+    planned = [(job.paths[t.name], _float_bytes(plan, t.name, vocab)) for t in floats]
+    planned += [(job.paths[q.name], _quant_bytes(plan, q, vocab)) for q in quants]
+    planned += [(p, a.size or _quant_bytes(plan, GGUF_TYPES["Q8_0"], vocab))
+                for a, p in job.apaths.items()]  # fmt: skip
+    if job.base_name is not None and job.base_name not in {t.name for t in floats}:
+        planned.append((job.first_made_from_base(), _float_bytes(plan, job.base_name, vocab)))
+    check_free_space(planned)
+
+
+def _quantize_options(
+    job: _Job,
+    qs: QuantSettings,
+    model_dir: Path,
+    timings: dict[str, float],
+    *,
+    threads: int | None,
+    progress: Progress | None,
+) -> QuantizeOptions:
+    """llama.cpp's quantize options, with the importance matrix (collected now from --calib
+    text when none was given)."""
+    if job.imatrix is None and qs.calib is not None and (job.quants or job.autos):
+        from quantkit.quantize.imatrix import collect_imatrix
+
+        t1 = time.perf_counter()
+        job.imatrix = collect_imatrix(
+            model_dir,
+            read_text(qs.calib),
+            ctx=qs.calib_ctx,
+            chunks=qs.calib_chunks,
+            threads=threads,
+            progress=progress,
+        )
+        timings["imatrix"] = time.perf_counter() - t1
+    options = with_imatrix(qs.options, job.imatrix, qs.imatrix_file)
+    if threads and not options.threads:
+        options = replace(options, threads=threads)
+    return options
+
+
+def _write(
+    job: _Job,
+    options: QuantizeOptions,
+    qs: QuantSettings,
+    timings: dict[str, float],
+    *,
+    force: bool,
+    dry_run: bool,
+    threads: int | None,
+    progress: Progress | None,
+    clamp_f16: bool,
+) -> ConvertResult:
+    """Every output of a job that passed its preflight: the float files and the base, the
+    quantized types and gguf:auto files made from the base, the adapter outputs. Each appears
+    under its final name only once complete (the float files when this stack closes cleanly)."""
+    with ExitStack() as stack:
+        if not dry_run:
+            stack.enter_context(output_dirs([*job.paths.values(), *job.apaths.values()]))
+        clamped: dict[str, float] | None = {} if clamp_f16 else None
+        artifacts, base_path, read = _write_floats(job, stack, timings, clamped, force=force,
+                                                   dry_run=dry_run, progress=progress)  # fmt: skip
+        t0 = time.perf_counter()
+        for q in job.quants:
+            assert base_path is not None
+            artifacts.append(
+                _quantize_one(base_path, q, job.paths[q.name], options, qs, len(job.plan),
+                              force=force, dry_run=dry_run, progress=progress)
+            )  # fmt: skip
+        if job.quants:
+            timings["quantize"] = time.perf_counter() - t0
+        for a in job.autos:
+            assert base_path is not None
+            t2 = time.perf_counter()
+            artifacts.append(
+                _auto_one(base_path, a, job.apaths[a], options, qs, force=force, dry_run=dry_run,
+                          threads=threads, progress=progress)
+            )  # fmt: skip
+            timings[f"auto {a.name}"] = time.perf_counter() - t2
+        if job.lora is not None and job.lora_path is not None:
+            artifacts.append(
+                _write_lora(job.lora, job.arch, job.lora_path, job.stem, force, dry_run)
+            )
+        if job.lora is not None and job.vllm_path is not None:
+            artifacts.append(_write_vllm_lora(job.lora, job.vllm_path, dry_run))
+    return _result(job, artifacts, read, timings, clamped, dry_run)
+
+
+def _result(
+    job: _Job,
+    artifacts: list[Artifact],
+    read: int,
+    timings: dict[str, float],
+    clamped: dict[str, float] | None,
+    dry_run: bool,
+) -> ConvertResult:
+    """The written files audited (the float ones from their plan) and in the order asked."""
+    for a in artifacts:
+        if a.audit is None and not dry_run and a.type not in ADAPTER_TARGETS:
+            a.audit = _float_audit(a, job.plan)
+    order = {t.name: i for i, t in enumerate(job.types)}
+    order.update({a.name: len(job.types) + i for i, a in enumerate(job.autos)})
+    artifacts.sort(key=lambda a: order.get(a.type, len(order)))
+    return ConvertResult(
+        artifacts,
+        job.arch.arch_name,
+        job.arch.unused(job.ckpt.tensors),
+        read,
+        timings,
+        job.imatrix,
+        clamped_f16=clamped or {},
+        warnings=job.warnings,
+    )
+
+
+def _open_sinks(
+    job: _Job, stack: ExitStack, *, force: bool, dry_run: bool
+) -> tuple[dict[str, Path], list[_Sink], Path | None]:
+    """The float files being written (temporaries on ``stack``) and the base's path."""
+    # atomic_output renames each float file into place when the stack closes cleanly;
+    # a dry run writes only the scratch base it needs for llama.cpp's planner
+    tmps = (
+        {}
+        if dry_run
+        else {
+            t.name: stack.enter_context(atomic_output(job.paths[t.name], force=force))
+            for t in job.floats
+        }
+    )
+    sinks = [
+        _Sink(tmps[t.name], t.name, job.arch, job.vocab, job.stem, job.base_model)
+        for t in job.floats
+        if t.name in tmps
+    ]
+    base_path = tmps.get(job.base_name) if job.base_name else None
+    if job.base_name is not None and base_path is None:
+        near = job.first_made_from_base()
+        if dry_run:
+            near = Path(tempfile.gettempdir()) / near.name
+        base_path = stack.enter_context(scratch_file(near))
+        sinks.append(_Sink(base_path, job.base_name, job.arch, job.vocab, job.stem, job.base_model))
+    return tmps, sinks, base_path
+
+
+def _write_floats(
+    job: _Job,
+    stack: ExitStack,
+    timings: dict[str, float],
+    clamped: dict[str, float] | None,
+    *,
+    force: bool,
+    dry_run: bool,
+    progress: Progress | None,
+) -> tuple[list[Artifact], Path | None, int]:
+    """One pass over the checkpoint into every float file and the base, each load-checked;
+    their artifacts, the base's path and the bytes read."""
+    tmps, sinks, base_path = _open_sinks(job, stack, force=force, dry_run=dry_run)
+    plan = job.plan
+    t0 = time.perf_counter()
+    read = _stream(job.ckpt, job.arch, plan, sinks, progress, clamped, job.lora) if sinks else 0
+    if not dry_run:  # each float file, and the base the quantized types come from
+        for t_name, tmp in tmps.items():
+            check_loads(tmp, job.paths[t_name].name)
+        if base_path is not None and job.base_name not in tmps:
+            check_loads(base_path, f"the {job.base_name} base of {job.first_made_from_base().name}")
+    elapsed = timings["stream"] = time.perf_counter() - t0
+    artifacts: list[Artifact] = []
+    for t in job.floats:
+        if dry_run:
+            planned = {pt.name: "F32" if pt.keep_f32 else t.name for pt in plan}
+            size = sum(_planned_bytes(pt.shape, planned[pt.name]) for pt in plan)
+            artifacts.append(
+                Artifact(job.paths[t.name], t.name, size, len(plan), 0.0, planned=planned)
+            )
+            continue
+        size = tmps[t.name].stat().st_size
+        artifacts.append(Artifact(job.paths[t.name], t.name, size, len(plan), elapsed))
+    return artifacts, base_path, read
 
 
 CONVERTERS = ("auto", "native", "upstream")
@@ -510,7 +663,8 @@ def _use_upstream(model_dir: Path, converter: str) -> bool:
         return False
 
 
-def _open_adapter(adapter: Any, model_dir: Path, qs: QuantSettings) -> Any:
+def _open_adapter(adapter: Any, model_dir: Path, qs: QuantSettings, stack: ExitStack) -> Any:
+    """The adapter, open and closed with ``stack``."""
     from quantkit.convert.lora import LoraAdapter
 
     if qs.calib is not None:
@@ -518,7 +672,9 @@ def _open_adapter(adapter: Any, model_dir: Path, qs: QuantSettings) -> Any:
             "--calib with --adapter is not supported yet (the matrix would see the base, not the fine-tune)",
             "convert the merged model to F32 first, then quantize it with --calib from its HF copy, or use --imatrix",
         )
-    return adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter)
+    lora = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter)
+    stack.callback(lora.close)
+    return lora
 
 
 def _adapter_warnings(lora: Any, model_dir: Path, config: dict) -> list[str]:
