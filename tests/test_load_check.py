@@ -145,7 +145,7 @@ def test_broken_quantized_file_is_caught_by_the_load(
 ) -> None:
     """A quantized file that comes out short (a full disk, a killed writer): llama.cpp names the
     first tensor past the end, and the F16 of the same run is not kept either."""
-    import quantkit.convert.hf_to_gguf as h
+    import quantkit.convert.quantized as h
 
     quantize_file = h.quantize_file
 
