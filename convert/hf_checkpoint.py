@@ -91,14 +91,12 @@ def write_hf_checkpoint(
     itself, or with ``out_is_folder=False`` the folder that holds ``STEM-hf-DTYPE`` (default:
     the current directory). ``name``: that STEM (default: the model's or the adapter's name).
     """
-    from quantkit.convert.hf_to_gguf import default_name
     from quantkit.convert.lora import LoraAdapter
     from quantkit.targets import HFTarget, parse_target
 
     t = parse_target(target)
     if not isinstance(t, HFTarget):
         raise InputError(f"{t.label()} is not an hf target")
-    dtype, shard_bytes = (DTYPES[t.dtype] if t.dtype else None), t.shard
     t0 = time.perf_counter()
     given = model if isinstance(model, Checkpoint) else None
     ckpt = given or Checkpoint.open(Path(model))  # type: ignore[arg-type]
@@ -106,70 +104,112 @@ def write_hf_checkpoint(
     if adapter is not None:
         lora = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter)
     try:
-        # -- preflight: nothing is written until all of this holds ---------------------------
-        config = dict(ckpt.config)
-        quant = config.get("quantization_config")
-        if isinstance(quant, dict):
-            raise CheckpointError(
-                f"{ckpt.path}: is already quantized ({quant.get('quant_method', '?')})",
-                "--to hf writes float checkpoints: give the unquantized model",
-            )
-        shapes = {n: t.shape for n, t in ckpt.tensors.items()}
-        if lora is not None:
-            lora.check_base(shapes)
-            shapes = lora.shapes(shapes)
-            config = _resized(config, lora)
-        label = t.label()
-        stem = name or (
-            default_name(ckpt.path, ckpt.config) if lora is None else lora.path.resolve().name
-        )
-        final = _output_path(Path(out) if out is not None else None, stem, label, out_is_folder)
-        check_writable_dir(final, force=force)
-        plan = _plan(ckpt, shapes, dtype)
-        shards = _shard(plan, shard_bytes)
-        total = sum(p[2] for p in plan)
-        check_free_space([(final, total + 64 * 2**20)])
-        if dtype:
-            config["dtype"] = CONFIG_DTYPES[dtype]
-            if "torch_dtype" in config:  # transformers 4's name for it
-                config["torch_dtype"] = CONFIG_DTYPES[dtype]
-        tok_dir = lora.path if lora is not None and lora.has_tokenizer else ckpt.path
-
-        # -- write -------------------------------------------------------------------------
-        with output_dirs([final]), atomic_output_dir(final, force=force) as tmp:
-            tmp.mkdir()
-            names = _shard_names(len(shards))
-            done = 0
-            for file, shard in zip(names, shards, strict=True):
-                with open(tmp / file, "wb") as f:
-                    _write_header(f, shard)
-                    for tname, out_dtype, _, _ in shard:
-                        if progress:
-                            progress("convert hf", done, len(plan))
-                        _write_tensor(f, ckpt, lora, tname, out_dtype)
-                        done += 1
-            if progress:
-                progress("convert hf", len(plan), len(plan))
-            if len(shards) > 1:
-                index = {
-                    "metadata": {"total_size": total},
-                    "weight_map": {t[0]: f for f, s in zip(names, shards, strict=True) for t in s},
-                }
-                _write_json(tmp / "model.safetensors.index.json", index)
-            _write_json(tmp / "config.json", config)
-            # the tokenizer's files come from the adapter when the fine-tune saved its own
-            # (added tokens, chat template), as on the GGUF path
-            for src, files in ((tok_dir, TOKENIZER_FILES), (ckpt.path, MODEL_FILES)):
-                for fname in files:
-                    if (src / fname).is_file():
-                        shutil.copyfile(src / fname, tmp / fname)
-            size = sum(p.stat().st_size for p in tmp.iterdir())
-        return HFArtifact(final, label, size, len(plan), len(shards), time.perf_counter() - t0)
+        out_path = Path(out) if out is not None else None
+        job = _preflight(ckpt, lora, t, out_path, name, out_is_folder=out_is_folder, force=force)
+        size = _write(job, force=force, progress=progress)
+        n_tensors, n_shards = len(job.plan), len(job.shards)
+        return HFArtifact(job.final, job.label, size, n_tensors, n_shards, time.perf_counter() - t0)
     finally:
         if lora is not None and lora is not adapter:
             lora.close()
         if given is None:
             ckpt.close()
+
+
+@dataclass
+class _Job:
+    """A write that passed its preflight: what to read, and what to write where."""
+
+    ckpt: Checkpoint
+    lora: Any  # the open LoraAdapter, or None
+    label: str
+    final: Path
+    plan: list[Planned]
+    shards: list[list[Planned]]
+    total: int  # bytes of tensor data
+    config: dict[str, Any]  # config.json as written
+    tok_dir: Path  # where the tokenizer's files come from
+
+
+def _preflight(
+    ckpt: Checkpoint,
+    lora: Any,
+    t: Any,
+    out: Path | None,
+    name: str | None,
+    *,
+    out_is_folder: bool,
+    force: bool,
+) -> _Job:
+    """Nothing is written until all of this holds."""
+    from quantkit.convert.hf_to_gguf import default_name
+
+    dtype, shard_bytes = (DTYPES[t.dtype] if t.dtype else None), t.shard
+    config = dict(ckpt.config)
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict):
+        raise CheckpointError(
+            f"{ckpt.path}: is already quantized ({quant.get('quant_method', '?')})",
+            "--to hf writes float checkpoints: give the unquantized model",
+        )
+    shapes = {n: t.shape for n, t in ckpt.tensors.items()}
+    if lora is not None:
+        lora.check_base(shapes)
+        shapes = lora.shapes(shapes)
+        config = _resized(config, lora)
+    label = t.label()
+    stem = name or (
+        default_name(ckpt.path, ckpt.config) if lora is None else lora.path.resolve().name
+    )
+    final = _output_path(out, stem, label, out_is_folder)
+    check_writable_dir(final, force=force)
+    plan = _plan(ckpt, shapes, dtype)
+    shards = _shard(plan, shard_bytes)
+    total = sum(p[2] for p in plan)
+    check_free_space([(final, total + 64 * 2**20)])
+    if dtype:
+        config["dtype"] = CONFIG_DTYPES[dtype]
+        if "torch_dtype" in config:  # transformers 4's name for it
+            config["torch_dtype"] = CONFIG_DTYPES[dtype]
+    tok_dir = lora.path if lora is not None and lora.has_tokenizer else ckpt.path
+    return _Job(ckpt, lora, label, final, plan, shards, total, config, tok_dir)
+
+
+def _write(job: _Job, *, force: bool, progress: Progress | None) -> int:
+    """The shards, their index, config.json and the side files, at ``job.final`` only when
+    complete; returns the folder's size."""
+    with output_dirs([job.final]), atomic_output_dir(job.final, force=force) as tmp:
+        tmp.mkdir()
+        names = _shard_names(len(job.shards))
+        _write_shards(tmp, names, job, progress)
+        if len(job.shards) > 1:
+            index = {
+                "metadata": {"total_size": job.total},
+                "weight_map": {t[0]: f for f, s in zip(names, job.shards, strict=True) for t in s},
+            }
+            _write_json(tmp / "model.safetensors.index.json", index)
+        _write_json(tmp / "config.json", job.config)
+        # the tokenizer's files come from the adapter when the fine-tune saved its own
+        # (added tokens, chat template), as on the GGUF path
+        for src, files in ((job.tok_dir, TOKENIZER_FILES), (job.ckpt.path, MODEL_FILES)):
+            for fname in files:
+                if (src / fname).is_file():
+                    shutil.copyfile(src / fname, tmp / fname)
+        return sum(p.stat().st_size for p in tmp.iterdir())
+
+
+def _write_shards(tmp: Path, names: list[str], job: _Job, progress: Progress | None) -> None:
+    done = 0
+    for file, shard in zip(names, job.shards, strict=True):
+        with open(tmp / file, "wb") as f:
+            _write_header(f, shard)
+            for tname, out_dtype, _, _ in shard:
+                if progress:
+                    progress("convert hf", done, len(job.plan))
+                _write_tensor(f, job.ckpt, job.lora, tname, out_dtype)
+                done += 1
+    if progress:
+        progress("convert hf", len(job.plan), len(job.plan))
 
 
 def _output_path(out: Path | None, stem: str, label: str, out_is_folder: bool) -> Path:

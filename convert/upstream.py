@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -273,20 +273,8 @@ def convert_upstream(
 ) -> Any:
     """``convert`` through llama.cpp's converter: float bases from it, the rest as usual.
     ``name``: general.name and the output file stem."""
-    from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
-    from quantkit.checkpoint import Checkpoint
-    from quantkit.convert.hf_to_gguf import ConvertResult, default_name, output_paths
-    from quantkit.convert.loadcheck import check_gguf_vocab, check_loads
-    from quantkit.convert.quantized import (
-        Artifact,
-        preflight_imatrix,
-        quantize_one,
-        with_imatrix,
-    )
-    from quantkit.diskspace import check_free_space
+    from quantkit.convert.hf_to_gguf import ConvertResult
     from quantkit.gguf_file import read_gguf
-    from quantkit.quantize.audit import audit
-    from quantkit.quantize.gguf_types import GGUF_TYPES
 
     t_start = time.perf_counter()
     if dry_run:
@@ -295,6 +283,56 @@ def convert_upstream(
             "llama.cpp's converter",
             "convert to a float type first, then dry-run the quantized types from that GGUF",
         )
+    job = _preflight(model_dir, types, Path(out) if out is not None else None, name,
+                     force=force, allow_pickle=allow_pickle, threads=threads, quant=quant)  # fmt: skip
+    timings = {"preflight": time.perf_counter() - t_start}
+    artifacts, notes = _write(job, quant, timings, force=force, progress=progress)
+    order = {t.name: i for i, t in enumerate(types)}
+    artifacts.sort(key=lambda a: order[a.type])
+    info = read_gguf(artifacts[0].path)
+    return ConvertResult(
+        artifacts,
+        str(info.metadata.get("general.architecture", job.arch_name)),
+        timings=timings,
+        imatrix=job.imatrix,
+        converter="upstream",
+        notes=notes,
+    )
+
+
+@dataclass
+class _Job:
+    """A conversion that passed its preflight: what to make, and where."""
+
+    model_dir: Path
+    name: str | None  # general.name, when given
+    arch_name: str
+    paths: dict[str, Path]  # by type name
+    floats: list[Any]  # the float types asked for: the converter writes each
+    quants: list[Any]  # the quantized types: llama.cpp's quantizer makes them from the base
+    base_name: str | None  # the float type the quantized ones are made from
+    imatrix: Any
+    options: Any  # the quantizer's options
+    pre: str | None  # the BPE pre-tokenizer name quantkit supplies
+
+
+def _preflight(
+    model_dir: Path,
+    types: Sequence[Any],
+    out: Path | None,
+    name: str | None,
+    *,
+    force: bool,
+    allow_pickle: bool,
+    threads: int | None,
+    quant: Any,
+) -> _Job:
+    """Everything that can fail cheaply, before the converter runs."""
+    from quantkit.atomic import check_writable
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.convert.hf_to_gguf import default_name, output_paths
+    from quantkit.convert.quantized import preflight_imatrix, with_imatrix
+
     arch_name = preflight(model_dir)
     if quant.calib is not None:
         raise InputError(
@@ -305,18 +343,13 @@ def convert_upstream(
         stem = name or default_name(model_dir, ckpt.config)
         src_base = ckpt.source_dtype if ckpt.source_dtype in CONVERTER_OUTTYPE else "F32"
         n_params = sum(t.n_elements for t in ckpt.tensors.values())
-    paths = output_paths(Path(out) if out is not None else None, stem, types)
+    paths = output_paths(out, stem, types)
     for p in paths.values():
         check_writable(p, force=force)
     floats = [t for t in types if t.base]
     quants = [t for t in types if not t.base]
-    # free space from the parameter count and each type's nominal bits per weight (llama.cpp's
-    # converter plans its own tensors, so there is no per-tensor plan to sum here)
-    planned = [(paths[t.name], int(n_params * t.bpw / 8)) for t in types]
-    if quants and src_base not in {t.name for t in floats}:
-        planned.append((paths[quants[0].name], int(n_params * GGUF_TYPES[src_base].bpw / 8)))
-    check_free_space(planned)
-    imatrix = preflight_imatrix(quants, quant, dry_run)
+    _check_space(types, paths, quants, floats, src_base, n_params)
+    imatrix = preflight_imatrix(quants, quant, False)  # a dry run was refused before
     options = with_imatrix(quant.options, imatrix, quant.imatrix_file)
     if threads and not options.threads:
         options = replace(options, threads=threads)
@@ -324,29 +357,43 @@ def convert_upstream(
     base_name = None
     if quants:
         base_name = next((t.name for t in floats if t.name in (src_base, "F32")), src_base)
-    timings = {"preflight": time.perf_counter() - t_start}
+    return _Job(model_dir, name, arch_name, paths, floats, quants, base_name, imatrix, options,
+                pre)  # fmt: skip
 
-    artifacts: list[Any] = []
-    notes: list[str] = []
+
+def _check_space(
+    types: Sequence[Any],
+    paths: dict[str, Path],
+    quants: list[Any],
+    floats: list[Any],
+    src_base: str,
+    n_params: int,
+) -> None:
+    """Free space from the parameter count and each type's nominal bits per weight (llama.cpp's
+    converter plans its own tensors, so there is no per-tensor plan to sum here)."""
+    from quantkit.diskspace import check_free_space
+    from quantkit.quantize.gguf_types import GGUF_TYPES
+
+    planned = [(paths[t.name], int(n_params * t.bpw / 8)) for t in types]
+    if quants and src_base not in {t.name for t in floats}:
+        planned.append((paths[quants[0].name], int(n_params * GGUF_TYPES[src_base].bpw / 8)))
+    check_free_space(planned)
+
+
+def _write(
+    job: _Job, quant: Any, timings: dict[str, float], *, force: bool, progress: Any
+) -> tuple[list[Any], list[str]]:
+    """The float files from the converter, checked, then the quantized ones from the base;
+    every output renamed into place only when complete. Returns the artifacts and the notes."""
+    from quantkit.atomic import output_dirs
+    from quantkit.convert.loadcheck import check_gguf_vocab, check_loads
+    from quantkit.convert.quantized import quantize_one
+    from quantkit.gguf_file import read_gguf
+
     with ExitStack() as stack:
-        stack.enter_context(output_dirs(list(paths.values())))
+        stack.enter_context(output_dirs(list(job.paths.values())))
         t0 = time.perf_counter()
-        made: dict[str, Path] = {}
-        shown: dict[str, str] = {}  # how each file is named in messages
-        for t in floats:
-            tmp = stack.enter_context(atomic_output(paths[t.name], force=force))
-            if progress:
-                progress("convert (llama.cpp)", 0, 1)
-            run_converter(model_dir, tmp, t.name, pre=pre, name=name)
-            if progress:
-                progress("convert (llama.cpp)", 1, 1)
-            made[t.name] = tmp
-            shown[t.name] = paths[t.name].name
-        if base_name is not None and base_name not in made:
-            base = stack.enter_context(scratch_file(paths[quants[0].name]))
-            run_converter(model_dir, base, base_name, pre=pre, name=name)
-            made[base_name] = base
-            shown[base_name] = f"the {base_name} base of {paths[quants[0].name].name}"
+        made, shown = _run_converters(job, stack, force=force, progress=progress)
         for t_name, path in made.items():
             # the name and vocabulary are the converter's: what would stop llama.cpp (or abort
             # it, duplicate token texts) is named from the metadata before the load itself
@@ -354,35 +401,62 @@ def convert_upstream(
             check_loads(path, shown[t_name])
         timings["stream"] = time.perf_counter() - t0
         first = next(iter(made.values()))
-        notes = check_vocab(first, model_dir)
+        notes = check_vocab(first, job.model_dir)
         n_tensors = len(read_gguf(first).tensors)
-        for t in floats:
-            tmp = made[t.name]
-            aud = audit(tmp)
-            aud.path = str(paths[t.name])
-            artifacts.append(
-                Artifact(paths[t.name], t.name, tmp.stat().st_size, n_tensors,
-                         timings["stream"], audit=aud)
-            )  # fmt: skip
+        artifacts = _float_artifacts(job, made, n_tensors, timings["stream"])
         t1 = time.perf_counter()
-        for q in quants:
+        for q in job.quants:
             artifacts.append(
-                quantize_one(made[base_name], q, paths[q.name], options, quant, n_tensors,  # type: ignore[index]
-                             force=force, dry_run=False, progress=progress)
+                quantize_one(made[job.base_name], q, job.paths[q.name], job.options, quant,  # type: ignore[index]
+                             n_tensors, force=force, dry_run=False, progress=progress)
             )  # fmt: skip
-        if quants:
+        if job.quants:
             timings["quantize"] = time.perf_counter() - t1
-    order = {t.name: i for i, t in enumerate(types)}
-    artifacts.sort(key=lambda a: order[a.type])
-    info = read_gguf(artifacts[0].path)
-    return ConvertResult(
-        artifacts,
-        str(info.metadata.get("general.architecture", arch_name)),
-        timings=timings,
-        imatrix=imatrix,
-        converter="upstream",
-        notes=notes,
-    )
+    return artifacts, notes
+
+
+def _run_converters(
+    job: _Job, stack: ExitStack, *, force: bool, progress: Any
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Each float type asked for, and the base the quantized ones need when it is not one of
+    them (a scratch file beside their first output). Returns where each was written and how
+    each is named in messages, both by type name."""
+    from quantkit.atomic import atomic_output, scratch_file
+
+    made: dict[str, Path] = {}
+    shown: dict[str, str] = {}
+    for t in job.floats:
+        tmp = stack.enter_context(atomic_output(job.paths[t.name], force=force))
+        if progress:
+            progress("convert (llama.cpp)", 0, 1)
+        run_converter(job.model_dir, tmp, t.name, pre=job.pre, name=job.name)
+        if progress:
+            progress("convert (llama.cpp)", 1, 1)
+        made[t.name] = tmp
+        shown[t.name] = job.paths[t.name].name
+    if job.base_name is not None and job.base_name not in made:
+        first_quant = job.paths[job.quants[0].name]
+        base = stack.enter_context(scratch_file(first_quant))
+        run_converter(job.model_dir, base, job.base_name, pre=job.pre, name=job.name)
+        made[job.base_name] = base
+        shown[job.base_name] = f"the {job.base_name} base of {first_quant.name}"
+    return made, shown
+
+
+def _float_artifacts(job: _Job, made: dict[str, Path], n_tensors: int, seconds: float) -> list[Any]:
+    """The float files' artifacts, each audited (the audit names the final path)."""
+    from quantkit.convert.quantized import Artifact
+    from quantkit.quantize.audit import audit
+
+    artifacts = []
+    for t in job.floats:
+        tmp = made[t.name]
+        aud = audit(tmp)
+        aud.path = str(job.paths[t.name])
+        artifacts.append(
+            Artifact(job.paths[t.name], t.name, tmp.stat().st_size, n_tensors, seconds, audit=aud)
+        )
+    return artifacts
 
 
 __all__ = [

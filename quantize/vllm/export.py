@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
 from quantkit.checkpoint import SIDE_FILES, Checkpoint
@@ -37,6 +37,9 @@ from quantkit.quantize.vllm.targets import (
     VllmTarget,
 )
 from quantkit.worker_jobs import JOB_FILE, read_result, run_job
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WORKER = Path(__file__).with_name("llmc_worker.py")
 
@@ -183,28 +186,73 @@ def export_vllm(
     the whole export writes (``-o`` names the checkpoint folder only when it is the one)."""
     s = settings or VllmSettings()
     model_dir = Path(model)
+    parsed, auto_notes = _parsed_targets(model_dir, targets, s, progress)
+    # legacy first: it reads the compressed-tensors output, which then moves into place
+    s.layouts = tuple(sorted(dict.fromkeys(s.layouts), key=lambda lay: lay != "legacy"))
+    t_start = time.perf_counter()
+    job = _preflight(model_dir, parsed, auto_notes, Path(out) if out is not None else None, s,
+                     force=force, python=python, name=name, n_outputs=n_outputs)  # fmt: skip
+    timings = {"preflight": time.perf_counter() - t_start}
+    artifacts, worker_res = _run(job, s, timings, force=force, progress=progress)
+    job.notes += _auto_bits(job.parsed, artifacts)
+    timings["total"] = time.perf_counter() - t_start
+    return VllmResult(artifacts, job.plans[id(job.parsed[0])], timings, worker_res, job.notes)
+
+
+def _parsed_targets(
+    model_dir: Path, targets: Sequence[str | VllmTarget], s: VllmSettings, progress: Progress | None
+) -> tuple[list[Any], list[str]]:
+    """The vLLM targets, each gptq:auto already planned into the target it writes, and the
+    planning's notes."""
     from quantkit.targets import FAMILY, parse_targets
 
     parsed = parse_targets(targets)
     if any(FAMILY[t.method] != "vllm" for t in parsed):
         raise InputError("export_vllm() makes gptq, awq and fp8 checkpoints", "see quantkit.export")
-    auto_notes: list[str] = []
     if any(isinstance(t, VllmAutoSpec) for t in parsed):  # gptq:auto: plan it now
         from quantkit.quantize.vllm.auto.plan import resolve
 
-        parsed, auto_notes = resolve(model_dir, parsed, s, progress)
-    # legacy first: it reads the compressed-tensors output, which then moves into place
-    layouts = tuple(sorted(dict.fromkeys(s.layouts), key=lambda lay: lay != "legacy"))
-    s.layouts = layouts
-    t_start = time.perf_counter()
+        return resolve(model_dir, parsed, s, progress)
+    return parsed, []
+
+
+@dataclass
+class _Job:
+    """An export that passed its preflight: each target with its settings, plan and outputs."""
+
+    model_dir: Path
+    parsed: list[Any]  # VllmTargets (gptq:auto already planned)
+    layouts: tuple[str, ...]  # legacy first
+    per_target: dict[int, VllmSettings]  # by id() of the target: its own ignore list
+    plans: dict[int, Plan]
+    paths: dict[int, dict[str, Path]]  # by id() of the target, then by layout
+    ids: np.ndarray | None  # the calibration token ids, when a target calibrates
+    python: Path  # the llmcompressor environment's interpreter
+    notes: list[str]
+
+    @property
+    def all_paths(self) -> list[Path]:
+        return [p for t in self.parsed for p in self.paths[id(t)].values()]
+
+
+def _preflight(
+    model_dir: Path,
+    parsed: list[Any],
+    notes: list[str],
+    out: Path | None,
+    s: VllmSettings,
+    *,
+    force: bool,
+    python: Path | None,
+    name: str | None,
+    n_outputs: int | None,
+) -> _Job:
+    """All targets, before any model load."""
     with Checkpoint.open(model_dir) as ck:
         stem = name or str(ck.config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
     stem = stem or folder_name(model_dir)  # a Hub snapshot: the repository's name
-
-    # -- preflight: all targets, before any model load --------------------------------------
-    outp = Path(out) if out is not None else None
     n = max(len(parsed), n_outputs or 0)
-    paths = {id(t): output_paths(outp, stem, t, layouts, n) for t in parsed}
+    paths = {id(t): output_paths(out, stem, t, s.layouts, n) for t in parsed}
     for t in parsed:
         for p in paths[id(t)].values():
             check_writable_dir(p, force=force)
@@ -222,94 +270,133 @@ def export_vllm(
             env_error = e
     with Checkpoint.open(model_dir) as ck:
         config = ck.config
-    notes: list[str] = list(auto_notes)
-    per_target: dict[int, VllmSettings] = {}
-    for t in parsed:
-        ign, tnotes = target_ignore(t, s.ignore, config)
-        ign = (*ign, *getattr(t, "float_layers", ()))  # gptq:auto's groups left in float
-        per_target[id(t)] = dataclasses.replace(s, ignore=ign)
-        notes += tnotes
+    per_target, tnotes = _per_target(parsed, s, config)
     plans = {id(t): preflight(model_dir, t, per_target[id(t)], py) for t in parsed}
     if env_error is not None or py is None:
         raise env_error or EngineError("no llmcompressor environment")
     ids = None
     if s.calib is not None and any(t.needs_calibration for t in parsed):
         ids = calibration_ids(model_dir, s.calib, s.samples, s.seq_len)
-    timings = {"preflight": time.perf_counter() - t_start}
-
-    artifacts: list[VllmArtifact] = []
-    all_paths = [p for t in parsed for p in paths[id(t)].values()]
     labels = [t.label() for t in parsed]
     if len(set(labels)) != len(labels):
         raise InputError("the same vLLM target was given twice", "give each --to once")
-    # One worker process for every target (one start of torch + llm-compressor); its work
-    # folder sits beside the outputs so that moving a result into place is a rename.
+    return _Job(model_dir, parsed, tuple(s.layouts), per_target, plans, paths, ids, py,
+                [*notes, *tnotes])  # fmt: skip
+
+
+def _per_target(
+    parsed: list[Any], s: VllmSettings, config: dict[str, Any]
+) -> tuple[dict[int, VllmSettings], list[str]]:
+    """Each target's settings (its own ignore list) and the notes that explain the additions."""
+    notes: list[str] = []
+    per_target: dict[int, VllmSettings] = {}
+    for t in parsed:
+        ign, tnotes = target_ignore(t, s.ignore, config)
+        ign = (*ign, *getattr(t, "float_layers", ()))  # gptq:auto's groups left in float
+        per_target[id(t)] = dataclasses.replace(s, ignore=ign)
+        notes += tnotes
+    return per_target, notes
+
+
+def _run(
+    job: _Job, s: VllmSettings, timings: dict[str, float], *, force: bool, progress: Progress | None
+) -> tuple[list[VllmArtifact], dict[str, Any]]:
+    """One worker process for every target (one start of torch + llm-compressor), then each
+    output placed. The work folder sits beside the outputs so that moving a result into place
+    is a rename."""
+    artifacts: list[VllmArtifact] = []
+    all_paths = job.all_paths
     with (
         output_dirs(all_paths),
         tempfile.TemporaryDirectory(prefix=".quantkit-llmc-", dir=all_paths[0].parent) as ws,
     ):
         work = Path(ws)
-        job: dict[str, Any] = {
-            "model": str(model_dir.resolve()),
-            "seq_len": s.seq_len,
-            "threads": s.threads,
-            "exports": [],
-        }
-        if ids is not None:
-            import numpy as np
-
-            np.save(work / "calib.npy", ids)
-        for t in parsed:
-            job["exports"].append(
-                {
-                    "label": t.label(),
-                    "output": str(work / t.label()),
-                    "recipe": t.to_recipe(),
-                    "ignore": list(per_target[id(t)].ignore),
-                    **(
-                        {"calib_ids": str(work / "calib.npy")}
-                        if t.needs_calibration and ids is not None
-                        else {}
-                    ),
-                }
-            )
+        worker_job = _worker_job(job, s, work)
         t0 = time.perf_counter()
-        worker_res = run_worker(job, work, py, s.timeout, progress)
+        worker_res = run_worker(worker_job, work, job.python, s.timeout, progress)
         timings["llm-compressor"] = time.perf_counter() - t0
-        for t in parsed:
-            plan, tp, ct_dir = plans[id(t)], paths[id(t)], work / t.label()
-            plan.calib_tokens = int(ids.size) if (ids is not None and t.needs_calibration) else 0
-            complete_checkpoint(model_dir, ct_dir, MOE_EXPERTS_IGNORE in per_target[id(t)].ignore)
-            wt = (worker_res.get("timings") or {}).get(t.label(), {})
-            quant_seconds = float(sum(wt.values()))
-            for lay in layouts:
-                final = tp[lay]
-                t1 = time.perf_counter()
-                with atomic_output_dir(final, force=force) as tmp:
-                    if lay == "legacy":
-                        from quantkit.quantize.vllm.legacy import repack
+        for t in job.parsed:
+            artifacts += _place_target(job, t, work, worker_res, force=force)
+    return artifacts, worker_res
 
-                        repack(ct_dir, tmp, t.method)
-                        method = t.method
-                    else:
-                        if lay == layouts[-1]:  # last use: a rename, no copy
-                            os.replace(ct_dir, tmp)
-                        else:
-                            shutil.copytree(ct_dir, tmp)
-                        method = "compressed-tensors"
-                artifacts.append(
-                    VllmArtifact(
-                        path=final,
-                        type=t.label(),
-                        layout=lay,
-                        quant_method=method,
-                        size=_dir_size(final),
-                        seconds=quant_seconds + time.perf_counter() - t1,
-                        quantized_layers=len(plan.quantized),
-                        ignored_layers=plan.ignored,
-                    )
-                )
-    for a in artifacts:  # gptq:auto: the bits the written checkpoint holds
+
+def _worker_job(job: _Job, s: VllmSettings, work: Path) -> dict[str, Any]:
+    """llmc_worker.py's job: one export per target, each into its own folder under ``work``
+    (the calibration ids saved there beside them)."""
+    if job.ids is not None:
+        import numpy as np
+
+        np.save(work / "calib.npy", job.ids)
+    exports = [
+        {
+            "label": t.label(),
+            "output": str(work / t.label()),
+            "recipe": t.to_recipe(),
+            "ignore": list(job.per_target[id(t)].ignore),
+            **(
+                {"calib_ids": str(work / "calib.npy")}
+                if t.needs_calibration and job.ids is not None
+                else {}
+            ),
+        }
+        for t in job.parsed
+    ]
+    return {
+        "model": str(job.model_dir.resolve()),
+        "seq_len": s.seq_len,
+        "threads": s.threads,
+        "exports": exports,
+    }
+
+
+def _place_target(
+    job: _Job, t: Any, work: Path, worker_res: dict[str, Any], *, force: bool
+) -> list[VllmArtifact]:
+    """``t``'s compressed-tensors output completed, then written in each layout."""
+    plan, tp, ct_dir = job.plans[id(t)], job.paths[id(t)], work / t.label()
+    plan.calib_tokens = int(job.ids.size) if (job.ids is not None and t.needs_calibration) else 0
+    complete_checkpoint(job.model_dir, ct_dir, MOE_EXPERTS_IGNORE in job.per_target[id(t)].ignore)
+    wt = (worker_res.get("timings") or {}).get(t.label(), {})
+    quant_seconds = float(sum(wt.values()))
+    artifacts = []
+    for lay in job.layouts:
+        final = tp[lay]
+        t1 = time.perf_counter()
+        with atomic_output_dir(final, force=force) as tmp:
+            method = _place(ct_dir, tmp, lay, t.method, last=lay == job.layouts[-1])
+        artifacts.append(
+            VllmArtifact(
+                path=final,
+                type=t.label(),
+                layout=lay,
+                quant_method=method,
+                size=_dir_size(final),
+                seconds=quant_seconds + time.perf_counter() - t1,
+                quantized_layers=len(plan.quantized),
+                ignored_layers=plan.ignored,
+            )
+        )
+    return artifacts
+
+
+def _place(ct_dir: Path, tmp: Path, layout: str, method: str, *, last: bool) -> str:
+    """``ct_dir`` written at ``tmp`` in ``layout``; returns the quant_method written."""
+    if layout == "legacy":
+        from quantkit.quantize.vllm.legacy import repack
+
+        repack(ct_dir, tmp, method)
+        return method
+    if last:  # last use: a rename, no copy
+        os.replace(ct_dir, tmp)
+    else:
+        shutil.copytree(ct_dir, tmp)
+    return "compressed-tensors"
+
+
+def _auto_bits(parsed: list[Any], artifacts: list[VllmArtifact]) -> list[str]:
+    """gptq:auto: the bits the written checkpoint holds, recorded in its artifact and said."""
+    notes = []
+    for a in artifacts:
         t = next(t for t in parsed if t.label() == a.type)
         if (plan := getattr(t, "plan_json", None)) and a.layout == "compressed-tensors":
             from quantkit.quantize.vllm.auto.plan import actual_bits
@@ -319,5 +406,4 @@ def export_vllm(
                 f"{a.type}: {a.auto['actual_bits']:.3f} bits per weight written "
                 f"({plan['predicted_bits']:.3f} predicted, {plan['bits_asked']:g} asked)"
             )
-    timings["total"] = time.perf_counter() - t_start
-    return VllmResult(artifacts, plans[id(parsed[0])], timings, worker_res, notes)
+    return notes
