@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,22 +99,19 @@ def write_hf_checkpoint(
     if not isinstance(t, HFTarget):
         raise InputError(f"{t.label()} is not an hf target")
     t0 = time.perf_counter()
-    given = model if isinstance(model, Checkpoint) else None
-    ckpt = given or Checkpoint.open(Path(model))  # type: ignore[arg-type]
-    lora = None
-    if adapter is not None:
-        lora = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter)
-    try:
+    with ExitStack() as stack:  # what this call opens, it closes, on every path
+        ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(Path(model))  # type: ignore[arg-type]
+        if ckpt is not model:
+            stack.callback(ckpt.close)
+        lora = adapter
+        if adapter is not None and not isinstance(adapter, LoraAdapter):
+            lora = LoraAdapter.open(adapter)
+            stack.callback(lora.close)
         out_path = Path(out) if out is not None else None
         job = _preflight(ckpt, lora, t, out_path, name, out_is_folder=out_is_folder, force=force)
         size = _write(job, force=force, progress=progress)
         n_tensors, n_shards = len(job.plan), len(job.shards)
         return HFArtifact(job.final, job.label, size, n_tensors, n_shards, time.perf_counter() - t0)
-    finally:
-        if lora is not None and lora is not adapter:
-            lora.close()
-        if given is None:
-            ckpt.close()
 
 
 @dataclass
