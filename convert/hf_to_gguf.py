@@ -669,8 +669,9 @@ def _open_adapter(adapter: Any, model_dir: Path, qs: QuantSettings, stack: ExitS
 
     if qs.calib is not None:
         raise InputError(
-            "--calib with --adapter is not supported yet (the matrix would see the base, not the fine-tune)",
-            "convert the merged model to F32 first, then quantize it with --calib from its HF copy, or use --imatrix",
+            "convert() collects no importance matrix through an adapter (it would see the base, "
+            "not the fine-tune)",
+            "quantkit.export and `quantkit convert` collect it from a merged copy; or pass --imatrix",
         )
     lora = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter.open(adapter)
     stack.callback(lora.close)

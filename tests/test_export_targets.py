@@ -182,3 +182,13 @@ def test_one_parse_one_dispatch(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert parsed == ["gguf:F16", "Q8_0", "hf:bf16"]
     assert calls == [("gguf", ["F16", "Q8_0"]), ("hf", ["hf-bf16"])]
+
+
+def test_calib_with_adapter_and_only_float_targets(exported):
+    """--calib beside --adapter: a float-only run needs no importance matrix and is not refused."""
+    out = exported["root"] / "f16.gguf"
+    r = run_cli(
+        "convert", str(exported["base"]), "--adapter", str(exported["adapter"]),
+        "--to", "gguf:F16", "--calib", str(exported["calib"]), "-o", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0 and out.is_file(), r.stderr

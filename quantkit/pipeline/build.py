@@ -178,8 +178,10 @@ def build_gguf(
         )
     q = dict(next(iter(shared))) if shared else {}
     calib, imatrix = o.calib, o.imatrix
-    if calib is not None and (src.adapter is not None or src.in_memory) and _quantizes(targets):
-        imatrix, calib = _fine_tune_imatrix(src, out, o), None
+    if calib is not None and (src.adapter is not None or src.in_memory):
+        # the fine-tune's matrix, from its merged copy; float targets need none
+        imatrix = _fine_tune_imatrix(src, out, o) if _quantizes(targets) else imatrix
+        calib = None
     qs = QuantSettings(
         options=QuantizeOptions(
             threads=o.threads,
