@@ -27,7 +27,7 @@ from quantkit.checkpoint import Checkpoint
 from quantkit.convert.archs import Architecture, resolve
 from quantkit.convert.archs.base import PlannedTensor, to_f32
 from quantkit.convert.loadcheck import check_gguf_vocab, check_loads, check_name_rules
-from quantkit.convert.quantized import Artifact, QuantSettings, with_imatrix
+from quantkit.convert.quantized import Artifact, QuantSettings, with_imatrix, write_checked
 from quantkit.convert.quantized import preflight_imatrix as _preflight_imatrix
 from quantkit.convert.quantized import quantize_one as _quantize_one
 from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
@@ -35,7 +35,7 @@ from quantkit.convert.writer import GGUFWriter
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
 from quantkit.progress import Progress
-from quantkit.quantize.audit import Audit, audit, file_type_of
+from quantkit.quantize.audit import Audit, file_type_of
 from quantkit.quantize.auto.spec import AutoSpec
 from quantkit.quantize.gguf import QuantizeOptions
 from quantkit.quantize.gguf_types import GGUF_TYPES, GGUFType
@@ -956,12 +956,9 @@ def _auto_one(
     if dry_run:
         return Artifact(path, spec.name, plan.file_bytes, n, time.perf_counter() - t1,
                         planned=plan.types, auto=plan.to_json())  # fmt: skip
-    with atomic_output(path, force=force) as tmp:
-        rep = write_auto(base, plan, tmp, options, progress=progress)
-        check_loads(tmp, path.name)
-        size = tmp.stat().st_size
-        aud = audit(tmp, rep)
-    aud.path = str(path)
+    size, aud, rep = write_checked(
+        path, force, lambda tmp: write_auto(base, plan, tmp, options, progress=progress)
+    )
     aud.fallbacks = list(rep.fallbacks)  # every type was chosen to fit its rows: none expected
     return Artifact(path, spec.name, size, n, time.perf_counter() - t1, audit=aud,
                     auto=plan.to_json())  # fmt: skip

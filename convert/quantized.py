@@ -5,7 +5,7 @@ quantizer (load-checked and audited before its rename), and the record of each f
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -125,13 +125,22 @@ def quantize_one(
         if dry_run:
             return Artifact(path, q.name, rep.predicted_bytes or 0, n_tensors, 0.0,
                             planned=rep.planned, fallbacks=rep.fallbacks)  # fmt: skip
+    size, aud, _ = write_checked(
+        path, force, lambda tmp: quantize_file(base, tmp, q, options, progress=progress)
+    )
+    return Artifact(path, q.name, size, n_tensors, time.perf_counter() - t1, audit=aud)
+
+
+def write_checked(path: Path, force: bool, write: Callable[[Path], Any]) -> tuple[int, Audit, Any]:
+    """A quantized file written to a temporary (``write(tmp)`` returns llama.cpp's report),
+    loaded by llama.cpp and audited before it is renamed to ``path``: (size, audit, report)."""
     with atomic_output(path, force=force) as tmp:
-        rep = quantize_file(base, tmp, q, options, progress=progress)
+        rep = write(tmp)
         check_loads(tmp, path.name)
         size = tmp.stat().st_size
         aud = audit(tmp, rep)
     aud.path = str(path)
-    return Artifact(path, q.name, size, n_tensors, time.perf_counter() - t1, audit=aud)
+    return size, aud, rep
 
 
 class FallbackError(InputError):
