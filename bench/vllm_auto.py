@@ -94,15 +94,18 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t0, 1),
         "spearman_predicted": spearman([r["predicted"] for r in rows], meas),
         "spearman_raw_error": spearman([r["raw"] for r in rows], meas),
-        "by_scheme": {},
     }
-    for name in sorted({r["scheme"] for r in rows}):
-        sub = [r for r in rows if r["scheme"] == name]
-        if len(sub) >= 5:
-            out["by_scheme"][name] = {
-                "pairs": len(sub),
-                "spearman": spearman([r["predicted"] for r in sub], [r["measured"] for r in sub]),
-            }
+    for by in ("scheme", "kind"):  # within one scheme, and within one layer kind
+        out[f"by_{by}"] = {}
+        for name in sorted({r[by] for r in rows}):
+            sub = [r for r in rows if r[by] == name]
+            if len(sub) >= 5:
+                out[f"by_{by}"][name] = {
+                    "pairs": len(sub),
+                    "spearman": spearman(
+                        [r["predicted"] for r in sub], [r["measured"] for r in sub]
+                    ),
+                }
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps({**out, "rows": rows}, indent=2))

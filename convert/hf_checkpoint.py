@@ -154,7 +154,7 @@ def _preflight(
     if lora is not None:
         lora.check_base(shapes)
         shapes = lora.shapes(shapes)
-        config = _resized(config, lora)
+        config = lora.merged_config(config)
     label = t.label()
     stem = name or (
         default_name(ckpt.path, ckpt.config) if lora is None else lora.path.resolve().name
@@ -215,16 +215,6 @@ def _output_path(out: Path | None, stem: str, label: str, out_is_folder: bool) -
     if out is not None and out_is_folder:
         return out
     return (out if out is not None else Path.cwd()) / f"{stem}-{label}"
-
-
-def _resized(config: dict[str, Any], lora: Any) -> dict[str, Any]:
-    """A fine-tune that added tokens saved a resized embed_tokens (modules_to_save): the merged
-    model's vocabulary is that size."""
-    for target, name in lora.replaced.items():
-        rows = lora.tensors[name].shape[0]
-        if target.endswith("embed_tokens.weight") and rows != config.get("vocab_size"):
-            return {**config, "vocab_size": rows}
-    return config
 
 
 # (tensor name, output dtype, output bytes, shape)

@@ -278,7 +278,7 @@ def convert(
                                 name=name)  # fmt: skip
     with ExitStack() as held:  # the checkpoint and the adapter are closed on every way out
         ckpt = held.enter_context(given or Checkpoint.open(model_dir, allow_pickle=allow_pickle))
-        lora = _open_adapter(adapter, model_dir, qs, held) if adapter is not None else None
+        lora = _open_adapter(adapter, qs, held) if adapter is not None else None
         job = _preflight(ckpt, lora, model_dir, Path(out) if out is not None else None, name,
                          types, autos, want_lora, want_vllm, qs=qs, force=force, dry_run=dry_run)  # fmt: skip
         timings = {"preflight": time.perf_counter() - t_start}
@@ -372,7 +372,7 @@ def _preflight(
     config = ckpt.config
     if lora is not None:
         warnings += _adapter_warnings(lora, model_dir, config)
-        config = _resized_config(lora, config)
+        config = lora.merged_config(config)
     arch = resolve(config, ckpt.path / "config.json")
     stem = name or (
         default_name(model_dir, ckpt.config) if lora is None else lora.path.resolve().name
@@ -663,7 +663,7 @@ def _use_upstream(model_dir: Path, converter: str) -> bool:
         return False
 
 
-def _open_adapter(adapter: Any, model_dir: Path, qs: QuantSettings, stack: ExitStack) -> Any:
+def _open_adapter(adapter: Any, qs: QuantSettings, stack: ExitStack) -> Any:
     """The adapter, open and closed with ``stack``."""
     from quantkit.convert.lora import LoraAdapter
 
@@ -689,17 +689,6 @@ def _adapter_warnings(lora: Any, model_dir: Path, config: dict) -> list[str]:
             f"{model_dir.resolve().name!r} — check it is the same model"
         ]
     return []
-
-
-def _resized_config(lora: Any, config: dict) -> dict:
-    """A fine-tune that added tokens saves a resized embed_tokens (modules_to_save); the
-    merged model's vocabulary is that size."""
-    for target, name in lora.replaced.items():
-        if target.endswith("embed_tokens.weight"):
-            rows = lora.tensors[name].shape[0]
-            if rows != config.get("vocab_size"):
-                return {**config, "vocab_size": rows}
-    return config
 
 
 def _lora_path(out: Path | None, stem: str, types: Sequence[GGUFType]) -> Path:

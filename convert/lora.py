@@ -171,6 +171,15 @@ class LoraAdapter:
     def max_rank(self) -> int:
         return max((m.rank for m in self.modules.values()), default=0)
 
+    def merged_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The base's config.json for the merged model: a fine-tune that added tokens saved a
+        resized embed_tokens (modules_to_save), and the merged vocabulary is that size."""
+        for target, name in self.replaced.items():
+            rows = self.tensors[name].shape[0]
+            if target.endswith("embed_tokens.weight") and rows != config.get("vocab_size"):
+                return {**config, "vocab_size": rows}
+        return config
+
     def shapes(self, base: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """The base's tensor shapes with the adapter's full replacements laid over them."""
         out = dict(base)

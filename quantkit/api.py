@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +25,6 @@ from quantkit.errors import InputError
 if TYPE_CHECKING:
     from quantkit.pipeline.build import BuildResult
 
-# export(**options) -> ExportOptions fields (quantkit/pipeline/build.py)
-OPTIONS = (
-    "force", "threads", "name", "dry_run", "clamp_f16", "allow_pickle", "progress",
-    "no_fallback", "imatrix", "calib_ctx", "calib_chunks", "samples", "seq_len", "ignore",
-    "layouts", "converter",
-)  # fmt: skip
 # GGUF tensor options, set on every GGUF target (a recipe gives them per target)
 GGUF_OPTIONS = ("output_type", "embedding_type", "pure", "leave_output", "overrides")
 
@@ -65,13 +60,14 @@ def export(
     from quantkit.pipeline.build import ExportOptions, build, with_options
     from quantkit.targets import parse_targets
 
-    unknown = sorted(set(options) - set(OPTIONS) - set(GGUF_OPTIONS))
+    known = {f.name for f in fields(ExportOptions)} - {"calib"}  # calib= is its own argument
+    unknown = sorted(set(options) - known - set(GGUF_OPTIONS))
     if unknown:
         raise InputError(f"export() got unknown option(s): {', '.join(unknown)}")
     ts = with_options(
         parse_targets(targets), **{k: options.pop(k) for k in GGUF_OPTIONS if k in options}
     )
-    o = ExportOptions(**{k: v for k, v in options.items()})
+    o = ExportOptions(**options)
     o.calib = Path(calib) if calib is not None else None
     o.imatrix = Path(o.imatrix) if o.imatrix else None
     o.ignore, o.layouts = tuple(o.ignore), tuple(o.layouts)

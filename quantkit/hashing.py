@@ -19,6 +19,19 @@ def sha256_file(path: Path, h: Any = None) -> str:
     return h.hexdigest()
 
 
+def content_sha256(path: Path) -> str:
+    """The sha256 an artifact is recorded with: a file's content, or for a folder (a vLLM or HF
+    checkpoint) one hash over its files' names and contents."""
+    return model_hash(path) if path.is_dir() else sha256_file(path)
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of a file, or of every file in a folder."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def model_hash(model: Path) -> str:
     """sha256 over a model folder's files (names and contents), or one file's content."""
     h = hashlib.sha256()

@@ -13,7 +13,7 @@ one bare word where a kind has a main option):
                                    a per-layer mix of schemes at an average bit width
     awq[:bits,group,sym,duo_scaling,grid]
     fp8[:dynamic|static|block]     vLLM checkpoints (compressed-tensors, via llm-compressor)
-    hf[:bf16|fp16|f32][,shard=5GB] a plain HF checkpoint folder
+    hf[:bf16|f16|f32][,shard=5GB]  a plain HF checkpoint folder (hf:shard=2GB without a dtype)
 
 A recipe writes the same fields as YAML (``method: gptq`` and its options). Each kind names the
 builder family that makes it (``family``): the GGUF converter, llm-compressor, or the HF
@@ -187,8 +187,8 @@ BARE = {"fp8": "scheme", "hf": "dtype"}
 # vllm/model_executor/layers/quantization/__init__.py lists awq, gptq, fp8, compressed-tensors,
 # modelopt, mxfp4, torchao, ...; online shorthands such as ``fp8_per_channel`` took its place).
 _NO_BNB = (
-    "vLLM 0.32 has no bitsandbytes quantization method any more, so a bitsandbytes checkpoint "
-    "would not load",
+    "vLLM 0.32 has no bitsandbytes quantization method, so a bitsandbytes checkpoint would not "
+    "load",
     "use --to gptq or --to awq for 4-bit weights, --to fp8 for 8-bit (all load in vLLM)",
 )
 REFUSED_METHODS: dict[str, tuple[str, str]] = {"bnb": _NO_BNB, "bitsandbytes": _NO_BNB}
@@ -337,16 +337,3 @@ def _as_value_error(fn: Any, *args: Any) -> Any:
         return fn(*args)
     except InputError as e:
         raise ValueError(e.message) from None
-
-
-def needs_calibration(t: Any) -> bool:
-    """Whether a target cannot be made without calibration text (or an importance matrix)."""
-    if isinstance(t, GGUFTarget):
-        return t.is_auto or (t.type in _IMATRIX_TYPES())
-    return bool(getattr(t, "needs_calibration", False))
-
-
-def _IMATRIX_TYPES() -> set[str]:  # noqa: N802 - a lazily built constant
-    from quantkit.quantize.gguf_types import GGUF_TYPES
-
-    return {n for n, t in GGUF_TYPES.items() if t.imatrix}

@@ -28,14 +28,12 @@ SAME_AS_CLI = ("hf", "fp8-dynamic", "Q8_0")  # the deterministic ones
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def peft(tmp_path_factory):
+    """A tiny Llama base, a LoRA adapter on it, the PEFT model in memory, calibration text."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import quantkit
-
-    llmc_python_or_skip()
     root = tmp_path_factory.mktemp("targets")
     base = make_tiny_model(root / "base", "LlamaForCausalLM")
     adapter = make_adapter(base, root / "adapter", r=8, lora_alpha=16)
@@ -45,10 +43,20 @@ def exported(tmp_path_factory):
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
     )
     tok = AutoTokenizer.from_pretrained(base)
+    return {"root": root, "base": base, "adapter": adapter, "calib": calib, "pm": pm, "tok": tok}
+
+
+@pytest.fixture(scope="module")
+def exported(peft):
+    """Every kind from the model in memory in one call (llm-compressor for fp8 and gptq)."""
+    import quantkit
+
+    llmc_python_or_skip()
     res = quantkit.export(
-        pm, TARGETS, root / "api", tokenizer=tok, calib=calib, name="ft", samples=4, seq_len=64,
+        peft["pm"], TARGETS, peft["root"] / "api", tokenizer=peft["tok"], calib=peft["calib"],
+        name="ft", samples=4, seq_len=64,
     )  # fmt: skip
-    return {"root": root, "base": base, "adapter": adapter, "calib": calib, "pm": pm, "res": res}
+    return {**peft, "res": res}
 
 
 def test_in_memory_peft_writes_every_kind(exported):
@@ -65,19 +73,22 @@ def test_in_memory_peft_writes_every_kind(exported):
     assert json.dumps(res.to_json())
 
 
-def test_hf_folder_gives_the_merged_models_logits(exported):
+def test_hf_folder_gives_the_merged_models_logits(peft):
     """The hf folder is PEFT's merge (merge_and_unload on a copy) in float32, up to summation
-    order; the unmerged forward (x W + s (x A) B) would differ by about 2e-5."""
+    order; the unmerged forward (x W + s (x A) B) differs by about 2e-5."""
     import copy
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    hf = exported["res"].artifacts[0].path
+    import quantkit
+
+    res = quantkit.export(peft["pm"], "hf", peft["root"] / "hf-only", tokenizer=peft["tok"])
     x = torch.tensor([list(range(1, 60))])
     with torch.no_grad():
-        want = copy.deepcopy(exported["pm"]).merge_and_unload()(x).logits[0].numpy()
-        got = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)(x).logits[0].numpy()
+        want = copy.deepcopy(peft["pm"]).merge_and_unload()(x).logits[0].numpy()
+        model = AutoModelForCausalLM.from_pretrained(res.artifacts[0].path, dtype=torch.float32)
+        got = model(x).logits[0].numpy()
     assert float(np.max(np.abs(got - want))) <= 1e-5
 
 
@@ -184,11 +195,11 @@ def test_one_parse_one_dispatch(tmp_path, monkeypatch):
     assert calls == [("gguf", ["F16", "Q8_0"]), ("hf", ["hf-bf16"])]
 
 
-def test_calib_with_adapter_and_only_float_targets(exported):
+def test_calib_with_adapter_and_only_float_targets(peft):
     """--calib beside --adapter: a float-only run needs no importance matrix and is not refused."""
-    out = exported["root"] / "f16.gguf"
+    out = peft["root"] / "f16.gguf"
     r = run_cli(
-        "convert", str(exported["base"]), "--adapter", str(exported["adapter"]),
-        "--to", "gguf:F16", "--calib", str(exported["calib"]), "-o", str(out),
+        "convert", str(peft["base"]), "--adapter", str(peft["adapter"]),
+        "--to", "gguf:F16", "--calib", str(peft["calib"]), "-o", str(out),
     )  # fmt: skip
     assert r.returncode == 0 and out.is_file(), r.stderr

@@ -37,7 +37,11 @@ def test_exports_scored_next_to_gguf(run: dict) -> None:
     assert rep, r.stdout + r.stderr
     q8, fp8, gptq, awq = rep["artifacts"]
     assert q8["status"] == "ok" and q8["engine"]["name"] == "llama.cpp"
-    assert fp8["status"] == "ok", fp8
+    # FP8 dynamic runs where this host's measured matrix says it does (every host measured so
+    # far); elsewhere it is "unsupported" with the measured reason
+    assert_scored_as_measured(fp8, run["arts"][1])
+    if fp8["status"] != "ok":
+        return
     assert fp8["engine"]["name"] == "vllm" and fp8["size"]["file_type"] == "W8A8 FP8"
     # FP8 (E4M3: 3 mantissa bits) weights + dynamic per-token activations on a random tiny model,
     # whose next-token distributions are nearly flat (PPL ~2500), so top-1 flips easily: measured

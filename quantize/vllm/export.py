@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
 from quantkit.checkpoint import SIDE_FILES, Checkpoint
 from quantkit.errors import EngineError, InputError
-from quantkit.hub import folder_name
+from quantkit.hashing import tree_size
 from quantkit.progress import Progress
 from quantkit.quantize.vllm.auto.spec import VllmAutoSpec
 from quantkit.quantize.vllm.calibration import calibration_ids
@@ -139,10 +139,6 @@ def output_paths(
     }
 
 
-def _dir_size(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-
-
 # vLLM asks whether a fused-MoE layer is ignored by ``<layer>.experts.0.<ckpt projection>``
 # (compressed_tensors_moe.py get_moe_method), with its model's checkpoint projection names —
 # w1/w2/w3 for Mixtral (models/mixtral.py) — while llm-compressor's ignore list holds the
@@ -248,9 +244,10 @@ def _preflight(
     n_outputs: int | None,
 ) -> _Job:
     """All targets, before any model load."""
+    from quantkit.convert.hf_to_gguf import default_name
+
     with Checkpoint.open(model_dir) as ck:
-        stem = name or str(ck.config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
-    stem = stem or folder_name(model_dir)  # a Hub snapshot: the repository's name
+        stem = name or default_name(model_dir, ck.config)
     n = max(len(parsed), n_outputs or 0)
     paths = {id(t): output_paths(out, stem, t, s.layouts, n) for t in parsed}
     for t in parsed:
@@ -370,7 +367,7 @@ def _place_target(
                 type=t.label(),
                 layout=lay,
                 quant_method=method,
-                size=_dir_size(final),
+                size=tree_size(final),
                 seconds=quant_seconds + time.perf_counter() - t1,
                 quantized_layers=len(plan.quantized),
                 ignored_layers=plan.ignored,

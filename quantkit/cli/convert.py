@@ -31,6 +31,7 @@ vLLM targets (llm-compressor; `quantkit engines setup llmcompressor` once):
   quantkit convert ./my-model --to awq:group=64 --calib calib.txt --samples 64 --seq-len 512
   quantkit convert ./my-model --to gptq:group=64,actorder=weight --layout legacy --calib c.txt
   quantkit convert ./my-model --to gptq --ignore lm_head --ignore 're:.*down_proj$' --calib c.txt
+  quantkit convert ./my-model --to gptq:auto:bits=4.5 --calib calib.txt --dry-run
 
 A plain HF checkpoint (safetensors; transformers and vLLM load it), e.g. a merged fine-tune:
   quantkit convert ./base --adapter ./my-lora --to hf:bf16 -o my-finetune/
@@ -48,7 +49,7 @@ Several kinds at once, from a Hub id (through the HF cache) or a fine-tune:
     "targets",
     multiple=True,
     required=True,
-    metavar="gguf:TYPE|gguf:auto:size=N|bpw=X|gptq|awq|fp8|hf[:OPTIONS]",
+    metavar="gguf:TYPE|gguf:auto:size=N|bpw=X|gptq|gptq:auto:bits=X|awq|fp8|hf[:OPTIONS]",
     help="Output type, repeatable (case-insensitive; `quantkit types` lists them): gguf:F16, "
     "gguf:Q8_0, gguf:Q4_K_M, gguf:IQ4_XS, ... Several types share one read of the checkpoint "
     "and one base conversion. gguf:auto:size=N (bytes; KB/MB/GB) or gguf:auto:bpw=X "
@@ -57,6 +58,8 @@ Several kinds at once, from a Hub id (through the HF cache) or a fine-tune:
     "gptq[:bits=4|8,group=32|64|128|channel,sym=true|false,actorder=static|weight|none,"
     "dampening=0.01], awq[:bits,group,sym,duo_scaling,grid=20], fp8[:dynamic|static|block]. "
     "A plain HF checkpoint folder (safetensors; --adapter merged): hf[:bf16|f16|f32,shard=5GB]. "
+    "gptq:auto:bits=X[:types=w4g64,fp8,float,…][:force]: W4A16 / FP8 / float per fused layer "
+    "group at an average bit width, from what this host's vLLM runs (needs --calib). "
     "The adapter itself: gguf-lora, vllm-lora.",
 )
 @click.option(

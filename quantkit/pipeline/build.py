@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import InputError
+from quantkit.hashing import content_sha256
 from quantkit.progress import Progress
 from quantkit.targets import (
     DEFAULT_SAMPLES,
@@ -244,7 +245,7 @@ def _gguf_artifact(a: Any, target: Any, dry: bool) -> Artifact:
         format=a.type if a.type in ADAPTER_TARGETS else "gguf",
         label=a.type,
         size=a.size,
-        sha256="" if dry else _hash(a.path),
+        sha256="" if dry else content_sha256(a.path),
         seconds=a.seconds,
         target=target,
         audit=d.get("audit"),
@@ -281,7 +282,7 @@ def build_vllm(
             format="vllm",
             label=a.type,
             size=a.size,
-            sha256=_hash(a.path),
+            sha256=content_sha256(a.path),
             seconds=a.seconds,
             target=by_label.get(a.type),
             details={
@@ -327,7 +328,7 @@ def build_hf(
             out_is_folder=single, progress=o.progress,
         )  # fmt: skip
         arts.append(
-            Artifact(a.path, "hf", a.type, a.size, _hash(a.path), a.seconds, t,
+            Artifact(a.path, "hf", a.type, a.size, content_sha256(a.path), a.seconds, t,
                      details={"tensors": a.n_tensors, "shards": a.n_shards})
         )  # fmt: skip
     return BuildResult(arts, _architecture(src))
@@ -387,7 +388,9 @@ def _preflight(source: Source, groups: dict[str, list[Any]], o: ExportOptions) -
 
 
 def is_vllm_auto_target(t: Any) -> bool:
-    return t.method == "gptq-auto"
+    from quantkit.quantize.vllm.auto.spec import VllmAutoSpec
+
+    return isinstance(t, VllmAutoSpec)
 
 
 def _architecture(src: Source) -> str:
@@ -396,12 +399,6 @@ def _architecture(src: Source) -> str:
     cfg = src.model.config if src.in_memory else read_json(src.folder / "config.json")
     archs = cfg.get("architectures") if isinstance(cfg, dict) else None
     return str(archs[0]) if isinstance(archs, list) and archs else "?"
-
-
-def _hash(path: Path) -> str:
-    from quantkit.hashing import model_hash, sha256_file
-
-    return model_hash(path) if path.is_dir() else sha256_file(path)
 
 
 def with_options(targets: list[Any], **gguf_options: Any) -> list[Any]:

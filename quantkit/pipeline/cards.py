@@ -9,11 +9,6 @@ from typing import Any
 from quantkit.pipeline.context import Context, write_atomic
 from quantkit.recipe import validated
 
-
-def _fmt(x: Any, spec: str = ".4g") -> str:
-    return "—" if x is None else format(x, spec)
-
-
 # The measured values a model card shows: (label, key in the report's artifact entry, format).
 # Each row names its report.json key, so a reader (and tests/test_run_checks.py) can find it.
 CARD_METRICS: tuple[tuple[str, str, str], ...] = (

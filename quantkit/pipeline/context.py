@@ -10,6 +10,7 @@ from typing import Any
 
 from quantkit.atomic import atomic_output
 from quantkit.errors import InputError
+from quantkit.hashing import content_sha256
 from quantkit.hub import folder_name
 from quantkit.recipe import DEFAULT, Recipe, RecipeTarget
 from quantkit.targets import GGUFTarget
@@ -24,14 +25,6 @@ def canonical_json(obj: Any) -> str:
 
 def content_key(*parts: Any) -> str:
     return hashlib.sha256(canonical_json([KEY_VERSION, *parts]).encode()).hexdigest()[:24]
-
-
-def content_sha256(path: Path) -> str:
-    """A file's sha256, or for a checkpoint folder (vLLM targets) one over its files' names and
-    contents (validate/harness.py model_hash)."""
-    from quantkit.hashing import model_hash, sha256_file
-
-    return model_hash(path) if path.is_dir() else sha256_file(path)
 
 
 def is_gguf(t: RecipeTarget) -> bool:
@@ -83,6 +76,9 @@ class Context:
         )
         self.calib = self._text(recipe.calibration.data) if recipe.calibration else None
         self.vdata = self._text(recipe.validation.data) if recipe.validation else None
+        # hashed once: every step's key covers them
+        self.calib_sha = content_sha256(self.calib) if self.calib else None
+        self.vdata_sha = content_sha256(self.vdata) if self.vdata else None
         # artifacts are named like `quantkit convert` names them: after the adapter for a fine-tune
         self.stem = self.adapter.resolve().name if self.adapter else folder_name(self.model)
 
@@ -152,7 +148,7 @@ class Context:
     def imatrix_key(self) -> str:
         c = self.recipe.calibration
         assert c is not None and self.calib is not None
-        return content_key("imatrix", self.source_key, content_sha256(self.calib), c.ctx, c.chunks)
+        return content_key("imatrix", self.source_key, self.calib_sha, c.ctx, c.chunks)
 
     def imatrix_path(self) -> Path:
         return self.cache / f"imatrix-{self.imatrix_key()}.gguf"
@@ -166,10 +162,10 @@ class Context:
                 c = self.recipe.calibration
                 if c is None or self.calib is None:
                     raise InputError(f"targets: {t.name}: needs a calibration section")
-                calib = [content_sha256(self.calib), c.samples, c.ctx]
+                calib = [self.calib_sha, c.samples, c.ctx]
             return content_key(tg.method, self.source_key, opts, calib)
         if tg.is_auto:  # the probe text the per-kind gains are measured on
-            opts["probe"] = content_sha256(self.calib) if self.calib else None
+            opts["probe"] = self.calib_sha
         return content_key(
             "gguf", self.base_key(), opts, self.imatrix_key() if tg.imatrix else None
         )
@@ -186,7 +182,7 @@ class Context:
         assert v is not None and self.vdata is not None
         gates = self.recipe.gates.merged(t.gates)
         return content_key(
-            "validate", self.target_key(t), self.source_key, content_sha256(self.vdata),
+            "validate", self.target_key(t), self.source_key, self.vdata_sha,
             v.model_dump(), gates.model_dump(),
         )  # fmt: skip
 

