@@ -60,11 +60,11 @@ SENS = """
 import json
 from pathlib import Path
 from quantkit.convert.hf_to_gguf import QuantSettings, _probe_chunks, with_imatrix
-from quantkit.quantize.auto import sizes
-from quantkit.quantize.auto.build import _options
-from quantkit.quantize.auto.sensitivity import measure
-from quantkit.quantize.gguf import QuantizeOptions
-from quantkit.quantize.imatrix import load_imatrix
+from quantkit.quantize.gguf.auto import sizes
+from quantkit.quantize.gguf.auto.build import _options
+from quantkit.quantize.gguf.auto.sensitivity import measure
+from quantkit.quantize.gguf.quantizer import QuantizeOptions
+from quantkit.quantize.gguf.imatrix import load_imatrix
 w = Path({work!r})
 im = load_imatrix(w / "im.gguf")
 o = _options(with_imatrix(QuantizeOptions(threads={threads}), im, w / "im.gguf"))
@@ -108,9 +108,9 @@ def main() -> None:
 
     from quantkit.convert import QuantSettings, convert
     from quantkit.demo import demo_model
-    from quantkit.quantize.gguf import QuantizeOptions
-    from quantkit.quantize.gguf_types import GGUF_TYPES
-    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+    from quantkit.quantize.gguf.imatrix import collect_imatrix, save_imatrix
+    from quantkit.quantize.gguf.quantizer import QuantizeOptions
+    from quantkit.quantize.gguf.types import GGUF_TYPES
     from quantkit.text import read_text
     from quantkit.validate.quality import llama_tokens, score_files
 
@@ -173,8 +173,8 @@ def main() -> None:
         out.parent.mkdir(exist_ok=True)
         # the auto target needs the matrix as a file and the text for the probes
         from quantkit.convert.hf_to_gguf import _auto_one, with_imatrix
-        from quantkit.quantize.auto.spec import AutoSpec
-        from quantkit.quantize.imatrix import load_imatrix
+        from quantkit.quantize.gguf.auto.spec import AutoSpec
+        from quantkit.quantize.gguf.imatrix import load_imatrix
 
         opts = with_imatrix(qs.options, load_imatrix(w / "im.gguf"), w / "im.gguf")
         if out.exists():
@@ -247,11 +247,11 @@ def rank_check(w: Path, f16: Path, qs, args, plans: dict) -> None:
     import numpy as np
 
     from quantkit.convert.hf_to_gguf import QuantSettings, _probe_chunks, with_imatrix
-    from quantkit.quantize.auto import sizes
-    from quantkit.quantize.auto.build import _options
-    from quantkit.quantize.auto.probe import KLDProbe
-    from quantkit.quantize.auto.sensitivity import measure
-    from quantkit.quantize.imatrix import load_imatrix
+    from quantkit.quantize.gguf.auto import sizes
+    from quantkit.quantize.gguf.auto.build import _options
+    from quantkit.quantize.gguf.auto.probe import KLDProbe
+    from quantkit.quantize.gguf.auto.sensitivity import measure
+    from quantkit.quantize.gguf.imatrix import load_imatrix
 
     o = _options(with_imatrix(qs.options, load_imatrix(w / "im.gguf"), w / "im.gguf"))
     slots = sizes.slots(f16, set(o.imatrix or {}), None)

@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 
 from quantkit.checkpoint import SAFETENSORS_DTYPES, parse_safetensors_header
 from quantkit.errors import QuantkitError
-from quantkit.gguf_file import read_gguf
-from quantkit.quantize.audit import audit
+from quantkit.quantize.gguf.audit import audit
+from quantkit.quantize.gguf.reader import read_gguf
 
 U64_EDGES = [0, 1, 2, 3, 4, 5, 7, 8, 31, 32, 33, 255, 256, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
              2**62, 2**63 - 1, 2**63, 2**64 - 1]  # fmt: skip

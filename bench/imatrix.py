@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
     args = ap.parse_args()
 
-    from quantkit.quantize.imatrix import bos_added, chunk_tokens, collect_imatrix
+    from quantkit.quantize.gguf.imatrix import bos_added, chunk_tokens, collect_imatrix
 
     if args.model:
         model = Path(args.model)

@@ -42,8 +42,8 @@ def main() -> None:
 
     from quantkit.convert import QuantSettings, convert
     from quantkit.demo import demo_model
-    from quantkit.quantize.gguf import QuantizeOptions
-    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+    from quantkit.quantize.gguf.imatrix import collect_imatrix, save_imatrix
+    from quantkit.quantize.gguf.quantizer import QuantizeOptions
     from quantkit.validate.quality import llama_tokens, score_files
 
     model = demo_model()

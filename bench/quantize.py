@@ -20,7 +20,7 @@ from quantkit.text import read_text
 
 
 def direct_quantize(src: Path, dst: Path, ftype: int, threads: int) -> None:
-    from quantkit.llama import llama_cpp
+    from quantkit.quantize.gguf.libllama import llama_cpp
 
     lib = llama_cpp()
     params = lib.llama_model_quantize_default_params()
@@ -42,8 +42,8 @@ def main() -> None:
 
     from quantkit.convert import QuantSettings, convert
     from quantkit.demo import demo_model
-    from quantkit.quantize.gguf import QuantizeOptions
-    from quantkit.quantize.gguf_types import gguf_type
+    from quantkit.quantize.gguf.quantizer import QuantizeOptions
+    from quantkit.quantize.gguf.types import gguf_type
 
     model = demo_model()
     qtype = gguf_type(args.type)
@@ -69,7 +69,7 @@ def main() -> None:
         print(f"ratio quantkit/direct: {o / d:.3f}x")
 
     if args.imatrix_tokens:
-        from quantkit.quantize.imatrix import collect_imatrix
+        from quantkit.quantize.gguf.imatrix import collect_imatrix
 
         text = (
             Path(__file__).resolve().parents[2]

@@ -34,7 +34,7 @@ FIXTURE_TEXT = Path(__file__).resolve().parents[2] / "shared/fixtures/wikitext-2
 def bare_loop(path: Path, chunks: np.ndarray, threads: int) -> float:
     from llama_cpp import Llama
 
-    from quantkit.llama import llama_cpp
+    from quantkit.quantize.gguf.libllama import llama_cpp
 
     llama_cpp()
     n_ctx = chunks.shape[1]

@@ -234,7 +234,7 @@ def main() -> None:
         )
     )
     if a.quality:
-        from quantkit.quantize.imatrix import chunk_tokens
+        from quantkit.quantize.gguf.imatrix import chunk_tokens
         from quantkit.text import read_text
         from quantkit.validate.harness import tokenize_reference
 

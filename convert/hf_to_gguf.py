@@ -35,10 +35,10 @@ from quantkit.convert.writer import GGUFWriter
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
 from quantkit.progress import Progress
-from quantkit.quantize.audit import Audit, file_type_of
-from quantkit.quantize.auto.spec import AutoSpec
-from quantkit.quantize.gguf import QuantizeOptions
-from quantkit.quantize.gguf_types import GGUF_TYPES, GGUFType
+from quantkit.quantize.gguf.audit import Audit, file_type_of
+from quantkit.quantize.gguf.auto.spec import AutoSpec
+from quantkit.quantize.gguf.quantizer import QuantizeOptions
+from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType
 from quantkit.text import read_text
 
 F16_MAX = 65504.0  # largest finite IEEE half
@@ -479,7 +479,7 @@ def _quantize_options(
     """llama.cpp's quantize options, with the importance matrix (collected now from --calib
     text when none was given)."""
     if job.imatrix is None and qs.calib is not None and (job.quants or job.autos):
-        from quantkit.quantize.imatrix import collect_imatrix
+        from quantkit.quantize.gguf.imatrix import collect_imatrix
 
         t1 = time.perf_counter()
         job.imatrix = collect_imatrix(
@@ -795,7 +795,7 @@ def requantize(
     autos: Sequence[AutoSpec] = (),
 ) -> ConvertResult:
     """Quantize an existing F32/F16/BF16 GGUF (no HF checkpoint needed) to each type."""
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     t_start = time.perf_counter()
     info = read_gguf(src)
@@ -913,7 +913,7 @@ def _probe_chunks(base: Path, qs: QuantSettings) -> list[list[int]] | None:
     """Calibration chunks for measuring the per-kind gains in llama.cpp (None without text)."""
     if qs.calib is None:
         return None
-    from quantkit.quantize.auto.build import PROBE_CHUNKS
+    from quantkit.quantize.gguf.auto.build import PROBE_CHUNKS
     from quantkit.validate.metrics import make_chunks
     from quantkit.validate.quality import llama_tokens
 
@@ -936,7 +936,7 @@ def _auto_one(
     progress: Progress | None,
 ) -> Artifact:
     """A gguf:auto target: planned (dry run) or written, checked against the plan and audited."""
-    from quantkit.quantize.auto.build import plan_auto, write_auto
+    from quantkit.quantize.gguf.auto.build import plan_auto, write_auto
 
     t1 = time.perf_counter()
     plan = plan_auto(base, spec, options, probe_chunks=_probe_chunks(base, qs),

@@ -117,7 +117,7 @@ def check_name_rules(
 
 def _gguf_vocab(path: Path) -> tuple[str, str, str | None, list[str]]:
     """general.name, general.architecture, tokenizer.ggml.pre and the token texts of a GGUF."""
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     md = read_gguf(path, keep_arrays=("tokenizer.ggml.tokens",)).metadata
     tokens = md.get("tokenizer.ggml.tokens")
@@ -171,7 +171,7 @@ def check_loads(path: Path, shown: str | None = None, *, how: str = "convert wit
     """Load ``path`` in llama.cpp with ``vocab_only``; a file it cannot load is refused
     (GGUFLoadError) with llama.cpp's message. ``shown`` names the file in the message (the name
     it is about to get; default: its own)."""
-    from quantkit.llama import llama_cpp, log_listener, signals_deferred
+    from quantkit.quantize.gguf.libllama import llama_cpp, log_listener, signals_deferred
 
     lib = llama_cpp()
     params = lib.llama_model_default_params()

@@ -14,10 +14,10 @@ from quantkit.atomic import atomic_output
 from quantkit.convert.loadcheck import check_loads
 from quantkit.errors import InputError
 from quantkit.progress import Progress
-from quantkit.quantize.audit import Audit, audit
-from quantkit.quantize.auto.spec import AutoSpec
-from quantkit.quantize.gguf import Fallback, QuantizeOptions, quantize_file
-from quantkit.quantize.gguf_types import GGUFType
+from quantkit.quantize.gguf.audit import Audit, audit
+from quantkit.quantize.gguf.auto.spec import AutoSpec
+from quantkit.quantize.gguf.quantizer import Fallback, QuantizeOptions, quantize_file
+from quantkit.quantize.gguf.types import GGUFType
 
 
 @dataclass
@@ -85,7 +85,7 @@ def preflight_imatrix(
             "pass --calib TEXT to compute one on the way, or --imatrix FILE to reuse one",
         )  # fmt: skip
     if qs.imatrix_file is not None:
-        from quantkit.quantize.imatrix import load_imatrix
+        from quantkit.quantize.gguf.imatrix import load_imatrix
 
         return load_imatrix(qs.imatrix_file)
     return None

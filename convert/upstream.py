@@ -230,7 +230,7 @@ def check_vocab(path: Path, model_dir: Path) -> list[str]:
     tokenizer (empty when quantkit cannot read it: nothing to compare with)."""
     from quantkit.convert.tokenizer import load_vocab
     from quantkit.errors import QuantkitError
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     try:
         ours = load_vocab(model_dir)
@@ -274,7 +274,7 @@ def convert_upstream(
     """``convert`` through llama.cpp's converter: float bases from it, the rest as usual.
     ``name``: general.name and the output file stem."""
     from quantkit.convert.hf_to_gguf import ConvertResult
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     t_start = time.perf_counter()
     if dry_run:
@@ -372,7 +372,7 @@ def _check_space(
     """Free space from the parameter count and each type's nominal bits per weight (llama.cpp's
     converter plans its own tensors, so there is no per-tensor plan to sum here)."""
     from quantkit.diskspace import check_free_space
-    from quantkit.quantize.gguf_types import GGUF_TYPES
+    from quantkit.quantize.gguf.types import GGUF_TYPES
 
     planned = [(paths[t.name], int(n_params * t.bpw / 8)) for t in types]
     if quants and src_base not in {t.name for t in floats}:
@@ -388,7 +388,7 @@ def _write(
     from quantkit.atomic import output_dirs
     from quantkit.convert.loadcheck import check_gguf_vocab, check_loads
     from quantkit.convert.quantized import quantize_one
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     with ExitStack() as stack:
         stack.enter_context(output_dirs(list(job.paths.values())))
@@ -446,7 +446,7 @@ def _run_converters(
 def _float_artifacts(job: _Job, made: dict[str, Path], n_tensors: int, seconds: float) -> list[Any]:
     """The float files' artifacts, each audited (the audit names the final path)."""
     from quantkit.convert.quantized import Artifact
-    from quantkit.quantize.audit import audit
+    from quantkit.quantize.gguf.audit import audit
 
     artifacts = []
     for t in job.floats:

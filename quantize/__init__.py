@@ -1,1 +1,2 @@
-"""Quantization (``quantkit.quantize``): GGUF types through llama.cpp's own quantizer."""
+"""Quantization (``quantkit.quantize``), one package per builder family: ``gguf`` (llama.cpp's
+quantizer) and ``vllm`` (llm-compressor)."""

@@ -46,7 +46,7 @@ def capability_artifacts_dir() -> Path:
 
 
 def sensitivity_dir() -> Path:
-    """Per-tensor sensitivities of ``gguf:auto`` (quantize/auto/sensitivity.py)."""
+    """Per-tensor sensitivities of ``gguf:auto`` (quantize/gguf/auto/sensitivity.py)."""
     return cache_root() / "auto-sensitivity"
 
 

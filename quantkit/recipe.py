@@ -22,11 +22,12 @@ from pydantic import (
     model_validator,
 )
 
+import quantkit.recipes
 from quantkit.errors import InputError
 from quantkit.targets import METHODS, REFUSED_METHODS, Target
 
 DEFAULT = "default"  # the embedded default model / text
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(quantkit.recipes.__file__).resolve().parent  # package data, also when installed
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -66,7 +66,7 @@ class GGUFTarget(_Target):
     @field_validator("type")
     @classmethod
     def _known_type(cls, v: str) -> str:
-        from quantkit.quantize.gguf_types import GGUF_TYPES
+        from quantkit.quantize.gguf.types import GGUF_TYPES
 
         up = v.upper()
         if up != "AUTO" and up not in GGUF_TYPES:
@@ -76,7 +76,7 @@ class GGUFTarget(_Target):
     @field_validator("overrides")
     @classmethod
     def _overrides(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        from quantkit.quantize.gguf import parse_overrides
+        from quantkit.quantize.gguf.quantizer import parse_overrides
 
         _as_value_error(parse_overrides, v)
         return v
@@ -84,7 +84,7 @@ class GGUFTarget(_Target):
     @field_validator("output_type", "embedding_type")
     @classmethod
     def _tensor_type(cls, v: str | None) -> str | None:
-        from quantkit.quantize.gguf import ggml_type
+        from quantkit.quantize.gguf.quantizer import ggml_type
 
         if v is not None:
             _as_value_error(ggml_type, v)
@@ -103,14 +103,14 @@ class GGUFTarget(_Target):
 
     @property
     def gguf_type(self) -> Any:
-        """The file type's row of quantize/gguf_types.py (not for type auto)."""
-        from quantkit.quantize.gguf_types import gguf_type
+        """The file type's row of quantize/gguf/types.py (not for type auto)."""
+        from quantkit.quantize.gguf.types import gguf_type
 
         return gguf_type(self.type)
 
     def auto_spec(self) -> Any:
-        """The gguf:auto budget this target stands for (quantize/auto/spec.py)."""
-        from quantkit.quantize.auto.spec import parse_auto
+        """The gguf:auto budget this target stands for (quantize/gguf/auto/spec.py)."""
+        from quantkit.quantize.gguf.auto.spec import parse_auto
 
         parts = ["gguf:auto"]
         parts += [f"size={self.size}"] if self.size is not None else []
@@ -157,7 +157,7 @@ class HFTarget(_Target):
     @field_validator("shard", mode="before")
     @classmethod
     def _shard(cls, v: Any) -> Any:
-        from quantkit.quantize.auto.spec import parse_size
+        from quantkit.quantize.gguf.auto.spec import parse_size
 
         return _as_value_error(parse_size, v) if isinstance(v, str) else v
 
@@ -243,7 +243,7 @@ def target_from_dict(data: dict[str, Any], where: str = "target") -> Any:
 
 
 def _gguf(spec: str, rest: str) -> GGUFTarget:
-    from quantkit.quantize.auto.spec import is_auto_target, parse_auto
+    from quantkit.quantize.gguf.auto.spec import is_auto_target, parse_auto
 
     if is_auto_target(f"gguf:{rest}"):
         a = parse_auto(f"gguf:{rest.strip()}")

@@ -10,8 +10,8 @@ import pytest
 from conftest import TRAIN_TEXT, make_tiny_model, run_cli
 
 from quantkit.errors import InputError
-from quantkit.quantize.auto.solver import BudgetTooSmall, Option, solve
-from quantkit.quantize.auto.spec import AutoSpec, parse_auto
+from quantkit.quantize.gguf.auto.solver import BudgetTooSmall, Option, solve
+from quantkit.quantize.gguf.auto.spec import AutoSpec, parse_auto
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def work(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama (rows of 256 and 512), its F16 GGUF and an importance matrix; a private
     sensitivity cache so that the first plan is always a miss."""
     from quantkit.convert import convert
-    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+    from quantkit.quantize.gguf.imatrix import collect_imatrix, save_imatrix
 
     root = tmp_path_factory.mktemp("auto")
     model = make_tiny_model(root / "tiny", "LlamaForCausalLM")
@@ -84,8 +84,8 @@ def test_plan_written_exactly(cached, tmp_path: Path) -> None:
     """Predicted size == written size, within the budget; the file's types are the plan's;
     a second plan reuses the cached sensitivity."""
     from quantkit.convert import QuantSettings, convert
-    from quantkit.gguf_file import read_gguf
-    from quantkit.quantize.gguf import QuantizeOptions
+    from quantkit.quantize.gguf.quantizer import QuantizeOptions
+    from quantkit.quantize.gguf.reader import read_gguf
 
     work = cached
     f16_size = work["f16"].stat().st_size

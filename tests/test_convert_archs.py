@@ -81,7 +81,7 @@ def test_f32_logits_match_transformers(
 )
 def test_f16_and_q8_load_and_generate(workdir: Path, case: str, arch: str, overrides: dict) -> None:
     from quantkit.convert import convert
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
     from quantkit.validate.llamacpp import LlamaCppModel
 
     model = make_tiny_model(workdir / f"{case}-gen", arch, **overrides)

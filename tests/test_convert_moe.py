@@ -48,7 +48,7 @@ def test_f32_logits_match_transformers(workdir: Path, models: dict[str, Path], c
 @pytest.mark.parametrize("case", ["mixtral", "qwen3moe"])
 def test_f16_q8_q4km_load_and_generate(workdir: Path, models: dict[str, Path], case: str) -> None:
     from quantkit.convert import convert
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
     from quantkit.validate.llamacpp import LlamaCppModel
 
     model = models[case]

@@ -1,6 +1,6 @@
 """Importance matrix: the statistic, the file format, and what it does to quantization.
 
-References independent of quantize/imatrix.py:
+References independent of quantize/gguf/imatrix.py:
 - a direct torch computation of layer 0 (attention and MLP written out by hand);
 - llama.cpp itself: its real graph evaluated through libllama with an eval callback that does
   what llama-imatrix's ``collect_imatrix`` does (same filter, same sum of squares of ``src1``);
@@ -25,8 +25,7 @@ import pytest
 from conftest import TRAIN_TEXT, fixture_path, make_tiny_model
 
 from quantkit.errors import EngineError, InputError
-from quantkit.quantize.gguf_types import GGUFType, gguf_type
-from quantkit.quantize.imatrix import (
+from quantkit.quantize.gguf.imatrix import (
     Imatrix,
     bos_added,
     chunk_tokens,
@@ -35,6 +34,7 @@ from quantkit.quantize.imatrix import (
     load_imatrix,
     save_imatrix,
 )
+from quantkit.quantize.gguf.types import GGUFType, gguf_type
 
 # -- llama.cpp helpers (ctypes) ------------------------------------------------------------------
 
@@ -51,7 +51,7 @@ def quantize_with_imatrix(
     chunks: int = 0,
 ) -> None:
     """quantkit's quantize_file with an importance matrix, as llama-quantize passes one."""
-    from quantkit.quantize.gguf import QuantizeOptions, quantize_file
+    from quantkit.quantize.gguf.quantizer import QuantizeOptions, quantize_file
 
     opts = QuantizeOptions(
         threads=threads, imatrix=imatrix, imatrix_file=imatrix_file,
@@ -95,7 +95,7 @@ class _GGUFInitParams(ctypes.Structure):
 
 def _ggml() -> ctypes.CDLL:
     """libggml-base of llama-cpp-python (the library libllama itself uses)."""
-    from quantkit.llama import llama_cpp
+    from quantkit.quantize.gguf.libllama import llama_cpp
 
     llama_cpp()
     import llama_cpp as pkg
@@ -262,7 +262,7 @@ def llamacpp_collect(gguf_path: Path, chunks: list[list[int]], threads: int = 2)
     with an F32 src1 of >= 16 rows, then adds Σ src1² per column and counts the rows. Every
     position is an output and each chunk starts from an empty cache, as in compute_imatrix.
     F32 KV cache and no flash attention so that the only difference left is float rounding."""
-    from quantkit.llama import llama_cpp
+    from quantkit.quantize.gguf.libllama import llama_cpp
 
     lib, g = llama_cpp(), _ggml()
     stats: dict[str, list] = {}
@@ -680,7 +680,7 @@ def test_missing_file_is_input_error(tmp_path: Path) -> None:
 
 def test_iq2_xs_needs_and_accepts_our_imatrix(tiny: Path, tiny_f16: Path, tmp_path: Path) -> None:
     """IQ2_XS is refused without an imatrix; with ours (saved, re-read) it quantizes and runs."""
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
     from quantkit.validate.llamacpp import LlamaCppModel
 
     q = gguf_type("IQ2_XS")

@@ -14,7 +14,7 @@ from conftest import TRAIN_TEXT, fixture_path, run_cli
 from moe_models import make_tiny_moe
 from test_imatrix import _chunks_for, _ggml, _GGMLTensor
 
-from quantkit.quantize.imatrix import collect_imatrix
+from quantkit.quantize.gguf.imatrix import collect_imatrix
 
 N_EXPERT = 6
 NEVER = 5  # the expert no token can reach (see never_routed_model)
@@ -44,7 +44,7 @@ def llamacpp_collect_moe(gguf_path: Path, chunks: list[list[int]], threads: int 
     (tools/imatrix/imatrix.cpp collect_imatrix): for MUL_MAT_ID, ids [n_used, n_tokens] and
     src1 [cols, n_used or 1, n_tokens]; each (slot, token) adds its row to expert ids[slot, token]
     and counts one token for it."""
-    from quantkit.llama import llama_cpp
+    from quantkit.quantize.gguf.libllama import llama_cpp
 
     lib, g = llama_cpp(), _ggml()
     stats: dict[str, list] = {}

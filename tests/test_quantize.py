@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TRAIN_TEXT, make_tiny_model, run_cli
 
-from quantkit.quantize.gguf_types import GGUF_TYPES
+from quantkit.quantize.gguf.types import GGUF_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_imatrix_type_without_calibration_fails_before_work(tiny: Path, tmp_path
 
 
 def test_overrides_output_and_embedding_types(tiny: Path, tmp_path: Path) -> None:
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     out = tmp_path / "o.gguf"
     r = run_cli(
@@ -106,7 +106,7 @@ def test_overrides_output_and_embedding_types(tiny: Path, tmp_path: Path) -> Non
 
 
 def test_pure_and_leave_output(tiny: Path, tmp_path: Path) -> None:
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     mixed = tmp_path / "m.gguf"
     pure = tmp_path / "p.gguf"

@@ -147,7 +147,7 @@ def test_chat_template_stored_verbatim_never_rendered(model: Path, tmp_path: Pat
     """A template that would run a shell command if rendered outside a sandbox is copied into
     the GGUF byte for byte; converting and loading the file in llama.cpp run none of it."""
     from quantkit.convert import convert
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
     from quantkit.validate.llamacpp import LlamaCppModel
 
     marker = tmp_path / "rendered"

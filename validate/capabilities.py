@@ -137,7 +137,7 @@ def engine_of(row_id: str) -> str:
 
 def parse_row(row_id: str) -> Row:
     """The row a row id names; InputError (exit 2) when it names none."""
-    from quantkit.quantize.gguf_types import GGUF_TYPES
+    from quantkit.quantize.gguf.types import GGUF_TYPES
 
     if row_id == "gguf-lora":
         return Row(row_id, "llama.cpp", "GGUF LoRA adapter on an F32 base",
@@ -214,8 +214,8 @@ def format_of(path: Path) -> str | None:
 
 
 def _gguf_row(path: Path) -> str | None:
-    from quantkit.gguf_file import read_gguf
-    from quantkit.quantize.audit import file_type_of
+    from quantkit.quantize.gguf.audit import file_type_of
+    from quantkit.quantize.gguf.reader import read_gguf
 
     try:
         info = read_gguf(path)

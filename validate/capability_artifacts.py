@@ -229,7 +229,7 @@ def _build(spec: Spec, work: Path, text: Path, get: Callable[[Spec], Path], say:
         return _store(spec, dest / "tiny-adapter")
     if spec.kind == "gguf":
         from quantkit.convert.quantized import QuantSettings
-        from quantkit.quantize.gguf_types import gguf_type
+        from quantkit.quantize.gguf.types import gguf_type
 
         base = get(Spec("base", spec.arch, spec.dtype))
         say(f"converting to GGUF {spec.gtype}")

@@ -142,8 +142,8 @@ class LlamaCppEngine(ModelEngine):
 
     @classmethod
     def audit(cls, path: str | Path) -> dict[str, Any] | None:
-        """The GGUF's types, size and fallbacks (quantize/audit.py) for the report's size block."""
-        from quantkit.quantize.audit import audit
+        """The GGUF's types, size and fallbacks (quantize/gguf/audit.py) for the report's size block."""
+        from quantkit.quantize.gguf.audit import audit
 
         a = audit(path)
         return {
@@ -168,7 +168,7 @@ class LlamaCppEngine(ModelEngine):
         if self.options.get("lora"):  # a GGUF LoRA artifact, applied on this base
             self.model.set_adapter(self.options["lora"])
         self.load_seconds = self.model.load_seconds
-        from quantkit.llama import llama_cpp
+        from quantkit.quantize.gguf.libllama import llama_cpp
 
         self.lib = llama_cpp()
         self.ctx = self.model.llm._ctx.ctx

@@ -726,7 +726,7 @@ def _speed_entry(res: dict[str, Any]) -> dict[str, Any]:
 
 def _is_gguf_adapter(path: Path) -> bool:
     """A GGUF whose general.type is "adapter" (a LoRA), which llama.cpp loads on a base."""
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     try:
         return read_gguf(path).metadata.get("general.type") == "adapter"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.errors import EngineError
-from quantkit.llama import llama_cpp, recent_log
+from quantkit.quantize.gguf.libllama import llama_cpp, recent_log
 
 KV_F32 = 0  # GGML_TYPE_F32 (ggml.h enum ggml_type)
 

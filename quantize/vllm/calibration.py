@@ -51,10 +51,10 @@ def tokenize_calibration(model_dir: Path, text: str) -> tuple[list[int], int | N
 
 def calibration_ids(model_dir: Path, calib: Path, samples: int, seq_len: int):
     """``samples`` consecutive windows of ``seq_len`` tokens of the calibration text, each
-    starting with BOS when the tokenizer adds one (llama-imatrix's chunking, quantize/imatrix.py)."""
+    starting with BOS when the tokenizer adds one (llama-imatrix's chunking, quantize/gguf/imatrix.py)."""
     import numpy as np
 
-    from quantkit.quantize.imatrix import chunk_tokens
+    from quantkit.quantize.gguf.imatrix import chunk_tokens
     from quantkit.text import read_text
 
     if not calib.is_file():

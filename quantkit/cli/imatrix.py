@@ -49,7 +49,7 @@ def imatrix(
     from quantkit.convert.archs import resolve
     from quantkit.errors import InputError
     from quantkit.hub import resolve_model
-    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+    from quantkit.quantize.gguf.imatrix import collect_imatrix, save_imatrix
 
     check_writable(output, force=force)
     if not calib.is_file():

@@ -20,7 +20,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def types(as_json: bool) -> None:
     """List the GGUF types quantkit writes, with nominal bits per weight."""
-    from quantkit.quantize.gguf_types import GGUF_TYPES
+    from quantkit.quantize.gguf.types import GGUF_TYPES
 
     rows = [
         {
@@ -104,8 +104,8 @@ def archs(as_json: bool) -> None:
 @click.option("--all", "show_all", is_flag=True, help="List every tensor (default: first 40).")
 def inspect(path: Path, as_json: bool, show_all: bool) -> None:
     """Show a GGUF file's metadata and tensor table, with totals and bits per weight."""
-    from quantkit.gguf_file import read_gguf
-    from quantkit.quantize.audit import audit
+    from quantkit.quantize.gguf.audit import audit
+    from quantkit.quantize.gguf.reader import read_gguf
 
     info = read_gguf(path)
     aud = audit(path, info=info)

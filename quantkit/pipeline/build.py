@@ -167,7 +167,7 @@ def build_gguf(
 ) -> BuildResult:
     """GGUF files, gguf:auto mixes and the adapter itself: quantkit's converter (convert/)."""
     from quantkit.convert import QuantSettings, convert
-    from quantkit.quantize.gguf import QuantizeOptions, parse_overrides
+    from quantkit.quantize.gguf.quantizer import QuantizeOptions, parse_overrides
 
     ggufs = [t for t in targets if isinstance(t, GGUFTarget)]
     shared = {_quant_fields(t) for t in ggufs}
@@ -220,7 +220,7 @@ def _quantizes(targets: list[Any]) -> bool:
 def _fine_tune_imatrix(src: Source, out: Path | None, o: ExportOptions) -> Path:
     """The importance matrix of the fine-tune (base + adapter, or a model in memory), collected
     on its merged copy and saved beside it for the quantizer."""
-    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+    from quantkit.quantize.gguf.imatrix import collect_imatrix, save_imatrix
     from quantkit.text import read_text
 
     assert o.calib is not None

@@ -46,7 +46,7 @@ def build_merged(ctx: Context) -> None:
 
 
 def build_imatrix(ctx: Context, progress: Any) -> None:
-    from quantkit.quantize.imatrix import collect_imatrix, save_imatrix
+    from quantkit.quantize.gguf.imatrix import collect_imatrix, save_imatrix
     from quantkit.text import read_text
 
     c = ctx.recipe.calibration

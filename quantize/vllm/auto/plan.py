@@ -1,7 +1,7 @@
 """``gptq:auto``: the plan (sensitivity → knapsack over exact bits) and the target it becomes.
 
 The plan names a scheme for every fused group (groups.py) of the Linears that a uniform
-export would quantize; the solver is quantize/auto/solver.py (multiple-choice knapsack, cost =
+export would quantize; the solver is quantize/gguf/auto/solver.py (multiple-choice knapsack, cost =
 exact bits of the stored tensors, value = predicted KLD). The plan becomes a ``MixedTarget``:
 one compressed-tensors config group per scheme, whose ``targets`` are anchored regular
 expressions over the layer index, and the float groups in ``ignore``. llm-compressor's
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import InputError
-from quantkit.quantize.auto.solver import BudgetTooSmall, Option, solve
+from quantkit.quantize.gguf.auto.solver import BudgetTooSmall, Option, solve
 from quantkit.quantize.vllm.auto.groups import FUSED, Group, fused_groups
 from quantkit.quantize.vllm.auto.schemes import Scheme, scheme
 from quantkit.quantize.vllm.auto.sensitivity import Sensitivity, measure

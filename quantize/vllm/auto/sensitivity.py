@@ -1,6 +1,6 @@
 """Per-group sensitivity: the predicted KLD each fused group adds in each candidate scheme.
 
-Model (the one quantize/auto/sensitivity.py uses for GGUF, here in torch): a group's
+Model (the one quantize/gguf/auto/sensitivity.py uses for GGUF, here in torch): a group's
 contribution is proportional to the error its quantization puts on its layers' outputs,
 weighted by the calibration activations,
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quantkit.quantize.gguf import QuantizeOptions, ggml_type, quantize_file
-from quantkit.quantize.gguf_types import GGUF_TYPES
+from quantkit.quantize.gguf.quantizer import QuantizeOptions, ggml_type, quantize_file
+from quantkit.quantize.gguf.types import GGUF_TYPES
 from quantkit.validate.llamacpp import LlamaCppModel
 from quantkit.validate.metrics import log_softmax, position_stats
 

@@ -37,9 +37,9 @@ import numpy as np
 
 from quantkit.hashing import sha256_file
 from quantkit.progress import Progress
-from quantkit.quantize.auto import rows
-from quantkit.quantize.auto.sizes import Slot
-from quantkit.quantize.gguf import QuantizeOptions
+from quantkit.quantize.gguf.auto import rows
+from quantkit.quantize.gguf.auto.sizes import Slot
+from quantkit.quantize.gguf.quantizer import QuantizeOptions
 
 CACHE_VERSION = "2"
 PROBE_TYPE = "Q4_0"  # a type every 32-multiple row takes, in the range budgets land in
@@ -193,7 +193,7 @@ def measure(
         gains: dict[str, float] = {}
         measured: dict[str, float] = {}
         if probe_chunks:
-            from quantkit.quantize.auto.probe import KLDProbe
+            from quantkit.quantize.gguf.auto.probe import KLDProbe
 
             base_type = next((s.base_type for s in slots if s.quantizable), "F16")
             probe = KLDProbe(base, probe_chunks, options, base_type=base_type,

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantkit.gguf_file import GGUFInfo, read_gguf
-from quantkit.quantize.gguf import Fallback, QuantizeReport
-from quantkit.quantize.gguf_types import BY_FTYPE, GGUFType
+from quantkit.quantize.gguf.quantizer import Fallback, QuantizeReport
+from quantkit.quantize.gguf.reader import GGUFInfo, read_gguf
+from quantkit.quantize.gguf.types import BY_FTYPE, GGUFType
 
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 

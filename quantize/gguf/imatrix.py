@@ -484,7 +484,7 @@ def load_imatrix(path: Path) -> Imatrix:
 
 
 def _load_gguf(path: Path) -> Imatrix:
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     info = read_gguf(path, keep_arrays=(KEY_DATASETS,))
     bad = f"{path}: not a usable imatrix"

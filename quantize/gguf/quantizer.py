@@ -20,8 +20,14 @@ import gguf
 import numpy as np
 
 from quantkit.errors import EngineError, InputError
-from quantkit.llama import clear_log, llama_cpp, log_listener, recent_log, signals_deferred
-from quantkit.quantize.gguf_types import GGUFType
+from quantkit.quantize.gguf.libllama import (
+    clear_log,
+    llama_cpp,
+    log_listener,
+    recent_log,
+    signals_deferred,
+)
+from quantkit.quantize.gguf.types import GGUFType
 
 GGML_TYPE_COUNT = 43  # ggml.h enum ggml_type of the pinned llama.cpp: "unset" in quantize params
 KV_INT, KV_STR = 0, 3  # enum llama_model_kv_override_type (include/llama.h)

@@ -14,13 +14,18 @@ from typing import Any
 
 from quantkit.errors import EngineError, InputError
 from quantkit.progress import Progress
-from quantkit.quantize.auto import sizes
-from quantkit.quantize.auto.probe import overrides
-from quantkit.quantize.auto.sensitivity import Sensitivity, measure
-from quantkit.quantize.auto.solver import BudgetTooSmall, Option, solve
-from quantkit.quantize.auto.spec import AutoSpec
-from quantkit.quantize.gguf import QuantizeOptions, QuantizeReport, imatrix_kvs, quantize_file
-from quantkit.quantize.gguf_types import GGUF_TYPES, GGUFType
+from quantkit.quantize.gguf.auto import sizes
+from quantkit.quantize.gguf.auto.probe import overrides
+from quantkit.quantize.gguf.auto.sensitivity import Sensitivity, measure
+from quantkit.quantize.gguf.auto.solver import BudgetTooSmall, Option, solve
+from quantkit.quantize.gguf.auto.spec import AutoSpec
+from quantkit.quantize.gguf.quantizer import (
+    QuantizeOptions,
+    QuantizeReport,
+    imatrix_kvs,
+    quantize_file,
+)
+from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType
 
 PROBE_CHUNKS = 4  # calibration chunks the per-kind gains are measured on
 
@@ -162,7 +167,7 @@ def write_auto(
     progress: Progress | None = None,
 ) -> QuantizeReport:
     """Write the plan with llama.cpp's quantizer and check the file is the plan."""
-    from quantkit.gguf_file import read_gguf
+    from quantkit.quantize.gguf.reader import read_gguf
 
     opts = replace(_options(options), overrides=overrides(plan.types))
     rep = quantize_file(base, dst, plan.ftype, opts, progress=progress)

@@ -28,8 +28,8 @@ from pathlib import Path
 import gguf
 
 from quantkit.errors import InputError
-from quantkit.quantize.auto.rows import _lib, row_size
-from quantkit.quantize.gguf import KV_INT, KV_STR
+from quantkit.quantize.gguf.auto.rows import _lib, row_size
+from quantkit.quantize.gguf.quantizer import KV_INT, KV_STR
 
 Q = gguf.GGMLQuantizationType
 
