@@ -181,6 +181,7 @@ class Source:
         self.in_memory = isinstance(model, Checkpoint)
         self.folder = model.path if self.in_memory else Path(model)
         self.name = name
+        self._stem: str | None = None
         self._merged: Path | None = None
         self._stack = ExitStack()
 
@@ -191,9 +192,14 @@ class Source:
         self._stack.close()
 
     def stem(self) -> str:
-        """The output stem (and a converted model's general.name): ``name``, else the
-        adapter's folder for a fine-tune, else a float GGUF input's file name without its
-        type, else the model's name."""
+        """The output stem (and a converted model's general.name), decided once."""
+        if self._stem is None:
+            self._stem = self._decide_stem()
+        return self._stem
+
+    def _decide_stem(self) -> str:
+        """``name``, else the adapter's folder for a fine-tune, else a float GGUF input's file
+        name without its type, else the model's name."""
         from quantkit.convert.hf_to_gguf import default_name
         from quantkit.convert.lora import LoraAdapter
 
