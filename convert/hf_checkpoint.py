@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from quantkit.checkpoint import (
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
 from quantkit.progress import Progress
+
+if TYPE_CHECKING:
+    from quantkit.targets import HFTarget
 
 # HFTarget.dtype (quantkit/targets.py) -> safetensors dtype
 DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
@@ -73,7 +76,7 @@ class HFArtifact:
 
 def write_hf_checkpoint(
     model: str | os.PathLike[str] | Checkpoint,
-    target: Any,
+    target: str | HFTarget,
     out: str | os.PathLike[str],
     *,
     adapter: Any = None,
@@ -128,7 +131,7 @@ class _Job:
 def _preflight(
     ckpt: Checkpoint,
     lora: Any,
-    t: Any,
+    t: HFTarget,
     final: Path,
     *,
     force: bool,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -34,12 +34,17 @@ from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
 from quantkit.convert.writer import GGUFWriter
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
+from quantkit.hub import model_name
 from quantkit.progress import Progress
 from quantkit.quantize.gguf.audit import Audit, file_type_of
 from quantkit.quantize.gguf.auto.spec import AutoSpec
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
 from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType
 from quantkit.text import read_text
+
+if TYPE_CHECKING:
+    from quantkit.pipeline.build import Output
+    from quantkit.targets import Target
 
 F16_MAX = 65504.0  # largest finite IEEE half
 
@@ -73,21 +78,12 @@ VLLM_LORA_TARGET = "vllm-lora"
 ADAPTER_TARGETS = (LORA_TARGET, VLLM_LORA_TARGET)
 
 
-def default_name(model_dir: Path, config: dict) -> str:
-    """The model's own name: config.json's ``_name_or_path``, else its folder's (a Hub
-    snapshot: the repository's)."""
-    name = str(config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
-    from quantkit.hub import folder_name
-
-    return name or folder_name(model_dir)
-
-
 @dataclass
 class _Outputs:
     """The placed outputs of one converter run (quantkit/pipeline/build.py ``place``) by what
     makes them: float and quantized file types, gguf:auto budgets, the two adapter outputs."""
 
-    placed: list[Any]  # the Outputs, in the order asked
+    placed: list[Output]  # in the order asked
     types: list[GGUFType] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)  # by type name
     autos: list[AutoSpec] = field(default_factory=list)
@@ -96,7 +92,7 @@ class _Outputs:
     vllm_path: Path | None = None
 
     @classmethod
-    def of(cls, placed: Sequence[Any]) -> _Outputs:
+    def of(cls, placed: Sequence[Output]) -> _Outputs:
         o = cls(list(placed))
         for x in placed:
             t = x.target
@@ -219,7 +215,7 @@ def _cast(
 
 def convert(
     model: str | os.PathLike[str] | Checkpoint,
-    targets: Sequence[Any],
+    targets: Sequence[str | Target],
     out: str | os.PathLike[str] | None = None,
     *,
     force: bool = False,
@@ -266,7 +262,7 @@ def convert(
 
 def convert_placed(
     model: str | os.PathLike[str] | Checkpoint,
-    outputs: Sequence[Any],
+    outputs: Sequence[Output],
     stem: str,
     *,
     force: bool = False,
@@ -426,7 +422,7 @@ def _preflight(
         available = _check_adapter(lora, arch, available, want_lora, want_vllm)
     plan = arch.plan(available)
     tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
-    base_model = (lora.base_name or default_name(model_dir, ckpt.config)) if lora else None
+    base_model = (lora.base_name or model_name(model_dir, ckpt.config)) if lora else None
     vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
     if types:  # model files; a GGUF LoRA is not loaded as a model, no vocabulary of its own
         check_name_rules(stem, vocab.tokens, arch=arch.arch_name, pre=vocab.pre)
@@ -704,7 +700,7 @@ def _adapter_warnings(lora: Any, model_dir: Path, config: dict) -> list[str]:
     """A base whose name differs from the one the adapter was trained on is worth a warning
     (not an error: local copies are often renamed); shapes are checked separately."""
     want = lora.base_name.rstrip("/").split("/")[-1]
-    have = {model_dir.resolve().name, default_name(model_dir, config)}
+    have = {model_dir.resolve().name, model_name(model_dir, config)}
     if want and want not in have:
         return [
             f"adapter {lora.path.name} was trained on {lora.base_name!r}, base given is "

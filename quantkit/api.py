@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 from quantkit.errors import InputError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from quantkit.pipeline.build import BuildResult
+    from quantkit.targets import Target
 
 # GGUF tensor options, set on every GGUF target (a recipe gives them per target)
 GGUF_OPTIONS = ("output_type", "embedding_type", "pure", "leave_output", "overrides")
@@ -31,7 +34,7 @@ GGUF_OPTIONS = ("output_type", "embedding_type", "pure", "leave_output", "overri
 
 def export(
     model: Any,
-    targets: Any,
+    targets: str | Target | Iterable[str | Target],
     output_dir: str | os.PathLike[str],
     *,
     tokenizer: Any = None,

@@ -41,6 +41,8 @@ from quantkit.worker_jobs import JOB_FILE, read_result, run_job
 if TYPE_CHECKING:
     import numpy as np
 
+    from quantkit.pipeline.build import Output
+
 WORKER = Path(__file__).with_name("llmc_worker.py")
 
 
@@ -177,7 +179,7 @@ def export_vllm(
 
 def export_placed(
     model: str | os.PathLike[str],
-    outputs: Sequence[Any],
+    outputs: Sequence[Output],
     settings: VllmSettings,
     *,
     force: bool = False,

@@ -130,7 +130,7 @@ class Artifact:
     size: int  # bytes; a folder: of all its files; a dry run: predicted
     sha256: str  # a file's; a folder's: one hash over its files' names and bytes; dry run: ""
     seconds: float
-    target: Any = None  # the Target it was made for
+    target: Target | None = None  # the Target it was made for
     output: Output | None = None  # where ``place`` put it (``target`` is its target)
     audit: dict[str, Any] | None = None  # GGUF: types, bits per weight, fallbacks
     metrics: dict[str, Any] | None = None  # its validation report entry, when asked
@@ -200,21 +200,23 @@ class Source:
     def _decide_stem(self) -> str:
         """``name``, else the adapter's folder for a fine-tune, else a float GGUF input's file
         name without its type, else the model's name."""
-        from quantkit.convert.hf_to_gguf import default_name
-        from quantkit.convert.lora import LoraAdapter
-
         if self.name:
             return self.name
         if self.adapter is not None:
             a = self.adapter
-            return (a.path if isinstance(a, LoraAdapter) else Path(a)).resolve().name
+            return Path(getattr(a, "path", a)).resolve().name  # a folder, or a LoraAdapter
         if not self.in_memory and self.folder.suffix.lower() == ".gguf":
             stem = self.folder.stem
             return next((stem[: -len(s)] for s in _FLOAT_SUFFIXES if stem.endswith(s)), stem)
         from quantkit.checkpoint import read_json
+        from quantkit.errors import QuantkitError
+        from quantkit.hub import model_name
 
-        cfg = self.model.config if self.in_memory else read_json(self.folder / "config.json")
-        return default_name(self.folder, cfg if isinstance(cfg, dict) else {})
+        try:
+            cfg = self.model.config if self.in_memory else read_json(self.folder / "config.json")
+        except QuantkitError:  # the builder's preflight says what is wrong with the folder
+            cfg = {}
+        return model_name(self.folder, cfg if isinstance(cfg, dict) else {})
 
     def torch_folder(self, near: Path) -> Path:
         """An HF folder torch can load with the adapter merged in (see the class doc)."""
@@ -315,15 +317,13 @@ def _fine_tune_imatrix(src: Source, near: Path, o: ExportOptions) -> Path:
 
 def _gguf_artifact(a: Any, x: Output, dry: bool) -> Artifact:
     """The converter's record of ``x``, which it wrote at ``x.path``."""
-    from quantkit.convert.hf_to_gguf import ADAPTER_TARGETS
-
     assert a.path == x.path
     d = a.to_json()
     details = {k: d[k] for k in ("planned", "fallbacks", "auto") if k in d}
     details["tensors"] = a.n_tensors
     return Artifact(
         path=a.path,
-        format=a.type if a.type in ADAPTER_TARGETS else "gguf",
+        format=x.target.method,  # gguf, gguf-lora or vllm-lora
         label=a.type,
         size=a.size,
         sha256="" if dry else content_sha256(a.path),
