@@ -104,7 +104,6 @@ def _source(model: Any, tokenizer: Any, adapter: Any, o: Any) -> Iterator[Any]:
         )
     with tempfile.TemporaryDirectory(prefix="quantkit-export-") as work:
         ckpt, lora = memory_checkpoint(model, tokenizer, Path(work))
-        o.name = o.name or _default_name(model)
         with Source(ckpt, lora, o.name) as src:
             yield src
 
@@ -157,12 +156,6 @@ def _validate(
     )
     for a, entry in zip(arts, report["artifacts"], strict=True):
         a.metrics = entry
-
-
-def _default_name(model: Any) -> str:
-    base = model.get_base_model() if _is_peft(model) else model
-    name = str(getattr(base.config, "_name_or_path", "") or "").rstrip("/").split("/")[-1]
-    return name or "model"
 
 
 def _is_peft(model: Any) -> bool:

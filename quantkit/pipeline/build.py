@@ -198,10 +198,15 @@ class Source:
         return self._stem
 
     def _decide_stem(self) -> str:
-        """``name``, else the adapter's folder for a fine-tune, else a float GGUF input's file
-        name without its type, else the model's name."""
+        """``name``; a model in memory: its ``_name_or_path``, else "model"; the adapter's folder
+        for a fine-tune; a float GGUF input's file name without its type; the model's name."""
+        from quantkit.hub import model_name
+
         if self.name:
             return self.name
+        if self.in_memory:  # its folder is a temporary one: no name there
+            cfg = self.model.config
+            return model_name(Path("model"), cfg) if isinstance(cfg, dict) else "model"
         if self.adapter is not None:
             a = self.adapter
             return Path(getattr(a, "path", a)).resolve().name  # a folder, or a LoraAdapter
@@ -210,10 +215,9 @@ class Source:
             return next((stem[: -len(s)] for s in _FLOAT_SUFFIXES if stem.endswith(s)), stem)
         from quantkit.checkpoint import read_json
         from quantkit.errors import QuantkitError
-        from quantkit.hub import model_name
 
         try:
-            cfg = self.model.config if self.in_memory else read_json(self.folder / "config.json")
+            cfg = read_json(self.folder / "config.json")
         except QuantkitError:  # the builder's preflight says what is wrong with the folder
             cfg = {}
         return model_name(self.folder, cfg if isinstance(cfg, dict) else {})
