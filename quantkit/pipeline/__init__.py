@@ -3,6 +3,8 @@ every entry point shares (``build``).
 
     build.py    where each output goes, and target kind → builder: GGUF converter,
                 llm-compressor, HF checkpoint writer
+    export.py   ``quantkit.export``: the Python entry point (a folder, base + adapter, a model
+                in memory) to build.py
     context.py  the recipe, its paths and each step's content key
     plan.py     the steps a run will take, each build or reuse
     steps.py    merge, base, imatrix, quantize (through build.py) and validate
