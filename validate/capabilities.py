@@ -41,8 +41,9 @@ import numpy as np
 from quantkit.atomic import atomic_output, file_lock
 from quantkit.errors import InputError, QuantkitError
 from quantkit.validate.capability_artifacts import DTYPES, Spec
+from quantkit.validate.describe import describe
 from quantkit.validate.engines import ENGINES as ENGINE_TYPES
-from quantkit.validate.engines import LlamaCppEngine, VllmEngine, is_lora_dir
+from quantkit.validate.engines import LlamaCppEngine, VllmEngine
 
 MATRIX_VERSION = "1"  # bump when what a row measures changes (re-measures every host)
 ENGINES = (LlamaCppEngine.name, VllmEngine.name)  # the engines with a measured matrix
@@ -189,82 +190,8 @@ def parse_row(row_id: str) -> Row:
 
 def format_of(path: Path) -> str | None:
     """The row id of an artifact (a GGUF file, an HF folder, a LoRA adapter), or None when the
-    matrix has no row for its format."""
-
-    p = Path(path)
-    if p.is_file():
-        return _gguf_row(p)
-    if is_lora_dir(p):
-        return "vllm-lora"
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cfg, dict):
-        return None
-    dtype = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(
-        str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
-    )
-    if dtype is None:
-        return None
-    moe = any(int(cfg.get(k) or 0) > 1 for k in ("num_experts", "num_local_experts"))
-    q = cfg.get("quantization_config")
-    fmt = _quant_format(q) if isinstance(q, dict) else "hf"
-    return None if fmt is None else f"{'moe/' if moe else ''}{fmt}:{dtype}"
-
-
-def _gguf_row(path: Path) -> str | None:
-    from quantkit.quantize.gguf.audit import file_type_of
-    from quantkit.quantize.gguf.reader import read_gguf
-
-    try:
-        info = read_gguf(path)
-    except QuantkitError:
-        return None
-    if info.metadata.get("general.type") == "adapter":
-        return "gguf-lora"
-    t = file_type_of(info)
-    return f"gguf:{t.name}" if t is not None else None
-
-
-def _group_tag(g: Any) -> str | None:
-    if g in (None, -1):
-        return "ch"
-    return f"g{g}" if g in (32, 64, 128) else None
-
-
-def _quant_format(q: dict[str, Any]) -> str | None:
-    method = q.get("quant_method")
-    if method in ("gptq", "awq"):
-        g = _group_tag(q.get("group_size"))
-        sym = q.get("sym", True) if method == "gptq" else not q.get("zero_point", True)
-        return None if g is None else f"{method}-w{q.get('bits')}{g}{'' if sym else '-asym'}"
-    if method != "compressed-tensors":
-        return None
-    groups = [g for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
-    if not groups:
-        return None
-    # a mixed-precision checkpoint (gptq:auto) is named by its int group's row; verdict()
-    # checks every group's row (rows_of)
-    groups.sort(key=lambda g: (g.get("weights") or {}).get("type") != "int")
-    w = groups[0].get("weights") or {}
-    a = groups[0].get("input_activations") or None
-    if w.get("type") == "float" and w.get("num_bits") == 8:
-        if w.get("strategy") == "block":
-            scheme = "block"
-        else:
-            scheme = "dynamic" if (a or {}).get("dynamic") else "static"
-        ign = q.get("ignore") or []
-        float_experts = any(re.search(r"experts", str(i)) and i.startswith("re:") for i in ign)
-        return f"fp8-{scheme}" + ("+float-experts" if float_experts else "")
-    if w.get("type") == "int" and a is None and w.get("num_bits") in (4, 8):
-        g = _group_tag(w.get("group_size"))
-        return (
-            None
-            if g is None
-            else (f"w{w['num_bits']}a16-{g}{'' if w.get('symmetric', True) else '-asym'}")
-        )
-    return None
+    matrix has no row for its format (validate/describe.py reads it)."""
+    return describe(path).row
 
 
 # -- host key and cache --------------------------------------------------------------------------
@@ -589,25 +516,7 @@ def verdict(
 def rows_of(path: Path) -> list[str]:
     """Every row an artifact needs: one, or one per scheme of a mixed-precision checkpoint
     (gptq:auto writes several compressed-tensors config groups)."""
-    row = format_of(path)
-    if row is None:
-        return []
-    try:
-        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return [row]
-    groups = (q or {}).get("config_groups") if isinstance(q, dict) else None
-    if not isinstance(groups, dict) or len(groups) < 2:
-        return [row]
-    prefix, _, dtype = row.rpartition(":")
-    moe = "moe/" if prefix.startswith("moe/") else ""
-    out = []
-    for g in groups.values():
-        fmt = _quant_format({**q, "config_groups": {"g": g}})
-        if fmt is None:
-            return [row]
-        out.append(f"{moe}{fmt}:{dtype}")
-    return list(dict.fromkeys(out))
+    return list(describe(path).rows)
 
 
 def settle(

@@ -8,7 +8,7 @@ The models translate to llm-compressor's recipe arguments (``to_recipe``), which
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,6 +40,12 @@ def _group(v: Any) -> int | None:
 
 class _Target(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # quantkit/targets.py's grammar and dispatch read these: the builder family (one
+    # llm-compressor run for every vLLM target), the option a bare word sets, a hint
+    family: ClassVar[str] = "vllm"
+    bare: ClassVar[str | None] = None
+    hint: ClassVar[str | None] = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -119,6 +125,7 @@ class AWQTarget(_IntWeights):
 
 
 class FP8Target(_Target):
+    bare: ClassVar[str | None] = "scheme"  # fp8:dynamic
     method: Literal["fp8"] = "fp8"
     # dynamic: FP8 weights per output channel, activations quantized per token at run time
     # (no calibration); static: per-tensor weights and activation scales from calibration;

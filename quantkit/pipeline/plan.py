@@ -15,7 +15,6 @@ from quantkit.pipeline.context import (
     read_manifest,
 )
 from quantkit.recipe import Recipe, RecipeTarget, validated
-from quantkit.targets import FAMILY
 
 
 @dataclass
@@ -84,7 +83,7 @@ def plan(ctx: Context, only: list[str] | None = None) -> list[Step]:
     need_imatrix = any(getattr(t.target, "imatrix", False) for t in todo)
     ip = ctx.imatrix_path() if need_imatrix else None
     # a fine-tune's torch-side steps (imatrix, llm-compressor) load a merged HF copy
-    torch_side = any(FAMILY[t.target.method] == "vllm" for t in todo)
+    torch_side = any(t.target.family == "vllm" for t in todo)
     if ctx.adapter and (torch_side or (ip and not ip.is_file())):
         mp = ctx.merged_path()
         done = (mp / MERGED_MARK).is_file()

@@ -19,7 +19,7 @@ from quantkit.pipeline.context import (
 )
 from quantkit.pipeline.plan import host_tag
 from quantkit.recipe import RecipeTarget
-from quantkit.targets import FAMILY, GGUFTarget
+from quantkit.targets import GGUFTarget
 
 
 def build_base(ctx: Context, progress: Any) -> None:
@@ -85,7 +85,7 @@ def build_target(ctx: Context, t: RecipeTarget, progress: Any) -> None:
         if tg.is_auto:  # only the probe text here: the matrix is the recipe's
             o.calib, o.calib_ctx = ctx.calib, c.ctx if c else o.calib_ctx
         calib = c.model_dump() if tg.imatrix and c else None
-    elif FAMILY[tg.method] == "vllm":
+    elif tg.family == "vllm":
         src = Source(ctx.hf_model(), name=ctx.stem)
         if tg.needs_calibration and c is not None:
             o.calib, o.samples, o.seq_len = ctx.calib, c.samples, c.ctx
