@@ -38,7 +38,7 @@ from quantkit.progress import Progress
 from quantkit.quantize.gguf.audit import Audit, file_type_of
 from quantkit.quantize.gguf.auto.spec import AutoSpec
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
-from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType
+from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType, base_type
 from quantkit.text import read_text
 
 F16_MAX = 65504.0  # largest finite IEEE half
@@ -446,13 +446,12 @@ def _check_dtypes(ckpt: Checkpoint, plan: list[PlannedTensor]) -> None:
 
 
 def _base_name(ckpt: Checkpoint, types: list[GGUFType], autos: list[AutoSpec]) -> str | None:
-    """The float base quantized targets are made from: the requested float type matching the
-    source precision (or F32), else a temporary in the source's own precision, so quantization
-    sees the weights as trained. None when nothing is quantized."""
+    """The float base quantized targets are made from (``base_type``: a requested float type
+    that holds the weights exactly, else a temporary in the source's own precision). None when
+    nothing is quantized."""
     if all(t.base for t in types) and not autos:
         return None
-    src_base = ckpt.source_dtype if ckpt.source_dtype in BASE_STORAGE else "F32"
-    return next((t.name for t in types if t.base and t.name in (src_base, "F32")), src_base)
+    return base_type(ckpt.source_dtype, [t.name for t in types if t.base])
 
 
 def _check_space(job: _Job) -> None:

@@ -332,6 +332,7 @@ def _preflight(
     from quantkit.checkpoint import Checkpoint
     from quantkit.convert.hf_to_gguf import default_name, output_paths
     from quantkit.convert.quantized import preflight_imatrix, with_imatrix
+    from quantkit.quantize.gguf.types import base_type
 
     arch_name = preflight(model_dir)
     if quant.calib is not None:
@@ -341,7 +342,7 @@ def _preflight(
         )
     with Checkpoint.open(model_dir, allow_pickle=allow_pickle) as ckpt:  # headers, pickle policy
         stem = name or default_name(model_dir, ckpt.config)
-        src_base = ckpt.source_dtype if ckpt.source_dtype in CONVERTER_OUTTYPE else "F32"
+        src_base = base_type(ckpt.source_dtype)
         n_params = sum(t.n_elements for t in ckpt.tensors.values())
     paths = output_paths(out, stem, types)
     for p in paths.values():
@@ -354,9 +355,7 @@ def _preflight(
     if threads and not options.threads:
         options = replace(options, threads=threads)
     pre = bpe_pre(model_dir)
-    base_name = None
-    if quants:
-        base_name = next((t.name for t in floats if t.name in (src_base, "F32")), src_base)
+    base_name = base_type(src_base, [t.name for t in floats]) if quants else None
     return _Job(model_dir, name, arch_name, paths, floats, quants, base_name, imatrix, options,
                 pre)  # fmt: skip
 
