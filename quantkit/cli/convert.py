@@ -214,7 +214,7 @@ def convert(
     to a plain HF checkpoint; several targets of any kinds in one run."""
     from quantkit.hub import resolve_model
     from quantkit.pipeline.build import ExportOptions, Source, build, with_options
-    from quantkit.targets import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, parse_targets
+    from quantkit.targets import parse_targets
 
     ts = with_options(
         parse_targets(targets), overrides=overrides, output_type=output_type,
@@ -222,7 +222,7 @@ def convert(
     )  # fmt: skip
     o = ExportOptions(
         **options, imatrix=imatrix_file, calib_ctx=ctx, calib_chunks=chunks,
-        samples=samples or DEFAULT_SAMPLES, seq_len=seq_len or DEFAULT_SEQ_LEN,
+        samples=samples, seq_len=seq_len,  # None: not given (build refuses given vLLM-only options)
         ignore=ignore, layouts=layouts, progress=ProgressPrinter(),
     )  # fmt: skip
     t0 = time.perf_counter()
