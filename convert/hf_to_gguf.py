@@ -23,9 +23,10 @@ import gguf
 import numpy as np
 
 from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
+from quantkit.casts import F16_MAX, f32_to_bf16, to_f32
 from quantkit.checkpoint import Checkpoint
 from quantkit.convert.archs import Architecture, resolve
-from quantkit.convert.archs.base import PlannedTensor, to_f32
+from quantkit.convert.archs.base import PlannedTensor
 from quantkit.convert.loadcheck import check_gguf_vocab, check_loads, check_name_rules
 from quantkit.convert.quantized import Artifact, QuantSettings, with_imatrix, write_checked
 from quantkit.convert.quantized import preflight_imatrix as _preflight_imatrix
@@ -40,8 +41,6 @@ from quantkit.quantize.gguf.auto.spec import AutoSpec
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
 from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType, base_type
 from quantkit.text import read_text
-
-F16_MAX = 65504.0  # largest finite IEEE half
 
 # base file type -> (ggml type of 2-D weights, numpy storage dtype)
 BASE_STORAGE: dict[str, tuple[gguf.GGMLQuantizationType, np.dtype]] = {
@@ -203,9 +202,7 @@ def _cast(
     clamped to ±65504 and recorded there with its largest magnitude."""
     if dst == np.float16 and src == "F16" or dst == np.uint16 and src == "BF16":
         return np.ascontiguousarray(raw)
-    f32 = (
-        (raw.astype(np.uint32) << 16).view(np.float32) if src == "BF16" else raw.astype(np.float32)
-    )
+    f32 = to_f32(raw, src)
     if dst == np.float32:
         return np.ascontiguousarray(f32)
     if dst == np.float16:
@@ -219,10 +216,7 @@ def _cast(
             clamped[tensor] = max(big, clamped.get(tensor, 0.0))
             f32 = np.clip(f32, -F16_MAX, F16_MAX)
         return f32.astype(np.float16)
-    # F32 → BF16 with round-to-nearest-even, as gguf-py's quants do it
-    return (
-        gguf.quants.quantize(f32, gguf.GGMLQuantizationType.BF16).view(np.uint16).reshape(f32.shape)
-    )
+    return f32_to_bf16(f32)
 
 
 def convert(

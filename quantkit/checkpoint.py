@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from quantkit.casts import to_f32
 from quantkit.errors import CheckpointError
 
 # safetensors dtype -> (numpy dtype, itemsize). BF16 is read as raw uint16 and widened on demand.
@@ -213,12 +214,6 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
     return infos, {str(k): str(v) for k, v in meta.items()}
 
 
-def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32, copy=False)
-
-
 @dataclass
 class Checkpoint:
     """A local HF checkpoint: ``config``, every tensor's ``TensorInfo``, and lazy tensor reads."""
@@ -353,7 +348,7 @@ class Checkpoint:
         info = self.tensors[name]
         if info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{info.file}: tensor {name!r} is {info.dtype}, not a float")
-        return _as_float32(self.raw(name), info.dtype)
+        return to_f32(self.raw(name), info.dtype)
 
     def close(self) -> None:
         for m in self._maps.values():

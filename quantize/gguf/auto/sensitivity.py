@@ -35,6 +35,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from quantkit.casts import to_f32
 from quantkit.hashing import sha256_file
 from quantkit.progress import Progress
 from quantkit.quantize.gguf.auto import rows
@@ -71,7 +72,7 @@ def _weights(reader: gguf.GGUFReader, name: str) -> np.ndarray:
     t = next(x for x in reader.tensors if x.name == name)
     data = np.asarray(t.data)
     if t.tensor_type == gguf.GGMLQuantizationType.BF16:
-        data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        data = to_f32(data.view(np.uint16), "BF16")
     return data.astype(np.float32).reshape(-1, int(t.shape[0]))
 
 
