@@ -38,7 +38,6 @@ from quantkit.paths import sdist_dir, upstream_dir
 MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
 CONVERTER_OUTTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # its --outtype choices
 DRIVER = Path(__file__).with_name("upstream_driver.py")
-TAIL_LINES = 3  # converter output lines kept for an error message
 
 
 def engine_version() -> str:

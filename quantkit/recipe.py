@@ -4,7 +4,7 @@
 and a bad recipe is reported as one line naming the offending key path (``targets[2].type``).
 Relative input paths (model, texts) are relative to the recipe file; ``output`` and ``cache``
 are relative to the current directory. ``model: default`` is the embedded
-demo model (quantkit/demo.py); ``data: default`` is the demo text (quantkit/demo_run.py).
+demo model (quantkit/demo.py); ``data: default`` is the demo text (quantkit/demo.py).
 """
 
 from __future__ import annotations

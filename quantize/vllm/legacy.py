@@ -197,37 +197,6 @@ def awq_tensors(layer: IntLayer, dtype) -> dict[str, Any]:
     }
 
 
-def read_gptq_layer(t: dict[str, Any], prefix: str, bits: int, group: int) -> IntLayer:
-    """Dequantizable view of an AutoGPTQ v1 layer (used by tests to check the round trip)."""
-    off = 1 << (bits - 1)
-    qweight = t[f"{prefix}.qweight"]
-    out_f = qweight.shape[1]
-    q = unpack_rows(qweight, bits).t() - off
-    zero = unpack_cols(t[f"{prefix}.qzeros"], bits, out_f).t()
-    zero = ((zero + 1) & ((1 << bits) - 1)) - off  # v1: stored zero − 1
-    g_idx = t[f"{prefix}.g_idx"]
-    return IntLayer(q, zero, t[f"{prefix}.scales"].t(), g_idx, bits, group, True)
-
-
-def read_awq_layer(t: dict[str, Any], prefix: str, group: int) -> IntLayer:
-    import torch
-
-    qweight = t[f"{prefix}.qweight"]
-    in_f = qweight.shape[0]
-    q = unpack_cols(qweight, 4, order=AWQ_ORDER).t() - 8
-    zero = unpack_cols(t[f"{prefix}.qzeros"], 4, order=AWQ_ORDER).t() - 8
-    g = group if group > 0 else in_f
-    return IntLayer(
-        q,
-        zero,
-        t[f"{prefix}.scales"].t(),
-        torch.arange(in_f, dtype=torch.int32) // g,
-        4,
-        group,
-        False,
-    )
-
-
 def legacy_dtype(config: dict[str, Any]):
     """Float dtype of the legacy checkpoint: vLLM's gptq/awq kernels take fp16/bf16 activations
     only (cpu_wna16.py get_supported_act_dtypes), and AutoGPTQ/AutoAWQ wrote fp16: a float32

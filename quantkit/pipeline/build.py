@@ -320,8 +320,6 @@ def build_hf(
     """Plain HF checkpoint folders, the adapter merged while streaming (convert/hf_checkpoint.py)."""
     from quantkit.convert.hf_checkpoint import write_hf_checkpoint
 
-    if o.dry_run:
-        raise InputError("--dry-run applies to GGUF targets", "leave the hf targets out of it")
     arts = []
     for t in targets:
         a = write_hf_checkpoint(

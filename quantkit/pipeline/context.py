@@ -120,7 +120,7 @@ class Context:
 
     def _text(self, d: str) -> Path:
         if d == DEFAULT:
-            from quantkit.demo_run import DEMO_TEXT
+            from quantkit.demo import DEMO_TEXT
 
             p = self.cache / "texts" / "demo.txt"
             if not p.is_file():
