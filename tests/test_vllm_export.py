@@ -87,6 +87,12 @@ def _random_layer(bits: int, group: int, out_f: int = 64, in_f: int = 128, g_idx
     return IntLayer(q, zero, scale, gi, bits, group, g_idx)
 
 
+def dequantize(layer):
+    """The float weights an IntLayer stands for (quantize/vllm/legacy.py)."""
+    idx = layer.g_idx.long()
+    return (layer.q.float() - layer.zero[:, idx].float()) * layer.scale[:, idx].float()
+
+
 # -- the legacy layouts read back (the inverse of gptq_tensors / awq_tensors) ---------------------
 
 
@@ -137,7 +143,7 @@ def test_gptq_layout_round_trip(bits, group, g_idx):
     assert t["m.g_idx"].shape == (128,) and t["m.g_idx"].dtype == torch.int32
     back = read_gptq_layer(t, "m", bits, group)
     assert torch.equal(back.q, layer.q) and torch.equal(back.zero, layer.zero)
-    assert torch.equal(back.dequantize(), layer.dequantize())
+    assert torch.equal(dequantize(back), dequantize(layer))
 
 
 def test_gptq_v1_zero_minus_one_and_input_dim_packing():
@@ -175,7 +181,7 @@ def test_awq_layout_matches_vllm_unpacking():
     natural = fields[:, :, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(128, 64)
     assert torch.equal(natural.t() - 8, layer.q)
     back = read_awq_layer({f"m.{k}": v for k, v in t.items()}, "m", 64)
-    assert torch.equal(back.dequantize(), layer.dequantize())
+    assert torch.equal(dequantize(back), dequantize(layer))
 
 
 # -- preflight (no llm-compressor run) -----------------------------------------------------------
@@ -377,7 +383,7 @@ def test_int4_export_config_tensors_and_weights(vllm_exports, label):
             assert t[f"{p}.weight_scale"].shape == (out_f, in_f // 64)
             assert f"{p}.weight_g_idx" not in t  # act-order "weight" keeps groups in order
             assert (f"{p}.weight_zero_point" in t) is (label == "awq")  # awq: asymmetric
-            deq = read_int_layer(t, p, w).dequantize()
+            deq = dequantize(read_int_layer(t, p, w))
             ref = orig[mod]
             if label == "awq":
                 # AWQ multiplies each input column by a smoothing scale (and divides the
@@ -426,7 +432,7 @@ def test_legacy_layout_dequantizes_to_the_same_weights(vllm_exports, label):
         assert tl[f"{p}.qweight"].dtype == torch.int32 and tl[f"{p}.scales"].dtype == torch.float16
         assert torch.equal(a.q, b.q) and torch.equal(a.zero, b.zero)
         assert torch.equal(a.g_idx, b.g_idx.to(a.g_idx.dtype))
-        torch.testing.assert_close(a.dequantize(), b.dequantize(), rtol=0, atol=0)
+        torch.testing.assert_close(dequantize(a), dequantize(b), rtol=0, atol=0)
     for k, v in tl.items():  # float tensors (norms, embeddings) carried over
         if not k.endswith(("qweight", "qzeros", "scales", "g_idx")):
             torch.testing.assert_close(v.float(), tc[k].float())

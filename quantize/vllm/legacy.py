@@ -48,10 +48,7 @@ class IntLayer:
     bits: int
     group: int  # -1: one group per row (channel-wise)
     has_g_idx: bool  # act-order "group": g_idx is not simply arange(in) // group
-
-    def dequantize(self):
-        idx = self.g_idx.long()
-        return (self.q.float() - self.zero[:, idx].float()) * self.scale[:, idx].float()
+    # weight[o, i] = (q[o, i] − zero[o, g_idx[i]]) · scale[o, g_idx[i]]
 
 
 # -- bit packing ---------------------------------------------------------------------------------
