@@ -385,7 +385,7 @@ def _preflight(source: Source, groups: dict[str, list[Any]], o: ExportOptions) -
         raise InputError(
             f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to vLLM targets "
             f"(gptq, awq, fp8), and only {' and '.join(groups)} targets were asked",
-            "leave it out, or add a vLLM target (--to gptq)",
+            f"leave {'it' if len(given) == 1 else 'them'} out, or add a vLLM target (--to gptq)",
         )
     if "vllm" in groups and source.folder.suffix.lower() == ".gguf":
         raise InputError("vLLM targets are made from an HF checkpoint, not a GGUF file")
