@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
+from quantkit.casts import F16_MAX, f32_to_bf16, to_f32
 from quantkit.checkpoint import (
     FLOAT_DTYPES,
     MODEL_FILES,
     SAFETENSORS_DTYPES,
     TOKENIZER_FILES,
     Checkpoint,
-    _as_float32,
 )
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 # safetensors dtype -> config.json "dtype" (transformers' name)
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
-F16_MAX = 65504.0  # largest finite IEEE half
 SLICE = 1 << 18  # elements cast per step: the cast's temporaries stay about 3 MB
 
 
@@ -270,7 +269,7 @@ def _cast(part: np.ndarray, src: str, out: str, tname: str, ckpt: Checkpoint) ->
     """A slice of a stored tensor (BF16 as uint16) → ``out``'s bytes (BF16 as uint16)."""
     if src not in FLOAT_DTYPES or out not in FLOAT_DTYPES:
         raise CheckpointError(f"tensor {tname!r}: cannot cast {src} to {out}")
-    f32 = _as_float32(part, src)
+    f32 = to_f32(part, src)
     if out == "F32":
         return f32.astype("<f4", copy=False)
     if out == "F64":
@@ -284,14 +283,7 @@ def _cast(part: np.ndarray, src: str, out: str, tname: str, ckpt: Checkpoint) ->
                 "use --to hf:bf16 (or hf:f32)",
             )
         return f32.astype("<f2")
-    # F32 → BF16, round to nearest even with NaN kept quiet, as torch's .to(torch.bfloat16)
-    # (c10/util/BFloat16.h round_to_nearest_even) and gguf-py's quants do it
-    u = f32.view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype("<u2")
-    if nan.any():
-        r[nan] = ((u[nan] >> 16) | 0x40).astype("<u2")
-    return r
+    return f32_to_bf16(f32)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -23,9 +23,10 @@ import gguf
 import numpy as np
 
 from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
+from quantkit.casts import F16_MAX, f32_to_bf16, to_f32
 from quantkit.checkpoint import Checkpoint
 from quantkit.convert.archs import Architecture, resolve
-from quantkit.convert.archs.base import PlannedTensor, to_f32
+from quantkit.convert.archs.base import PlannedTensor
 from quantkit.convert.loadcheck import check_gguf_vocab, check_loads, check_name_rules
 from quantkit.convert.quantized import Artifact, QuantSettings, with_imatrix, write_checked
 from quantkit.convert.quantized import preflight_imatrix as _preflight_imatrix
@@ -39,14 +40,12 @@ from quantkit.progress import Progress
 from quantkit.quantize.gguf.audit import Audit, file_type_of
 from quantkit.quantize.gguf.auto.spec import AutoSpec
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
-from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType
+from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType, base_type
 from quantkit.text import read_text
 
 if TYPE_CHECKING:
     from quantkit.pipeline.build import Output
     from quantkit.targets import Target
-
-F16_MAX = 65504.0  # largest finite IEEE half
 
 # base file type -> (ggml type of 2-D weights, numpy storage dtype)
 BASE_STORAGE: dict[str, tuple[gguf.GGMLQuantizationType, np.dtype]] = {
@@ -191,9 +190,7 @@ def _cast(
     clamped to ±65504 and recorded there with its largest magnitude."""
     if dst == np.float16 and src == "F16" or dst == np.uint16 and src == "BF16":
         return np.ascontiguousarray(raw)
-    f32 = (
-        (raw.astype(np.uint32) << 16).view(np.float32) if src == "BF16" else raw.astype(np.float32)
-    )
+    f32 = to_f32(raw, src)
     if dst == np.float32:
         return np.ascontiguousarray(f32)
     if dst == np.float16:
@@ -207,10 +204,7 @@ def _cast(
             clamped[tensor] = max(big, clamped.get(tensor, 0.0))
             f32 = np.clip(f32, -F16_MAX, F16_MAX)
         return f32.astype(np.float16)
-    # F32 → BF16 with round-to-nearest-even, as gguf-py's quants do it
-    return (
-        gguf.quants.quantize(f32, gguf.GGMLQuantizationType.BF16).view(np.uint16).reshape(f32.shape)
-    )
+    return f32_to_bf16(f32)
 
 
 def convert(
@@ -467,13 +461,12 @@ def _check_dtypes(ckpt: Checkpoint, plan: list[PlannedTensor]) -> None:
 
 
 def _base_name(ckpt: Checkpoint, types: list[GGUFType], autos: list[AutoSpec]) -> str | None:
-    """The float base quantized targets are made from: the requested float type matching the
-    source precision (or F32), else a temporary in the source's own precision, so quantization
-    sees the weights as trained. None when nothing is quantized."""
+    """The float base quantized targets are made from (``base_type``: a requested float type
+    that holds the weights exactly, else a temporary in the source's own precision). None when
+    nothing is quantized."""
     if all(t.base for t in types) and not autos:
         return None
-    src_base = ckpt.source_dtype if ckpt.source_dtype in BASE_STORAGE else "F32"
-    return next((t.name for t in types if t.base and t.name in (src_base, "F32")), src_base)
+    return base_type(ckpt.source_dtype, [t.name for t in types if t.base])
 
 
 def _check_space(job: _Job) -> None:

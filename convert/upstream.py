@@ -38,7 +38,6 @@ from quantkit.paths import sdist_dir, upstream_dir
 MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
 CONVERTER_OUTTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # its --outtype choices
 DRIVER = Path(__file__).with_name("upstream_driver.py")
-TAIL_LINES = 3  # converter output lines kept for an error message
 
 
 def engine_version() -> str:
@@ -330,6 +329,7 @@ def _preflight(
     from quantkit.atomic import check_writable
     from quantkit.checkpoint import Checkpoint
     from quantkit.convert.quantized import preflight_imatrix, with_imatrix
+    from quantkit.quantize.gguf.types import base_type
 
     arch_name = preflight(model_dir)
     if quant.calib is not None:
@@ -338,7 +338,7 @@ def _preflight(
             "compute one with llama.cpp's llama-imatrix on the float GGUF, then pass --imatrix FILE",
         )
     with Checkpoint.open(model_dir, allow_pickle=allow_pickle) as ckpt:  # headers, pickle policy
-        src_base = ckpt.source_dtype if ckpt.source_dtype in CONVERTER_OUTTYPE else "F32"
+        src_base = base_type(ckpt.source_dtype)
         n_params = sum(t.n_elements for t in ckpt.tensors.values())
     for p in paths.values():
         check_writable(p, force=force)
@@ -350,9 +350,7 @@ def _preflight(
     if threads and not options.threads:
         options = replace(options, threads=threads)
     pre = bpe_pre(model_dir)
-    base_name = None
-    if quants:
-        base_name = next((t.name for t in floats if t.name in (src_base, "F32")), src_base)
+    base_name = base_type(src_base, [t.name for t in floats]) if quants else None
     return _Job(model_dir, name, arch_name, paths, floats, quants, base_name, imatrix, options,
                 pre)  # fmt: skip
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.atomic import atomic_output, file_lock
+from quantkit.atomic import file_lock, read_cached_json, write_json
 from quantkit.errors import InputError, QuantkitError
 from quantkit.validate.capability_artifacts import DTYPES, Spec
 from quantkit.validate.describe import describe
@@ -271,10 +271,10 @@ def load(engine: str, key: str | None = None) -> dict[str, Verdict]:
     key = key or host_key(engine)
     if key is None:
         return {}
+    data = read_cached_json(_cache_file(engine, key))
     try:
-        data = json.loads(_cache_file(engine, key).read_text())
         return {r: Verdict(**v) for r, v in data["rows"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):  # absent, or written by another version
         return {}
 
 
@@ -282,15 +282,12 @@ def _save(engine: str, key: str, v: Verdict) -> None:
     """Add one row to the cache (under a lock: read, update, write a whole new file)."""
     f = _cache_file(engine, key)
     with file_lock(f.with_name(f".{f.name}.lock")):
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError):
-            data = {}
+        data = read_cached_json(f)
+        data = data if isinstance(data, dict) else {}
         data.setdefault("host", host())
         data["engine"] = engine_version(engine)
         data.setdefault("rows", {})[v.row] = v.to_json()
-        with atomic_output(f, force=True) as tmp:
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write_json(f, data, pretty=True)
 
 
 # -- measuring -----------------------------------------------------------------------------------

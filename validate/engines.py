@@ -368,7 +368,7 @@ def finish_topk(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
     """Quality figures from a worker's raw top-k arrays (``vllm_worker.py``) against the cached
     reference, with the metric code every engine shares; and its tokenization check."""
     from quantkit.validate.metrics import Accumulator, position_stats_topk, renormalize
-    from quantkit.validate.worker import token_mismatch_share
+    from quantkit.validate.worker import quality, tokenization
 
     chunks = np.load(job["chunks"])
     first = int(job["first"])
@@ -385,31 +385,12 @@ def finish_topk(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
         acc.extend(position_stats_topk(ids[i], lps[i], tgt[i], targets, lp_ref))
         ref_t = lp_ref[np.arange(len(targets)), targets].astype(np.float64)
         dmax = max(dmax, float(np.max(np.abs(np.asarray(tgt[i], np.float64) - ref_t))))
-    ppl, err = acc.ppl()
-    k = acc.kld_stats()
-    res["quality"] = {
-        "ppl": ppl,
-        "ppl_stderr": err,
-        "kld_mean": k["mean"],
-        "kld_p99": k["p99"],
-        "kld_max": k["max"],
-        "kld_method": "approx-top-k",
-        "top1_pct": 100 * k["top1"],
-        "mean_abs_dp": k["mean_abs_dp"],
-        # max |log q(next) − log p_ref(next)|: an exactness check where only top-k comes back
-        # (float16-rounded when the reference cache is float16, see ref_dtype)
-        "max_abs_dlogprob": dmax,
-    }
+    # max |log q(next) − log p_ref(next)|: an exactness check where only top-k comes back
+    # (float16-rounded when the reference cache is float16, see ref_dtype)
+    res["quality"] = {**quality(acc, VllmEngine.distribution), "max_abs_dlogprob": dmax}
     tok = res.pop("tokenization", None)
     if tok:
-        own = np.load(tok["ids"]).tolist()
-        ref_ids = np.load(job["ref_ids"]).tolist()
-        res["tokenization"] = {
-            "engine_tokens": len(own),
-            "reference_tokens": len(ref_ids),
-            "differ_share": token_mismatch_share(ref_ids, own),
-            "bos_agrees": bool(tok["adds_bos"]) == bool(job.get("ref_adds_bos")),
-        }
+        res["tokenization"] = tokenization(job, np.load(tok["ids"]).tolist(), tok["adds_bos"])
     return res
 
 

@@ -107,17 +107,38 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     opts = job.get("options") or {}
     k = int(opts.get("topk") or DEFAULT_TOPK)
     chunks = np.load(job["chunks"])
-    first = int(job["first"])
-    n_chunks, n_ctx = chunks.shape
+    n_ctx = chunks.shape[1]
     pp, tg = int(job.get("pp", 0)), int(job.get("tg", 0))
     _configure(int(job["threads"]), float(opts.get("kv_cache_gib") or 1))
-
-    import vllm
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
     # vLLM wants room for the one token it samples after each prompt (discarded here)
-    max_len = max(n_ctx + 1, pp + 1, tg + 2)
+    llm, lora_req, res = _load(job, opts, k, max(n_ctx + 1, pp + 1, tg + 2))
+    if job.get("text"):
+        res["tokenization"] = _tokenization(job, llm)
+    res.update(_score(job, llm, chunks, k, lora_req))
+    if pp or tg:
+        # the quality figures are kept if the speed run kills this process (the harness's runner)
+        res["peak_rss_bytes"] = _peak_rss()
+        _write_json(Path(job["dir"]) / "scored.json", {"ok": True, **res})
+        _progress(job, "speed", 0, 1)
+        try:
+            res["speed"] = _speed(llm, chunks, pp, tg, lora_req)
+        except Exception as e:  # the scores stand; the report says why pp/tg are missing
+            traceback.print_exc()
+            res["speed"] = {"pp": pp, "tg": tg, "pp_tps": None, "tg_tps": None}
+            res["speed"]["error"] = describe_error(e)
+        _progress(job, "speed", 1, 1)
+    res["peak_rss_bytes"] = _peak_rss()
+    return res
+
+
+def _load(
+    job: dict[str, Any], opts: dict[str, Any], k: int, max_len: int
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The artifact loaded in vLLM (for a LoRA adapter: its base with LoRA enabled, and the
+    request every prompt carries); the result so far: the engine's description, load time."""
+    import vllm
+    from vllm import LLM
+
     # A LoRA adapter artifact (quantkit's vllm-lora): the base is loaded with LoRA enabled and
     # every request carries the adapter (vLLM's LoRARequest), so base + adapter take one start.
     lora = opts.get("lora") or None
@@ -165,18 +186,33 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     if settings:
         res["engine"]["settings"] = settings
         res["notes"] = [settings["note"]]
+    return llm, lora_req, res
 
-    if job.get("text"):
-        tok = llm.get_tokenizer()
-        own = tok.encode(_read_text(job["text"]), add_special_tokens=False)
-        probe = tok.encode("a", add_special_tokens=True)
-        bos = getattr(tok, "bos_token_id", None)
-        np.save(Path(job["dir"]) / "engine_ids.npy", np.asarray(own, np.int32))
-        res["tokenization"] = {
-            "ids": str(Path(job["dir"]) / "engine_ids.npy"),
-            "adds_bos": bool(bos is not None and probe and probe[0] == bos),
-        }
 
+def _tokenization(job: dict[str, Any], llm: Any) -> dict[str, Any]:
+    """vLLM's own tokenization of the text, saved for quantkit to compare with the reference's
+    (validate/engines.py finish_topk), and whether its tokenizer adds a BOS."""
+    tok = llm.get_tokenizer()
+    own = tok.encode(_read_text(job["text"]), add_special_tokens=False)
+    probe = tok.encode("a", add_special_tokens=True)
+    bos = getattr(tok, "bos_token_id", None)
+    np.save(Path(job["dir"]) / "engine_ids.npy", np.asarray(own, np.int32))
+    return {
+        "ids": str(Path(job["dir"]) / "engine_ids.npy"),
+        "adds_bos": bool(bos is not None and probe and probe[0] == bos),
+    }
+
+
+def _score(
+    job: dict[str, Any], llm: Any, chunks: np.ndarray, k: int, lora_req: Any
+) -> dict[str, Any]:
+    """Every chunk's prompt log-probs: the top ``k`` and the next token's at each scored
+    position, into memory-mapped arrays quantkit scores against the reference."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    first = int(job["first"])
+    n_chunks, n_ctx = chunks.shape
     sp = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, temperature=0.0)
     m = n_ctx - 1 - first
     ids = np.lib.format.open_memmap(
@@ -201,29 +237,16 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     _progress(job, "score", n_chunks, n_chunks)
     for a in (ids, lps, tgt):
         a.flush()
-    res["scores"] = {
-        "topk_ids": str(ids.filename),
-        "topk_logprobs": str(lps.filename),
-        "target_logprobs": str(tgt.filename),
+    return {
+        "scores": {
+            "topk_ids": str(ids.filename),
+            "topk_logprobs": str(lps.filename),
+            "target_logprobs": str(tgt.filename),
+        },
+        "score_seconds": t_score,
+        "score_tps": n_chunks * n_ctx / t_score if t_score > 0 else None,
+        "scored_tokens": n_chunks * m,
     }
-    res["score_seconds"] = t_score
-    res["score_tps"] = n_chunks * n_ctx / t_score if t_score > 0 else None
-    res["scored_tokens"] = n_chunks * m
-
-    if pp or tg:
-        # the quality figures are kept if the speed run kills this process (the harness's runner)
-        res["peak_rss_bytes"] = _peak_rss()
-        _write_json(Path(job["dir"]) / "scored.json", {"ok": True, **res})
-        _progress(job, "speed", 0, 1)
-        try:
-            res["speed"] = _speed(llm, chunks, pp, tg, lora_req)
-        except Exception as e:  # the scores stand; the report says why pp/tg are missing
-            traceback.print_exc()
-            res["speed"] = {"pp": pp, "tg": tg, "pp_tps": None, "tg_tps": None}
-            res["speed"]["error"] = describe_error(e)
-        _progress(job, "speed", 1, 1)
-    res["peak_rss_bytes"] = _peak_rss()
-    return res
 
 
 def _speed(llm: Any, chunks: np.ndarray, pp: int, tg: int, lora_req: Any) -> dict[str, Any]:

@@ -196,25 +196,11 @@ def preflight(
     """Everything that can be checked before llm-compressor loads the model. Raises
     PreflightError listing every offender at once."""
     _check_patterns(s.ignore)
-    for lay in s.layouts:
-        if lay not in LAYOUTS:
-            raise InputError(f"unknown layout {lay!r}", f"choose {' or '.join(LAYOUTS)}")
-    if "legacy" in s.layouts:
-        if isinstance(target, FP8Target):
-            raise InputError(
-                "fp8 has no legacy layout",
-                "legacy layouts are for gptq and awq; fp8 is written as compressed-tensors",
-            )
-        if isinstance(target, AWQTarget) and target.bits != 4:
-            raise InputError(
-                "the legacy awq layout (AutoAWQ GEMM) holds 4-bit weights only",
-                "use awq:bits=4, or the compressed-tensors layout for 8 bits",
-            )
+    _check_layouts(target, s.layouts)
     with Checkpoint.open(model_dir) as ck:
         config = ck.config
         weight_bytes = ck.nbytes
     arch, layers, modules = linear_layers(model_dir)
-
     targeted = [lay for lay in layers if not ignored(lay.name, s.ignore)]
     ign = [lay.name for lay in layers if ignored(lay.name, s.ignore)]
     if not targeted:
@@ -222,59 +208,9 @@ def preflight(
             f"--ignore leaves no Linear layer to quantize in {model_dir}",
             "remove some --ignore patterns",
         )
-
-    group = target.group_size
-    if group:
-        dims = "input width" if not isinstance(target, FP8Target) else "input or output width"
-        bad = [
-            lay
-            for lay in targeted
-            if lay.in_features % group
-            or (isinstance(target, FP8Target) and lay.out_features % group)
-        ]
-        if bad:
-            widths = sorted({lay.in_features for lay in bad})
-            fits = [
-                g
-                for g in (128, 64, 32)
-                if g != group and all(lay.in_features % g == 0 for lay in targeted)
-            ]
-            suffixes = sorted({lay.name.rsplit(".", 1)[-1] for lay in bad})
-            pattern = (
-                f"re:.*\\.{suffixes[0]}$"
-                if len(suffixes) == 1
-                else f"re:.*\\.({'|'.join(suffixes)})$"
-            )
-            listed = ", ".join(f"{n} ({w})" for n, w in _grouped_with_widths(bad))
-            hint_parts = []
-            if fits and not isinstance(target, FP8Target):
-                hint_parts.append(f"choose group={fits[0]} (divides every targeted layer)")
-            hint_parts.append(
-                f"or leave them unquantized with --ignore '{pattern}'"
-                if hint_parts
-                else f"leave them unquantized with --ignore '{pattern}'"
-            )
-            raise PreflightError(
-                f"group size {group} does not divide the {dims} of {len(bad)} of "
-                f"{len(targeted)} targeted layers (widths {', '.join(map(str, widths))}): {listed}",
-                ", ".join(hint_parts),
-                offenders=[lay.name for lay in bad],
-            )
-
+    _check_groups(target, targeted)
     if isinstance(target, AWQTarget) and env_python is not None:
-        found = awq_mappings(env_python)
-        if found is not None and arch not in found[0]:
-            known, default = found
-            missing = [p for p in default if not any(_matches(p, n) for n in modules)]
-            if missing or not default:
-                raise PreflightError(
-                    f"llm-compressor has no AWQ mappings for {arch}, and its default (Llama-style) "
-                    f"mappings find no module for {', '.join(missing) or 'any pattern'} "
-                    f"(it knows {len(known)} architectures, e.g. {', '.join(sorted(known)[:5])})",
-                    "use gptq (no mappings needed) or fp8",
-                    offenders=[arch, *missing],
-                )
-
+        _check_awq_mappings(arch, modules, env_python)
     est = memory_estimate(weight_bytes, config, target, s)
     avail = memory_available()
     if s.check_memory and avail is not None and est > avail:
@@ -284,6 +220,79 @@ def preflight(
             "lower --samples/--seq-len, close other programs, or use a machine with more memory",
         )
     return Plan(arch, targeted, ign, est, avail)
+
+
+def _check_layouts(target: VllmTarget, layouts: Sequence[str]) -> None:
+    """Known layouts, and a legacy layout only where one exists for the target."""
+    for lay in layouts:
+        if lay not in LAYOUTS:
+            raise InputError(f"unknown layout {lay!r}", f"choose {' or '.join(LAYOUTS)}")
+    if "legacy" not in layouts:
+        return
+    if isinstance(target, FP8Target):
+        raise InputError(
+            "fp8 has no legacy layout",
+            "legacy layouts are for gptq and awq; fp8 is written as compressed-tensors",
+        )
+    if isinstance(target, AWQTarget) and target.bits != 4:
+        raise InputError(
+            "the legacy awq layout (AutoAWQ GEMM) holds 4-bit weights only",
+            "use awq:bits=4, or the compressed-tensors layout for 8 bits",
+        )
+
+
+def _check_groups(target: VllmTarget, targeted: Sequence[LinearLayer]) -> None:
+    """The group size divides every targeted layer's input width (FP8 blocks: the output width
+    too); else every offender listed, with a group size that fits or an --ignore pattern."""
+    group = target.group_size
+    if not group:
+        return
+    fp8 = isinstance(target, FP8Target)
+    bad = [lay for lay in targeted if lay.in_features % group or (fp8 and lay.out_features % group)]
+    if not bad:
+        return
+    widths = sorted({lay.in_features for lay in bad})
+    fits = [
+        g for g in (128, 64, 32) if g != group and all(lay.in_features % g == 0 for lay in targeted)
+    ]
+    suffixes = sorted({lay.name.rsplit(".", 1)[-1] for lay in bad})
+    pattern = (
+        f"re:.*\\.{suffixes[0]}$" if len(suffixes) == 1 else f"re:.*\\.({'|'.join(suffixes)})$"
+    )
+    listed = ", ".join(f"{n} ({w})" for n, w in _grouped_with_widths(bad))
+    hint_parts = []
+    if fits and not fp8:
+        hint_parts.append(f"choose group={fits[0]} (divides every targeted layer)")
+    hint_parts.append(
+        f"or leave them unquantized with --ignore '{pattern}'"
+        if hint_parts
+        else f"leave them unquantized with --ignore '{pattern}'"
+    )
+    dims = "input or output width" if fp8 else "input width"
+    raise PreflightError(
+        f"group size {group} does not divide the {dims} of {len(bad)} of "
+        f"{len(targeted)} targeted layers (widths {', '.join(map(str, widths))}): {listed}",
+        ", ".join(hint_parts),
+        offenders=[lay.name for lay in bad],
+    )
+
+
+def _check_awq_mappings(arch: str, modules: Sequence[str], env_python: Path) -> None:
+    """llm-compressor has AWQ mappings for the architecture, or its default (Llama-style)
+    mappings find every module they name."""
+    found = awq_mappings(env_python)
+    if found is None or arch in found[0]:
+        return
+    known, default = found
+    missing = [p for p in default if not any(_matches(p, n) for n in modules)]
+    if missing or not default:
+        raise PreflightError(
+            f"llm-compressor has no AWQ mappings for {arch}, and its default (Llama-style) "
+            f"mappings find no module for {', '.join(missing) or 'any pattern'} "
+            f"(it knows {len(known)} architectures, e.g. {', '.join(sorted(known)[:5])})",
+            "use gptq (no mappings needed) or fp8",
+            offenders=[arch, *missing],
+        )
 
 
 def _grouped_with_widths(bad: Sequence[LinearLayer]) -> list[tuple[str, int]]:

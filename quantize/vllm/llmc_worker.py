@@ -168,40 +168,47 @@ def run(job: dict[str, Any], progress: Progress) -> dict[str, Any]:
     quirks = cpu_quirks()
     current = {"label": ""}
     _report_layers(lambda stage, done, total: progress(f"{current['label']}:{stage}", done, total))
-    from llmcompressor import oneshot
-
     timings: dict[str, dict[str, float]] = {}
     for export in job["exports"]:
-        label = current["label"] = export["label"]
-        t: dict[str, float] = {}
-        t0 = time.perf_counter()
-        progress(f"{label}:load", 0, 1)
-        model, tok = load_model(job)
-        progress(f"{label}:load", 1, 1)
-        t["load"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        ds = load_calibration(export)
-        kwargs: dict[str, Any] = {}
-        if ds is not None:
-            kwargs.update(
-                dataset=ds,
-                max_seq_length=int(job["seq_len"]),
-                num_calibration_samples=len(ds),
-                shuffle_calibration_samples=False,
-            )
-        oneshot(model=model, recipe=build_recipe(export), **kwargs)
-        t["quantize"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        progress(f"{label}:save", 0, 1)
-        model.save_pretrained(Path(export["output"]), save_compressed=True)
-        tok.save_pretrained(Path(export["output"]))
-        progress(f"{label}:save", 1, 1)
-        t["save"] = time.perf_counter() - t0
-        timings[label] = t
-        del model
+        current["label"] = export["label"]
+        timings[export["label"]] = export_one(job, export, progress)
     return {"timings": timings, "quirks": quirks, "versions": _versions(), "threads": threads}
+
+
+def export_one(job: dict[str, Any], export: dict[str, Any], progress: Progress) -> dict[str, float]:
+    """One export: the model loaded afresh, quantized by llm-compressor's ``oneshot`` on the
+    calibration samples (none for FP8 dynamic/block), saved compressed with its tokenizer;
+    the seconds of each step."""
+    from llmcompressor import oneshot
+
+    label = export["label"]
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    progress(f"{label}:load", 0, 1)
+    model, tok = load_model(job)
+    progress(f"{label}:load", 1, 1)
+    t["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ds = load_calibration(export)
+    kwargs: dict[str, Any] = {}
+    if ds is not None:
+        kwargs.update(
+            dataset=ds,
+            max_seq_length=int(job["seq_len"]),
+            num_calibration_samples=len(ds),
+            shuffle_calibration_samples=False,
+        )
+    oneshot(model=model, recipe=build_recipe(export), **kwargs)
+    t["quantize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    progress(f"{label}:save", 0, 1)
+    model.save_pretrained(Path(export["output"]), save_compressed=True)
+    tok.save_pretrained(Path(export["output"]))
+    progress(f"{label}:save", 1, 1)
+    t["save"] = time.perf_counter() - t0
+    return t
 
 
 def _versions() -> dict[str, str]:

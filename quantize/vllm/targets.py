@@ -29,6 +29,25 @@ MOE_EXPERTS_IGNORE = "re:.*mlp\\.experts\\..*"
 FP8_BLOCK = 128
 
 
+def int_weights_args(
+    bits: int, group: int | None, *, sym: bool = True, actorder: str = "none"
+) -> dict[str, Any]:
+    """compressed-tensors QuantizationArgs of W{bits}A16 integer weights: one scale per
+    ``group`` input columns (None: one per output channel), symmetric or with a zero point;
+    ``actorder`` (GPTQ's activation ordering) applies to groups only."""
+    args: dict[str, Any] = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": sym,
+        "strategy": "group" if group else "channel",
+    }
+    if group:
+        args["group_size"] = group
+        if actorder != "none":
+            args["actorder"] = actorder
+    return args
+
+
 def _group(v: Any) -> int | None:
     """``group=channel`` (or -1) means one scale per output channel (no groups)."""
     if isinstance(v, str) and v.lower() in ("channel", "per-channel", "-1", "none"):
@@ -75,15 +94,7 @@ class _IntWeights(_Target):
 
     def weights_args(self) -> dict[str, Any]:
         """compressed-tensors QuantizationArgs for the weights (W{bits}A16)."""
-        args: dict[str, Any] = {
-            "num_bits": self.bits,
-            "type": "int",
-            "symmetric": self.sym,
-            "strategy": "group" if self.group else "channel",
-        }
-        if self.group:
-            args["group_size"] = self.group
-        return args
+        return int_weights_args(self.bits, self.group, sym=self.sym)
 
     def label(self) -> str:
         g = f"g{self.group}" if self.group else "ch"
@@ -100,12 +111,11 @@ class GPTQTarget(_IntWeights):
     dampening: float = Field(0.01, gt=0, lt=1)  # fraction of the Hessian diagonal mean added
 
     def to_recipe(self) -> dict[str, Any]:
-        w = self.weights_args()
-        if self.actorder != "none" and self.group:
-            w["actorder"] = self.actorder
         return {
             "modifier": "GPTQModifier",
-            "weights": w,
+            "weights": int_weights_args(
+                self.bits, self.group, sym=self.sym, actorder=self.actorder
+            ),
             "kwargs": {"dampening_frac": self.dampening},
         }
 

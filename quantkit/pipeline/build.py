@@ -113,8 +113,9 @@ class ExportOptions:
     imatrix: Path | None = None  # a saved llama.cpp importance matrix
     calib_ctx: int = IMATRIX_CTX
     calib_chunks: int | None = None
-    samples: int = DEFAULT_SAMPLES  # vLLM calibration samples
-    seq_len: int = DEFAULT_SEQ_LEN  # tokens per vLLM calibration sample
+    # vLLM only; None: not given (a given one with no vLLM target is refused, even at the default)
+    samples: int | None = None  # calibration samples (default DEFAULT_SAMPLES)
+    seq_len: int | None = None  # tokens per calibration sample (default DEFAULT_SEQ_LEN)
     ignore: tuple[str, ...] = ()  # vLLM: Linear layers left in float (default: lm_head)
     layouts: tuple[str, ...] = ()  # vLLM: compressed-tensors and/or legacy
     progress: Progress | None = None
@@ -349,8 +350,8 @@ def build_vllm(src: Source, outputs: list[Output], o: ExportOptions) -> BuildRes
         ignore=o.ignore or DEFAULT_IGNORE,
         layouts=o.layouts or ("compressed-tensors",),
         calib=o.calib,
-        samples=o.samples,
-        seq_len=o.seq_len,
+        samples=DEFAULT_SAMPLES if o.samples is None else o.samples,
+        seq_len=DEFAULT_SEQ_LEN if o.seq_len is None else o.seq_len,
         threads=o.threads,
     )
     folder = src.torch_folder(_near(outputs))
@@ -460,10 +461,15 @@ def _preflight(source: Source, groups: dict[str, list[Target]], o: ExportOptions
             "--dry-run applies to GGUF targets and gptq:auto",
             "leave the other vLLM and hf targets out of a dry run",
         )
-    if (o.ignore or o.layouts or o.samples != DEFAULT_SAMPLES or o.seq_len != DEFAULT_SEQ_LEN) and (
-        "vllm" not in groups
-    ):
-        raise InputError("--ignore, --layout, --samples and --seq-len apply to vLLM targets")
+    vllm_only = {"--ignore": o.ignore, "--layout": o.layouts, "--samples": o.samples,
+                 "--seq-len": o.seq_len}  # fmt: skip
+    given = [flag for flag, v in vllm_only.items() if v not in (None, ())]
+    if given and "vllm" not in groups:
+        raise InputError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to vLLM targets "
+            f"(gptq, awq, fp8), and only {' and '.join(groups)} targets were asked",
+            f"leave {'it' if len(given) == 1 else 'them'} out, or add a vLLM target (--to gptq)",
+        )
     if "vllm" in groups and source.folder.suffix.lower() == ".gguf":
         raise InputError("vLLM targets are made from an HF checkpoint, not a GGUF file")
 

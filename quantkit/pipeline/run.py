@@ -1,7 +1,7 @@
 """``quantkit run RECIPE``: convert → imatrix → quantize → validate → report, with a cache.
 
 Every step has a key: a sha256 over the content of its inputs (model files, calibration text,
-settings, the key of the step it builds on). Shared intermediates (the F16 base GGUF, the
+settings, the key of the step it builds on). Shared intermediates (the float base GGUF, the
 importance matrix) live in the cache under their key, so two targets never compute the same
 thing twice. A target's artifact is reused when its manifest.json records the same key and the
 file's sha256 still matches; its validation is reused when the report was made for that key.

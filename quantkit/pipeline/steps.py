@@ -27,7 +27,7 @@ def build_base(ctx: Context, progress: Any) -> None:
 
     p = ctx.base_path()
     p.parent.mkdir(parents=True, exist_ok=True)
-    convert(ctx.model, ["F16"], p, force=True, progress=progress, adapter=ctx.adapter)
+    convert(ctx.model, [ctx.base_type], p, force=True, progress=progress, adapter=ctx.adapter)
 
 
 def build_merged(ctx: Context) -> None:
@@ -72,13 +72,13 @@ def build_target(ctx: Context, t: RecipeTarget, progress: Any) -> None:
     c = ctx.recipe.calibration
     o = ExportOptions(force=True, progress=progress, name=ctx.stem)
     calib = None
-    if isinstance(tg, GGUFTarget) and tg.type == "F16":  # the base itself: copied, not made again
+    if isinstance(tg, GGUFTarget) and tg.type == ctx.base_type:  # the base: copied, not made again
         with atomic_output(final, force=True) as tmp:
             shutil.copyfile(ctx.base_path(), tmp)
         art = Artifact(final, "gguf", tg.label(), final.stat().st_size, content_sha256(final), 0.0)
         _write_manifest(ctx, t, art, "gguf", tg.label(), _options(tg), None)
         return
-    if isinstance(tg, GGUFTarget) and (tg.is_auto or tg.gguf_type.quantized):
+    if ctx.uses_base(tg):  # a quantized type or gguf:auto
         src = Source(ctx.base_path())
         o.name = None  # a GGUF input keeps its own name
         o.imatrix = ctx.imatrix_path() if tg.imatrix else None

@@ -35,11 +35,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from quantkit.casts import to_f32
 from quantkit.hashing import sha256_file
 from quantkit.progress import Progress
 from quantkit.quantize.gguf.auto import rows
 from quantkit.quantize.gguf.auto.sizes import Slot
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
+from quantkit.targets import IMATRIX_CTX
 
 CACHE_VERSION = "2"
 PROBE_TYPE = "Q4_0"  # a type every 32-multiple row takes, in the range budgets land in
@@ -71,7 +73,7 @@ def _weights(reader: gguf.GGUFReader, name: str) -> np.ndarray:
     t = next(x for x in reader.tensors if x.name == name)
     data = np.asarray(t.data)
     if t.tensor_type == gguf.GGMLQuantizationType.BF16:
-        data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        data = to_f32(data.view(np.uint16), "BF16")
     return data.astype(np.float32).reshape(-1, int(t.shape[0]))
 
 
@@ -167,25 +169,18 @@ def measure(
     options: QuantizeOptions,
     *,
     probe_chunks: list[list[int]] | None = None,
-    n_ctx: int = 512,
+    n_ctx: int = IMATRIX_CTX,
     threads: int | None = None,
     progress: Progress | None = None,
     use_cache: bool = True,
 ) -> Sensitivity:
     """The sensitivity of every tensor × candidate type, from the cache when present."""
-    from quantkit.atomic import file_lock
+    from quantkit.atomic import cached_json
 
     importance = options.imatrix or {}
     key = cache_key(base, importance, slots, probe_chunks or [])
-    root = cache_root()
-    path = root / f"{key}.json"
-    if use_cache and path.is_file():
-        d = json.loads(path.read_text())
-        return Sensitivity(**d, cache_hit=True)
-    root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / f".{key}.lock"):
-        if use_cache and path.is_file():  # another process measured it meanwhile
-            return Sensitivity(**json.loads(path.read_text()), cache_hit=True)
+
+    def make() -> dict:
         n_threads = threads or len(os.sched_getaffinity(0))
         t0 = time.perf_counter()
         errors = proxy_errors(base, slots, importance, threads=n_threads, progress=progress)
@@ -201,10 +196,8 @@ def measure(
             gains, measured = calibrate_gains(probe, slots, errors, progress)
         t2 = time.perf_counter()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        sens = Sensitivity(errors, gains, measured, {"proxy": t1 - t0, "probe": t2 - t1},
-                           rss, key=key)  # fmt: skip
-        if use_cache:
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(sens.to_json()))
-            tmp.rename(path)
-        return sens
+        return Sensitivity(errors, gains, measured, {"proxy": t1 - t0, "probe": t2 - t1},
+                           rss, key=key).to_json()  # fmt: skip
+
+    d, hit = cached_json(cache_root() / f"{key}.json", make, use_cache=use_cache)
+    return Sensitivity(**d, cache_hit=hit)
