@@ -56,22 +56,38 @@ def _progress(job: dict[str, Any], stage: str, done: int, total: int) -> None:
     print(f"[vllm-worker] {stage} {done}/{total}", file=sys.stderr, flush=True)
 
 
-def _configure(threads: int, kv_gib: float) -> None:
-    """Environment for vLLM, set before it is imported."""
+def threads_bind(cpus: list[int], threads: int, world: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``world`` ranks: the first ``threads`` usable cores
+    split into ``world`` disjoint lists joined by ``|`` (vLLM 0.32
+    ``utils/ompmultiprocessing.py``: one list per local rank, ordered [DP, PP, TP]), e.g. ``0|1``
+    for two ranks on two cores. One rank gets one list (``0,1``)."""
+    use = cpus[: max(world, min(threads, len(cpus)))]
+    if len(use) < world:
+        raise ValueError(
+            f"{world} vLLM ranks need {world} cores to bind; this process may use {len(cpus)}"
+        )
+    per = len(use) // world
+    return "|".join(",".join(map(str, use[r * per : (r + 1) * per])) for r in range(world))
+
+
+def _configure(threads: int, kv_gib: float, world: int = 1) -> str:
+    """Environment for vLLM, set before it is imported; returns the thread binding."""
     # Keep the engine core in this process (vLLM 0.32's V1 engine otherwise starts it in a child
     # process and a load failure surfaces here only as "Engine core initialization failed"; in
-    # process, vLLM's own exception text reaches the report).
+    # process, vLLM's own exception text reaches the report). With several ranks (tensor or
+    # pipeline parallel) vLLM still starts one worker process per rank (its "mp" executor).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM's CPU backend binds one OpenMP thread per listed core; list the first `threads` of the
-    # cores this process may use (a cgroup/taskset may exclude some).
-    cpus = sorted(os.sched_getaffinity(0))[: max(1, threads)]
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    # cores this process may use (a cgroup/taskset may exclude some), one list per rank.
+    cpus = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads_bind(cpus, threads, world))
     # KV cache size in GiB for the CPU backend; chunks are short, the default takes much more RAM
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_gib:g}")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # A chunk as long as the model's context still needs that one sampled position past it.
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
 def _read_text(path: str) -> str:
@@ -110,7 +126,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     first = int(job["first"])
     n_chunks, n_ctx = chunks.shape
     pp, tg = int(job.get("pp", 0)), int(job.get("tg", 0))
-    _configure(int(job["threads"]), float(opts.get("kv_cache_gib") or 1))
+    tp = int(opts.get("tensor_parallel_size") or 1)
+    pp_size = int(opts.get("pipeline_parallel_size") or 1)
+    bind = _configure(int(job["threads"]), float(opts.get("kv_cache_gib") or 1), tp * pp_size)
 
     import vllm
     from vllm import LLM, SamplingParams
@@ -144,6 +162,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         enable_prefix_caching=False,  # every chunk and the speed runs start from an empty cache
         seed=0,
         trust_remote_code=False,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp_size,
         **lora_kw,
     )
     load_seconds = time.perf_counter() - t0
@@ -159,6 +179,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "topk": k,
             "quantization": getattr(cfg, "quantization", None),
             **({"lora": lora["path"], "max_lora_rank": int(lora["max_lora_rank"])} if lora else {}),
+            "parallel": _parallel(llm, bind),
         },
         "load_seconds": load_seconds,
     }
@@ -224,6 +245,20 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         _progress(job, "speed", 1, 1)
     res["peak_rss_bytes"] = _peak_rss()
     return res
+
+
+def _parallel(llm: Any, bind: str) -> dict[str, Any]:
+    """The parallel layout vLLM actually set up (its ParallelConfig after its own checks)."""
+    pc = llm.llm_engine.vllm_config.parallel_config
+    backend = pc.distributed_executor_backend
+    return {
+        "tensor_parallel_size": int(pc.tensor_parallel_size),
+        "pipeline_parallel_size": int(pc.pipeline_parallel_size),
+        "world_size": int(pc.world_size),
+        "executor": backend if isinstance(backend, str) or backend is None else backend.__name__,
+        # CPU: the cores of each rank (OpenMP binding); unused on CUDA, one GPU per rank there
+        **({"threads_bind": bind} if _is_cpu() else {}),
+    }
 
 
 def _speed(llm: Any, chunks: np.ndarray, pp: int, tg: int, lora_req: Any) -> dict[str, Any]:
