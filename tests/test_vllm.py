@@ -260,6 +260,8 @@ def test_tensor_parallel_2_scores_like_one_rank(vllm_run: dict) -> None:
     layout = two["engine"]["parallel"]
     assert layout["tensor_parallel_size"] == 2 and layout["world_size"] == 2, layout
     assert layout["executor"] == "mp", layout
+    # each rank is a process holding its half of the model (and torch, vLLM): both reported
+    assert sorted(layout["ranks_peak_rss_bytes"])[-2] > 100 * 2**20, layout
     if not has_cuda():  # one core list per rank
         assert len(layout["threads_bind"].split("|")) == 2, layout
     assert one["engine"]["parallel"]["world_size"] == 1

@@ -80,14 +80,17 @@ def _configure(threads: int, kv_gib: float, world: int = 1) -> str:
     # vLLM's CPU backend binds one OpenMP thread per listed core; list the first `threads` of the
     # cores this process may use (a cgroup/taskset may exclude some), one list per rank.
     cpus = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads_bind(cpus, threads, world))
+    try:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads_bind(cpus, threads, world))
+    except ValueError:  # more ranks than cores: a GPU per rank (quantkit refuses it on CPU)
+        pass
     # KV cache size in GiB for the CPU backend; chunks are short, the default takes much more RAM
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_gib:g}")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # A chunk as long as the model's context still needs that one sampled position past it.
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    return os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
 
 
 def _read_text(path: str) -> str:
@@ -251,7 +254,7 @@ def _parallel(llm: Any, bind: str) -> dict[str, Any]:
     """The parallel layout vLLM actually set up (its ParallelConfig after its own checks)."""
     pc = llm.llm_engine.vllm_config.parallel_config
     backend = pc.distributed_executor_backend
-    return {
+    out = {
         "tensor_parallel_size": int(pc.tensor_parallel_size),
         "pipeline_parallel_size": int(pc.pipeline_parallel_size),
         "world_size": int(pc.world_size),
@@ -259,6 +262,33 @@ def _parallel(llm: Any, bind: str) -> dict[str, Any]:
         # CPU: the cores of each rank (OpenMP binding); unused on CUDA, one GPU per rank there
         **({"threads_bind": bind} if _is_cpu() else {}),
     }
+    if pc.world_size > 1:
+        # each rank is a process of its own, which this process's peak RSS does not count
+        out["ranks_peak_rss_bytes"] = _descendants_hwm()
+    return out
+
+
+def _descendants_hwm() -> list[int]:
+    """Peak RSS (VmHWM) of every live process started by this one, in bytes."""
+    out: list[int] = []
+    todo = [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        kids: list[int] = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                kids += [int(k) for k in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+        for k in kids:
+            try:
+                for line in Path(f"/proc/{k}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        out.append(int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                continue
+        todo += kids
+    return out
 
 
 def _speed(llm: Any, chunks: np.ndarray, pp: int, tg: int, lora_req: Any) -> dict[str, Any]:
