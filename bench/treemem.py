@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +68,16 @@ def main() -> int:
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
+    stopped: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        # a time limit (timeout -s TERM): pass it on and keep sampling until the command is gone,
+        # so the peaks up to that point are still printed
+        stopped.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     peak_rss = peak_anon = 0
     while proc.poll() is None:
         rss, anon = sample(proc.pid)
@@ -79,6 +90,7 @@ def main() -> int:
         "peak_tree_rss_gib": round(peak_rss / 2**30, 3),
         "peak_tree_anon_gib": round(peak_anon / 2**30, 3),
         "load": os.getloadavg(),
+        **({"stopped_by_signal": stopped[0]} if stopped else {}),
     }
     print(json.dumps(res), file=sys.stderr, flush=True)
     return proc.returncode
