@@ -70,6 +70,15 @@ class GateSpec(_Strict):
         return self.model_copy(update=over.model_dump(exclude_unset=True))
 
 
+class VllmValidation(_Strict):
+    """How vLLM lays an artifact out: ranks = tensor × pipeline, one GPU each on a CUDA host, one
+    process each on its own cores on a CPU host (refused before anything starts when the host
+    has fewer)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+
+
 class Validation(_Strict):
     data: str = Field(description="held-out text file, or `default` (the demo text)")
     ctx: int = Field(512, ge=8)
@@ -81,6 +90,7 @@ class Validation(_Strict):
     # vLLM without torch.compile / CUDA graphs: starts about a minute sooner on 2 CPU cores;
     # quality figures are the same, generation speed is lower
     vllm_eager: bool = False
+    vllm: VllmValidation = Field(default_factory=VllmValidation)
     timeout: float = Field(3600.0, gt=0)
     # per-artifact time budget: past it (or once the measured rate projects far beyond it) the
     # artifact is reported "too-slow" with its rate, instead of running on for an hour

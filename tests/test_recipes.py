@@ -62,6 +62,14 @@ def _plan(recipe: Path, *extra: str) -> list[dict]:
             lambda b: b["targets"].append({"name": "a", "method": "exl2"}),
             "targets[2].method: unknown",
         ),
+        (
+            lambda b: b.update(validation={"data": "t", "vllm": {"tensor_parallel_size": 0}}),
+            "validation.vllm.tensor_parallel_size: Input should be greater",
+        ),
+        (
+            lambda b: b.update(validation={"data": "t", "vllm": {"tp": 2}}),
+            "validation.vllm.tp: Extra inputs",
+        ),
     ],
 )
 def test_schema_errors_name_the_key(work: Path, edit, expect: str) -> None:
@@ -79,6 +87,19 @@ def test_schema_errors_name_the_key(work: Path, edit, expect: str) -> None:
     err = r.stderr.strip()
     assert "\n" not in err and "Traceback" not in err
     assert expect.replace("Value error, ", "") in err, err
+
+
+def test_vllm_layout_the_host_cannot_hold_is_refused_before_any_build(work: Path) -> None:
+    """validation.vllm.tensor_parallel_size × pipeline_parallel_size beyond this host's cores
+    (QUANTKIT_CUDA=0: a CPU host) stops the run before anything is built, in one line."""
+    v = {**VALIDATION, "vllm": {"tensor_parallel_size": 512, "pipeline_parallel_size": 2}}
+    p = _recipe(work, "tp", [{"name": "q8", "type": "Q8_0"}], validation=v)
+    r = run_cli("run", str(p), env={"QUANTKIT_CUDA": "0"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip()
+    assert "\n" not in err and "needs 1024 vLLM ranks" in err, err
+    assert "--tensor-parallel-size 512 × --pipeline-parallel-size 2" in err, err
+    assert not (work / "out-tp").exists() or not any((work / "out-tp").rglob("*.gguf"))
 
 
 def test_hf_target_in_a_recipe_matches_convert(work: Path) -> None:

@@ -470,3 +470,87 @@ def test_export_refuses_existing_output_and_leaves_no_temporaries(vllm_exports, 
     with pytest.raises(OutputExistsError):
         export_vllm(vllm_exports["model"], ["fp8"], vllm_exports["fp8"], VllmSettings(), python=py)
     assert not [p for p in vllm_exports["fp8"].parent.iterdir() if p.name.startswith(".")]
+
+
+# -- memory: whole model, weights offloaded layer by layer, or refused ---------------------------
+
+
+def test_memory_check_offloads_then_refuses_with_the_samples_that_fit(tmp_path, monkeypatch):
+    """Whole model fits: nothing offloaded. It does not, but one layer at a time does: the
+    weights beyond what fits go to disk. Not even that: exit 2 before anything loads, one line
+    with both estimates, what is available and a --samples that fits."""
+    from conftest import make_tiny_model
+
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.quantize.vllm import VllmSettings, preflight
+    from quantkit.quantize.vllm.checks import MEMORY_ENV, memory_estimate, offloaded_estimate
+    from quantkit.quantize.vllm.layers import linear_layers
+    from quantkit.targets import parse_target
+
+    model = make_tiny_model(tmp_path / "m", "LlamaForCausalLM", dtype="float16")
+    t = parse_target("gptq:group=64")
+    s = VllmSettings(samples=64, seq_len=128)
+    with Checkpoint.open(model) as ck:
+        cfg, wb = ck.config, ck.nbytes
+    layers = linear_layers(model)[1]
+    whole = memory_estimate(wb, cfg, t, s, layers)
+    floor = offloaded_estimate(wb, cfg, t, s, layers)
+    assert floor < whole
+    monkeypatch.setenv(MEMORY_ENV, str(whole))
+    plan = preflight(model, t, s, None)
+    assert plan.offload_cpu_bytes is None and plan.memory_estimate == whole
+    monkeypatch.setenv(MEMORY_ENV, str(floor + 2**20))
+    plan = preflight(model, t, s, None)
+    assert plan.offload_cpu_bytes is not None and 0 < plan.offload_cpu_bytes < 2**20
+    assert plan.memory_offloaded == floor
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TRAIN_TEXT * 40)
+    r = run_cli(
+        "convert", str(model), "--to", "gptq:group=64", "--calib", str(calib),
+        "--samples", "64", "--seq-len", "128", "-o", str(tmp_path / "out"),
+        env={MEMORY_ENV: str(floor - 2**20)},
+    )  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert f"needs about {whole / 2**30:.1f} GiB of memory with the model in memory" in err, err
+    assert f"and {floor / 2**30:.1f} GiB with its weights offloaded to disk" in err, err
+    assert f"{(floor - 2**20) / 2**30:.1f} GiB is available" in err, err
+    fits = int(err.split("--samples ")[1].split()[0])
+    assert 0 < fits < 64, err
+    s2 = VllmSettings(samples=fits, seq_len=128)
+    assert offloaded_estimate(wb, cfg, t, s2, layers) <= floor - 2**20
+    assert not (tmp_path / "out").exists()
+
+
+def test_offloaded_gptq_writes_the_same_checkpoint(vllm_exports, tmp_path, monkeypatch):
+    """GPTQ with the weights on disk (compressed-tensors' offloading, one decoder layer in memory
+    at a time) gives the checkpoint of the in-memory run: same config, same tensors."""
+    py = _llmc_python()
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.quantize.vllm import VllmSettings, export_vllm
+    from quantkit.quantize.vllm.checks import MEMORY_ENV, offloaded_estimate
+    from quantkit.quantize.vllm.layers import linear_layers
+    from quantkit.targets import parse_target
+
+    model = vllm_exports["model"]
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TRAIN_TEXT)
+    target = "gptq:bits=4,group=64,actorder=weight"  # as the vllm_exports fixture made it
+    s = VllmSettings(calib=calib, samples=4, seq_len=64, threads=2)
+    with Checkpoint.open(model) as ck:
+        cfg, wb = ck.config, ck.nbytes
+    floor = offloaded_estimate(wb, cfg, parse_target(target), s, linear_layers(model)[1])
+    monkeypatch.setenv(MEMORY_ENV, str(floor + 2**19))  # room for ~300 KB of weights
+    res = export_vllm(model, [target], tmp_path / "gptq", s, python=py)
+    assert res.plan.offload_cpu_bytes is not None
+    assert any("rest on disk" in n for n in res.notes), res.notes
+    a = res.artifacts[0].path
+    ref = vllm_exports["gptq"]
+    q = json.loads((a / "config.json").read_text())["quantization_config"]
+    assert q == json.loads((ref / "config.json").read_text())["quantization_config"]
+    got, want = _tensors(a), _tensors(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert not list(a.parent.glob(".quantkit-llmc-*")), "the offload folder went with the work"

@@ -21,11 +21,16 @@ Row ids (``format_of`` derives them from an artifact):
 - ``[moe/]FORMAT:DTYPE`` — vLLM, DTYPE the checkpoint's (``f32``, ``f16``, ``bf16``), FORMAT one of
   ``hf`` (unquantized), ``fp8-dynamic|static|block[+float-experts]``, ``wNa16-GROUP[-asym]``
   (compressed-tensors int weights; GROUP ``g32|g64|g128|ch``), ``gptq-wNGROUP[-asym]``,
-  ``awq-wNGROUP[-asym]`` (legacy layouts); ``vllm-lora`` (a PEFT adapter served on a base).
+  ``awq-wNGROUP[-asym]`` (legacy layouts); ``vllm-lora`` (a PEFT adapter served on a base);
+- ``tpN[-ppM]/ROW`` — a vLLM row in a parallel layout: N tensor-parallel ranks × M pipeline
+  stages (``tp2/hf:bf16``). ``validate --tensor-parallel-size N`` consults the row of its
+  layout for each artifact's format, so a layout is measured on this host (cores bound per rank
+  on CPU, one GPU per rank on CUDA) before an artifact is scored in it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -85,6 +90,7 @@ DEFAULT_ROWS: tuple[str, ...] = (
     "moe/w4a16-g64:bf16",
     "moe/w4a16-g64:f32",
     "vllm-lora",
+    "tp2/hf:bf16",
 )
 
 _GROUP = r"(?P<group>g32|g64|g128|ch)"
@@ -96,6 +102,17 @@ _ROW = re.compile(
     r"|(?P<legacy>gptq|awq)-w(?P<lbits>4|8)(?P<lgroup>g32|g64|g128|ch)(?P<lasym>-asym)?"
     r"):(?P<dtype>f32|f16|bf16)$"
 )
+
+
+# vLLM parallel layout prefix of a row id: tensor-parallel ranks, then pipeline stages
+_LAYOUT = re.compile(r"^tp(?P<tp>[1-9][0-9]*)(?:-pp(?P<pp>[1-9][0-9]*))?/(?P<rest>.+)$")
+
+
+def layout_prefix(tp: int, pp: int) -> str:
+    """The row-id prefix of a vLLM parallel layout ("" for a single rank)."""
+    if tp * pp <= 1:
+        return ""
+    return f"tp{tp}" + (f"-pp{pp}" if pp > 1 else "") + "/"
 
 
 @dataclass
@@ -130,6 +147,8 @@ class Row:
     base: Spec | None = None  # the model a LoRA artifact is applied on
     dtype: str | None = None  # the checkpoint's dtype (vLLM rows)
     moe: bool = False
+    tp: int = 1  # vLLM tensor-parallel ranks
+    pp: int = 1  # vLLM pipeline-parallel stages
 
 
 def engine_of(row_id: str) -> str:
@@ -138,6 +157,21 @@ def engine_of(row_id: str) -> str:
 
 def parse_row(row_id: str) -> Row:
     """The row a row id names; InputError (exit 2) when it names none."""
+    lay = _LAYOUT.match(row_id)
+    if lay is None:
+        return _parse_row(row_id)
+    tp, pp = int(lay["tp"]), int(lay["pp"] or 1)
+    inner = _parse_row(lay["rest"])
+    if inner.engine != VllmEngine.name or row_id != layout_prefix(tp, pp) + inner.id:
+        raise InputError(
+            f"unknown capability row {row_id!r}",
+            "a parallel layout prefixes a vLLM row: tp2/hf:bf16, tp2-pp2/w4a16-g64:bf16",
+        )
+    title = f"{inner.title}, tensor-parallel {tp}" + (f" × pipeline {pp}" if pp > 1 else "")
+    return dataclasses.replace(inner, id=row_id, title=title, tp=tp, pp=pp)
+
+
+def _parse_row(row_id: str) -> Row:
     from quantkit.quantize.gguf.types import GGUF_TYPES
 
     if row_id == "gguf-lora":
@@ -336,6 +370,8 @@ def _run_one(
         target = base
     else:
         target = path
+    if row.tp * row.pp > 1:
+        opts["tensor_parallel_size"], opts["pipeline_parallel_size"] = row.tp, row.pp
     n = len(list(work.glob("run-*")))
     job = {
         **_job_files(work),
@@ -371,6 +407,8 @@ def _measure(
     row: Row, paths: dict[Spec, Path], work: Path, known: dict[str, Verdict], say: Say
 ) -> Verdict:
     t0 = time.monotonic()
+    # a layout with more ranks than this host has GPUs or cores is not measurable here
+    VllmEngine.check_parallel(row.tp, row.pp)
     path = paths[row.spec]
     base = paths.get(row.base) if row.base else None
     say(f"{row.id}: scoring in {row.engine}")
@@ -488,12 +526,18 @@ def _build_all(rows: list[Row], skipped: dict[str, str], say: Say) -> dict[Spec,
 
 
 def verdict(
-    path: Path, engine: str, *, measure: bool = True, progress: Say | None = None
+    path: Path,
+    engine: str,
+    *,
+    measure: bool = True,
+    progress: Say | None = None,
+    layout: str = "",
 ) -> Verdict | None:
     """This host's verdict for the format of ``path`` in ``engine``: the cached row, else (with
     ``measure``) that one row measured now and cached. None when the matrix has no row for the
-    format or the row cannot be measured here now."""
-    rows = rows_of(path)
+    format or the row cannot be measured here now. ``layout``: a vLLM parallel layout's row
+    prefix (``layout_prefix``), whose rows are asked instead of the single-rank ones."""
+    rows = [layout + r for r in rows_of(path)]
     if not rows or any(engine_of(r) != engine for r in rows):
         return None
     known = load(engine)
@@ -537,8 +581,12 @@ def settle(
         if progress is not None:
             progress(stage, 0, 1)
 
+    opts = job.get("options") or {}
+    layout = layout_prefix(
+        int(opts.get("tensor_parallel_size") or 1), int(opts.get("pipeline_parallel_size") or 1)
+    )
     try:
-        v = verdict(path, engine, progress=say)
+        v = verdict(path, engine, progress=say, layout=layout)
     except QuantkitError:  # a row that cannot be measured here leaves validate as it was
         v = None
     if told and progress is not None:

@@ -352,7 +352,37 @@ class VllmEngine(Engine):
 
     @classmethod
     def job_options(cls, s: Settings) -> dict[str, Any]:
-        return {"topk": s.topk, "dtype": s.vllm_dtype, "eager": s.vllm_eager}
+        opts: dict[str, Any] = {"topk": s.topk, "dtype": s.vllm_dtype, "eager": s.vllm_eager}
+        if s.tensor_parallel_size > 1 or s.pipeline_parallel_size > 1:
+            opts["tensor_parallel_size"] = s.tensor_parallel_size
+            opts["pipeline_parallel_size"] = s.pipeline_parallel_size
+        return opts
+
+    @staticmethod
+    def check_parallel(tp: int, pp: int) -> None:
+        """Refuse (InputError, exit 2) a parallel layout this host cannot hold before anything
+        starts: vLLM puts one rank on each GPU on a CUDA host, and on a CPU host runs one
+        process per rank bound to its own cores (``VLLM_CPU_OMP_THREADS_BIND``)."""
+        from quantkit.errors import InputError
+        from quantkit.host import gpu_count, has_cuda, usable_cores
+
+        world = tp * pp
+        if world <= 1:
+            return
+        layout = f"--tensor-parallel-size {tp}" + (
+            f" × --pipeline-parallel-size {pp}" if pp > 1 else ""
+        )
+        if has_cuda():
+            have, what = gpu_count(), "GPUs"
+        else:
+            have, what = usable_cores(), "CPU cores this process may use"
+        if world > have:
+            raise InputError(
+                f"{layout} needs {world} vLLM ranks, one per "
+                f"{'GPU' if what == 'GPUs' else 'core'}, and this host has {have} {what}",
+                f"use a layout of at most {have} ranks (tensor × pipeline), or validate on a "
+                f"host with {world} {'GPUs' if what == 'GPUs' else 'cores'}",
+            )
 
     @classmethod
     def finish(cls, job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:

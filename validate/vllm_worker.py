@@ -56,22 +56,41 @@ def _progress(job: dict[str, Any], stage: str, done: int, total: int) -> None:
     print(f"[vllm-worker] {stage} {done}/{total}", file=sys.stderr, flush=True)
 
 
-def _configure(threads: int, kv_gib: float) -> None:
-    """Environment for vLLM, set before it is imported."""
+def threads_bind(cpus: list[int], threads: int, world: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``world`` ranks: the first ``threads`` usable cores
+    split into ``world`` disjoint lists joined by ``|`` (vLLM 0.32
+    ``utils/ompmultiprocessing.py``: one list per local rank, ordered [DP, PP, TP]), e.g. ``0|1``
+    for two ranks on two cores. One rank gets one list (``0,1``)."""
+    use = cpus[: max(world, min(threads, len(cpus)))]
+    if len(use) < world:
+        raise ValueError(
+            f"{world} vLLM ranks need {world} cores to bind; this process may use {len(cpus)}"
+        )
+    per = len(use) // world
+    return "|".join(",".join(map(str, use[r * per : (r + 1) * per])) for r in range(world))
+
+
+def _configure(threads: int, kv_gib: float, world: int = 1) -> str:
+    """Environment for vLLM, set before it is imported; returns the thread binding."""
     # Keep the engine core in this process (vLLM 0.32's V1 engine otherwise starts it in a child
     # process and a load failure surfaces here only as "Engine core initialization failed"; in
-    # process, vLLM's own exception text reaches the report).
+    # process, vLLM's own exception text reaches the report). With several ranks (tensor or
+    # pipeline parallel) vLLM still starts one worker process per rank (its "mp" executor).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM's CPU backend binds one OpenMP thread per listed core; list the first `threads` of the
-    # cores this process may use (a cgroup/taskset may exclude some).
-    cpus = sorted(os.sched_getaffinity(0))[: max(1, threads)]
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    # cores this process may use (a cgroup/taskset may exclude some), one list per rank.
+    cpus = sorted(os.sched_getaffinity(0))
+    try:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads_bind(cpus, threads, world))
+    except ValueError:  # more ranks than cores: a GPU per rank (quantkit refuses it on CPU)
+        pass
     # KV cache size in GiB for the CPU backend; chunks are short, the default takes much more RAM
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_gib:g}")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # A chunk as long as the model's context still needs that one sampled position past it.
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
 
 
 def _read_text(path: str) -> str:
@@ -109,9 +128,12 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     chunks = np.load(job["chunks"])
     n_ctx = chunks.shape[1]
     pp, tg = int(job.get("pp", 0)), int(job.get("tg", 0))
-    _configure(int(job["threads"]), float(opts.get("kv_cache_gib") or 1))
+    world = int(opts.get("tensor_parallel_size") or 1) * int(
+        opts.get("pipeline_parallel_size") or 1
+    )
+    bind = _configure(int(job["threads"]), float(opts.get("kv_cache_gib") or 1), world)
     # vLLM wants room for the one token it samples after each prompt (discarded here)
-    llm, lora_req, res = _load(job, opts, k, max(n_ctx + 1, pp + 1, tg + 2))
+    llm, lora_req, res = _load(job, opts, k, max(n_ctx + 1, pp + 1, tg + 2), bind)
     if job.get("text"):
         res["tokenization"] = _tokenization(job, llm)
     res.update(_score(job, llm, chunks, k, lora_req))
@@ -132,7 +154,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load(
-    job: dict[str, Any], opts: dict[str, Any], k: int, max_len: int
+    job: dict[str, Any], opts: dict[str, Any], k: int, max_len: int, bind: str
 ) -> tuple[Any, Any, dict[str, Any]]:
     """The artifact loaded in vLLM (for a LoRA adapter: its base with LoRA enabled, and the
     request every prompt carries); the result so far: the engine's description, load time."""
@@ -165,6 +187,8 @@ def _load(
         enable_prefix_caching=False,  # every chunk and the speed runs start from an empty cache
         seed=0,
         trust_remote_code=False,
+        tensor_parallel_size=int(opts.get("tensor_parallel_size") or 1),
+        pipeline_parallel_size=int(opts.get("pipeline_parallel_size") or 1),
         **lora_kw,
     )
     load_seconds = time.perf_counter() - t0
@@ -180,6 +204,7 @@ def _load(
             "topk": k,
             "quantization": getattr(cfg, "quantization", None),
             **({"lora": lora["path"], "max_lora_rank": int(lora["max_lora_rank"])} if lora else {}),
+            "parallel": _parallel(llm, bind),
         },
         "load_seconds": load_seconds,
     }
@@ -247,6 +272,47 @@ def _score(
         "score_tps": n_chunks * n_ctx / t_score if t_score > 0 else None,
         "scored_tokens": n_chunks * m,
     }
+
+
+def _parallel(llm: Any, bind: str) -> dict[str, Any]:
+    """The parallel layout vLLM actually set up (its ParallelConfig after its own checks)."""
+    pc = llm.llm_engine.vllm_config.parallel_config
+    backend = pc.distributed_executor_backend
+    out = {
+        "tensor_parallel_size": int(pc.tensor_parallel_size),
+        "pipeline_parallel_size": int(pc.pipeline_parallel_size),
+        "world_size": int(pc.world_size),
+        "executor": backend if isinstance(backend, str) or backend is None else backend.__name__,
+        # CPU: the cores of each rank (OpenMP binding); unused on CUDA, one GPU per rank there
+        **({"threads_bind": bind} if _is_cpu() else {}),
+    }
+    if pc.world_size > 1:
+        # each rank is a process of its own, which this process's peak RSS does not count
+        out["ranks_peak_rss_bytes"] = _descendants_hwm()
+    return out
+
+
+def _descendants_hwm() -> list[int]:
+    """Peak RSS (VmHWM) of every live process started by this one, in bytes."""
+    out: list[int] = []
+    todo = [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        kids: list[int] = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                kids += [int(k) for k in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+        for k in kids:
+            try:
+                for line in Path(f"/proc/{k}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        out.append(int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                continue
+        todo += kids
+    return out
 
 
 def _speed(llm: Any, chunks: np.ndarray, pp: int, tg: int, lora_req: Any) -> dict[str, Any]:

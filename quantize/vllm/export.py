@@ -272,6 +272,17 @@ def _preflight(
         config = ck.config
     per_target, tnotes = _per_target(parsed, s, config)
     plans = {id(t): preflight(model_dir, t, per_target[id(t)], py) for t in parsed}
+    for t in parsed:
+        pl = plans[id(t)]
+        if pl.offload_cpu_bytes is not None and pl.memory_available is not None:
+            gib = 2**30
+            tnotes.append(
+                f"{t.label()}: the model in memory needs about {pl.memory_estimate / gib:.1f} GiB "
+                f"and {pl.memory_available / gib:.1f} GiB is available, so llm-compressor keeps "
+                f"{pl.offload_cpu_bytes / gib:.1f} GiB of weights in memory and the rest on disk, "
+                f"one decoder layer at a time in memory (about "
+                f"{(pl.memory_offloaded or 0) / gib:.1f} GiB)"
+            )
     if env_error is not None or py is None:
         raise env_error or EngineError("no llmcompressor environment")
     ids = None
@@ -335,6 +346,14 @@ def _worker_job(job: _Job, s: VllmSettings, work: Path) -> dict[str, Any]:
             "output": str(work / t.label()),
             "recipe": t.to_recipe(),
             "ignore": list(job.per_target[id(t)].ignore),
+            **(
+                {
+                    "offload_cpu_bytes": job.plans[id(t)].offload_cpu_bytes,
+                    "offload_dir": str(work / f"offload-{t.label()}"),
+                }
+                if job.plans[id(t)].offload_cpu_bytes is not None
+                else {}
+            ),
             **(
                 {"calib_ids": str(work / "calib.npy")}
                 if t.needs_calibration and job.ids is not None

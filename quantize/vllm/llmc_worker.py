@@ -105,10 +105,31 @@ def load_calibration(export: dict[str, Any]) -> Any:
     )
 
 
-def load_model(job: dict[str, Any]) -> tuple[Any, Any]:
+def load_model(job: dict[str, Any], export: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """The model in its own dtype. With ``export["offload_cpu_bytes"]`` (quantkit's preflight:
+    the whole model does not fit in memory) only that many bytes of weights stay in memory and
+    the rest go to ``offload_dir`` on disk: accelerate's device map, turned into
+    compressed-tensors' offloading by ``load_offloaded_model`` (llm-compressor 0.14's way to
+    calibrate a model larger than memory), so the sequential pipeline brings one decoder layer
+    at a time into memory and GPTQ/AWQ write each quantized layer back to disk."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")
+    cpu = (export or {}).get("offload_cpu_bytes")
+    if cpu is None:
+        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")
+    else:
+        from compressed_tensors.offload import load_offloaded_model
+
+        folder = Path(export["offload_dir"])  # type: ignore[index]
+        folder.mkdir(parents=True, exist_ok=True)
+        with load_offloaded_model():
+            model = AutoModelForCausalLM.from_pretrained(
+                job["model"],
+                dtype="auto",
+                device_map="auto_offload",
+                max_memory={"cpu": int(cpu)},
+                offload_folder=str(folder),
+            )
     tok = AutoTokenizer.from_pretrained(job["model"])
     return model, tok
 
@@ -185,7 +206,7 @@ def export_one(job: dict[str, Any], export: dict[str, Any], progress: Progress) 
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     progress(f"{label}:load", 0, 1)
-    model, tok = load_model(job)
+    model, tok = load_model(job, export)
     progress(f"{label}:load", 1, 1)
     t["load"] = time.perf_counter() - t0
 
@@ -208,6 +229,11 @@ def export_one(job: dict[str, Any], export: dict[str, Any], progress: Progress) 
     tok.save_pretrained(Path(export["output"]))
     progress(f"{label}:save", 1, 1)
     t["save"] = time.perf_counter() - t0
+    del model
+    if export.get("offload_dir"):
+        import shutil
+
+        shutil.rmtree(export["offload_dir"], ignore_errors=True)
     return t
 
 

@@ -67,6 +67,12 @@ def run(
     say = log or (lambda _m: None)
     steps = plan(ctx, only)
     targets = {t.name: t for t in selected(ctx.recipe, only)}
+    v = ctx.recipe.validation
+    if v is not None and any(s.kind == "validate" and s.action == "build" for s in steps):
+        # a vLLM layout the host cannot hold is refused before anything is built
+        from quantkit.validate.engines import VllmEngine
+
+        VllmEngine.check_parallel(v.vllm.tensor_parallel_size, v.vllm.pipeline_parallel_size)
     res = RunResult(steps)
     n = len(steps)
     for i, s in enumerate(steps, 1):

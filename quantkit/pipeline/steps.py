@@ -163,6 +163,8 @@ def validate_target(ctx: Context, t: Any, progress: Any) -> None:
     s = Settings(
         ctx=v.ctx, chunks=v.chunks, threads=v.threads, pp=v.pp, tg=v.tg, timeout=v.timeout,
         kv_f32=v.kv_f32, vllm_eager=v.vllm_eager, adapter=ctx.adapter, max_minutes=v.max_minutes,
+        tensor_parallel_size=v.vllm.tensor_parallel_size,
+        pipeline_parallel_size=v.vllm.pipeline_parallel_size,
         gates=Gates(g.max_kld, g.max_ppl_increase_pct, g.min_top1_pct, g.per_type_defaults),
     )  # fmt: skip
     report = validate([ctx.artifact_path(t)], ctx.model, ctx.vdata, s, progress=progress)
