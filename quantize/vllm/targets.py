@@ -12,7 +12,6 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-METHODS = ("gptq", "awq", "fp8")
 LAYOUTS = ("compressed-tensors", "legacy")
 DEFAULT_IGNORE = ("lm_head",)
 # MoE routers stay in float in every export (added to the ignore list of MoE models): vLLM 0.32

@@ -22,6 +22,7 @@ from typing import Any
 from quantkit.errors import InputError
 from quantkit.hashing import content_sha256
 from quantkit.progress import Progress
+from quantkit.quantize.vllm.targets import LAYOUTS  # the first is the default
 from quantkit.targets import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
@@ -31,8 +32,6 @@ from quantkit.targets import (
     updated,
 )
 
-# vLLM checkpoint layouts, the first the default (quantize/vllm/targets.py LAYOUTS)
-LAYOUTS = ("compressed-tensors", "legacy")
 # a float GGUF input's file stem ends in its type as quantkit names float files (STEM-F16.gguf);
 # what is made from it is named after the model, without it
 _FLOAT_SUFFIXES = ("-F32", "-F16", "-BF16")

@@ -192,8 +192,10 @@ class Context:
         return self.out / t.name
 
     def artifact_path(self, t: RecipeTarget) -> Path:
-        suffix = ".gguf" if is_gguf(t) else ""
-        return self.target_dir(t) / f"{self.stem}-{t.target.label()}{suffix}"
+        """The target's artifact in its folder, named as every export names it."""
+        from quantkit.pipeline.build import place
+
+        return place([t.target], self.target_dir(t), self.stem, out_is_dir=True)[0].path
 
     def validation_key(self, t: RecipeTarget) -> str:
         v = self.recipe.validation
