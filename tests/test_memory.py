@@ -10,9 +10,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TRAIN_TEXT, make_tiny_model
+from conftest import TRAIN_TEXT, make_tiny_model, run_cli
 
-from quantkit.memory import proc_status
+from quantkit.errors import InputError
+from quantkit.memory import (
+    LIMIT_ENV,
+    Need,
+    Room,
+    Shape,
+    check,
+    imatrix_need,
+    memory_available,
+    parse_size,
+    proc_status,
+    reference_need,
+)
 
 
 def _sample_peak(proc: subprocess.Popen[bytes]) -> int:
@@ -65,4 +77,77 @@ def test_worker_reports_its_own_peak(tmp_path: Path) -> None:
     assert abs(reported - outside) <= 0.10 * outside, (reported, outside)
 
 
-_ = TRAIN_TEXT, pytest  # used by the preflight tests below
+# -- preflight -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model(
+        tmp_path_factory.mktemp("mem") / "m", "LlamaForCausalLM", dtype="bfloat16"
+    )
+
+
+def test_sizes_and_the_limit_variable(monkeypatch) -> None:
+    assert parse_size("12G") == 12 * 2**30 and parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5g") == 3 * 2**29 and parse_size("4096") == 4096
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(InputError):
+            parse_size(bad)
+    monkeypatch.delenv(LIMIT_ENV, raising=False)
+    room = memory_available()
+    assert room is not None and room.bytes > 0
+    monkeypatch.setenv(LIMIT_ENV, "1M")
+    assert memory_available() == Room(2**20, f"allowed by {LIMIT_ENV}")
+
+
+def test_check_refuses_with_the_numbers() -> None:
+    need = Need("a step", {"weights": 3 * 2**30, "buffers": 2**30}, "use the smaller option")
+    check(need, Room(5 * 2**30, "available"))  # fits: nothing happens
+    with pytest.raises(InputError) as e:
+        check(need, Room(2**30, "available"))
+    msg = str(e.value)
+    assert "a step needs about 4.0 GiB" in msg and "weights 3.0 GiB" in msg
+    assert "this machine has 1.0 GiB available" in msg and "use the smaller option" in msg
+
+
+def test_estimates_follow_the_config(tiny: Path) -> None:
+    from quantkit.checkpoint import Checkpoint
+
+    with Checkpoint.open(tiny) as ck:
+        s = Shape.of(ck)
+    assert s.source_dtype == "BF16" and s.layer_params > 0 and s.expert_params == 0
+    one, many = imatrix_need(s, ctx=64, chunks=1), imatrix_need(s, ctx=64, chunks=50)
+    assert many.bytes > one.bytes  # hidden states of every chunk are carried
+    same = reference_need(s, ctx=64, dtype=None)
+    wider = reference_need(s, ctx=64, dtype="float32")
+    assert wider.bytes - same.bytes == 4 * s.n_params  # a float32 copy of every weight
+    assert "--reference-dtype bfloat16" in wider.fits and "--reference-dtype" not in same.fits
+
+
+def test_imatrix_refuses_up_front(tiny: Path, tmp_path: Path) -> None:
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TRAIN_TEXT * 4)
+    out = tmp_path / "im.gguf"
+    r = run_cli("imatrix", str(tiny), "--calib", str(calib), "--ctx", "64", "-o", str(out),
+                env={LIMIT_ENV: "64M"})  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert "imatrix needs about" in lines[0] and f"0.1 GiB allowed by {LIMIT_ENV}" in lines[0]
+    assert "Traceback" not in r.stderr and "--chunks" in r.stderr
+    assert not out.exists()
+
+
+def test_validate_refuses_the_reference_up_front(tiny: Path, tmp_path: Path) -> None:
+    from quantkit.convert import convert
+
+    gguf = tmp_path / "tiny-F32.gguf"
+    convert(tiny, ["gguf:F32"], gguf)
+    data = tmp_path / "data.txt"
+    data.write_text(TRAIN_TEXT * 4)
+    r = run_cli("validate", str(gguf), "--reference", str(tiny), "--data", str(data),
+                "--ctx", "64", "--chunks", "1", "--reference-dtype", "float32", "--no-cache",
+                env={LIMIT_ENV: "300M"})  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "the validation reference needs about" in r.stderr
+    assert f"allowed by {LIMIT_ENV}" in r.stderr and "--reference-dtype bfloat16" in r.stderr
+    assert "Traceback" not in r.stderr

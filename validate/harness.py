@@ -531,6 +531,19 @@ def _report_head(
     }
 
 
+def _check_reference_memory(reference: Path, s: Settings) -> None:
+    from quantkit import memory
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.errors import CheckpointError
+
+    try:
+        with Checkpoint.open(reference) as ckpt:
+            shape = memory.Shape.of(ckpt)
+    except CheckpointError:  # not a safetensors folder: transformers says what is wrong
+        return
+    memory.check(memory.reference_need(shape, ctx=s.ctx, dtype=s.reference_dtype))
+
+
 def _reference(
     reference: Path,
     text: str,
@@ -557,6 +570,8 @@ def _reference(
             if ref_res is None:
                 if s.cache:
                     check_free_space([(cdir, est)])
+                if reference_model is None:  # a folder: refuse before loading what cannot fit
+                    _check_reference_memory(reference, s)
                 ref_res = _score_reference(
                     cdir, reference, base_job, s, run_dir, progress, reference_model
                 )

@@ -237,8 +237,14 @@ def collect_imatrix(
     """
     import torch
 
+    from quantkit import memory
+    from quantkit.checkpoint import Checkpoint
+
     model_dir = Path(model_dir)
     arch, plan, todo = _prepare(model_dir, text, ctx, chunks)
+    with Checkpoint.open(model_dir) as ckpt:
+        shape = memory.Shape.of(ckpt)
+    memory.check(memory.imatrix_need(shape, ctx=ctx, chunks=len(todo)))  # before any weight
     saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
