@@ -155,22 +155,12 @@ def awq_mappings(env_python: Path) -> tuple[set[str], list[str]] | None:
 
 
 def memory_available() -> int | None:
-    """MemAvailable, bounded by the cgroup limit when one is set (containers)."""
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max" and avail is not None:
-            avail = min(avail, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return avail
+    """What this machine offers now (quantkit/memory.py: MemAvailable, a cgroup limit,
+    QUANTKIT_MEMORY_LIMIT)."""
+    from quantkit.memory import memory_available as room
+
+    r = room()
+    return r.bytes if r is not None else None
 
 
 def memory_estimate(
