@@ -259,3 +259,18 @@ def reference_need(s: Shape, *, ctx: int, dtype: str | None) -> Need:
 
 def _torch_name(dtype: str) -> str:
     return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(dtype, dtype)
+
+
+def llamacpp_need(gguf_bytes: int) -> Need:
+    """A GGUF scored in llama.cpp: the file is memory-mapped, but the CPU backend repacks the
+    matrices of some types (Q4_0, Q4_K, IQ4_NL, … into interleaved rows) into anonymous buffers
+    at load — measured 62 of a 95 MiB Q4_K_M file, none with ``use_extra_bufts`` off — so the
+    whole file is the bound; plus one context's KV cache and compute buffers, and the CLI."""
+    return Need(
+        "scoring in llama.cpp",
+        {
+            "runtime": LLAMACPP_RUNTIME + CLI_RUNTIME,
+            "weights repacked by the CPU backend (at most the file)": gguf_bytes,
+        },
+        "validate on a machine with more memory",
+    )

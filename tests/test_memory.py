@@ -151,3 +151,12 @@ def test_validate_refuses_the_reference_up_front(tiny: Path, tmp_path: Path) -> 
     assert "the validation reference needs about" in r.stderr
     assert f"allowed by {LIMIT_ENV}" in r.stderr and "--reference-dtype bfloat16" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_llamacpp_counts_the_repacked_weights() -> None:
+    from quantkit.memory import llamacpp_need
+
+    need = llamacpp_need(5 * 2**30)
+    assert need.bytes > 5 * 2**30
+    with pytest.raises(InputError, match="repacked by the CPU backend"):
+        check(need, Room(4 * 2**30, "available"))

@@ -614,6 +614,10 @@ def _artifact(run: _Run, i: int, a: Path) -> dict[str, Any]:
     try:
         engine = ENGINES[engine_for(a, run.s.hf_engine)]
         target, lora_opt = _lora_target(run, a)
+        if engine.name == "llama.cpp" and Path(target).is_file():
+            from quantkit import memory
+
+            memory.check(memory.llamacpp_need(Path(target).stat().st_size))
     except InputError as e:
         entry.update(status="failed", error=str(e), log_tail=[])
         return entry
