@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/imatrix.py [MODEL_DIR] [--ctx 512] [--chunks 2] [--repeat 3]
                                       [--threads N] [--text FILE] [--no-llamacpp]
+                                      [--whole-model]
 
 MODEL_DIR defaults to the embedded SmolLM2-135M-Instruct checkpoint, the text to the shared
 TinyStories fixture (else a repeated built-in paragraph). Each round is one ``collect_imatrix``
-call: "forward" is the time from the first to the last chunk (the progress callback's
-timestamps), "call" adds model and tokenizer loading. For scale, the same chunks are also
+call: "forward" is the time from the first to the last decoder layer (the progress callback's
+timestamps; each layer runs over every chunk), "call" adds model and tokenizer loading.
+``--whole-model`` also runs the whole-model float32 collector kept as the tests' reference. For scale, the same chunks are also
 evaluated by llama.cpp on an F16 GGUF of the model (the work llama-imatrix would do, without its
 callback). These machines are shared and noisy: medians of ``--repeat`` rounds.
 """
@@ -40,6 +42,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--text", type=Path, default=None)
     ap.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
+    ap.add_argument(
+        "--whole-model",
+        action="store_true",
+        help="also time the whole-model float32 collector (tests/imatrix_reference.py) and "
+        "print the largest per-tensor relative difference",
+    )
     args = ap.parse_args()
 
     from quantkit.quantize.gguf.imatrix import bos_added, chunk_tokens, collect_imatrix
@@ -72,7 +80,7 @@ def main() -> None:
             progress=lambda _s, done, _n, marks=marks: marks.__setitem__(done, time.perf_counter()),
         )
         call.append(time.perf_counter() - t0)
-        forward.append(marks[im.chunks] - marks[0])
+        forward.append(marks[max(marks)] - marks[0])  # first to last layer
         if im.chunks != args.chunks:
             sys.exit(f"the text gives only {im.chunks} chunks of {args.ctx} tokens")
 
@@ -83,6 +91,24 @@ def main() -> None:
     print(f"torch forward+hooks : {f:7.2f} s  = {f / n_tok * 1000:6.2f} s per 1k tokens")
     print(f"whole call (+load)  : {c:7.2f} s  = {c / n_tok * 1000:6.2f} s per 1k tokens")
 
+    if args.whole_model:
+        import numpy as np
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from imatrix_reference import collect_whole_model
+
+        whole = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            ref = collect_whole_model(model, text, ctx=args.ctx, chunks=args.chunks)
+            whole.append(time.perf_counter() - t0)
+        worst = max(
+            float(np.abs(s - ref.entries[n][0]).max() / np.abs(ref.entries[n][0]).max())
+            for n, (s, _) in im.entries.items()
+        )
+        w = statistics.median(whole)
+        print(f"whole model (float32): {w:7.2f} s; layer by layer / whole = {c / w:.2f}x")
+        print(f"largest per-tensor relative difference: {worst:.3g}")
     if args.no_llamacpp:
         return
     from transformers import AutoTokenizer

@@ -29,6 +29,7 @@ UNITS: dict[str, str] = {
     "speed": "run",
     "load": "step",
     "imatrix": "chunk",
+    "layers": "layer",
     "calibrate": "sample",
     "convert": "tensor",
     "quantize": "tensor",

@@ -16,6 +16,7 @@ data through quantkit's quantize_file the way llama-quantize's main() passes it 
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import struct
 from pathlib import Path
@@ -763,3 +764,34 @@ def test_imatrix_lowers_kld_on_other_text(smol: dict, qtype: str, tmp_path: Path
         out.unlink()
     print(f"{qtype}: mean KLD to F16 without imatrix {kld[False]:.5f}, with {kld[True]:.5f}")
     assert kld[True] < 0.9 * kld[False], kld
+
+
+# -- layer by layer ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "dtype"),
+    [
+        ("LlamaForCausalLM", "bfloat16"),  # widened one layer at a time
+        ("Qwen2ForCausalLM", "float32"),  # already float32: nothing to widen
+        ("Gemma3ForCausalLM", "bfloat16"),  # scaled embedding, sliding-window layers
+    ],
+)
+def test_layer_by_layer_equals_whole_model(arch: str, dtype: str, tmp_path: Path) -> None:
+    """The collector that holds one decoder layer in float32 gives the statistic of the whole
+    model loaded in float32 (tests/imatrix_reference.py), to 1e-4 relative per tensor."""
+    from imatrix_reference import collect_whole_model
+
+    model_dir = make_tiny_model(tmp_path / "m", arch, dtype=dtype)
+    seen: list[tuple[str, int, int]] = []
+    im = collect_imatrix(
+        model_dir, TRAIN_TEXT, ctx=64, chunks=3, progress=lambda *a: seen.append(a)
+    )
+    ref = collect_whole_model(model_dir, TRAIN_TEXT, ctx=64, chunks=3)
+    assert sorted(im.entries) == sorted(ref.entries)
+    for name, (sums, counts) in im.entries.items():
+        rsums, rcounts = ref.entries[name]
+        assert counts.tolist() == rcounts.tolist(), name
+        assert float(np.abs(sums - rsums).max() / np.abs(rsums).max()) <= 1e-4, name
+    n_layer = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert seen[0] == ("imatrix layers", 0, n_layer) and seen[-1][1:] == (n_layer, n_layer)

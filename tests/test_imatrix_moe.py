@@ -190,3 +190,17 @@ def test_iq4_xs_with_calibration_lists_coverage_and_loads(moe: Path, tmp_path: P
                                      "--chunks", "1", "-o", str(tmp_path / "im.gguf")])  # fmt: skip
     assert human.exit_code == 0, human.output
     assert "tokens per expert" in human.output and "never routed" in human.output
+
+
+def test_moe_layer_by_layer_equals_whole_model(moe: Path) -> None:
+    """Experts, router and routing counts: the one-layer-at-a-time collector equals the whole
+    model in float32 (tests/imatrix_reference.py)."""
+    from imatrix_reference import collect_whole_model
+
+    im = collect_imatrix(moe, TRAIN_TEXT, ctx=64, chunks=3, threads=2)
+    ref = collect_whole_model(moe, TRAIN_TEXT, ctx=64, chunks=3)
+    assert sorted(im.entries) == sorted(ref.entries)
+    for name, (sums, counts) in im.entries.items():
+        rsums, rcounts = ref.entries[name]
+        assert counts.tolist() == rcounts.tolist(), name
+        assert float(np.abs(sums - rsums).max() / np.abs(rsums).max()) <= 1e-4, name

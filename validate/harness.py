@@ -536,6 +536,19 @@ def _report_head(
     }
 
 
+def _check_reference_memory(reference: Path, s: Settings) -> None:
+    from quantkit import memory
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.errors import CheckpointError
+
+    try:
+        with Checkpoint.open(reference) as ckpt:
+            shape = memory.Shape.of(ckpt)
+    except CheckpointError:  # not a safetensors folder: transformers says what is wrong
+        return
+    memory.check(memory.reference_need(shape, ctx=s.ctx, dtype=s.reference_dtype))
+
+
 def _reference(
     reference: Path,
     text: str,
@@ -562,6 +575,8 @@ def _reference(
             if ref_res is None:
                 if s.cache:
                     check_free_space([(cdir, est)])
+                if reference_model is None:  # a folder: refuse before loading what cannot fit
+                    _check_reference_memory(reference, s)
                 ref_res = _score_reference(
                     cdir, reference, base_job, s, run_dir, progress, reference_model
                 )
@@ -604,6 +619,10 @@ def _artifact(run: _Run, i: int, a: Path) -> dict[str, Any]:
     try:
         engine = ENGINES[engine_for(a, run.s.hf_engine)]
         target, lora_opt = _lora_target(run, a)
+        if engine.name == "llama.cpp" and Path(target).is_file():
+            from quantkit import memory
+
+            memory.check(memory.llamacpp_need(Path(target).stat().st_size))
     except InputError as e:
         entry.update(status="failed", error=str(e), log_tail=[])
         return entry

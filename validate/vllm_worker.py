@@ -44,8 +44,16 @@ KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
 
 
 def _peak_rss() -> int:
-    # KiB on Linux; with the engine core in this process (see _configure) SELF covers the model
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # KiB on Linux; with the engine core in this process (see _configure) our own peak covers
+    # the model. It is VmHWM, not getrusage(RUSAGE_SELF): Linux keeps the parent's high-water
+    # mark across fork + exec, so ru_maxrss would report the CLI's peak (as quantkit/memory.py)
+    own = 0
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                own = int(line.split()[1])
+    except OSError:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, kids) * 1024
 

@@ -14,7 +14,6 @@ Roles:
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 import traceback
@@ -30,7 +29,11 @@ REF_F32_LIMIT = 256 * 2**20  # reference log-probs up to this size are stored in
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # this process's own high-water mark; getrusage would report the parent's peak as ours
+    # (see quantkit/memory.py)
+    from quantkit.memory import own_peak_rss
+
+    return own_peak_rss()
 
 
 def _progress(job: dict[str, Any], stage: str, done: int, total: int) -> None:

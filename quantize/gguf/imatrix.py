@@ -217,33 +217,86 @@ def collect_imatrix(
 
     ``chunks``: at most this many chunks of ``ctx`` tokens (None: all full chunks of the text).
     ``dataset``: the name recorded in the file (default ``sha256:`` of the text).
-    ``progress(stage, done, total)`` is called as ("imatrix", chunks done, chunks in all).
+    ``progress(stage, done, total)`` is called as ("imatrix layers", layers done, layers in all).
     Unlike llama-imatrix, one chunk of text is enough (it asks for two, for its perplexity), and
     every token counts: llama-imatrix would skip a trailing micro-batch under 16 tokens when
     ctx > n_ubatch (512) and ctx % 512 < 16, which this does not reproduce.
+
+    Memory is bounded by one decoder layer, not the model (the way llm-compressor's sequential
+    pipeline calibrates): the weights stay in the checkpoint's own dtype, backed by the
+    safetensors memory map (file pages, not anonymous memory), and one decoder layer at a time
+    is widened to float32, run over every chunk's hidden states and dropped again. The hidden
+    states of all chunks are carried from layer to layer (chunks × ctx × n_embd float32). The
+    embedding widens only the rows a chunk looks up; the output projection never runs
+    (llama-imatrix does not collect it). The arithmetic is the float32 model's, so the numbers
+    are those of loading the whole model in float32 (tests/imatrix_reference.py keeps that path).
 
     MoE: every expert tensor (``blk.N.ffn_{gate,up,down}_exps``) gets one row of sums and one
     count per expert, from the tokens the router sent to that expert, as llama-imatrix counts a
     ``MUL_MAT_ID`` (imatrix.cpp: ``e.counts[ex]++`` per routed row). The router
     (``ffn_gate_inp``) is an ordinary matmul over every token.
     """
+    import torch
+
+    from quantkit import memory
+    from quantkit.checkpoint import Checkpoint
+
+    model_dir = Path(model_dir)
+    arch, plan, todo = _prepare(model_dir, text, ctx, chunks)
+    with Checkpoint.open(model_dir) as ckpt:
+        shape = memory.Shape.of(ckpt)
+    memory.check(memory.imatrix_need(shape, ctx=ctx, chunks=len(todo)))  # before any weight
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    handles: list[Any] = []
+    try:
+        model = _load_file_backed(model_dir)
+        accs, square_sums, handles = attach_hooks(model, arch, plan)
+        body = getattr(model, model.base_model_prefix, model)
+        layers = _decoder_layers(body, arch.h.n_layer)
+        handles += _float32_outside_layers(body, layers)
+        # no_grad, not inference_mode: inference tensors have no version counter (_SquareSums)
+        with torch.no_grad():
+            hidden, calls = _layer_inputs(body, layers, todo)
+            total = len(layers)
+            if progress:
+                progress("imatrix layers", 0, total)
+            for i, layer in enumerate(layers):
+                with _float32(layer):
+                    for c in range(len(todo)):
+                        args, kwargs = calls[i][c]
+                        out = layer(hidden[c], *args, **kwargs)
+                        hidden[c] = out[0] if isinstance(out, tuple) else out
+                        square_sums.clear()
+                calls[i] = []  # this layer's masks and positions are no longer needed
+                if progress:
+                    progress("imatrix layers", i + 1, total)
+    finally:
+        for h in handles:
+            h.remove()
+        torch.set_num_threads(saved_threads)
+    return finish_imatrix(model_dir, accs, len(todo), dataset or text_dataset_name(text), ctx)
+
+
+def _prepare(
+    model_dir: Path, text: str, ctx: int, chunks: int | None
+) -> tuple[Any, list[Any], list[list[int]]]:
+    """Checks before any weight is touched (safetensors only, known architecture, a usable
+    context), then the text as llama-imatrix chunks it: (architecture, GGUF plan, chunks)."""
+    from transformers import AutoTokenizer
+
     from quantkit.checkpoint import Checkpoint
     from quantkit.convert.archs import resolve
 
-    model_dir = Path(model_dir)
     if ctx < MIN_TOKENS:
         raise InputError(
             f"imatrix context of {ctx} tokens is too small",
             f"llama.cpp ignores batches under {MIN_TOKENS} tokens; use ctx >= {MIN_TOKENS}",
         )
-    with Checkpoint.open(model_dir) as ckpt:  # preflight: safetensors only, known architecture
+    with Checkpoint.open(model_dir) as ckpt:
         arch = resolve(ckpt.config, ckpt.path / "config.json")
         plan = arch.plan({n: t.shape for n, t in ckpt.tensors.items()})
-    expected = arch.expected()
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     bos = bos_added(tok)
     # split_special_tokens: text that looks like a special token is plain text, as llama-imatrix
@@ -256,69 +309,82 @@ def collect_imatrix(
             f"the calibration text is {len(tokens)} tokens, less than one chunk of {ctx}",
             "give a longer text or a smaller context",
         )
+    return arch, plan, todo
 
-    saved_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    handles = []
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            dtype=torch.float32,
-            attn_implementation="eager",
-            trust_remote_code=False,
-            use_safetensors=True,
-        ).eval()
-        accs: dict[str, _Accumulator] = {}
-        square_sums = _SquareSums()
-        to_checkpoint = getattr(arch, "checkpoint_name", lambda n: n)
-        for mod_name, module in model.named_modules():
-            # nn.Linear, and modules applying their own 2-D weight as one (MoE routers)
-            weight = getattr(module, "weight", None)
-            ckpt_name = to_checkpoint(f"{mod_name}.weight")
-            if (
-                ckpt_name not in expected
-                or not isinstance(weight, torch.nn.Parameter)
-                or weight.dim() != 2
-                or isinstance(module, torch.nn.Embedding)
-            ):
-                continue
-            gguf_name = arch.gguf_name(ckpt_name)
-            if not gguf_name.startswith("blk."):
-                continue  # output.weight: llama-imatrix collects it only with --process-output
-            acc = accs[gguf_name] = _Accumulator(int(weight.shape[1]))
 
-            def hook(_mod: Any, args: tuple[Any, ...], acc: _Accumulator = acc) -> None:
-                acc.add(*square_sums(args[0].detach()))
+def _load_file_backed(model_dir: Path) -> Any:
+    """The model in its checkpoint's own float dtype: transformers then keeps each weight a view
+    of the safetensors memory map (file pages the kernel can drop, not anonymous memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-            handles.append(module.register_forward_pre_hook(hook))
-        handles += _hook_experts(model, arch, accs)
-        # every 2-D blk.* weight is a matmul llama.cpp collects: refuse to leave one out (a
-        # model whose projections are neither nn.Linear nor known expert modules)
-        wanted = {pt.name for pt in plan if len(pt.shape) >= 2}
-        missed = sorted(n for n in wanted if n.startswith("blk.") and n not in accs)
-        if missed or not accs:
-            raise UnsupportedArchitectureError(
-                f"imatrix collection has no hook for {', '.join(missed[:3]) or 'any weight'}"
-                + (f" (+{len(missed) - 3} more)" if len(missed) > 3 else ""),
-                "quantize this model without an imatrix",
-            )
-        # logits are not needed: run the decoder body and skip the vocabulary projection
-        body = getattr(model, model.base_model_prefix, model)
-        if progress:
-            progress("imatrix", 0, len(todo))
-        # no_grad, not inference_mode: inference tensors have no version counter (_SquareSums)
-        with torch.no_grad():
-            for i, chunk in enumerate(todo):
-                body(input_ids=torch.tensor([chunk]), use_cache=False)
-                square_sums.clear()
-                if progress:
-                    progress("imatrix", i + 1, len(todo))
-    finally:
+    from quantkit.checkpoint import Checkpoint
+
+    with Checkpoint.open(model_dir) as ckpt:
+        source = ckpt.source_dtype
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(source, torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=dtype,
+        attn_implementation="eager",
+        trust_remote_code=False,
+        use_safetensors=True,
+    ).eval()
+
+
+def attach_hooks(
+    model: Any, arch: Any, plan: list[Any]
+) -> tuple[dict[str, _Accumulator], _SquareSums, list[Any]]:
+    """One accumulator per GGUF ``blk.*`` weight, fed by a hook on the module applying it:
+    (accumulators by GGUF name, the shared Σx² cache to clear between calls, hook handles)."""
+    import torch
+
+    expected = arch.expected()
+    accs: dict[str, _Accumulator] = {}
+    square_sums = _SquareSums()
+    handles: list[Any] = []
+    to_checkpoint = getattr(arch, "checkpoint_name", lambda n: n)
+    for mod_name, module in model.named_modules():
+        # nn.Linear, and modules applying their own 2-D weight as one (MoE routers)
+        weight = getattr(module, "weight", None)
+        ckpt_name = to_checkpoint(f"{mod_name}.weight")
+        if (
+            ckpt_name not in expected
+            or not isinstance(weight, torch.nn.Parameter)
+            or weight.dim() != 2
+            or isinstance(module, torch.nn.Embedding)
+        ):
+            continue
+        gguf_name = arch.gguf_name(ckpt_name)
+        if not gguf_name.startswith("blk."):
+            continue  # output.weight: llama-imatrix collects it only with --process-output
+        acc = accs[gguf_name] = _Accumulator(int(weight.shape[1]))
+
+        def hook(_mod: Any, args: tuple[Any, ...], acc: _Accumulator = acc) -> None:
+            acc.add(*square_sums(args[0].detach()))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    handles += _hook_experts(model, arch, accs)
+    # every 2-D blk.* weight is a matmul llama.cpp collects: refuse to leave one out (a
+    # model whose projections are neither nn.Linear nor known expert modules)
+    wanted = {pt.name for pt in plan if len(pt.shape) >= 2}
+    missed = sorted(n for n in wanted if n.startswith("blk.") and n not in accs)
+    if missed or not accs:
         for h in handles:
             h.remove()
-        torch.set_num_threads(saved_threads)
+        raise UnsupportedArchitectureError(
+            f"imatrix collection has no hook for {', '.join(missed[:3]) or 'any weight'}"
+            + (f" (+{len(missed) - 3} more)" if len(missed) > 3 else ""),
+            "quantize this model without an imatrix",
+        )
+    return accs, square_sums, handles
 
+
+def finish_imatrix(
+    model_dir: Path, accs: dict[str, _Accumulator], chunks: int, dataset: str, ctx: int
+) -> Imatrix:
+    """The accumulated sums as an ``Imatrix``, refusing weights no token reached and
+    non-finite sums."""
     entries = {}
     for name in sorted(accs):
         sums, counts = accs[name].result()
@@ -335,7 +401,139 @@ def collect_imatrix(
                 "the model overflows on this text in float32; check the checkpoint",
             )
         entries[name] = (sums, counts)
-    return Imatrix(entries, len(todo), dataset or text_dataset_name(text), ctx)
+    return Imatrix(entries, chunks, dataset, ctx)
+
+
+def _decoder_layers(body: Any, n_layer: int) -> Any:
+    """The decoder's stack of layers: the ``nn.ModuleList`` of ``n_layer`` blocks that holds
+    most of the body's parameters (``model.layers`` in every family quantkit converts)."""
+    import torch
+
+    best, best_size = None, -1
+    for module in body.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layer:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = module, size
+    if best is None:
+        raise UnsupportedArchitectureError(
+            f"imatrix collection found no stack of {n_layer} decoder layers in the torch model",
+            "quantize this model without an imatrix",
+        )
+    return best
+
+
+class _float32:
+    """Within the block, a module's float weights and buffers are float32 copies; on exit
+    the originals (views of the memory map) are put back and the copies freed."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.saved: list[tuple[Any, Any]] = []
+
+    def __enter__(self) -> None:
+        import torch
+
+        for t in (*self.module.parameters(), *self.module.buffers()):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                self.saved.append((t, t.data))
+                t.data = t.data.float()
+
+    def __exit__(self, *exc: object) -> None:
+        for t, data in self.saved:
+            t.data = data
+        self.saved.clear()
+
+
+def _float32_outside_layers(body: Any, layers: Any) -> list[Any]:
+    """Float32 for what the body runs outside its layers: small weights (final norm) are
+    widened for good; an embedding widens only the rows a chunk looks up, inside its call
+    (a 128k × 4096 vocabulary would be 2 GiB in float32). Returns the hook handles."""
+    import torch
+
+    in_layers = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
+    embeddings = [m for m in body.modules() if isinstance(m, torch.nn.Embedding)]
+    in_embeddings = {id(m.weight) for m in embeddings}
+    for t in (*body.parameters(), *body.buffers()):
+        if id(t) in in_layers or id(t) in in_embeddings:
+            continue
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t.data = t.data.float()
+    handles = []
+    for emb in embeddings:
+        if any(p is emb.weight for p in layers.parameters()):
+            continue
+        state: dict[str, Any] = {}
+
+        def pre(mod: Any, args: tuple[Any, ...], state: dict[str, Any] = state) -> Any:
+            ids = args[0]
+            rows, inverse = torch.unique(ids, return_inverse=True)
+            state["weight"], state["padding_idx"] = mod.weight.data, mod.padding_idx
+            # the looked-up rows as a float32 table; the padding index only matters to gradients
+            mod.weight.data = state["weight"][rows].float()
+            mod.padding_idx = None
+            return (inverse.reshape(ids.shape), *args[1:])
+
+        def post(
+            mod: Any, _args: tuple[Any, ...], _out: Any, state: dict[str, Any] = state
+        ) -> None:
+            mod.weight.data, mod.padding_idx = state.pop("weight"), state.pop("padding_idx")
+
+        handles.append(emb.register_forward_pre_hook(pre))
+        handles.append(emb.register_forward_hook(post))
+    return handles
+
+
+class _Recorded(Exception):
+    pass
+
+
+def _layer_inputs(
+    body: Any, layers: Any, todo: list[list[int]]
+) -> tuple[list[Any], list[list[tuple[tuple[Any, ...], dict[str, Any]]]]]:
+    """Run the body over each chunk with every layer replaced by a recorder that passes its
+    input through: the embedding output of each chunk (the first layer's input) and, per layer
+    and chunk, the other arguments the body hands that layer (mask, rotary cos/sin, positions —
+    they do not depend on the hidden states, and differ by layer where the body says so,
+    e.g. sliding-window layers)."""
+    import torch
+
+    hidden: list[Any] = []
+    calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = [[] for _ in layers]
+    originals = [layer.forward for layer in layers]
+
+    def recorder(i: int) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if args:
+                h, rest = args[0], args[1:]
+            else:
+                h, rest = kwargs.pop("hidden_states"), ()
+            if i == 0:
+                hidden.append(h)
+            elif h is not hidden[-1]:
+                raise _Recorded  # the body changes hidden states between layers itself
+            calls[i].append((rest, kwargs))
+            return h
+
+        return forward
+
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        for chunk in todo:
+            body(input_ids=torch.tensor([chunk]), use_cache=False)
+    except _Recorded:
+        raise UnsupportedArchitectureError(
+            "imatrix collection: this model's decoder changes the hidden states between its "
+            "layers, so they cannot be run one at a time",
+            "quantize this model without an imatrix",
+        ) from None
+    finally:
+        for layer, fwd in zip(layers, originals, strict=True):
+            if "forward" in vars(layer):
+                del layer.forward
+            assert layer.forward == fwd
+    return hidden, calls
 
 
 def _hook_experts(model: Any, arch: Any, accs: dict[str, _Accumulator]) -> list[Any]:

@@ -160,41 +160,13 @@ def awq_mappings(env_python: Path) -> tuple[set[str], list[str]] | None:
     return (known, default) if files and known else None
 
 
-# Caps what the vLLM export's memory check counts as available (bytes, or a size such as
-# "6GiB"): on a machine shared with other jobs, or to rehearse a larger model's run.
-MEMORY_ENV = "QUANTKIT_MEMORY_AVAILABLE"
-
-
 def memory_available() -> int | None:
-    """MemAvailable, bounded by the cgroup limit when one is set (containers) and by
-    ``QUANTKIT_MEMORY_AVAILABLE`` when it is."""
-    import os
+    """What this machine offers now (quantkit/memory.py: MemAvailable, a cgroup limit,
+    QUANTKIT_MEMORY_LIMIT)."""
+    from quantkit.memory import memory_available as room
 
-    cap = None
-    if os.environ.get(MEMORY_ENV):
-        from quantkit.quantize.gguf.auto.spec import parse_size
-
-        cap = parse_size(os.environ[MEMORY_ENV])
-    found = _memory_available()
-    return cap if found is None else found if cap is None else min(cap, found)
-
-
-def _memory_available() -> int | None:
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max" and avail is not None:
-            avail = min(avail, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return avail
+    r = room()
+    return r.bytes if r is not None else None
 
 
 def _layer_index(name: str) -> int | None:
