@@ -1,0 +1,147 @@
+"""Float row casts for conversion: llama.cpp's own SIMD converters where they agree with numpy.
+
+numpy casts float32 → float16 one element at a time (about 3 ns an element on an AVX-512 Zen 4;
+numpy 2.4 vectorises half casts only for AVX512-FP16 CPUs), which made the F16 conversion of a
+BF16 checkpoint several times slower than copying its bytes. ggml, built with llama.cpp for this
+CPU, exports row converters that use F16C / AVX-512 (``ggml_cpu_fp32_to_fp16``,
+``ggml_cpu_bf16_to_fp32``, ``ggml_cpu_fp16_to_fp32`` in ggml-cpu; ``ggml_fp32_to_bf16_row_ref`` in
+ggml-base, the scalar round-to-nearest-even one: the AVX512-BF16 variant flushes subnormals).
+
+Each converter is used only after it has reproduced numpy's (or gguf-py's) result bit for bit on a
+probe of every finite BF16 and F16 value and a spread of float32 bit patterns (subnormals
+included), so the bytes written never depend on which path ran; without llama-cpp-python, or on a
+build whose converter disagrees, the numpy expression runs instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+Row = Callable[[np.ndarray, np.ndarray], None]  # (contiguous 1-D source, same-length output)
+
+
+def _np_bf16_to_f32(src: np.ndarray, out: np.ndarray) -> None:
+    np.left_shift(src, 16, out=out.view(np.uint32), dtype=np.uint32)
+
+
+def _np_f16_to_f32(src: np.ndarray, out: np.ndarray) -> None:
+    np.copyto(out, src.view(np.float16))
+
+
+def _np_f32_to_f16(src: np.ndarray, out: np.ndarray) -> None:
+    with np.errstate(over="ignore"):  # beyond ±65504 is refused or clamped before this
+        np.copyto(out.view(np.float16), src, casting="unsafe")
+
+
+def _np_f32_to_bf16(src: np.ndarray, out: np.ndarray) -> None:
+    # gguf-py's BF16 quantizer (round to nearest even, as ggml_compute_fp32_to_bf16)
+    bits = gguf.quants.quantize(src, gguf.GGMLQuantizationType.BF16)
+    np.copyto(out, bits.view(np.uint16))
+
+
+NUMPY: dict[str, Row] = {
+    "bf16_to_f32": _np_bf16_to_f32,
+    "f16_to_f32": _np_f16_to_f32,
+    "f32_to_f16": _np_f32_to_f16,
+    "f32_to_bf16": _np_f32_to_bf16,
+}
+# converter → (library, exported symbol, source dtype, output dtype)
+GGML: dict[str, tuple[str, str, type, type]] = {
+    "bf16_to_f32": ("ggml-cpu", "ggml_cpu_bf16_to_fp32", np.uint16, np.float32),
+    "f16_to_f32": ("ggml-cpu", "ggml_cpu_fp16_to_fp32", np.uint16, np.float32),
+    "f32_to_f16": ("ggml-cpu", "ggml_cpu_fp32_to_fp16", np.float32, np.uint16),
+    "f32_to_bf16": ("ggml-base", "ggml_fp32_to_bf16_row_ref", np.float32, np.uint16),
+}
+
+
+def _ggml_row(fn: ctypes._CFuncPtr) -> Row:  # type: ignore[name-defined]
+    def row(src: np.ndarray, out: np.ndarray) -> None:
+        # ctypes releases the GIL for the call: another thread can write meanwhile
+        fn(src.ctypes.data, out.ctypes.data, src.size)
+
+    return row
+
+
+def _probe() -> dict[str, np.ndarray]:
+    """Inputs that cover each converter's cases: every finite 16-bit float, and float32 bit
+    patterns of every exponent (subnormals, ties, values beyond the F16 range)."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    bf16 = every[(every & 0x7FFF) < 0x7F80]
+    f16 = every[(every & 0x7FFF) < 0x7C00]
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 32, size=1 << 16, dtype=np.uint64).astype(np.uint32)
+    # F16 ties: the 13 dropped mantissa bits exactly 0x1000, and F16-subnormal magnitudes
+    bits[: 1 << 12] = (bits[: 1 << 12] & 0xFFFFE000) | 0x1000
+    bits[1 << 12 : 1 << 13] = (bits[1 << 12 : 1 << 13] & 0x807FFFFF) | (
+        rng.integers(96, 113, size=1 << 12, dtype=np.uint32) << 23
+    )
+    f32 = bits[(bits & 0x7FFFFFFF) < 0x7F800000].view(np.float32)
+    return {"bf16_to_f32": bf16, "f16_to_f32": f16, "f32_to_f16": f32, "f32_to_bf16": f32}
+
+
+def _ggml_dir() -> Path | None:
+    try:
+        from quantkit.quantize.gguf.libllama import llama_cpp
+
+        lib = llama_cpp()  # refuses a build made for another CPU
+    except Exception:  # not installed or not loadable: numpy does the casts
+        return None
+    d = Path(lib.__file__).parent / "lib"
+    return d if d.is_dir() else None
+
+
+def _load(d: Path, name: str) -> ctypes.CDLL | None:
+    suffix = {"win32": ".dll", "darwin": ".dylib"}.get(sys.platform, ".so")
+    for cand in (d / f"lib{name}{suffix}", d / f"{name}{suffix}"):
+        if cand.is_file():
+            try:
+                return ctypes.CDLL(str(cand))
+            except OSError:
+                return None
+    return None
+
+
+def _checked_rows() -> dict[str, Row]:
+    rows = dict(NUMPY)
+    d = _ggml_dir()
+    if d is None:
+        return rows
+    libs: dict[str, ctypes.CDLL | None] = {}
+    probe = _probe()
+    for what, (libname, symbol, sdt, odt) in GGML.items():
+        lib = libs.setdefault(libname, _load(d, libname))
+        fn = getattr(lib, symbol, None) if lib is not None else None
+        if fn is None:
+            continue
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+        candidate = _ggml_row(fn)
+        src = np.ascontiguousarray(probe[what]).view(sdt)
+        want, got = np.empty(src.size, odt), np.zeros(src.size, odt)
+        NUMPY[what](src, want)
+        candidate(src, got)
+        if np.array_equal(want.view(np.uint8), got.view(np.uint8)):
+            rows[what] = candidate
+    return rows
+
+
+_ROWS: dict[str, Row] | None = None
+
+
+def rows() -> dict[str, Row]:
+    """The row converters in use: ggml's where they matched numpy on the probe, else numpy's."""
+    global _ROWS
+    if _ROWS is None:
+        _ROWS = _checked_rows()
+    return _ROWS
+
+
+def backends() -> dict[str, str]:
+    """Which implementation runs each converter ("ggml" or "numpy"), for benchmarks."""
+    return {k: "numpy" if v is NUMPY[k] else "ggml" for k, v in rows().items()}
