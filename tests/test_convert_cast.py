@@ -47,32 +47,34 @@ def convert_all(model: Path, out: Path) -> dict[str, bytes]:
     return {a.type: a.path.read_bytes() for a in res.artifacts}
 
 
-@pytest.fixture(scope="module")
-def tiny_bf16(tmp_path_factory) -> Path:
-    """A tiny Llama in BF16 whose weights reach every cast case: zeros, values that are
-    subnormal in F16, and values near the F16 limit."""
+def tiny(root: Path, dtype: str) -> Path:
+    """A tiny Llama whose weights reach every cast case: zeros, values that are subnormal in
+    F16 (or below its range), and values near the F16 limit."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    d = make_tiny_model(tmp_path_factory.mktemp("cast") / "m", "LlamaForCausalLM", dtype="bfloat16")
+    d = make_tiny_model(root / dtype, "LlamaForCausalLM", dtype=dtype)
     st = load_file(d / "model.safetensors")
-    w = st["model.layers.0.mlp.down_proj.weight"].flatten()
+    w = st["model.layers.0.mlp.down_proj.weight"].view(-1)
     w[:64] = 0.0
     w[64:4096] = torch.logspace(-30, 4.8, 4032) * torch.sign(torch.randn(4032))
     save_file(st, d / "model.safetensors", metadata={"format": "pt"})
     return d
 
 
-@pytest.mark.parametrize("block", [h2g.CAST_BLOCK, 999])
+@pytest.mark.parametrize(
+    "dtype, block", [("bfloat16", h2g.CAST_BLOCK), ("bfloat16", 999), ("float16", 999)]
+)
 def test_float_files_byte_identical_to_whole_tensor_numpy(
-    tiny_bf16: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, block: int
 ) -> None:
-    # 999 elements: every tensor spans several blocks, so the reused buffers go round the ring
-    # while the writer thread still holds earlier ones
+    # 999 elements: every tensor spans several blocks (and ends in a partial one), so the
+    # reused buffers go round the ring while the writer thread still holds earlier ones
+    model = tiny(tmp_path, dtype)
     monkeypatch.setattr(h2g, "CAST_BLOCK", block)
-    new = convert_all(tiny_bf16, tmp_path / "new")
+    new = convert_all(model, tmp_path / "new")
     monkeypatch.setattr(h2g, "_cast", whole_tensor_cast)
-    old = convert_all(tiny_bf16, tmp_path / "old")
+    old = convert_all(model, tmp_path / "old")
     for t in old:
         assert new[t] == old[t], f"{t}: bytes differ from the whole-tensor cast"
 
