@@ -1053,6 +1053,9 @@ def _stream(
     for i, pt in enumerate(plan):
         if progress:
             progress("convert", i, len(plan))
+        for nxt in plan[i + 1 : i + 2]:  # read ahead: the disk works while this one is cast
+            for name in nxt.sources or ([nxt.source] if nxt.source else []):
+                ckpt.prefetch(name)
         if pt.sources:
             raw, src, nbytes = _stacked(ckpt, arch, pt.sources)
             read += nbytes
