@@ -105,9 +105,11 @@ def _status_kb(pid: int) -> tuple[int, int]:
 def child(code: str, *args: str, python: str | None = None) -> dict:
     """Run ``code`` in a fresh interpreter; its JSON result plus the peak RSS and anonymous
     memory of its process tree, sampled from outside."""
+    # run outside the repository: `python -c` puts the working directory first on sys.path, and
+    # another environment's interpreter would import this checkout's quantkit/ from there
     proc = subprocess.Popen(
         [python or sys.executable, "-c", code, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir(),
     )  # fmt: skip
     peak = {"rss": 0, "anon": 0}
     done = threading.Event()
