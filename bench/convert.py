@@ -1,7 +1,13 @@
 """Conversion speed and memory against a plain copy of the same bytes, in the same run.
 
-    .venv/bin/python bench/convert.py [MODEL_DIR] [--to F16] [--repeat 3]
+    .venv/bin/python bench/convert.py [MODEL_DIR] [--to F16] [--repeat 3] [--out DIR]
     .venv/bin/python bench/convert.py --moe-gb 2.0 [--repeat 1]
+
+MODEL_DIR is any HF checkpoint folder: the embedded default when left out, or a random-weight
+checkpoint of a real shape written by bench/shapes.py (Qwen2.5-1.5B, Llama-3-8B). ``--out``: where
+the converted file and the copy go (default: a temporary folder beside MODEL_DIR); both are
+deleted at the end. Run the benchmark with another environment's interpreter to measure that
+environment's quantkit against the same copy (before/after a change).
 
 ``--moe-gb``: generate a Mixtral-shaped sharded safetensors checkpoint of at least that many GB
 (random F16 weights, under the temp dir, deleted afterwards) and a 2-layer one with the same
@@ -9,21 +15,25 @@ largest output tensor (a stacked expert tensor), convert both, and compare peak 
 largest output tensor: streaming means the two peaks are equal and the difference to that
 tensor is a fixed overhead, however large the model.
 
-MODEL_DIR defaults to the embedded SmolLM2-135M-Instruct checkpoint. Each conversion and each
-copy runs in a fresh subprocess so that its peak RSS (ru_maxrss) is its own; the page cache is
-warm for both after the first round, so the ratio compares work, not disk. Medians are printed
-(these machines are shared and noisy).
+Each conversion and each copy runs in a fresh subprocess, alternating; its peak memory is sampled
+from outside (VmRSS and RssAnon of the child and any process it starts, every 10 ms, from
+/proc/PID/status): RSS counts the checkpoint's file-backed pages while they are mapped, anonymous
+memory is what the OOM killer counts. The page cache holds what fits of the checkpoint after the
+first round, for the copy and the conversion alike, so the ratio compares work; medians are
+printed (these machines are shared and noisy), with the load average beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 CHILD_CONVERT = """
@@ -59,11 +69,72 @@ print(json.dumps({"seconds": t1 - t0, "bytes": n,
 """
 
 
-def child(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"benchmark child failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (from /proc/*/stat parent links)."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _status_kb(pid: int) -> tuple[int, int]:
+    rss = anon = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, anon
+
+
+def child(code: str, *args: str, python: str | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter; its JSON result plus the peak RSS and anonymous
+    memory of its process tree, sampled from outside."""
+    # run outside the repository: `python -c` puts the working directory first on sys.path, and
+    # another environment's interpreter would import this checkout's quantkit/ from there
+    proc = subprocess.Popen(
+        [python or sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir(),
+    )  # fmt: skip
+    peak = {"rss": 0, "anon": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            tot = [_status_kb(p) for p in _tree(proc.pid)]
+            peak["rss"] = max(peak["rss"], sum(r for r, _ in tot))
+            peak["anon"] = max(peak["anon"], sum(a for _, a in tot))
+            done.wait(0.01)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    stdout, stderr = proc.communicate()
+    done.set()
+    th.join()
+    if proc.returncode:
+        sys.exit(f"benchmark child failed:\n{stderr}")
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res["tree_rss_mb"], res["tree_anon_mb"] = peak["rss"] / 1024, peak["anon"] / 1024
+    return res
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 # Mixtral-shaped: each stacked expert tensor is n_expert × n_ff × n_embd F16 = 64 MiB, larger
@@ -189,6 +260,10 @@ def main() -> None:
     )
     ap.add_argument("--to", default="F16", help="GGUF type (default F16)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", help="folder for the outputs (default: beside MODEL_DIR)")
+    ap.add_argument(
+        "--python", help="interpreter whose quantkit converts (default: this one), for before/after"
+    )
     ap.add_argument("--moe-gb", type=float, help="generate a MoE checkpoint of this size instead")
     ap.add_argument("--write-moe", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -210,36 +285,49 @@ def main() -> None:
 
     with Checkpoint.open(model) as ck:
         largest = max(t.nbytes for t in ck.tensors.values())
-        total = ck.nbytes
+    file_bytes = sum(Path(f).stat().st_size for f in files)
 
     conv, copy = [], []
-    with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
+    out_root = Path(args.out) if args.out else model.parent
+    out_root.mkdir(parents=True, exist_ok=True)
+    loads = [load()]
+    with tempfile.TemporaryDirectory(dir=out_root, prefix="bench-convert-") as tmp:
         for _ in range(args.repeat):
             copy.append(child(CHILD_COPY, tmp, *files))
-            conv.append(
-                child(CHILD_CONVERT, str(model), f"gguf:{args.to}", str(Path(tmp) / "out.gguf"))
-            )
+            (Path(tmp) / "out.gguf").unlink(missing_ok=True)  # room for the conversion
+            for p in Path(tmp).glob("copy-*"):
+                p.unlink()
+            conv.append(child(CHILD_CONVERT, str(model), f"gguf:{args.to}",
+                              str(Path(tmp) / "out.gguf"), python=args.python))  # fmt: skip
+            (Path(tmp) / "out.gguf").unlink(missing_ok=True)
+            loads.append(load())
 
     def med(rows: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
     c_s, p_s = med(conv, "seconds"), med(copy, "seconds")
-    gb = total / 1e9
-    print(f"model: {model}  ({gb:.3f} GB of tensors, largest tensor {largest / 1e6:.1f} MB)")
-    print(f"target: gguf:{args.to}, {args.repeat} rounds, medians")
-    print(
-        f"plain copy : {p_s:7.3f} s  {gb / p_s:6.2f} GB/s  peak RSS {med(copy, 'rss_mb'):7.1f} MB"
-    )
-    print(
-        f"convert    : {c_s:7.3f} s  {gb / c_s:6.2f} GB/s  peak RSS {med(conv, 'rss_mb'):7.1f} MB"
-        f"  (+{med(conv, 'import_seconds'):.2f} s imports; torch imported: {conv[0]['torch_loaded']})"
-    )
+    gb = file_bytes / 1e9
+    print(f"model: {model}  ({gb:.3f} GB in {len(files)} safetensors file(s), largest tensor "
+          f"{largest / 1e6:.1f} MB)")  # fmt: skip
+    print(f"target: gguf:{args.to}, {args.repeat} rounds, medians; quantkit from "
+          f"{args.python or sys.executable}; load average before/after each round: "
+          f"{' | '.join(loads)}")  # fmt: skip
+    print(f"plain copy : {p_s:7.3f} s  {file_bytes / 1e6 / p_s:7.1f} MB/s  "
+          f"peak RSS {med(copy, 'tree_rss_mb'):7.1f} MB (anon {med(copy, 'tree_anon_mb'):6.1f})")  # fmt: skip
+    print(f"convert    : {c_s:7.3f} s  {file_bytes / 1e6 / c_s:7.1f} MB/s  "
+          f"peak RSS {med(conv, 'tree_rss_mb'):7.1f} MB (anon {med(conv, 'tree_anon_mb'):6.1f})"
+          f"  (+{med(conv, 'import_seconds'):.2f} s imports; torch imported: "
+          f"{conv[0]['torch_loaded']})")  # fmt: skip
     s_s, f_s = med(conv, "stream_seconds"), med(conv, "preflight_seconds")
     print(
         f"  of which : preflight (config, tensor index, tokenizer) {f_s:.3f} s,"
         f" weight streaming {s_s:.3f} s"
     )
+    print(f"largest tensor {largest / 1e6:.1f} MB; peak anonymous memory "
+          f"{med(conv, 'tree_anon_mb') / (largest / 1e6):.2f}x that")  # fmt: skip
     print(f"ratio convert/copy: {c_s / p_s:.2f}x  (weight streaming alone: {s_s / p_s:.2f}x)")
+    print("per round (copy s, convert s): " + ", ".join(
+        f"({a['seconds']:.2f}, {b['seconds']:.2f})" for a, b in zip(copy, conv, strict=True)))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -349,6 +349,17 @@ class Checkpoint:
             info.shape
         )
 
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading the tensor's bytes into the page cache now
+        (MADV_WILLNEED, asynchronous), so a checkpoint not already cached is read from disk
+        while the tensor before it is converted, rather than page fault by page fault."""
+        info = self.tensors[name]
+        if self._pickled is not None or not hasattr(mmap, "MADV_WILLNEED") or not info.nbytes:
+            return
+        m = self._map(info.file)
+        start = info.start // mmap.PAGESIZE * mmap.PAGESIZE
+        m.madvise(mmap.MADV_WILLNEED, start, info.start + info.nbytes - start)
+
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process's resident set (they stay in the page
         cache). Without this, every page read through the map counts in RSS until the end, and
