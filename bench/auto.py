@@ -24,6 +24,10 @@ pair, how often the full value lies within the sampled one's stated error bar, a
 both make at the byte sizes of stock Q4_K_M and Q3_K_M (predicted bytes, predicted KLD, and the
 sampled plan's KLD as the full measurement predicts it).
 
+``--stand-in-imatrix CKPT OUT``: writes a stand-in importance matrix for a Llama/Qwen2-shaped
+checkpoint from its config alone (random column statistics, seeded; for timing gguf:auto on a
+random-weight checkpoint of a real shape, where a collected matrix would mean nothing either).
+
 Files and the sensitivity cache are kept in --work so that a rerun only redoes what is missing.
 """
 
@@ -117,7 +121,11 @@ def main() -> None:
     ap.add_argument("--samples", default="",
                     help="values per tensor for --sample-check, comma-separated "
                     "(default: the pass's own)")  # fmt: skip
+    ap.add_argument("--stand-in-imatrix", nargs=2, type=Path, metavar=("CKPT", "OUT"))
     args = ap.parse_args()
+    if args.stand_in_imatrix:
+        stand_in_imatrix(*args.stand_in_imatrix)
+        return
     set_fixtures(args.fixtures)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]  # progress in logs
 
@@ -293,6 +301,26 @@ def rank_check(w: Path, f16: Path, qs, args, plans: dict) -> None:
         f"{spearman(m, [r[4] for r in rows]):.3f} raw imatrix-weighted error"
     )
     (w / "rank.json").write_text(json.dumps(rows, indent=1))
+
+
+def stand_in_imatrix(ckpt: Path, out: Path) -> None:
+    """Random per-column statistics for every Linear llama.cpp weighs (no model run)."""
+    import numpy as np
+
+    from quantkit.quantize.gguf.imatrix import Imatrix, save_imatrix
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    rng = np.random.default_rng(0)
+    tokens = 512
+    entries = {}
+    for i in range(cfg["num_hidden_layers"]):
+        for kind, cols in (("attn_q", h), ("attn_k", h), ("attn_v", h), ("attn_output", h),
+                           ("ffn_gate", h), ("ffn_up", h), ("ffn_down", f)):  # fmt: skip
+            mean_sq = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+            entries[f"blk.{i}.{kind}.weight"] = (mean_sq * tokens, np.array([tokens]))
+    save_imatrix(Imatrix(entries, chunks=1, dataset="stand-in", chunk_size=tokens), out)
+    print(f"{out}: {len(entries)} tensors (stand-in statistics)")
 
 
 def spearman(a, b) -> float:
