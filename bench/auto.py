@@ -118,9 +118,19 @@ def main() -> None:
         action="store_true",
         help="only the sampled-vs-full sensitivity comparison",
     )
-    ap.add_argument("--samples", default="",
-                    help="values per tensor for --sample-check, comma-separated "
-                    "(default: the pass's own)")  # fmt: skip
+    ap.add_argument(
+        "--samples",
+        default="",
+        help="values per tensor for --sample-check, comma-separated (default: the pass's own)",
+    )
+    ap.add_argument(
+        "--probes",
+        action="store_true",
+        help="--sample-check: measure the per-kind gains in llama.cpp too "
+        "(else both passes rank by the raw weighted error)",
+    )
+    ap.add_argument("--types", default="",
+                    help="--sample-check: candidate types (default: gguf:auto's)")  # fmt: skip
     ap.add_argument("--stand-in-imatrix", nargs=2, type=Path, metavar=("CKPT", "OUT"))
     args = ap.parse_args()
     if args.stand_in_imatrix:
@@ -345,22 +355,26 @@ def sample_check(w: Path, f16: Path, qs, args, budgets: dict[str, int]) -> None:
     from quantkit.quantize.gguf.imatrix import load_imatrix
 
     o = _options(with_imatrix(qs.options, load_imatrix(w / "im.gguf"), w / "im.gguf"))
-    slots = sizes.slots(f16, set(o.imatrix or {}), None)
+    types = tuple(t for t in args.types.split(",") if t) or None
+    slots = sizes.slots(f16, set(o.imatrix or {}), types)
     n_params = sum(s.n_elements for s in slots)
-    chunks = _probe_chunks(f16, QuantSettings(calib=CALIB, calib_ctx=args.ctx))
+    chunks = (
+        _probe_chunks(f16, QuantSettings(calib=CALIB, calib_ctx=args.ctx)) if args.probes else None
+    )
     print(f"load: {os.getloadavg()[0]:.2f} (1 min), threads {args.threads}")
+    cpu0 = time.process_time()
     # the full pass with its llama.cpp probes (cached in --work after the first run)
     t0 = time.perf_counter()
     full = S.measure(f16, slots, o, probe_chunks=chunks, n_ctx=args.ctx, threads=args.threads,
                      sample=None)  # fmt: skip
-    t_full_total = time.perf_counter() - t0
+    cpu_full = time.process_time() - cpu0
     print(
         f"full pass: proxy {full.seconds['proxy']:.1f} s, probes {full.seconds['probe']:.1f} s"
+        f" (process CPU {cpu_full:.0f} s)"
         + (" (from the cache: measured in an earlier run)" if full.cache_hit else "")
         + f"; {len(full.errors)} tensors, {sum(len(v) for v in full.errors.values())} pairs, "
         f"{n_params:,} parameters"
     )
-    del t_full_total
     pairs = [(n, t) for n, v in full.errors.items() for t in v]
     f_err = np.array([full.errors[n][t] for n, t in pairs])
     kinds = {s.name: s.kind for s in slots}
@@ -368,10 +382,10 @@ def sample_check(w: Path, f16: Path, qs, args, budgets: dict[str, int]) -> None:
     samples = [int(x) for x in args.samples.split(",") if x] or [S.SAMPLE_VALUES]
     by_slot = {s.name: s for s in slots}
     for sample in samples:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         errors, rel_se = S.proxy_errors(f16, slots, o.imatrix or {}, threads=args.threads,
                                         sample=sample)  # fmt: skip
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         values = sum(
             S.rows_for(by_slot[n].ncols, by_slot[n].nrows, sample) * by_slot[n].ncols
             * len(errors[n]) for n in errors
@@ -394,7 +408,7 @@ def sample_check(w: Path, f16: Path, qs, args, budgets: dict[str, int]) -> None:
         sampled = se > 0
         within = np.abs(s_err - f_err) <= 2 * se * s_err
         print(
-            f"\nsampled pass, {sample:,} values per tensor: proxy {dt:.1f} s "
+            f"\nsampled pass, {sample:,} values per tensor: proxy {dt:.1f} s (CPU {cpu:.0f} s) "
             f"(full proxy {full.seconds['proxy']:.1f} s → {full.seconds['proxy'] / dt:.1f}× "
             f"faster); {values:,} of {full_values:,} quantized values ({full_values / values:.1f}×)"
         )
@@ -413,8 +427,8 @@ def sample_check(w: Path, f16: Path, qs, args, budgets: dict[str, int]) -> None:
             )
         sens_s = replace(full, errors=errors, gains=gains, rel_se=rel_se, sample=sample)
         for label, size in budgets.items():
-            pf = plan_auto(f16, AutoSpec(size=size), o, sensitivity=full)
-            ps = plan_auto(f16, AutoSpec(size=size), o, sensitivity=sens_s)
+            pf = plan_auto(f16, AutoSpec(size=size, types=types), o, sensitivity=full)
+            ps = plan_auto(f16, AutoSpec(size=size, types=types), o, sensitivity=sens_s)
             true_s = sum(full.kld(by_slot[n], t) for n, t in ps.types.items())
             same = sum(ps.types[n] == pf.types[n] for n in pf.types)
             print(
