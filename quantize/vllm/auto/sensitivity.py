@@ -112,7 +112,9 @@ def load_model(model_dir: Path) -> Any:
     return model.eval()
 
 
-def importance(model: Any, names: Sequence[str], ids: np.ndarray) -> dict[str, Any]:
+def importance(
+    model: Any, names: Sequence[str], ids: np.ndarray, progress: Progress | None = None
+) -> dict[str, Any]:
     """mean x_j² of each named Linear's input over every calibration token; also returns the
     float model's log-probs of the first PROBE_SAMPLES samples (the probe's reference)."""
     import torch
@@ -138,22 +140,28 @@ def importance(model: Any, names: Sequence[str], ids: np.ndarray) -> dict[str, A
                 count[0] += row.shape[0]
                 if i < PROBE_SAMPLES:
                     ref.append(torch.log_softmax(logits.float(), dim=-1))
+                if progress:
+                    progress("sensitivity: calibrate", i + 1, len(ids))
     finally:
         for h in handles:
             h.remove()
     return {"imp": {n: (v / count[0]).float() for n, v in sums.items()}, "ref": ref}
 
 
-def mean_kld(model: Any, ids: np.ndarray, ref: list[Any]) -> float:
+def mean_kld(
+    model: Any, ids: np.ndarray, ref: list[Any], progress: Progress | None = None, label: str = ""
+) -> float:
     """Mean KLD(float ‖ model) per token over the probe samples."""
     import torch
 
     total, n = 0.0, 0
     with torch.no_grad():
-        for row, p in zip(ids, ref, strict=False):
+        for i, (row, p) in enumerate(zip(ids, ref, strict=False)):
             q = torch.log_softmax(model(torch.as_tensor(row[None, :])).logits[0].float(), -1)
             total += float((p.exp() * (p - q)).sum())
             n += p.shape[0]
+            if progress:
+                progress(f"probe {label} calibrate", i + 1, min(len(ids), len(ref)))
     return total / max(n, 1)
 
 
@@ -243,7 +251,7 @@ def probe_gains(
         s = next(s for s in options[gs[0].name] if s.name == name)
         saved = set_scheme(model, gs, s, scale_dtype)
         try:
-            kld = mean_kld(model, ids, ref)
+            kld = mean_kld(model, ids, ref, progress, kind)
         finally:
             restore(model, saved)
         err = sum(errors[g.name][name] for g in gs)
@@ -316,7 +324,7 @@ def measure(
         t0 = time.perf_counter()
         model = load_model(model_dir)
         names = [m.name for g in groups for m in g.members]
-        stats = importance(model, names, ids)
+        stats = importance(model, names, ids, progress)
         t1 = time.perf_counter()
         errors, rel_se = proxy_errors(model, groups, options, stats["imp"], scale_dtype, progress,
                                       sample)  # fmt: skip
