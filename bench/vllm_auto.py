@@ -48,16 +48,13 @@ def main() -> None:
     import torch
 
     from quantkit.demo import demo_model
-    from quantkit.quantize.vllm import (
-        DEFAULT_IGNORE,
-        DEFAULT_SAMPLES,
-        DEFAULT_SEQ_LEN,
-        calibration_ids,
-    )
     from quantkit.quantize.vllm.auto import sensitivity as sn
     from quantkit.quantize.vllm.auto.host import runnable
     from quantkit.quantize.vllm.auto.plan import group_options, planned_groups
     from quantkit.quantize.vllm.auto.spec import parse_vllm_auto
+    from quantkit.quantize.vllm.calibration import calibration_ids
+    from quantkit.quantize.vllm.targets import DEFAULT_IGNORE
+    from quantkit.targets import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 
     torch.set_num_threads(args.threads)
     model_dir = demo_model()
@@ -124,10 +121,11 @@ def sample_check(model_dir: Path, groups, dtype: str, calib: Path, args) -> None
 
     import torch
 
-    from quantkit.quantize.vllm import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, calibration_ids
     from quantkit.quantize.vllm.auto import sensitivity as sn
     from quantkit.quantize.vllm.auto.plan import group_options
     from quantkit.quantize.vllm.auto.schemes import DEFAULT_TYPES, scheme
+    from quantkit.quantize.vllm.calibration import calibration_ids
+    from quantkit.targets import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 
     print(f"load {os.getloadavg()[0]:.2f} (1 min), threads {args.threads}")
     options = group_options(groups, [scheme(n) for n in DEFAULT_TYPES])
