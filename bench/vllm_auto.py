@@ -151,6 +151,10 @@ def sample_check(model_dir: Path, groups, dtype: str, calib: Path, args) -> None
         f"|sampled − full| / full median {100 * np.median(rel):.2f} %, max "
         f"{100 * rel.max():.2f} %; stated error bar median {100 * np.median(bars):.2f} %"
     )
+    worst = sorted(pairs, key=lambda p: -abs(part[p[0]][p[1]] / max(full[p[0]][p[1]], 1e-30) - 1))
+    for g, s in worst[:5]:
+        print(f"  {g:40s} {s:7s} sampled/full {part[g][s] / full[g][s]:.3f}, stated error bar "
+              f"{100 * se[g][s]:.1f} %")  # fmt: skip
 
 
 if __name__ == "__main__":
