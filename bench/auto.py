@@ -433,8 +433,8 @@ def sample_check(w: Path, f16: Path, qs, args, budgets: dict[str, int]) -> None:
             same = sum(ps.types[n] == pf.types[n] for n in pf.types)
             print(
                 f"  plan at stock {label} bytes ({size:,}): full → {pf.file_bytes:,} B, predicted "
-                f"KLD {pf.predicted_kld:.5f}; sampled → {ps.file_bytes:,} B, predicted "
-                f"{ps.predicted_kld:.5f} (full measurement of that plan: {true_s:.5f}, "
+                f"KLD {pf.predicted_kld:.4g}; sampled → {ps.file_bytes:,} B, predicted "
+                f"{ps.predicted_kld:.4g} (full measurement of that plan: {true_s:.4g}, "
                 f"{100 * (true_s / pf.predicted_kld - 1):+.2f} %); same type for "
                 f"{same}/{len(pf.types)} tensors"
             )

@@ -50,8 +50,9 @@ from quantkit.quantize.gguf.quantizer import QuantizeOptions
 CACHE_VERSION = "3"
 # Values of each tensor whose error is measured (whole rows, stratified): 2^18 is 64 rows of a
 # 4096-wide tensor, 455 of a 576-wide one, so the pass costs tensors × candidates, whatever their
-# size (Llama-3-8B: 59 M of its 8.0 G values). Checked against the full measurement on the
-# embedded default (Spearman, error bars: docs/cli.md, bench/auto.py --sample-check).
+# size (Llama-3-8B: 65.5 M of its 8.03 G values per candidate type). Checked against the full
+# measurement on the embedded default (Spearman, error bars: docs/cli.md, bench/auto.py
+# --sample-check).
 SAMPLE_VALUES = 1 << 18
 MIN_ROWS = 32  # rows sampled at least, however wide: the error bar needs a few strata
 # The llama.cpp probes cost tokens × parameters (one forward pass per kind, plus the base's):
