@@ -1,4 +1,4 @@
-"""The issue-3 reference protocol on the embedded default, computed as llama-perplexity does.
+"""The reference quality protocol on the embedded default, computed as llama-perplexity does.
 
     .venv/bin/python bench/quality.py [--chunks 20] [--calib-chunks 20] [--ctx 512]
 

@@ -26,28 +26,30 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
+from quantkit.casts import F16_MAX, f32_to_bf16, to_f32
 from quantkit.checkpoint import (
     FLOAT_DTYPES,
     MODEL_FILES,
     SAFETENSORS_DTYPES,
     TOKENIZER_FILES,
     Checkpoint,
-    _as_float32,
 )
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
 from quantkit.progress import Progress
 
+if TYPE_CHECKING:
+    from quantkit.targets import HFTarget
+
 # HFTarget.dtype (quantkit/targets.py) -> safetensors dtype
 DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 # safetensors dtype -> config.json "dtype" (transformers' name)
 CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
-F16_MAX = 65504.0  # largest finite IEEE half
 SLICE = 1 << 18  # elements cast per step: the cast's temporaries stay about 3 MB
 
 
@@ -73,13 +75,11 @@ class HFArtifact:
 
 def write_hf_checkpoint(
     model: str | os.PathLike[str] | Checkpoint,
-    target: Any,
-    out: str | os.PathLike[str] | None = None,
+    target: str | HFTarget,
+    out: str | os.PathLike[str],
     *,
     adapter: Any = None,
     force: bool = False,
-    name: str | None = None,
-    out_is_folder: bool = True,
     progress: Progress | None = None,
 ) -> HFArtifact:
     """Write ``model`` (a checkpoint folder or an open ``Checkpoint``), merged with ``adapter``
@@ -88,9 +88,8 @@ def write_hf_checkpoint(
     ``target``: an ``HFTarget`` (quantkit/targets.py) or its text, ``hf``, ``hf:bf16`` /
     ``hf:fp16`` / ``hf:f32``, optionally with ``shard=SIZE`` (``hf:bf16,shard=2GB``; default
     5 GB per shard). Without a dtype every tensor keeps its stored dtype (a merged one goes back
-    to its base tensor's). ``out``: the checkpoint folder
-    itself, or with ``out_is_folder=False`` the folder that holds ``STEM-hf-DTYPE`` (default:
-    the current directory). ``name``: that STEM (default: the model's or the adapter's name).
+    to its base tensor's). ``out``: the checkpoint folder itself (``quantkit convert`` and
+    ``quantkit.export`` place it: quantkit/pipeline/build.py ``place``).
     """
     from quantkit.convert.lora import LoraAdapter
     from quantkit.targets import HFTarget, parse_target
@@ -107,8 +106,7 @@ def write_hf_checkpoint(
         if adapter is not None and not isinstance(adapter, LoraAdapter):
             lora = LoraAdapter.open(adapter)
             stack.callback(lora.close)
-        out_path = Path(out) if out is not None else None
-        job = _preflight(ckpt, lora, t, out_path, name, out_is_folder=out_is_folder, force=force)
+        job = _preflight(ckpt, lora, t, Path(out), force=force)
         size = _write(job, force=force, progress=progress)
         n_tensors, n_shards = len(job.plan), len(job.shards)
         return HFArtifact(job.final, job.label, size, n_tensors, n_shards, time.perf_counter() - t0)
@@ -132,16 +130,12 @@ class _Job:
 def _preflight(
     ckpt: Checkpoint,
     lora: Any,
-    t: Any,
-    out: Path | None,
-    name: str | None,
+    t: HFTarget,
+    final: Path,
     *,
-    out_is_folder: bool,
     force: bool,
 ) -> _Job:
     """Nothing is written until all of this holds."""
-    from quantkit.convert.hf_to_gguf import default_name
-
     dtype, shard_bytes = (DTYPES[t.dtype] if t.dtype else None), t.shard
     config = dict(ckpt.config)
     quant = config.get("quantization_config")
@@ -156,10 +150,6 @@ def _preflight(
         shapes = lora.shapes(shapes)
         config = lora.merged_config(config)
     label = t.label()
-    stem = name or (
-        default_name(ckpt.path, ckpt.config) if lora is None else lora.path.resolve().name
-    )
-    final = _output_path(out, stem, label, out_is_folder)
     check_writable_dir(final, force=force)
     plan = _plan(ckpt, shapes, dtype)
     shards = _shard(plan, shard_bytes)
@@ -208,13 +198,6 @@ def _write_shards(tmp: Path, names: list[str], job: _Job, progress: Progress | N
                 done += 1
     if progress:
         progress("convert hf", len(job.plan), len(job.plan))
-
-
-def _output_path(out: Path | None, stem: str, label: str, out_is_folder: bool) -> Path:
-    """``out`` itself, or ``out`` (default: the current directory) holding ``STEM-LABEL``."""
-    if out is not None and out_is_folder:
-        return out
-    return (out if out is not None else Path.cwd()) / f"{stem}-{label}"
 
 
 # (tensor name, output dtype, output bytes, shape)
@@ -286,7 +269,7 @@ def _cast(part: np.ndarray, src: str, out: str, tname: str, ckpt: Checkpoint) ->
     """A slice of a stored tensor (BF16 as uint16) → ``out``'s bytes (BF16 as uint16)."""
     if src not in FLOAT_DTYPES or out not in FLOAT_DTYPES:
         raise CheckpointError(f"tensor {tname!r}: cannot cast {src} to {out}")
-    f32 = _as_float32(part, src)
+    f32 = to_f32(part, src)
     if out == "F32":
         return f32.astype("<f4", copy=False)
     if out == "F64":
@@ -300,14 +283,7 @@ def _cast(part: np.ndarray, src: str, out: str, tname: str, ckpt: Checkpoint) ->
                 "use --to hf:bf16 (or hf:f32)",
             )
         return f32.astype("<f2")
-    # F32 → BF16, round to nearest even with NaN kept quiet, as torch's .to(torch.bfloat16)
-    # (c10/util/BFloat16.h round_to_nearest_even) and gguf-py's quants do it
-    u = f32.view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype("<u2")
-    if nan.any():
-        r[nan] = ((u[nan] >> 16) | 0x40).astype("<u2")
-    return r
+    return f32_to_bf16(f32)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -17,15 +17,16 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
 
 from quantkit.atomic import atomic_output, check_writable, output_dirs, scratch_file
+from quantkit.casts import F16_MAX, f32_to_bf16, to_f32
 from quantkit.checkpoint import Checkpoint
 from quantkit.convert.archs import Architecture, resolve
-from quantkit.convert.archs.base import PlannedTensor, to_f32
+from quantkit.convert.archs.base import PlannedTensor
 from quantkit.convert.loadcheck import check_gguf_vocab, check_loads, check_name_rules
 from quantkit.convert.quantized import Artifact, QuantSettings, with_imatrix, write_checked
 from quantkit.convert.quantized import preflight_imatrix as _preflight_imatrix
@@ -34,14 +35,17 @@ from quantkit.convert.tokenizer import Vocab, load_vocab, write_vocab
 from quantkit.convert.writer import GGUFWriter
 from quantkit.diskspace import check_free_space
 from quantkit.errors import CheckpointError, InputError
+from quantkit.hub import model_name
 from quantkit.progress import Progress
 from quantkit.quantize.gguf.audit import Audit, file_type_of
 from quantkit.quantize.gguf.auto.spec import AutoSpec
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
-from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType
+from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType, base_type
 from quantkit.text import read_text
 
-F16_MAX = 65504.0  # largest finite IEEE half
+if TYPE_CHECKING:
+    from quantkit.pipeline.build import Output
+    from quantkit.targets import Target
 
 # base file type -> (ggml type of 2-D weights, numpy storage dtype)
 BASE_STORAGE: dict[str, tuple[gguf.GGMLQuantizationType, np.dtype]] = {
@@ -73,62 +77,45 @@ VLLM_LORA_TARGET = "vllm-lora"
 ADAPTER_TARGETS = (LORA_TARGET, VLLM_LORA_TARGET)
 
 
-def gguf_targets(targets: Sequence[Any]) -> tuple[list[GGUFType], list[AutoSpec], bool, bool]:
-    """The GGUF-family targets (quantkit/targets.py; strings are parsed there): file types,
-    gguf:auto budgets, and whether the GGUF LoRA / vLLM adapter is asked."""
-    from quantkit.targets import FAMILY, GGUFTarget, parse_targets
+@dataclass
+class _Outputs:
+    """The placed outputs of one converter run (quantkit/pipeline/build.py ``place``) by what
+    makes them: float and quantized file types, gguf:auto budgets, the two adapter outputs."""
 
-    ts = parse_targets(targets)
-    other = [t for t in ts if FAMILY[t.method] != "gguf"]
-    if other:
-        raise InputError(
-            f"convert() writes GGUF files and adapters, not {other[0].label()}",
-            "quantkit.export (and `quantkit convert`) make every kind of target",
-        )
-    ggufs = [t for t in ts if isinstance(t, GGUFTarget)]
-    types = list(dict.fromkeys(t.gguf_type for t in ggufs if not t.is_auto))
-    autos = list(dict.fromkeys(t.auto_spec() for t in ggufs if t.is_auto))
-    methods = {t.method for t in ts}
-    return types, autos, LORA_TARGET in methods, VLLM_LORA_TARGET in methods
+    placed: list[Output]  # in the order asked
+    types: list[GGUFType] = field(default_factory=list)
+    paths: dict[str, Path] = field(default_factory=dict)  # by type name
+    autos: list[AutoSpec] = field(default_factory=list)
+    apaths: dict[AutoSpec, Path] = field(default_factory=dict)
+    lora_path: Path | None = None
+    vllm_path: Path | None = None
 
+    @classmethod
+    def of(cls, placed: Sequence[Output]) -> _Outputs:
+        o = cls(list(placed))
+        for x in placed:
+            t = x.target
+            if t.family != "gguf":
+                raise InputError(
+                    f"convert() writes GGUF files and adapters, not {t.label()}",
+                    "quantkit.export (and `quantkit convert`) make every kind of target",
+                )
+            if t.method == LORA_TARGET:
+                o.lora_path = x.path
+            elif t.method == VLLM_LORA_TARGET:
+                o.vllm_path = x.path
+            elif t.is_auto:
+                o.autos.append(t.auto_spec())
+                o.apaths[o.autos[-1]] = x.path
+            else:
+                o.types.append(t.gguf_type)
+                o.paths[t.type] = x.path
+        return o
 
-def auto_paths(
-    out: Path | None, stem: str, autos: Sequence[AutoSpec], n_other: int
-) -> dict[AutoSpec, Path]:
-    """As ``output_paths``: OUT.gguf for a single target, else OUT/STEM-AUTO-….gguf."""
-    if out is not None and out.suffix.lower() == ".gguf" and autos:
-        if len(autos) + n_other > 1:
-            raise InputError(
-                f"-o {out} names one file but {len(autos) + n_other} targets were given",
-                "give a directory with -o when converting to several types",
-            )
-        return {autos[0]: out}
-    folder = out if out is not None else Path.cwd()
-    return {a: folder / f"{stem}-{a.name}.gguf" for a in autos}
-
-
-def default_name(model_dir: Path, config: dict) -> str:
-    name = str(config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
-    from quantkit.hub import folder_name
-
-    return name or folder_name(model_dir)  # a Hub snapshot: the repository's name
-
-
-def output_paths(
-    out: Path | None, stem: str, types: Sequence[GGUFType], n_extra: int = 0
-) -> dict[str, Path]:
-    """One target and OUT ending in .gguf: that file. Otherwise OUT is a directory."""
-    if out is not None and out.suffix.lower() == ".gguf":
-        if not types:
-            return {}
-        if len(types) + n_extra > 1:
-            raise InputError(
-                f"-o {out} names one file but {len(types)} targets were given",
-                "give a directory with -o when converting to several types",
-            )
-        return {types[0].name: out}
-    folder = out if out is not None else Path.cwd()
-    return {t.name: folder / f"{stem}-{t.name}.gguf" for t in types}
+    def in_order(self, artifacts: list[Artifact]) -> list[Artifact]:
+        """The artifacts written, in the order the outputs were asked (each at its path)."""
+        made = {a.path: a for a in artifacts}
+        return [made[x.path] for x in self.placed]
 
 
 class _Sink:
@@ -203,9 +190,7 @@ def _cast(
     clamped to ±65504 and recorded there with its largest magnitude."""
     if dst == np.float16 and src == "F16" or dst == np.uint16 and src == "BF16":
         return np.ascontiguousarray(raw)
-    f32 = (
-        (raw.astype(np.uint32) << 16).view(np.float32) if src == "BF16" else raw.astype(np.float32)
-    )
+    f32 = to_f32(raw, src)
     if dst == np.float32:
         return np.ascontiguousarray(f32)
     if dst == np.float16:
@@ -219,15 +204,12 @@ def _cast(
             clamped[tensor] = max(big, clamped.get(tensor, 0.0))
             f32 = np.clip(f32, -F16_MAX, F16_MAX)
         return f32.astype(np.float16)
-    # F32 → BF16 with round-to-nearest-even, as gguf-py's quants do it
-    return (
-        gguf.quants.quantize(f32, gguf.GGMLQuantizationType.BF16).view(np.uint16).reshape(f32.shape)
-    )
+    return f32_to_bf16(f32)
 
 
 def convert(
     model: str | os.PathLike[str] | Checkpoint,
-    targets: Sequence[Any],
+    targets: Sequence[str | Target],
     out: str | os.PathLike[str] | None = None,
     *,
     force: bool = False,
@@ -243,6 +225,10 @@ def convert(
 ) -> ConvertResult:
     """Convert a local HF checkpoint to one GGUF file per target type.
 
+    ``targets``: ``--to`` texts or Target models of the GGUF family; ``out``: the file (one
+    target, ``*.gguf``) or the folder holding ``STEM-TYPE.gguf`` files, placed by
+    quantkit/pipeline/build.py ``place`` as every entry point places them.
+
     ``clamp_f16``: values beyond the F16 range are clamped (listed in ``clamped_f16``) instead of
     failing the conversion.
 
@@ -257,7 +243,38 @@ def convert(
     (quantkit.export streams a model in memory that way) and ``adapter`` a ``LoraAdapter``.
     ``name``: general.name and the output file stem (default: the model's or adapter's name).
     """
-    types, autos, want_lora, want_vllm = gguf_targets(targets)
+    from quantkit.pipeline.build import Source, place
+    from quantkit.targets import parse_targets
+
+    ts = parse_targets(targets)
+    stem = Source(model, adapter, name).stem()
+    outputs = place(ts, Path(out) if out is not None else None, stem)
+    return convert_placed(model, outputs, stem, force=force, allow_pickle=allow_pickle,
+                          threads=threads, progress=progress, quant=quant, dry_run=dry_run,
+                          converter=converter, clamp_f16=clamp_f16, adapter=adapter, name=name)  # fmt: skip
+
+
+def convert_placed(
+    model: str | os.PathLike[str] | Checkpoint,
+    outputs: Sequence[Output],
+    stem: str,
+    *,
+    force: bool = False,
+    allow_pickle: bool = False,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    quant: QuantSettings | None = None,
+    dry_run: bool = False,
+    converter: str = "auto",
+    clamp_f16: bool = False,
+    adapter: Any = None,
+    name: str | None = None,
+) -> ConvertResult:
+    """``convert`` of outputs already placed (quantkit/pipeline/build.py ``Output``: target
+    and path), ``stem`` as general.name; the artifacts come back in the outputs' order."""
+    outs = _Outputs.of(outputs)
+    types, autos = outs.types, outs.autos
+    want_lora, want_vllm = outs.lora_path is not None, outs.vllm_path is not None
     if (want_lora or want_vllm) and adapter is None:
         which = LORA_TARGET if want_lora else VLLM_LORA_TARGET
         raise InputError(f"--to {which} needs --adapter DIR", "pass the PEFT adapter folder")
@@ -267,20 +284,21 @@ def convert(
     t_start = time.perf_counter()
     if model_dir.is_file() and model_dir.suffix.lower() == ".gguf":
         _refuse_for_gguf(adapter, name)
-        return requantize(model_dir, types, out, force=force, progress=progress, quant=qs,
-                          dry_run=dry_run, autos=autos)  # fmt: skip
+        return requantize(model_dir, outs, force=force, progress=progress, quant=qs,
+                          dry_run=dry_run)  # fmt: skip
     if _use_upstream(model_dir, converter):
         from quantkit.convert.upstream import convert_upstream
 
         _refuse_for_upstream(autos, adapter, given)
-        return convert_upstream(model_dir, types, out, force=force, allow_pickle=allow_pickle,
-                                threads=threads, progress=progress, quant=qs, dry_run=dry_run,
-                                name=name)  # fmt: skip
+        res = convert_upstream(model_dir, types, outs.paths, force=force,
+                               allow_pickle=allow_pickle, threads=threads, progress=progress,
+                               quant=qs, dry_run=dry_run, name=name)  # fmt: skip
+        res.artifacts = outs.in_order(res.artifacts)
+        return res
     with ExitStack() as held:  # the checkpoint and the adapter are closed on every way out
         ckpt = held.enter_context(given or Checkpoint.open(model_dir, allow_pickle=allow_pickle))
         lora = _open_adapter(adapter, qs, held) if adapter is not None else None
-        job = _preflight(ckpt, lora, model_dir, Path(out) if out is not None else None, name,
-                         types, autos, want_lora, want_vllm, qs=qs, force=force, dry_run=dry_run)  # fmt: skip
+        job = _preflight(ckpt, lora, model_dir, outs, stem, qs=qs, force=force, dry_run=dry_run)
         timings = {"preflight": time.perf_counter() - t_start}
         options = _quantize_options(job, qs, model_dir, timings, threads=threads, progress=progress)
         return _write(job, options, qs, timings, force=force, dry_run=dry_run, threads=threads,
@@ -327,15 +345,34 @@ class _Job:
     vocab: Vocab
     stem: str
     base_model: str | None  # general.base_model of a merged fine-tune
-    types: list[GGUFType]
-    autos: list[AutoSpec]
-    paths: dict[str, Path]
-    apaths: dict[AutoSpec, Path]
-    lora_path: Path | None
-    vllm_path: Path | None
+    outputs: _Outputs
     base_name: str | None  # the float type quantized targets are made from, if any
     imatrix: Any
     warnings: list[str]
+
+    @property
+    def types(self) -> list[GGUFType]:
+        return self.outputs.types
+
+    @property
+    def autos(self) -> list[AutoSpec]:
+        return self.outputs.autos
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return self.outputs.paths
+
+    @property
+    def apaths(self) -> dict[AutoSpec, Path]:
+        return self.outputs.apaths
+
+    @property
+    def lora_path(self) -> Path | None:
+        return self.outputs.lora_path
+
+    @property
+    def vllm_path(self) -> Path | None:
+        return self.outputs.vllm_path
 
     @property
     def floats(self) -> list[GGUFType]:
@@ -355,18 +392,16 @@ def _preflight(
     ckpt: Checkpoint,
     lora: Any,
     model_dir: Path,
-    out: Path | None,
-    name: str | None,
-    types: list[GGUFType],
-    autos: list[AutoSpec],
-    want_lora: bool,
-    want_vllm: bool,
+    outs: _Outputs,
+    stem: str,
     *,
     qs: QuantSettings,
     force: bool,
     dry_run: bool,
 ) -> _Job:
     """Everything that can fail cheaply, before a byte is written."""
+    types, autos = outs.types, outs.autos
+    want_lora, want_vllm = outs.lora_path is not None, outs.vllm_path is not None
     warnings: list[str] = []
     available = {n: t.shape for n, t in ckpt.tensors.items()}
     config = ckpt.config
@@ -374,45 +409,25 @@ def _preflight(
         warnings += _adapter_warnings(lora, model_dir, config)
         config = lora.merged_config(config)
     arch = resolve(config, ckpt.path / "config.json")
-    stem = name or (
-        default_name(model_dir, ckpt.config) if lora is None else lora.path.resolve().name
-    )
-    paths, apaths, lora_path, vllm_path = _outputs(out, stem, types, autos, want_lora, want_vllm)
     if not dry_run:
-        for p in [*paths.values(), *apaths.values(), *(x for x in (lora_path, vllm_path) if x)]:
-            check_writable(p, force=force)
+        for x in outs.placed:
+            check_writable(x.path, force=force)
     if lora is not None:
         available = _check_adapter(lora, arch, available, want_lora, want_vllm)
     plan = arch.plan(available)
     tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
-    base_model = (lora.base_name or default_name(model_dir, ckpt.config)) if lora else None
+    base_model = (lora.base_name or model_name(model_dir, ckpt.config)) if lora else None
     vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
     if types:  # model files; a GGUF LoRA is not loaded as a model, no vocabulary of its own
         check_name_rules(stem, vocab.tokens, arch=arch.arch_name, pre=vocab.pre)
     _check_dtypes(ckpt, plan)
     quants = [t for t in types if not t.base]
     imatrix = _preflight_imatrix(quants, qs, dry_run, autos)
-    job = _Job(ckpt, lora, arch, plan, vocab, stem, base_model, types, autos, paths, apaths,
-               lora_path, vllm_path, _base_name(ckpt, types, autos), imatrix, warnings)  # fmt: skip
+    job = _Job(ckpt, lora, arch, plan, vocab, stem, base_model, outs,
+               _base_name(ckpt, types, autos), imatrix, warnings)  # fmt: skip
     if not dry_run:
         _check_space(job)
     return job
-
-
-def _outputs(
-    out: Path | None,
-    stem: str,
-    types: list[GGUFType],
-    autos: list[AutoSpec],
-    want_lora: bool,
-    want_vllm: bool,
-) -> tuple[dict[str, Path], dict[AutoSpec, Path], Path | None, Path | None]:
-    """Where each target goes: the typed files, the gguf:auto files, the two adapter outputs."""
-    paths = output_paths(out, stem, types, n_extra=int(want_lora) + int(want_vllm) + len(autos))
-    apaths = auto_paths(out, stem, autos, len(types) + int(want_lora) + int(want_vllm))
-    lora_path = _lora_path(out, stem, types) if want_lora else None
-    vllm_path = _vllm_path(out, stem) if want_vllm else None
-    return paths, apaths, lora_path, vllm_path
 
 
 def _check_adapter(
@@ -446,13 +461,12 @@ def _check_dtypes(ckpt: Checkpoint, plan: list[PlannedTensor]) -> None:
 
 
 def _base_name(ckpt: Checkpoint, types: list[GGUFType], autos: list[AutoSpec]) -> str | None:
-    """The float base quantized targets are made from: the requested float type matching the
-    source precision (or F32), else a temporary in the source's own precision, so quantization
-    sees the weights as trained. None when nothing is quantized."""
+    """The float base quantized targets are made from (``base_type``: a requested float type
+    that holds the weights exactly, else a temporary in the source's own precision). None when
+    nothing is quantized."""
     if all(t.base for t in types) and not autos:
         return None
-    src_base = ckpt.source_dtype if ckpt.source_dtype in BASE_STORAGE else "F32"
-    return next((t.name for t in types if t.base and t.name in (src_base, "F32")), src_base)
+    return base_type(ckpt.source_dtype, [t.name for t in types if t.base])
 
 
 def _check_space(job: _Job) -> None:
@@ -556,11 +570,8 @@ def _result(
     for a in artifacts:
         if a.audit is None and not dry_run and a.type not in ADAPTER_TARGETS:
             a.audit = _float_audit(a, job.plan)
-    order = {t.name: i for i, t in enumerate(job.types)}
-    order.update({a.name: len(job.types) + i for i, a in enumerate(job.autos)})
-    artifacts.sort(key=lambda a: order.get(a.type, len(order)))
     return ConvertResult(
-        artifacts,
+        job.outputs.in_order(artifacts),
         job.arch.arch_name,
         job.arch.unused(job.ckpt.tensors),
         read,
@@ -682,33 +693,13 @@ def _adapter_warnings(lora: Any, model_dir: Path, config: dict) -> list[str]:
     """A base whose name differs from the one the adapter was trained on is worth a warning
     (not an error: local copies are often renamed); shapes are checked separately."""
     want = lora.base_name.rstrip("/").split("/")[-1]
-    have = {model_dir.resolve().name, default_name(model_dir, config)}
+    have = {model_dir.resolve().name, model_name(model_dir, config)}
     if want and want not in have:
         return [
             f"adapter {lora.path.name} was trained on {lora.base_name!r}, base given is "
             f"{model_dir.resolve().name!r} — check it is the same model"
         ]
     return []
-
-
-def _lora_path(out: Path | None, stem: str, types: Sequence[GGUFType]) -> Path:
-    if out is not None and out.suffix.lower() == ".gguf" and not types:
-        return out
-    folder = (
-        out
-        if out is not None and out.suffix.lower() != ".gguf"
-        else (out.parent if out else Path.cwd())
-    )
-    return folder / f"{stem}-lora-F32.gguf"
-
-
-def _vllm_path(out: Path | None, stem: str) -> Path:
-    folder = (
-        out
-        if out is not None and out.suffix.lower() != ".gguf"
-        else (out.parent if out else Path.cwd())
-    )
-    return folder / f"{stem}-vllm-lora"
 
 
 def _check_vllm_lora(lora: Any) -> None:
@@ -785,16 +776,15 @@ def _write_lora(
 
 def requantize(
     src: Path,
-    types: list[GGUFType],
-    out: str | os.PathLike[str] | None,
+    outs: _Outputs,
     *,
     force: bool,
     progress: Progress | None,
     quant: QuantSettings,
     dry_run: bool,
-    autos: Sequence[AutoSpec] = (),
 ) -> ConvertResult:
     """Quantize an existing F32/F16/BF16 GGUF (no HF checkpoint needed) to each type."""
+    types, autos, paths, apaths = outs.types, outs.autos, outs.paths, outs.apaths
     from quantkit.quantize.gguf.reader import read_gguf
 
     t_start = time.perf_counter()
@@ -817,13 +807,9 @@ def requantize(
             f"{src}: {', '.join(floats)} cannot be made from a {ftype.name} GGUF",
             "convert the HF checkpoint for float types; a GGUF input takes quantized targets",
         )
-    stem = src.stem.removesuffix(f"-{ftype.name}")
     # the quantized files keep the source's vocabulary and name: what llama.cpp would refuse in
     # them is refused here, before quantizing
     check_gguf_vocab(src, how="convert the HF checkpoint again with --name")
-    o = Path(out) if out is not None else None
-    paths = output_paths(o, stem, types, n_extra=len(autos))
-    apaths = auto_paths(o, stem, autos, len(types))
     imatrix = _preflight_imatrix([t for t in types if not t.base], quant, dry_run, autos)
     options = with_imatrix(quant.options, imatrix, quant.imatrix_file)
     if not dry_run:
@@ -851,7 +837,7 @@ def requantize(
             )  # fmt: skip
     timings["quantize"] = time.perf_counter() - t_start - timings["preflight"]
     arch = str(info.metadata.get("general.architecture", "?"))
-    return ConvertResult(artifacts, arch, [], 0, timings, imatrix)
+    return ConvertResult(outs.in_order(artifacts), arch, [], 0, timings, imatrix)
 
 
 def _float_audit(art: Artifact, plan: list[PlannedTensor]) -> Audit:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,17 +138,28 @@ def check_gguf_vocab(
     ``shown`` names the file in messages (default: its file name)."""
     label = f"{shown or path.name}: "
     name, arch, pre, tokens = _gguf_vocab(path)
-    seen: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        if t in seen:
-            raise GGUFLoadError(
-                f"{label}token text {t!r} appears at ids {seen[t]} and {i}",
-                "llama.cpp needs every token text to be unique (it aborts on this file)",
-            )
-        seen[t] = i
+    seen = unique_token_ids(tokens, shown or path.name)
     problem = name_rule_problem(name, seen, arch=arch, pre=pre)
     if problem is not None:
         raise GGUFLoadError(f"{label}{problem.message()}", rename_hint(problem, how))
+
+
+def unique_token_ids(
+    tokens: Sequence[str], where: str, error: type[QuantkitError] = GGUFLoadError
+) -> dict[str, int]:
+    """Each token text's id. A text at two ids is ``error``: llama.cpp asserts that every token
+    text is unique (``GGML_ASSERT(id_to_token.size() == token_to_id.size())``, llama-vocab.cpp),
+    an abort no caller survives, so the converter refuses such a vocabulary before writing and
+    the load check refuses a GGUF written by someone else."""
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        if t in seen:
+            raise error(
+                f"{where}: token text {t!r} appears at ids {seen[t]} and {i}",
+                "llama.cpp needs every token text to be unique (it aborts on a file without)",
+            )
+        seen[t] = i
+    return seen
 
 
 # "llama_model_load: error loading model: error loading model vocabulary: unordered_map::at":

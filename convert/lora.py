@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from quantkit.casts import to_f32
 from quantkit.checkpoint import (
     FLOAT_DTYPES,
     SAFETENSORS_DTYPES,
     TensorInfo,
-    _as_float32,
     parse_safetensors_header,
     read_json,
 )
@@ -238,7 +238,7 @@ class LoraAdapter:
             count=info.n_elements,
             offset=info.start,
         ).reshape(info.shape)
-        return _as_float32(raw, info.dtype)
+        return to_f32(raw, info.dtype)
 
     def delta(self, target: str) -> np.ndarray | None:
         """``scale · B @ A`` in float32, laid out like the base tensor; None if not adapted."""
@@ -258,7 +258,7 @@ class LoraAdapter:
         d = self.delta(target)
         if d is None:
             return raw, dtype
-        w = _as_float32(raw, dtype).astype(np.float32, copy=True)
+        w = to_f32(raw, dtype).astype(np.float32, copy=True)
         w += d
         return w, "F32"
 
@@ -396,8 +396,8 @@ def torch_to_f32(t: Any) -> np.ndarray:
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        return _as_float32(t.view(torch.int16).numpy().view(np.uint16), "BF16")
-    return _as_float32(t.numpy(), TORCH_DTYPES[str(t.dtype).removeprefix("torch.")])
+        return to_f32(t.view(torch.int16).numpy().view(np.uint16), "BF16")
+    return to_f32(t.numpy(), TORCH_DTYPES[str(t.dtype).removeprefix("torch.")])
 
 
 # vLLM's accepted --max-lora-rank values (vllm/config/lora.py MaxLoRARanks, vLLM 0.32)

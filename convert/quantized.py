@@ -18,6 +18,7 @@ from quantkit.quantize.gguf.audit import Audit, audit
 from quantkit.quantize.gguf.auto.spec import AutoSpec
 from quantkit.quantize.gguf.quantizer import Fallback, QuantizeOptions, quantize_file
 from quantkit.quantize.gguf.types import GGUFType
+from quantkit.targets import IMATRIX_CTX
 
 
 @dataclass
@@ -56,7 +57,7 @@ class QuantSettings:
     options: QuantizeOptions = field(default_factory=QuantizeOptions)
     imatrix_file: Path | None = None  # reuse a saved importance matrix
     calib: Path | None = None  # calibration text: compute the importance matrix on the way
-    calib_ctx: int = 512
+    calib_ctx: int = IMATRIX_CTX
     calib_chunks: int | None = None
     no_fallback: bool = False  # a tensor that cannot get its type is an error
 

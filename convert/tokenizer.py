@@ -921,15 +921,9 @@ def _out_of_range(where: str, text: str, tid: int, n: int) -> TokenizerError:
 
 
 def _check_unique(tokens: list[str], where: str) -> None:
-    # llama.cpp asserts id_to_token.size() == token_to_id.size()
-    seen: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        if t in seen:
-            raise TokenizerError(
-                f"{where}: token text {t!r} appears at ids {seen[t]} and {i}",
-                "llama.cpp needs every token text to be unique",
-            )
-        seen[t] = i
+    from quantkit.convert.loadcheck import unique_token_ids
+
+    unique_token_ids(tokens, where, TokenizerError)
 
 
 # --------------------------------------------------------------------------------------------

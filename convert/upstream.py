@@ -38,7 +38,6 @@ from quantkit.paths import sdist_dir, upstream_dir
 MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/")
 CONVERTER_OUTTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # its --outtype choices
 DRIVER = Path(__file__).with_name("upstream_driver.py")
-TAIL_LINES = 3  # converter output lines kept for an error message
 
 
 def engine_version() -> str:
@@ -261,7 +260,7 @@ def check_vocab(path: Path, model_dir: Path) -> list[str]:
 def convert_upstream(
     model_dir: Path,
     types: Sequence[Any],
-    out: str | os.PathLike[str] | None,
+    paths: dict[str, Path],
     *,
     force: bool,
     allow_pickle: bool,
@@ -272,7 +271,8 @@ def convert_upstream(
     name: str | None = None,
 ) -> Any:
     """``convert`` through llama.cpp's converter: float bases from it, the rest as usual.
-    ``name``: general.name and the output file stem."""
+    ``paths``: each type's output (quantkit/pipeline/build.py ``place``); ``name``: the
+    general.name given (else llama.cpp's converter names the model)."""
     from quantkit.convert.hf_to_gguf import ConvertResult
     from quantkit.quantize.gguf.reader import read_gguf
 
@@ -283,12 +283,10 @@ def convert_upstream(
             "llama.cpp's converter",
             "convert to a float type first, then dry-run the quantized types from that GGUF",
         )
-    job = _preflight(model_dir, types, Path(out) if out is not None else None, name,
-                     force=force, allow_pickle=allow_pickle, threads=threads, quant=quant)  # fmt: skip
+    job = _preflight(model_dir, types, paths, name, force=force, allow_pickle=allow_pickle,
+                     threads=threads, quant=quant)  # fmt: skip
     timings = {"preflight": time.perf_counter() - t_start}
     artifacts, notes = _write(job, quant, timings, force=force, progress=progress)
-    order = {t.name: i for i, t in enumerate(types)}
-    artifacts.sort(key=lambda a: order[a.type])
     info = read_gguf(artifacts[0].path)
     return ConvertResult(
         artifacts,
@@ -319,7 +317,7 @@ class _Job:
 def _preflight(
     model_dir: Path,
     types: Sequence[Any],
-    out: Path | None,
+    paths: dict[str, Path],
     name: str | None,
     *,
     force: bool,
@@ -330,8 +328,8 @@ def _preflight(
     """Everything that can fail cheaply, before the converter runs."""
     from quantkit.atomic import check_writable
     from quantkit.checkpoint import Checkpoint
-    from quantkit.convert.hf_to_gguf import default_name, output_paths
     from quantkit.convert.quantized import preflight_imatrix, with_imatrix
+    from quantkit.quantize.gguf.types import base_type
 
     arch_name = preflight(model_dir)
     if quant.calib is not None:
@@ -340,10 +338,8 @@ def _preflight(
             "compute one with llama.cpp's llama-imatrix on the float GGUF, then pass --imatrix FILE",
         )
     with Checkpoint.open(model_dir, allow_pickle=allow_pickle) as ckpt:  # headers, pickle policy
-        stem = name or default_name(model_dir, ckpt.config)
-        src_base = ckpt.source_dtype if ckpt.source_dtype in CONVERTER_OUTTYPE else "F32"
+        src_base = base_type(ckpt.source_dtype)
         n_params = sum(t.n_elements for t in ckpt.tensors.values())
-    paths = output_paths(out, stem, types)
     for p in paths.values():
         check_writable(p, force=force)
     floats = [t for t in types if t.base]
@@ -354,9 +350,7 @@ def _preflight(
     if threads and not options.threads:
         options = replace(options, threads=threads)
     pre = bpe_pre(model_dir)
-    base_name = None
-    if quants:
-        base_name = next((t.name for t in floats if t.name in (src_base, "F32")), src_base)
+    base_name = base_type(src_base, [t.name for t in floats]) if quants else None
     return _Job(model_dir, name, arch_name, paths, floats, quants, base_name, imatrix, options,
                 pre)  # fmt: skip
 

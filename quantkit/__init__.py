@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # lazy: `import quantkit` stays cheap for the CLI
     if name == "export":
-        from quantkit.api import export
+        from quantkit.pipeline.export import export
 
         return export
     if name in ("BuildResult", "Artifact", "ExportOptions"):

@@ -11,11 +11,13 @@ building it again or replacing it while the first still reads it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from quantkit.errors import OutputExistsError
 
@@ -184,3 +186,43 @@ def atomic_output_dir(final: Path, *, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp in _LIVE:
             remove(tmp)
+
+
+# -- JSON caches and result files ------------------------------------------------------------
+
+
+def write_json(path: Path, obj: Any, *, pretty: bool = False) -> None:
+    """``obj`` as JSON at ``path``, whole or absent: a reader (another process polling for a
+    result, or reading a cache) never sees half a file. ``pretty``: indented, sorted keys."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n" if pretty else json.dumps(obj)
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def read_cached_json(path: Path) -> Any | None:
+    """The JSON at ``path``; None when absent or unreadable (a damaged cache entry is made
+    again, never an error)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def cached_json(path: Path, make: Callable[[], Any], *, use_cache: bool = True) -> tuple[Any, bool]:
+    """What ``make()`` returns, kept as JSON at ``path``: read from there when present, else made
+    under a lock beside it (a second process asking for the same entry waits, then reads it)
+    and written whole. Returns (value, True when it came from the cache); ``use_cache=False``:
+    made and not kept."""
+    if not use_cache:
+        return make(), False
+    hit = read_cached_json(path)
+    if hit is not None:
+        return hit, True
+    with file_lock(path.with_name(f".{path.stem}.lock")):
+        hit = read_cached_json(path)  # another process made it meanwhile
+        if hit is not None:
+            return hit, True
+        value = make()
+        write_json(path, value)
+        return value, False

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from quantkit.casts import to_f32
 from quantkit.errors import CheckpointError
 
 # safetensors dtype -> (numpy dtype, itemsize). BF16 is read as raw uint16 and widened on demand.
@@ -110,6 +111,20 @@ class TensorInfo:
 
 def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate a safetensors header against its file; return tensor infos and __metadata__."""
+    raw, size = _header_bytes(path)
+    header, meta = _header_json(path, raw)
+    data_start = 8 + len(raw)
+    data_len = size - data_start
+    infos = {
+        name: _tensor_info(path, name, entry, data_start, data_len)
+        for name, entry in header.items()
+    }
+    _check_tiling(path, infos, data_start, data_len)
+    return infos, {str(k): str(v) for k, v in meta.items()}
+
+
+def _header_bytes(path: Path) -> tuple[bytes, int]:
+    """The JSON header's bytes (its length bounded, and inside the file) and the file size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -128,10 +143,13 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
                     f"{path}: safetensors header length {hlen} runs past the end of the file ({size} bytes)",
                     "the file is truncated or not a safetensors file",
                 )
-            raw = f.read(hlen)
+            return f.read(hlen), size
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
 
+
+def _header_json(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header as a JSON object of tensor entries (no name twice) and its __metadata__."""
     dupes: list[str] = []
 
     def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -155,68 +173,64 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: safetensors __metadata__ is not an object")
+    return header, meta
 
-    data_start = 8 + hlen
-    data_len = size - data_start
-    infos: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{path}: tensor {name!r} entry is not an object")
-        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # (a list is unhashable)
-            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not (
-            isinstance(shape, list)
-            and len(shape) <= 8
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        if not (
-            isinstance(offs, list)
-            and len(offs) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-            and 0 <= offs[0] <= offs[1]
-        ):
-            raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
-        # Python ints do not overflow; bound the product by the data size all the same so a
-        # shape like [2**40, 2**40] is rejected without arithmetic on absurd numbers.
-        n = 1
-        for d in shape:
-            n *= d
-            if n > data_len:
-                break
-        expect = n * SAFETENSORS_DTYPES[dtype][1]
-        if offs[1] > data_len:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} data ends at byte {offs[1]}, past the end of the data ({data_len} bytes)",
-                "the file is truncated",
-            )
-        if offs[1] - offs[0] != expect:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has {offs[1] - offs[0]} bytes but shape {shape} × {dtype} needs {expect}"
-            )
-        spans.append((offs[0], offs[1], name))
-        infos[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], expect)
-    spans.sort()
+
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
+    """One tensor entry checked: a known dtype, a sane shape, offsets inside the data whose span
+    is exactly shape × dtype size."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path}: tensor {name!r} entry is not an object")
+    dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # (a list is unhashable)
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= 8
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if not (
+        isinstance(offs, list)
+        and len(offs) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        and 0 <= offs[0] <= offs[1]
+    ):
+        raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offs!r}")
+    # Python ints do not overflow; bound the product by the data size all the same so a
+    # shape like [2**40, 2**40] is rejected without arithmetic on absurd numbers.
+    n = 1
+    for d in shape:
+        n *= d
+        if n > data_len:
+            break
+    expect = n * SAFETENSORS_DTYPES[dtype][1]
+    if offs[1] > data_len:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} data ends at byte {offs[1]}, past the end of the data ({data_len} bytes)",
+            "the file is truncated",
+        )
+    if offs[1] - offs[0] != expect:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has {offs[1] - offs[0]} bytes but shape {shape} × {dtype} needs {expect}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + offs[0], expect)
+
+
+def _check_tiling(path: Path, infos: dict[str, TensorInfo], data_start: int, data_len: int) -> None:
+    """The tensors tile the data exactly: no overlap, no hole, no bytes after the last one."""
     pos = 0
-    for b, e, name in spans:
+    for t in sorted(infos.values(), key=lambda t: (t.start, t.start + t.nbytes, t.name)):
+        b = t.start - data_start
         if b < pos:
-            raise CheckpointError(f"{path}: tensor {name!r} overlaps the previous tensor's bytes")
+            raise CheckpointError(f"{path}: tensor {t.name!r} overlaps the previous tensor's bytes")
         if b > pos:
-            raise CheckpointError(f"{path}: hole of {b - pos} bytes before tensor {name!r}")
-        pos = e
+            raise CheckpointError(f"{path}: hole of {b - pos} bytes before tensor {t.name!r}")
+        pos = b + t.nbytes
     if pos != data_len:
         raise CheckpointError(
             f"{path}: {data_len - pos} bytes after the last tensor belong to none"
         )
-    return infos, {str(k): str(v) for k, v in meta.items()}
-
-
-def _as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32, copy=False)
 
 
 @dataclass
@@ -353,7 +367,7 @@ class Checkpoint:
         info = self.tensors[name]
         if info.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{info.file}: tensor {name!r} is {info.dtype}, not a float")
-        return _as_float32(self.raw(name), info.dtype)
+        return to_f32(self.raw(name), info.dtype)
 
     def close(self) -> None:
         for m in self._maps.values():

@@ -4,6 +4,9 @@ transformers dequantizes the GGUF into an HF model; we save that as an F16 safet
 in the user cache, once. transformers 5.24 keeps such a model marked GGUF-quantized and refuses to
 save it ("not serializable"); clearing ``hf_quantizer`` and ``quantization_config`` first writes
 correct weights (docs/decisions.md, measured 2026-11-24).
+
+``DEMO_TEXT`` is the shipped recipes' ``data: default``. ``quantkit demo`` runs the shipped recipe
+``demo`` (recipes/demo.yaml) on this model through quantkit/pipeline/ (quantkit/cli/recipes.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,18 @@ from quantkit.errors import InputError
 from quantkit.paths import models_dir
 
 DEMO_NAME = "smollm2-135m-instruct"
+
+# The demo text: calibration and validation data of the shipped recipes (``data: default``).
+# A short neutral text (written for quantkit), ~110 tokens with SmolLM2's tokenizer.
+DEMO_TEXT = (
+    "The river runs past the old mill and under the stone bridge before it reaches the town. "
+    "In spring the water rises, and the children watch the boats drift slowly toward the sea. "
+    "Every morning the baker opens his shop at six, and the smell of fresh bread fills the "
+    "street. Farmers bring vegetables to the market square, where people meet to talk about "
+    "the weather, the harvest and the news from the city. In the evening the lamps are lit one "
+    "by one, and the bells of the church ring as the sun goes down behind the hills."
+)
+
 DEMO_BUILD = "v2"  # bump when the way the checkpoint is built changes (rebuilds the cache)
 
 # SmolLM2's own tokenizer.json splits digits one by one before the byte-level step (the GGUF in

@@ -72,6 +72,30 @@ def gpu_name() -> str | None:
     return out.strip().splitlines()[0] if out and out.strip() else None
 
 
+def gpu_count() -> int:
+    """NVIDIA GPUs on this host (0 without any): the driver's /proc entries, else nvidia-smi's
+    list. ``CUDA_VISIBLE_DEVICES``, when set, bounds what a process may use."""
+    if not has_cuda():
+        return 0
+    n = len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
+    if n == 0:
+        out = _smi("-L")
+        n = sum(1 for ln in (out or "").splitlines() if ln.startswith("GPU"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        n = min(n, len([d for d in visible.split(",") if d.strip()]))
+    return n
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a cgroup or taskset may exclude
+    some of the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _smi(*args: str) -> str | None:
     """nvidia-smi's stdout, None when it is absent or fails."""
     smi = shutil.which("nvidia-smi")

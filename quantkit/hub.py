@@ -101,3 +101,10 @@ def folder_name(path: Path) -> str:
     HF cache (``org/name`` → ``name``), else the folder's own."""
     src = hub_source(path)
     return src[0].rsplit("/", 1)[-1] if src else path.resolve().name
+
+
+def model_name(path: Path, config: dict) -> str:
+    """A model's own name: config.json's ``_name_or_path`` (its last part), else the folder's
+    (``folder_name``)."""
+    name = str(config.get("_name_or_path") or "").rstrip("/").split("/")[-1]
+    return name or folder_name(path)

@@ -4,7 +4,7 @@
 and a bad recipe is reported as one line naming the offending key path (``targets[2].type``).
 Relative input paths (model, texts) are relative to the recipe file; ``output`` and ``cache``
 are relative to the current directory. ``model: default`` is the embedded
-demo model (quantkit/demo.py); ``data: default`` is the demo text (quantkit/demo_run.py).
+demo model (quantkit/demo.py); ``data: default`` is the demo text (quantkit/demo.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pydantic import (
 
 import quantkit.recipes
 from quantkit.errors import InputError
-from quantkit.targets import METHODS, REFUSED_METHODS, Target
+from quantkit.targets import IMATRIX_CTX, METHODS, REFUSED_METHODS, Target
 
 DEFAULT = "default"  # the embedded default model / text
 RECIPES_DIR = Path(quantkit.recipes.__file__).resolve().parent  # package data, also when installed
@@ -49,7 +49,7 @@ class Source(_Strict):
 
 class Calibration(_Strict):
     data: str = Field(description="calibration text file, or `default` (the demo text)")
-    ctx: int = Field(512, ge=8, description="tokens per chunk (imatrix ctx / vLLM seq_len)")
+    ctx: int = Field(IMATRIX_CTX, ge=8, description="tokens per chunk (imatrix ctx / vLLM seq_len)")
     chunks: int | None = Field(None, ge=1, description="at most this many chunks (None: all)")
     samples: int = Field(64, ge=1, description="vLLM targets: calibration samples")
     seed: int = 0
@@ -70,6 +70,15 @@ class GateSpec(_Strict):
         return self.model_copy(update=over.model_dump(exclude_unset=True))
 
 
+class VllmValidation(_Strict):
+    """How vLLM lays an artifact out: ranks = tensor × pipeline, one GPU each on a CUDA host, one
+    process each on its own cores on a CPU host (refused before anything starts when the host
+    has fewer)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+
+
 class Validation(_Strict):
     data: str = Field(description="held-out text file, or `default` (the demo text)")
     ctx: int = Field(512, ge=8)
@@ -81,6 +90,7 @@ class Validation(_Strict):
     # vLLM without torch.compile / CUDA graphs: starts about a minute sooner on 2 CPU cores;
     # quality figures are the same, generation speed is lower
     vllm_eager: bool = False
+    vllm: VllmValidation = Field(default_factory=VllmValidation)
     timeout: float = Field(3600.0, gt=0)
     # per-artifact time budget: past it (or once the measured rate projects far beyond it) the
     # artifact is reported "too-slow" with its rate, instead of running on for an hour

@@ -15,20 +15,27 @@ one bare word where a kind has a main option):
     fp8[:dynamic|static|block]     vLLM checkpoints (compressed-tensors, via llm-compressor)
     hf[:bf16|f16|f32][,shard=5GB]  a plain HF checkpoint folder (hf:shard=2GB without a dtype)
 
-A recipe writes the same fields as YAML (``method: gptq`` and its options). Each kind names the
-builder family that makes it (``family``): the GGUF converter, llm-compressor, or the HF
-checkpoint writer (quantkit/pipeline/build.py holds the table).
+This module is the only ``--to`` grammar: ``KIND[:SECTION]...``, sections separated by ``:``,
+items in a section by ``,``; an item is ``key=value``, a bare word as a kind's first item sets
+its main option (a model's ``bare``: a GGUF type, an fp8 scheme, an hf dtype), a bare word naming
+a boolean option sets it (``force``), and a bare word after a list option continues the list
+(``types=Q4_K,Q5_K``). ``KIND:auto`` is the kind ``KIND-auto`` where one exists (gptq:auto).
+
+A recipe writes the same fields as YAML (``method: gptq`` and its options). Each kind is one
+model in the ``Target`` union that names the builder family that makes it (``family``: the GGUF
+converter, llm-compressor, or the HF checkpoint writer; quantkit/pipeline/build.py maps a family
+to its builder); the kinds, their families and their option hints are read off the models.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from quantkit.errors import InputError
-from quantkit.quantize.vllm.auto.spec import VllmAutoSpec, is_vllm_auto, parse_vllm_auto
+from quantkit.quantize.vllm.auto.spec import VllmAutoSpec
 from quantkit.quantize.vllm.targets import AWQTarget, FP8Target, GPTQTarget
 
 # vLLM calibration defaults of convert and quantkit.export, chosen with bench/vllm_export.py on a
@@ -44,9 +51,20 @@ IMATRIX_CTX = 512  # llama-imatrix's default chunk size (tools/imatrix: n_ctx 51
 class _Target(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    family: ClassVar[str]  # the builder that makes it (quantkit/pipeline/build.py BUILDERS)
+    bare: ClassVar[str | None] = None  # the option a bare first word sets (gguf:Q8_0, hf:bf16)
+    hint: ClassVar[str | None] = None  # what to write, when the fields do not say it
+
 
 class GGUFTarget(_Target):
     """A llama.cpp file, or ``type: auto`` with a size / bpw budget (gguf:auto)."""
+
+    family: ClassVar[str] = "gguf"
+    bare: ClassVar[str | None] = "type"
+    hint: ClassVar[str | None] = (
+        "write gguf:TYPE (`quantkit types` lists them) or gguf:auto:size=N|bpw=X "
+        "(optionally :types=Q4_K,Q5_K,Q8_0)"
+    )
 
     method: Literal["gguf"] = "gguf"
     type: str = Field(
@@ -73,6 +91,25 @@ class GGUFTarget(_Target):
             raise ValueError(f"unknown GGUF type {v!r} (e.g. F16, Q8_0, Q4_K_M)")
         return up
 
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        from quantkit.quantize.gguf.auto.spec import parse_size
+
+        v = _as_value_error(parse_size, v) if isinstance(v, str) else v
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("size must be positive")
+        return v
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _types(cls, v: Any) -> Any:
+        from quantkit.quantize.gguf.auto.spec import parse_types
+
+        if isinstance(v, str):
+            v = (v,)
+        return None if v is None else _as_value_error(parse_types, ",".join(v))
+
     @field_validator("overrides")
     @classmethod
     def _overrides(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -94,8 +131,9 @@ class GGUFTarget(_Target):
         if self.type != "AUTO":
             if self.size is not None or self.bpw is not None or self.types is not None:
                 raise ValueError("size, bpw and types apply to type: auto")
-            return
-        _as_value_error(lambda: self.auto_spec())
+        elif (self.size is None) == (self.bpw is None):
+            which = "both size and bpw" if self.size is not None else "neither size nor bpw"
+            raise ValueError(f"gguf:auto needs exactly one budget, got {which}")
 
     @property
     def is_auto(self) -> bool:
@@ -109,14 +147,12 @@ class GGUFTarget(_Target):
         return gguf_type(self.type)
 
     def auto_spec(self) -> Any:
-        """The gguf:auto budget this target stands for (quantize/gguf/auto/spec.py)."""
-        from quantkit.quantize.gguf.auto.spec import parse_auto
+        """The gguf:auto budget this target stands for (quantize/gguf/auto/spec.py): its
+        fields, already validated here, not a second parse."""
+        from quantkit.quantize.gguf.auto.spec import AutoSpec
 
-        parts = ["gguf:auto"]
-        parts += [f"size={self.size}"] if self.size is not None else []
-        parts += [f"bpw={self.bpw}"] if self.bpw is not None else []
-        parts += [f"types={','.join(self.types)}"] if self.types else []
-        return parse_auto(":".join(parts))
+        assert self.is_auto and (self.size is None or isinstance(self.size, int))
+        return AutoSpec(size=self.size, bpw=self.bpw, types=self.types)
 
     def label(self) -> str:
         return self.auto_spec().name if self.is_auto else self.type
@@ -124,6 +160,9 @@ class GGUFTarget(_Target):
 
 class AdapterTarget(_Target):
     """The fine-tune's adapter itself: a GGUF LoRA for llama.cpp, or a folder for vLLM."""
+
+    family: ClassVar[str] = "gguf"  # written by the GGUF converter's one read of the adapter
+    hint: ClassVar[str | None] = "gguf-lora and vllm-lora take no options"
 
     method: Literal["gguf-lora", "vllm-lora"]
 
@@ -142,6 +181,12 @@ DEFAULT_SHARD_BYTES = 5 * 10**9
 
 class HFTarget(_Target):
     """A plain HF checkpoint folder (safetensors shards, config, tokenizer)."""
+
+    family: ClassVar[str] = "hf"
+    bare: ClassVar[str | None] = "dtype"
+    hint: ClassVar[str | None] = (
+        "write hf, hf:bf16, hf:f16 or hf:f32, optionally with shard=SIZE (hf:bf16,shard=2GB)"
+    )
 
     method: Literal["hf"] = "hf"
     dtype: Literal["bf16", "f16", "f32"] | None = Field(
@@ -169,18 +214,14 @@ Target = Annotated[
     GGUFTarget | AdapterTarget | GPTQTarget | AWQTarget | FP8Target | VllmAutoSpec | HFTarget,
     Field(discriminator="method"),
 ]
-METHODS = ("gguf", "gguf-lora", "vllm-lora", "gptq", "awq", "fp8", "gptq-auto", "hf")
 _TARGET: TypeAdapter[Any] = TypeAdapter(Target)
-
-# Which builder family makes a kind (quantkit/pipeline/build.py BUILDERS): several targets of one
-# family are made together (one read of the checkpoint; one llm-compressor process).
-FAMILY = {
-    "gguf": "gguf", "gguf-lora": "gguf", "vllm-lora": "gguf",
-    "gptq": "vllm", "awq": "vllm", "fp8": "vllm", "gptq-auto": "vllm", "hf": "hf",
-}  # fmt: skip
-
-# A bare word after the colon: which option it sets.
-BARE = {"fp8": "scheme", "hf": "dtype"}
+# method -> its model, read off the union (a new kind is one model in it)
+KINDS: dict[str, type[BaseModel]] = {
+    m: model
+    for model in get_args(get_args(Target)[0])
+    for m in get_args(model.model_fields["method"].annotation)
+}
+METHODS = tuple(KINDS)
 
 # Methods users ask for that vLLM 0.32 cannot load: name -> (why, what to use instead). vLLM 0.32
 # has no bitsandbytes quantization method (its ``QuantizationMethods`` in
@@ -195,7 +236,7 @@ REFUSED_METHODS: dict[str, tuple[str, str]] = {"bnb": _NO_BNB, "bitsandbytes": _
 _HINT = "targets look like gguf:Q8_0, gguf:auto:size=100MB, gptq:group=64, fp8, hf:bf16"
 
 
-def parse_target(spec: str | Any) -> Any:
+def parse_target(spec: str | Target | dict[str, Any]) -> Target:
     """``--to`` text → its Target model (a Target is returned as it is). InputError (exit 2),
     naming the spec and what is valid, on anything unknown."""
     if not isinstance(spec, str):
@@ -206,24 +247,23 @@ def parse_target(spec: str | Any) -> Any:
     if method in REFUSED_METHODS:
         why, instead = REFUSED_METHODS[method]
         raise InputError(f"--to {spec}: {why}", instead)
-    if method not in METHODS:
+    if method not in KINDS:
         if rest:
             raise InputError(f"unknown target {spec!r}", _HINT)
         method, rest = "gguf", text  # a bare GGUF type: Q8_0
-    if method == "gguf":
-        return _gguf(spec, rest)
-    if is_vllm_auto(text):
-        return parse_vllm_auto(text)
-    if method in ("gguf-lora", "vllm-lora") and rest:
-        raise InputError(f"--to {spec}: {method} takes no options")
-    fields: dict[str, Any] = {"method": method, **_options(spec, method, rest)}
+    sections = [p.strip() for p in rest.split(":")] if rest.strip() else []
+    if sections and sections[0].lower() == "auto" and f"{method}-auto" in KINDS:
+        method, sections = f"{method}-auto", sections[1:]  # gptq:auto:bits=4.5
+    fields: dict[str, Any] = {"method": method, **_options(spec, KINDS[method], sections)}
     return _validated(f"--to {spec}", fields)
 
 
-def parse_targets(specs: str | Any | Iterable[str | Any]) -> list[Any]:
+def parse_targets(
+    specs: str | Target | Iterable[str | Target | dict[str, Any]],
+) -> list[Target]:
     """Every spec parsed once; the same target twice is one target (order kept)."""
     items = [specs] if isinstance(specs, (str, BaseModel)) else list(specs)
-    out: list[Any] = []
+    out: list[Target] = []
     for s in items:
         t = parse_target(s)
         if t not in out:
@@ -233,7 +273,7 @@ def parse_targets(specs: str | Any | Iterable[str | Any]) -> list[Any]:
     return out
 
 
-def target_from_dict(data: dict[str, Any], where: str = "target") -> Any:
+def target_from_dict(data: dict[str, Any], where: str = "target") -> Target:
     """A recipe's target entry (without name/gates/validate) → its Target model."""
     data = {"method": "gguf", **data}
     if data["method"] in REFUSED_METHODS:
@@ -242,39 +282,62 @@ def target_from_dict(data: dict[str, Any], where: str = "target") -> Any:
     return _validated(where, data)
 
 
-def _gguf(spec: str, rest: str) -> GGUFTarget:
-    from quantkit.quantize.gguf.auto.spec import is_auto_target, parse_auto
-
-    if is_auto_target(f"gguf:{rest}"):
-        a = parse_auto(f"gguf:{rest.strip()}")
-        return GGUFTarget(type="AUTO", size=a.size, bpw=a.bpw, types=a.types)
-    return _validated(f"--to {spec}", {"method": "gguf", "type": rest.strip()})
-
-
-def _options(spec: str, method: str, rest: str) -> dict[str, Any]:
+def _options(spec: str, model: type[BaseModel], sections: list[str]) -> dict[str, Any]:
+    """The items of ``sections`` as the model's fields (the module doc gives the grammar)."""
     opts: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip().lower().replace("-", "_")
-        if not eq:
-            if method not in BARE:
-                raise InputError(
-                    f"--to {spec}: option {item!r} has no value",
-                    f"write options as key=value, e.g. {method}:bits=4,group=64",
-                )
-            key, value = BARE[method], item
-        if key == "method":
-            raise InputError(f"--to {spec}: 'method' is not an option")
-        opts[key] = _coerce(value.strip())
+    bare = getattr(model, "bare", None)
+    method = model.model_fields["method"].default
+    for section in sections:
+        listing: str | None = None  # the list option a bare word continues, in this section
+        for item in filter(None, (s.strip() for s in section.split(","))):
+            key, eq, value = item.partition("=")
+            key = key.strip().lower().replace("-", "_")
+            if not eq:
+                if listing is not None:
+                    opts[listing] += (item,)
+                    continue
+                if not opts and bare is not None:
+                    key, value = bare, item
+                elif _is_bool(model, key):
+                    value = "true"
+                else:
+                    raise InputError(
+                        f"--to {spec}: option {item!r} has no value",
+                        f"write options as key=value, e.g. {method}:bits=4,group=64"
+                        if method in ("gptq", "awq")
+                        else options_hint(method),
+                    )
+            if key == "method":
+                raise InputError(f"--to {spec}: 'method' is not an option")
+            if key in opts:
+                raise InputError(f"--to {spec}: {key}= given twice", options_hint(method))
+            if _is_list(model, key):
+                opts[key], listing = tuple(filter(None, [value.strip()])), key
+            else:
+                opts[key], listing = _coerce(value.strip()), None
     return opts
 
 
-def updated(t: Any, update: dict[str, Any], where: str) -> Any:
+def _annotation(model: type[BaseModel], key: str) -> Any:
+    f = model.model_fields.get(key)
+    return f.annotation if f is not None else None
+
+
+def _is_list(model: type[BaseModel], key: str) -> bool:
+    a = _annotation(model, key)
+    return a is not None and any(get_origin(x) is tuple for x in (a, *get_args(a)))
+
+
+def _is_bool(model: type[BaseModel], key: str) -> bool:
+    return _annotation(model, key) is bool
+
+
+def updated(t: Target, update: dict[str, Any], where: str) -> Target:
     """A copy of ``t`` with ``update`` validated like the original fields."""
     return _validated(where, {**t.model_dump(), **update})
 
 
-def _validated(where: str, fields: dict[str, Any]) -> Any:
+def _validated(where: str, fields: dict[str, Any]) -> Target:
     try:
         return _TARGET.validate_python(fields)
     except ValidationError as e:
@@ -305,17 +368,13 @@ def _coerce(v: str) -> Any:
 
 
 def options_hint(method: str) -> str:
-    """``gptq options: bits=4|8, group=32|64|128|channel, ...`` from the model's fields."""
-    model = {
-        "gguf": GGUFTarget, "gptq": GPTQTarget, "awq": AWQTarget, "fp8": FP8Target,
-        "hf": HFTarget,
-    }.get(method)  # fmt: skip
+    """``gptq options: bits=4|8, group=32|64|128|channel, ...`` from the model's fields (or the
+    model's own ``hint``)."""
+    model = KINDS.get(method)
     if model is None:
         return _HINT
-    if model is GGUFTarget:
-        return "write gguf:TYPE (`quantkit types` lists them) or gguf:auto:size=N|bpw=X"
-    if model is HFTarget:
-        return "write hf, hf:bf16, hf:f16 or hf:f32, optionally with shard=SIZE (hf:bf16,shard=2GB)"
+    if getattr(model, "hint", None):
+        return str(model.hint)  # type: ignore[attr-defined]
     opts = []
     for name, f in model.model_fields.items():
         if name == "method":

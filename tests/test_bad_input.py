@@ -280,3 +280,15 @@ def test_interrupted_conversion_leaves_nothing(
     assert p.returncode == 130, err
     assert "interrupted" in err
     assert list(out.iterdir()) == [], [x.name for x in out.iterdir()]
+
+
+@pytest.mark.parametrize(
+    "given", [("--samples", "16"), ("--seq-len", "256"), ("--samples", "8"), ("--ignore", "x")]
+)
+def test_vllm_options_without_a_vllm_target_refused(
+    model: Path, tmp_path: Path, given: tuple[str, str]
+) -> None:
+    """A vLLM-only option given with GGUF targets only is refused with the reason, also when
+    its value equals the default (it was given, so the user expects it to apply)."""
+    line = convert_fails(model, tmp_path / "o.gguf", *given)
+    assert f"{given[0]} applies to vLLM targets" in line and "only gguf targets" in line, line

@@ -145,6 +145,41 @@ def test_rows_parse_and_unknown_rows_are_refused() -> None:
     assert "unknown capability row 'gguf:Q9_X'" in r.stderr and "gguf:Q4_K_M" in r.stderr
 
 
+def test_parallel_layout_rows() -> None:
+    """tpN[-ppM]/ROW: a vLLM row measured in a parallel layout; the prefix is canonical."""
+    from quantkit.errors import InputError
+
+    r = cap.parse_row("tp2/hf:bf16")
+    assert (r.engine, r.tp, r.pp, r.dtype) == ("vllm", 2, 1, "bfloat16")
+    assert r.spec == cap.parse_row("hf:bf16").spec and "tensor-parallel 2" in r.title
+    r = cap.parse_row("tp2-pp2/w4a16-g64:bf16")
+    assert (r.tp, r.pp) == (2, 2) and "pipeline 2" in r.title
+    assert cap.layout_prefix(1, 1) == "" and cap.layout_prefix(2, 1) == "tp2/"
+    assert cap.layout_prefix(1, 2) == "tp1-pp2/" and cap.parse_row("tp1-pp2/hf:f32").pp == 2
+    for bad in ("tp2/gguf:Q4_K_M", "tp1/hf:bf16", "tp2-pp1/hf:bf16", "tp0/hf:bf16"):
+        with pytest.raises(InputError, match="unknown capability row"):
+            cap.parse_row(bad)
+
+
+def test_a_parallel_run_asks_its_layouts_row(
+    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """validate with --tensor-parallel-size 2 consults tp2/<format>, not the one-rank row; a
+    layout this host measured not to run is unsupported without starting vLLM."""
+    from quantkit.validate.harness import Settings, validate
+
+    reason = "RuntimeError: world size 2 needs a second rank"
+    _fake_row(monkeypatch, "tp2/hf:f32", reason=reason)
+    jobs = _artifact_jobs(monkeypatch)
+    monkeypatch.setattr("quantkit.validate.engines.VllmEngine.check_parallel", lambda tp, pp: None)
+    s = Settings(ctx=64, chunks=1, threads=1, pp=0, tg=0, cache=False, hf_engine="vllm",
+                 tensor_parallel_size=2)  # fmt: skip
+    rep = validate([tiny["model"]], tiny["model"], tiny["text"], s)
+    (a,) = rep["artifacts"]
+    assert jobs == [] and a["status"] == "unsupported", a
+    assert a["error"].startswith(reason) and "row tp2/hf:f32" in a["error"], a["error"]
+
+
 def test_engines_check_measures_once_then_reads_the_cache(tmp_path: Path) -> None:
     """A llama.cpp row measured in a fresh cache, then read back without measuring; a vLLM row
     where this cache has no vLLM environment is "not measured", with the setup hint."""
@@ -264,7 +299,8 @@ def test_row_artifacts_are_their_own_format() -> None:
     rows = [cap.parse_row(r) for r in cap.DEFAULT_ROWS]
     paths = ensure(list(dict.fromkeys(r.spec for r in rows)))
     for r in rows:
-        assert cap.format_of(paths[r.spec]) == r.id, (r.id, paths[r.spec])
+        # a parallel layout's row (tp2/hf:bf16) is measured on its format's artifact
+        assert cap.layout_prefix(r.tp, r.pp) + str(cap.format_of(paths[r.spec])) == r.id, r.id
 
 
 def test_float32_w4a16_scored_as_the_host_measured(tmp_path: Path) -> None:

@@ -159,8 +159,9 @@ def test_vllm_scores_hf_fp8_and_gptq(exported):
 
 
 def test_one_parse_one_dispatch(tmp_path, monkeypatch):
-    """From the command line to the builders: each --to is parsed once, and each builder
-    family is called once with all of its targets."""
+    """From the command line to the builders: each --to is parsed once, each builder family is
+    called once with all of its outputs, and each target reaches its builder as the object the
+    parse made (no second parse, no copy)."""
     from click.testing import CliRunner
 
     from quantkit import targets
@@ -169,19 +170,24 @@ def test_one_parse_one_dispatch(tmp_path, monkeypatch):
 
     model = make_tiny_model(tmp_path / "m", "LlamaForCausalLM")
     parsed: list[str] = []
+    made: list[object] = []
     real_parse = targets.parse_target
 
     def counting(spec):
+        t = real_parse(spec)
         if isinstance(spec, str):
             parsed.append(spec)
-        return real_parse(spec)
+            made.append(t)
+        return t
 
     calls: list[tuple[str, list[str]]] = []
+    reached: list[object] = []
     for family, fn in list(build.BUILDERS.items()):
 
-        def record(src, ts, out, o, single, fn=fn, family=family):
-            calls.append((family, [t.label() for t in ts]))
-            return fn(src, ts, out, o, single)
+        def record(src, outputs, o, fn=fn, family=family):
+            calls.append((family, [x.target.label() for x in outputs]))
+            reached.extend(x.target for x in outputs)
+            return fn(src, outputs, o)
 
         monkeypatch.setitem(build.BUILDERS, family, record)
     monkeypatch.setattr(targets, "parse_target", counting)
@@ -193,6 +199,7 @@ def test_one_parse_one_dispatch(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert parsed == ["gguf:F16", "Q8_0", "hf:bf16"]
     assert calls == [("gguf", ["F16", "Q8_0"]), ("hf", ["hf-bf16"])]
+    assert [id(t) for t in reached] == [id(t) for t in made]
 
 
 def test_calib_with_adapter_and_only_float_targets(peft):

@@ -62,6 +62,14 @@ def _plan(recipe: Path, *extra: str) -> list[dict]:
             lambda b: b["targets"].append({"name": "a", "method": "exl2"}),
             "targets[2].method: unknown",
         ),
+        (
+            lambda b: b.update(validation={"data": "t", "vllm": {"tensor_parallel_size": 0}}),
+            "validation.vllm.tensor_parallel_size: Input should be greater",
+        ),
+        (
+            lambda b: b.update(validation={"data": "t", "vllm": {"tp": 2}}),
+            "validation.vllm.tp: Extra inputs",
+        ),
     ],
 )
 def test_schema_errors_name_the_key(work: Path, edit, expect: str) -> None:
@@ -79,6 +87,19 @@ def test_schema_errors_name_the_key(work: Path, edit, expect: str) -> None:
     err = r.stderr.strip()
     assert "\n" not in err and "Traceback" not in err
     assert expect.replace("Value error, ", "") in err, err
+
+
+def test_vllm_layout_the_host_cannot_hold_is_refused_before_any_build(work: Path) -> None:
+    """validation.vllm.tensor_parallel_size × pipeline_parallel_size beyond this host's cores
+    (QUANTKIT_CUDA=0: a CPU host) stops the run before anything is built, in one line."""
+    v = {**VALIDATION, "vllm": {"tensor_parallel_size": 512, "pipeline_parallel_size": 2}}
+    p = _recipe(work, "tp", [{"name": "q8", "type": "Q8_0"}], validation=v)
+    r = run_cli("run", str(p), env={"QUANTKIT_CUDA": "0"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip()
+    assert "\n" not in err and "needs 1024 vLLM ranks" in err, err
+    assert "--tensor-parallel-size 512 × --pipeline-parallel-size 2" in err, err
+    assert not (work / "out-tp").exists() or not any((work / "out-tp").rglob("*.gguf"))
 
 
 def test_hf_target_in_a_recipe_matches_convert(work: Path) -> None:
@@ -144,9 +165,9 @@ def test_run_validates_then_second_run_does_no_work(work: Path) -> None:
     assert m["sha256"] in card and "llama-cli" in card and "ollama create" in card
     q4 = json.loads((out / "q4a" / "manifest.json").read_text())
     assert q4["provenance"]["calibration_sha256"] is not None
-    # the F16 target is the cached base, byte for byte
-    base = next((out / ".cache").glob("base-*/*.gguf"))
-    assert (out / "f16" / "tiny-F16.gguf").read_bytes() == base.read_bytes()
+    # the cached base is in the checkpoint's own precision (F32 here), as `convert` makes it
+    (base,) = (out / ".cache").glob("base-*/*.gguf")
+    assert base.name == "tiny-F32.gguf"
     run1 = json.loads((out / "run.json").read_text())
     assert sum(s["action"] == "build" for s in run1["steps"]) == len(steps)
 
@@ -296,3 +317,37 @@ def test_vllm_fp8_target_built_and_reused(work: Path) -> None:
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
     assert "vllm serve" in (work / "out-fp8" / "fp8" / "README.md").read_text()
     assert [s["action"] for s in _plan(rec)] == ["reuse"]
+
+
+def test_recipe_quantizes_from_the_checkpoints_own_precision(work: Path) -> None:
+    """A BF16 checkpoint with a weight beyond the F16 range (±65504) converts on the CLI, and
+    in a recipe too: both quantize from a base in the checkpoint's own precision (BF16 here),
+    so the same targets make the same bytes."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_model(work / "bf16", "LlamaForCausalLM", dtype="bfloat16")
+    t = load_file(src / "model.safetensors")
+    t["model.layers.1.self_attn.o_proj.weight"][3, 5] = 1e5
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    assert t["model.layers.1.self_attn.o_proj.weight"].dtype == torch.bfloat16
+    cli = work / "cli-bf16"
+    r = run_cli("convert", str(src), "--to", "gguf:Q8_0", "--to", "gguf:BF16", "-o", str(cli))
+    assert r.returncode == 0, r.stderr
+    rec = _recipe(
+        work,
+        "bf16",
+        [{"name": "q8", "type": "Q8_0"}, {"name": "bf16", "type": "BF16"}],
+        source={"model": "bf16"},
+    )
+    r = run_cli("run", str(rec))
+    assert r.returncode == 0, r.stderr
+    out = work / "out-bf16"
+    for name, label in (("q8", "Q8_0"), ("bf16", "BF16")):
+        got = (out / name / f"bf16-{label}.gguf").read_bytes()
+        assert got == (cli / f"bf16-{label}.gguf").read_bytes(), label
+    # the cached base is the checkpoint's own precision, and the BF16 target is that base
+    (base,) = (out / ".cache").glob("base-*/*.gguf")
+    assert (
+        base.name == "bf16-BF16.gguf" and base.read_bytes() == (cli / "bf16-BF16.gguf").read_bytes()
+    )

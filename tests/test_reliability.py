@@ -238,6 +238,35 @@ def test_two_processes_build_one_cache_entry_once(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.parent.iterdir()) == [".entry.lock", "builds", "entry"]
 
 
+CACHED_JSON = """
+import sys, time
+from pathlib import Path
+from quantkit.atomic import cached_json
+def make():
+    with open(Path(sys.argv[1]).parent / "makes", "a") as f:
+        f.write("x")
+    time.sleep(0.5)
+    return {"n": 1}
+value, hit = cached_json(Path(sys.argv[1]), make)
+print(value["n"], hit)
+"""
+
+
+def test_json_cache_made_once_and_a_damaged_entry_made_again(tmp_path: Path) -> None:
+    """The sensitivity caches' pattern (quantkit/atomic.py cached_json): two processes asking
+    at once make the entry once; a damaged entry is made again, not an error."""
+    entry = tmp_path / "c" / "k.json"
+    entry.parent.mkdir()
+    cmd = [sys.executable, "-c", CACHED_JSON, str(entry)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outs == ["1 False", "1 True"] and (entry.parent / "makes").read_text() == "x"
+    entry.write_text('{"n": ')  # cut short
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "1 False" and (entry.parent / "makes").read_text() == "xx"
+    assert json.loads(entry.read_text()) == {"n": 1}
+
+
 def test_two_validates_share_one_reference_cache(good: Path, tmp_path: Path) -> None:
     """Two `quantkit validate` runs on one cache at once: the reference is scored once, both
     reports agree, and the cache entry's log-probs match the sha256 recorded with them."""

@@ -135,6 +135,43 @@ def test_bad_input_exits_2(tiny: dict[str, Path]) -> None:
     assert r.returncode == 2 and "fewer than one chunk" in r.stderr
 
 
+def test_parallel_layout_beyond_the_host_exits_2(tiny: dict[str, Path]) -> None:
+    """More vLLM ranks than this CPU host has cores: one line, exit 2, before anything runs."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    args = ("validate", str(tiny["f32"]), "--reference", str(tiny["model"]))
+    args += ("--data", str(tiny["text"]))
+    r = run_cli(*args, "--tensor-parallel-size", str(cores + 1), env={"QUANTKIT_CUDA": "0"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert f"needs {cores + 1} vLLM ranks, one per core, and this host has {cores} CPU" in err
+    assert f"at most {cores} ranks" in err, err
+    r = run_cli(*args, "--pipeline-parallel-size", "0")
+    assert r.returncode == 2 and "--pipeline-parallel-size" in r.stderr, r.stderr
+
+
+def test_vllm_threads_bind_one_core_list_per_rank() -> None:
+    """The worker runs in the vLLM env; its binding helper is plain Python: load it here."""
+    import importlib.util
+
+    from quantkit.validate.engines import VllmEngine
+
+    spec = importlib.util.spec_from_file_location("vllm_worker", VllmEngine.script)
+    assert spec is not None and spec.loader is not None
+    w = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(w)
+    assert w.threads_bind([0, 1], 2, 1) == "0,1"
+    assert w.threads_bind([0, 1], 2, 2) == "0|1"
+    assert w.threads_bind([0, 1], 1, 2) == "0|1", "every rank gets a core of its own"
+    assert w.threads_bind([2, 3, 5, 7], 4, 2) == "2,3|5,7"
+    assert w.threads_bind([0, 1, 2, 3, 4], 5, 2) == "0,1|2,3"
+    assert w.threads_bind(list(range(8)), 8, 4) == "0,1|2,3|4,5|6,7"
+    with pytest.raises(ValueError, match="3 vLLM ranks need 3 cores"):
+        w.threads_bind([0, 1], 2, 3)
+
+
 def test_ctx_pp_tg_capped_to_the_model_context(tiny: dict[str, Path]) -> None:
     """Positions past max_position_embeddings (256 here) are not asked of any engine: ctx, pp
     and tg are capped, and the report says so."""

@@ -234,3 +234,38 @@ def test_vllm_worker_killed_on_timeout(vllm_run: dict, tmp_path: Path) -> None:
         if str(tmp_path / "w").encode() in cmd:
             left.append(cmd)
     assert left == [], left
+
+
+def test_tensor_parallel_2_scores_like_one_rank(vllm_run: dict) -> None:
+    """`--tensor-parallel-size 2`: vLLM's CPU backend runs two ranks (one process each, one core
+    each: VLLM_CPU_OMP_THREADS_BIND=0|1) that split every attention head group and MLP, and
+    all-reduce their partial sums. The same F32 weights on the same ids must score as one rank
+    does, up to float summation order: measured on this tiny model, PPL within 2e-9 relative
+    and target log-probs within 1.3e-5 of the reference (one rank: 1.2e-5)."""
+    from quantkit.host import has_cuda, usable_cores
+
+    if not has_cuda() and usable_cores() < 2:
+        pytest.skip("two vLLM ranks on CPU need two cores; this process may use one")
+    one = vllm_run["rep"]["artifacts"][1]
+    assert one["status"] == "ok", one
+    d, model = vllm_run["dir"], vllm_run["model"]
+    r, rep = validate_report(
+        [model], model, d / "text.txt", d / "tp2.json",
+        "--engine", "vllm", "--topk", "20", "--vllm-eager", "--tensor-parallel-size", "2",
+        env={"TMPDIR": str(d)},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    two = rep["artifacts"][0]
+    assert two["status"] == "ok", two
+    layout = two["engine"]["parallel"]
+    assert layout["tensor_parallel_size"] == 2 and layout["world_size"] == 2, layout
+    assert layout["executor"] == "mp", layout
+    # each rank is a process holding its half of the model (and torch, vLLM): both reported
+    assert sorted(layout["ranks_peak_rss_bytes"])[-2] > 100 * 2**20, layout
+    if not has_cuda():  # one core list per rank
+        assert len(layout["threads_bind"].split("|")) == 2, layout
+    assert one["engine"]["parallel"]["world_size"] == 1
+    q1, q2 = one["quality"], two["quality"]
+    assert abs(q2["ppl"] / q1["ppl"] - 1) < 1e-5, (q1, q2)
+    assert q2["top1_pct"] == 100.0 and q2["kld_mean"] < 1e-5 and q2["kld_max"] < 1e-3, q2
+    assert q2["max_abs_dlogprob"] < 1e-4, q2

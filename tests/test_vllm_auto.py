@@ -25,7 +25,7 @@ from quantkit.quantize.vllm.auto.plan import choose, config_groups, targets
 from quantkit.quantize.vllm.auto.schemes import scheme
 from quantkit.quantize.vllm.auto.sensitivity import Sensitivity
 from quantkit.quantize.vllm.auto.spec import is_vllm_auto, parse_vllm_auto
-from quantkit.targets import FAMILY, parse_target
+from quantkit.targets import parse_target
 from quantkit.validate.capabilities import Verdict
 
 
@@ -33,7 +33,7 @@ def test_spec_parses_and_refuses_with_exit_2():
     s = parse_target("gptq:auto:bits=4.5:types=W4G64,fp8,float,w4g64")
     assert s.bits == 4.5 and s.types == ("w4g64", "fp8", "float") and not s.force
     assert s.label() == "gptq-auto-4.5b"
-    assert FAMILY[parse_target("gptq:auto:bits=5").method] == "vllm"
+    assert parse_target("gptq:auto:bits=5").family == "vllm"
     assert is_vllm_auto("gptq:auto:bits=5")
     assert not is_vllm_auto("gptq:bits=4,group=64")
     assert parse_vllm_auto("gptq:auto:bits=5:types=w8g128:force").force

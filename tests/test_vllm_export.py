@@ -87,9 +87,52 @@ def _random_layer(bits: int, group: int, out_f: int = 64, in_f: int = 128, g_idx
     return IntLayer(q, zero, scale, gi, bits, group, g_idx)
 
 
+def dequantize(layer):
+    """The float weights an IntLayer stands for (quantize/vllm/legacy.py)."""
+    idx = layer.g_idx.long()
+    return (layer.q.float() - layer.zero[:, idx].float()) * layer.scale[:, idx].float()
+
+
+# -- the legacy layouts read back (the inverse of gptq_tensors / awq_tensors) ---------------------
+
+
+def read_gptq_layer(t: dict, prefix: str, bits: int, group: int):
+    """Dequantizable view of an AutoGPTQ v1 layer: the inverse of gptq_tensors."""
+    from quantkit.quantize.vllm.legacy import IntLayer, unpack_cols, unpack_rows
+
+    off = 1 << (bits - 1)
+    qweight = t[f"{prefix}.qweight"]
+    out_f = qweight.shape[1]
+    q = unpack_rows(qweight, bits).t() - off
+    zero = unpack_cols(t[f"{prefix}.qzeros"], bits, out_f).t()
+    zero = ((zero + 1) & ((1 << bits) - 1)) - off  # v1: stored zero − 1
+    g_idx = t[f"{prefix}.g_idx"]
+    return IntLayer(q, zero, t[f"{prefix}.scales"].t(), g_idx, bits, group, True)
+
+
+def read_awq_layer(t: dict, prefix: str, group: int):
+    """Dequantizable view of an AutoAWQ GEMM layer: the inverse of awq_tensors."""
+    from quantkit.quantize.vllm.legacy import AWQ_ORDER, IntLayer, unpack_cols
+
+    qweight = t[f"{prefix}.qweight"]
+    in_f = qweight.shape[0]
+    q = unpack_cols(qweight, 4, order=AWQ_ORDER).t() - 8
+    zero = unpack_cols(t[f"{prefix}.qzeros"], 4, order=AWQ_ORDER).t() - 8
+    g = group if group > 0 else in_f
+    return IntLayer(
+        q,
+        zero,
+        t[f"{prefix}.scales"].t(),
+        torch.arange(in_f, dtype=torch.int32) // g,
+        4,
+        group,
+        False,
+    )
+
+
 @pytest.mark.parametrize("bits,group,g_idx", [(4, 32, False), (4, 64, True), (8, 128, False)])
 def test_gptq_layout_round_trip(bits, group, g_idx):
-    from quantkit.quantize.vllm.legacy import gptq_tensors, read_gptq_layer
+    from quantkit.quantize.vllm.legacy import gptq_tensors
 
     layer = _random_layer(bits, group, g_idx=g_idx)
     t = {f"m.{k}": v for k, v in gptq_tensors(layer, torch.float16).items()}
@@ -100,7 +143,7 @@ def test_gptq_layout_round_trip(bits, group, g_idx):
     assert t["m.g_idx"].shape == (128,) and t["m.g_idx"].dtype == torch.int32
     back = read_gptq_layer(t, "m", bits, group)
     assert torch.equal(back.q, layer.q) and torch.equal(back.zero, layer.zero)
-    assert torch.equal(back.dequantize(), layer.dequantize())
+    assert torch.equal(dequantize(back), dequantize(layer))
 
 
 def test_gptq_v1_zero_minus_one_and_input_dim_packing():
@@ -128,7 +171,7 @@ def test_gptq_v1_zero_minus_one_and_input_dim_packing():
 def test_awq_layout_matches_vllm_unpacking():
     """vLLM's awq loaders unpack a word's 4-bit fields low to high and reorder them with
     (0, 4, 1, 5, 2, 6, 3, 7) (cpu_wna16.py); doing that to our words must give the weights."""
-    from quantkit.quantize.vllm.legacy import awq_tensors, read_awq_layer
+    from quantkit.quantize.vllm.legacy import awq_tensors
 
     layer = _random_layer(4, 64)
     t = awq_tensors(layer, torch.float16)
@@ -138,7 +181,7 @@ def test_awq_layout_matches_vllm_unpacking():
     natural = fields[:, :, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(128, 64)
     assert torch.equal(natural.t() - 8, layer.q)
     back = read_awq_layer({f"m.{k}": v for k, v in t.items()}, "m", 64)
-    assert torch.equal(back.dequantize(), layer.dequantize())
+    assert torch.equal(dequantize(back), dequantize(layer))
 
 
 # -- preflight (no llm-compressor run) -----------------------------------------------------------
@@ -340,7 +383,7 @@ def test_int4_export_config_tensors_and_weights(vllm_exports, label):
             assert t[f"{p}.weight_scale"].shape == (out_f, in_f // 64)
             assert f"{p}.weight_g_idx" not in t  # act-order "weight" keeps groups in order
             assert (f"{p}.weight_zero_point" in t) is (label == "awq")  # awq: asymmetric
-            deq = read_int_layer(t, p, w).dequantize()
+            deq = dequantize(read_int_layer(t, p, w))
             ref = orig[mod]
             if label == "awq":
                 # AWQ multiplies each input column by a smoothing scale (and divides the
@@ -358,12 +401,7 @@ def test_int4_export_config_tensors_and_weights(vllm_exports, label):
 
 @pytest.mark.parametrize("label", ["gptq", "awq"])
 def test_legacy_layout_dequantizes_to_the_same_weights(vllm_exports, label):
-    from quantkit.quantize.vllm.legacy import (
-        read_awq_layer,
-        read_gptq_layer,
-        read_int_layer,
-        weights_args,
-    )
+    from quantkit.quantize.vllm.legacy import read_int_layer, weights_args
 
     ct, lg = vllm_exports[label], vllm_exports[f"{label}-legacy"]
     w = weights_args(json.loads((ct / "config.json").read_text())["quantization_config"])
@@ -394,7 +432,7 @@ def test_legacy_layout_dequantizes_to_the_same_weights(vllm_exports, label):
         assert tl[f"{p}.qweight"].dtype == torch.int32 and tl[f"{p}.scales"].dtype == torch.float16
         assert torch.equal(a.q, b.q) and torch.equal(a.zero, b.zero)
         assert torch.equal(a.g_idx, b.g_idx.to(a.g_idx.dtype))
-        torch.testing.assert_close(a.dequantize(), b.dequantize(), rtol=0, atol=0)
+        torch.testing.assert_close(dequantize(a), dequantize(b), rtol=0, atol=0)
     for k, v in tl.items():  # float tensors (norms, embeddings) carried over
         if not k.endswith(("qweight", "qzeros", "scales", "g_idx")):
             torch.testing.assert_close(v.float(), tc[k].float())
@@ -432,3 +470,87 @@ def test_export_refuses_existing_output_and_leaves_no_temporaries(vllm_exports, 
     with pytest.raises(OutputExistsError):
         export_vllm(vllm_exports["model"], ["fp8"], vllm_exports["fp8"], VllmSettings(), python=py)
     assert not [p for p in vllm_exports["fp8"].parent.iterdir() if p.name.startswith(".")]
+
+
+# -- memory: whole model, weights offloaded layer by layer, or refused ---------------------------
+
+
+def test_memory_check_offloads_then_refuses_with_the_samples_that_fit(tmp_path, monkeypatch):
+    """Whole model fits: nothing offloaded. It does not, but one layer at a time does: the
+    weights beyond what fits go to disk. Not even that: exit 2 before anything loads, one line
+    with both estimates, what is available and a --samples that fits."""
+    from conftest import make_tiny_model
+
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.quantize.vllm import VllmSettings, preflight
+    from quantkit.quantize.vllm.checks import MEMORY_ENV, memory_estimate, offloaded_estimate
+    from quantkit.quantize.vllm.layers import linear_layers
+    from quantkit.targets import parse_target
+
+    model = make_tiny_model(tmp_path / "m", "LlamaForCausalLM", dtype="float16")
+    t = parse_target("gptq:group=64")
+    s = VllmSettings(samples=64, seq_len=128)
+    with Checkpoint.open(model) as ck:
+        cfg, wb = ck.config, ck.nbytes
+    layers = linear_layers(model)[1]
+    whole = memory_estimate(wb, cfg, t, s, layers)
+    floor = offloaded_estimate(wb, cfg, t, s, layers)
+    assert floor < whole
+    monkeypatch.setenv(MEMORY_ENV, str(whole))
+    plan = preflight(model, t, s, None)
+    assert plan.offload_cpu_bytes is None and plan.memory_estimate == whole
+    monkeypatch.setenv(MEMORY_ENV, str(floor + 2**20))
+    plan = preflight(model, t, s, None)
+    assert plan.offload_cpu_bytes is not None and 0 < plan.offload_cpu_bytes < 2**20
+    assert plan.memory_offloaded == floor
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TRAIN_TEXT * 40)
+    r = run_cli(
+        "convert", str(model), "--to", "gptq:group=64", "--calib", str(calib),
+        "--samples", "64", "--seq-len", "128", "-o", str(tmp_path / "out"),
+        env={MEMORY_ENV: str(floor - 2**20)},
+    )  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    err = r.stderr.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert f"needs about {whole / 2**30:.1f} GiB of memory with the model in memory" in err, err
+    assert f"and {floor / 2**30:.1f} GiB with its weights offloaded to disk" in err, err
+    assert f"{(floor - 2**20) / 2**30:.1f} GiB is available" in err, err
+    fits = int(err.split("--samples ")[1].split()[0])
+    assert 0 < fits < 64, err
+    s2 = VllmSettings(samples=fits, seq_len=128)
+    assert offloaded_estimate(wb, cfg, t, s2, layers) <= floor - 2**20
+    assert not (tmp_path / "out").exists()
+
+
+def test_offloaded_gptq_writes_the_same_checkpoint(vllm_exports, tmp_path, monkeypatch):
+    """GPTQ with the weights on disk (compressed-tensors' offloading, one decoder layer in memory
+    at a time) gives the checkpoint of the in-memory run: same config, same tensors."""
+    py = _llmc_python()
+    from quantkit.checkpoint import Checkpoint
+    from quantkit.quantize.vllm import VllmSettings, export_vllm
+    from quantkit.quantize.vllm.checks import MEMORY_ENV, offloaded_estimate
+    from quantkit.quantize.vllm.layers import linear_layers
+    from quantkit.targets import parse_target
+
+    model = vllm_exports["model"]
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TRAIN_TEXT)
+    target = "gptq:bits=4,group=64,actorder=weight"  # as the vllm_exports fixture made it
+    s = VllmSettings(calib=calib, samples=4, seq_len=64, threads=2)
+    with Checkpoint.open(model) as ck:
+        cfg, wb = ck.config, ck.nbytes
+    floor = offloaded_estimate(wb, cfg, parse_target(target), s, linear_layers(model)[1])
+    monkeypatch.setenv(MEMORY_ENV, str(floor + 2**19))  # room for ~300 KB of weights
+    res = export_vllm(model, [target], tmp_path / "gptq", s, python=py)
+    assert res.plan.offload_cpu_bytes is not None
+    assert any("rest on disk" in n for n in res.notes), res.notes
+    a = res.artifacts[0].path
+    ref = vllm_exports["gptq"]
+    q = json.loads((a / "config.json").read_text())["quantization_config"]
+    assert q == json.loads((ref / "config.json").read_text())["quantization_config"]
+    got, want = _tensors(a), _tensors(ref)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert not list(a.parent.glob(".quantkit-llmc-*")), "the offload folder went with the work"

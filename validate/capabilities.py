@@ -21,11 +21,16 @@ Row ids (``format_of`` derives them from an artifact):
 - ``[moe/]FORMAT:DTYPE`` — vLLM, DTYPE the checkpoint's (``f32``, ``f16``, ``bf16``), FORMAT one of
   ``hf`` (unquantized), ``fp8-dynamic|static|block[+float-experts]``, ``wNa16-GROUP[-asym]``
   (compressed-tensors int weights; GROUP ``g32|g64|g128|ch``), ``gptq-wNGROUP[-asym]``,
-  ``awq-wNGROUP[-asym]`` (legacy layouts); ``vllm-lora`` (a PEFT adapter served on a base).
+  ``awq-wNGROUP[-asym]`` (legacy layouts); ``vllm-lora`` (a PEFT adapter served on a base);
+- ``tpN[-ppM]/ROW`` — a vLLM row in a parallel layout: N tensor-parallel ranks × M pipeline
+  stages (``tp2/hf:bf16``). ``validate --tensor-parallel-size N`` consults the row of its
+  layout for each artifact's format, so a layout is measured on this host (cores bound per rank
+  on CPU, one GPU per rank on CUDA) before an artifact is scored in it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -38,11 +43,12 @@ from typing import Any
 
 import numpy as np
 
-from quantkit.atomic import atomic_output, file_lock
+from quantkit.atomic import file_lock, read_cached_json, write_json
 from quantkit.errors import InputError, QuantkitError
 from quantkit.validate.capability_artifacts import DTYPES, Spec
+from quantkit.validate.describe import describe
 from quantkit.validate.engines import ENGINES as ENGINE_TYPES
-from quantkit.validate.engines import LlamaCppEngine, VllmEngine, is_lora_dir
+from quantkit.validate.engines import LlamaCppEngine, VllmEngine
 
 MATRIX_VERSION = "1"  # bump when what a row measures changes (re-measures every host)
 ENGINES = (LlamaCppEngine.name, VllmEngine.name)  # the engines with a measured matrix
@@ -84,6 +90,7 @@ DEFAULT_ROWS: tuple[str, ...] = (
     "moe/w4a16-g64:bf16",
     "moe/w4a16-g64:f32",
     "vllm-lora",
+    "tp2/hf:bf16",
 )
 
 _GROUP = r"(?P<group>g32|g64|g128|ch)"
@@ -95,6 +102,17 @@ _ROW = re.compile(
     r"|(?P<legacy>gptq|awq)-w(?P<lbits>4|8)(?P<lgroup>g32|g64|g128|ch)(?P<lasym>-asym)?"
     r"):(?P<dtype>f32|f16|bf16)$"
 )
+
+
+# vLLM parallel layout prefix of a row id: tensor-parallel ranks, then pipeline stages
+_LAYOUT = re.compile(r"^tp(?P<tp>[1-9][0-9]*)(?:-pp(?P<pp>[1-9][0-9]*))?/(?P<rest>.+)$")
+
+
+def layout_prefix(tp: int, pp: int) -> str:
+    """The row-id prefix of a vLLM parallel layout ("" for a single rank)."""
+    if tp * pp <= 1:
+        return ""
+    return f"tp{tp}" + (f"-pp{pp}" if pp > 1 else "") + "/"
 
 
 @dataclass
@@ -129,6 +147,8 @@ class Row:
     base: Spec | None = None  # the model a LoRA artifact is applied on
     dtype: str | None = None  # the checkpoint's dtype (vLLM rows)
     moe: bool = False
+    tp: int = 1  # vLLM tensor-parallel ranks
+    pp: int = 1  # vLLM pipeline-parallel stages
 
 
 def engine_of(row_id: str) -> str:
@@ -137,6 +157,21 @@ def engine_of(row_id: str) -> str:
 
 def parse_row(row_id: str) -> Row:
     """The row a row id names; InputError (exit 2) when it names none."""
+    lay = _LAYOUT.match(row_id)
+    if lay is None:
+        return _parse_row(row_id)
+    tp, pp = int(lay["tp"]), int(lay["pp"] or 1)
+    inner = _parse_row(lay["rest"])
+    if inner.engine != VllmEngine.name or row_id != layout_prefix(tp, pp) + inner.id:
+        raise InputError(
+            f"unknown capability row {row_id!r}",
+            "a parallel layout prefixes a vLLM row: tp2/hf:bf16, tp2-pp2/w4a16-g64:bf16",
+        )
+    title = f"{inner.title}, tensor-parallel {tp}" + (f" × pipeline {pp}" if pp > 1 else "")
+    return dataclasses.replace(inner, id=row_id, title=title, tp=tp, pp=pp)
+
+
+def _parse_row(row_id: str) -> Row:
     from quantkit.quantize.gguf.types import GGUF_TYPES
 
     if row_id == "gguf-lora":
@@ -189,82 +224,8 @@ def parse_row(row_id: str) -> Row:
 
 def format_of(path: Path) -> str | None:
     """The row id of an artifact (a GGUF file, an HF folder, a LoRA adapter), or None when the
-    matrix has no row for its format."""
-
-    p = Path(path)
-    if p.is_file():
-        return _gguf_row(p)
-    if is_lora_dir(p):
-        return "vllm-lora"
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cfg, dict):
-        return None
-    dtype = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}.get(
-        str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
-    )
-    if dtype is None:
-        return None
-    moe = any(int(cfg.get(k) or 0) > 1 for k in ("num_experts", "num_local_experts"))
-    q = cfg.get("quantization_config")
-    fmt = _quant_format(q) if isinstance(q, dict) else "hf"
-    return None if fmt is None else f"{'moe/' if moe else ''}{fmt}:{dtype}"
-
-
-def _gguf_row(path: Path) -> str | None:
-    from quantkit.quantize.gguf.audit import file_type_of
-    from quantkit.quantize.gguf.reader import read_gguf
-
-    try:
-        info = read_gguf(path)
-    except QuantkitError:
-        return None
-    if info.metadata.get("general.type") == "adapter":
-        return "gguf-lora"
-    t = file_type_of(info)
-    return f"gguf:{t.name}" if t is not None else None
-
-
-def _group_tag(g: Any) -> str | None:
-    if g in (None, -1):
-        return "ch"
-    return f"g{g}" if g in (32, 64, 128) else None
-
-
-def _quant_format(q: dict[str, Any]) -> str | None:
-    method = q.get("quant_method")
-    if method in ("gptq", "awq"):
-        g = _group_tag(q.get("group_size"))
-        sym = q.get("sym", True) if method == "gptq" else not q.get("zero_point", True)
-        return None if g is None else f"{method}-w{q.get('bits')}{g}{'' if sym else '-asym'}"
-    if method != "compressed-tensors":
-        return None
-    groups = [g for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
-    if not groups:
-        return None
-    # a mixed-precision checkpoint (gptq:auto) is named by its int group's row; verdict()
-    # checks every group's row (rows_of)
-    groups.sort(key=lambda g: (g.get("weights") or {}).get("type") != "int")
-    w = groups[0].get("weights") or {}
-    a = groups[0].get("input_activations") or None
-    if w.get("type") == "float" and w.get("num_bits") == 8:
-        if w.get("strategy") == "block":
-            scheme = "block"
-        else:
-            scheme = "dynamic" if (a or {}).get("dynamic") else "static"
-        ign = q.get("ignore") or []
-        float_experts = any(re.search(r"experts", str(i)) and i.startswith("re:") for i in ign)
-        return f"fp8-{scheme}" + ("+float-experts" if float_experts else "")
-    if w.get("type") == "int" and a is None and w.get("num_bits") in (4, 8):
-        g = _group_tag(w.get("group_size"))
-        return (
-            None
-            if g is None
-            else (f"w{w['num_bits']}a16-{g}{'' if w.get('symmetric', True) else '-asym'}")
-        )
-    return None
+    matrix has no row for its format (validate/describe.py reads it)."""
+    return describe(path).row
 
 
 # -- host key and cache --------------------------------------------------------------------------
@@ -344,10 +305,10 @@ def load(engine: str, key: str | None = None) -> dict[str, Verdict]:
     key = key or host_key(engine)
     if key is None:
         return {}
+    data = read_cached_json(_cache_file(engine, key))
     try:
-        data = json.loads(_cache_file(engine, key).read_text())
         return {r: Verdict(**v) for r, v in data["rows"].items()}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):  # absent, or written by another version
         return {}
 
 
@@ -355,15 +316,12 @@ def _save(engine: str, key: str, v: Verdict) -> None:
     """Add one row to the cache (under a lock: read, update, write a whole new file)."""
     f = _cache_file(engine, key)
     with file_lock(f.with_name(f".{f.name}.lock")):
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError):
-            data = {}
+        data = read_cached_json(f)
+        data = data if isinstance(data, dict) else {}
         data.setdefault("host", host())
         data["engine"] = engine_version(engine)
         data.setdefault("rows", {})[v.row] = v.to_json()
-        with atomic_output(f, force=True) as tmp:
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write_json(f, data, pretty=True)
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -412,6 +370,8 @@ def _run_one(
         target = base
     else:
         target = path
+    if row.tp * row.pp > 1:
+        opts["tensor_parallel_size"], opts["pipeline_parallel_size"] = row.tp, row.pp
     n = len(list(work.glob("run-*")))
     job = {
         **_job_files(work),
@@ -447,6 +407,8 @@ def _measure(
     row: Row, paths: dict[Spec, Path], work: Path, known: dict[str, Verdict], say: Say
 ) -> Verdict:
     t0 = time.monotonic()
+    # a layout with more ranks than this host has GPUs or cores is not measurable here
+    VllmEngine.check_parallel(row.tp, row.pp)
     path = paths[row.spec]
     base = paths.get(row.base) if row.base else None
     say(f"{row.id}: scoring in {row.engine}")
@@ -564,12 +526,18 @@ def _build_all(rows: list[Row], skipped: dict[str, str], say: Say) -> dict[Spec,
 
 
 def verdict(
-    path: Path, engine: str, *, measure: bool = True, progress: Say | None = None
+    path: Path,
+    engine: str,
+    *,
+    measure: bool = True,
+    progress: Say | None = None,
+    layout: str = "",
 ) -> Verdict | None:
     """This host's verdict for the format of ``path`` in ``engine``: the cached row, else (with
     ``measure``) that one row measured now and cached. None when the matrix has no row for the
-    format or the row cannot be measured here now."""
-    rows = rows_of(path)
+    format or the row cannot be measured here now. ``layout``: a vLLM parallel layout's row
+    prefix (``layout_prefix``), whose rows are asked instead of the single-rank ones."""
+    rows = [layout + r for r in rows_of(path)]
     if not rows or any(engine_of(r) != engine for r in rows):
         return None
     known = load(engine)
@@ -589,25 +557,7 @@ def verdict(
 def rows_of(path: Path) -> list[str]:
     """Every row an artifact needs: one, or one per scheme of a mixed-precision checkpoint
     (gptq:auto writes several compressed-tensors config groups)."""
-    row = format_of(path)
-    if row is None:
-        return []
-    try:
-        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return [row]
-    groups = (q or {}).get("config_groups") if isinstance(q, dict) else None
-    if not isinstance(groups, dict) or len(groups) < 2:
-        return [row]
-    prefix, _, dtype = row.rpartition(":")
-    moe = "moe/" if prefix.startswith("moe/") else ""
-    out = []
-    for g in groups.values():
-        fmt = _quant_format({**q, "config_groups": {"g": g}})
-        if fmt is None:
-            return [row]
-        out.append(f"{moe}{fmt}:{dtype}")
-    return list(dict.fromkeys(out))
+    return list(describe(path).rows)
 
 
 def settle(
@@ -631,8 +581,12 @@ def settle(
         if progress is not None:
             progress(stage, 0, 1)
 
+    opts = job.get("options") or {}
+    layout = layout_prefix(
+        int(opts.get("tensor_parallel_size") or 1), int(opts.get("pipeline_parallel_size") or 1)
+    )
     try:
-        v = verdict(path, engine, progress=say)
+        v = verdict(path, engine, progress=say, layout=layout)
     except QuantkitError:  # a row that cannot be measured here leaves validate as it was
         v = None
     if told and progress is not None:

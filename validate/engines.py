@@ -16,7 +16,7 @@ settings), ``finish`` (the worker's result → quality figures) and ``artifact_f
   environment. Adding one: subclass it, set ``name`` and ``distribution`` ("top-k" when only
   ``prompt_logprobs`` come back: return ``Scored(topk_ids=…, topk_logprobs=…,
   target_logprobs=…)``, top-k sorted by decreasing log-prob), register it in ``ENGINES`` and
-  teach ``engine_for`` which artifacts it takes.
+  teach ``Described.engine`` (validate/describe.py) which artifacts it takes.
 - An engine that lives in another virtual environment (vLLM: its pins clash with quantkit's and
   llm-compressor's, see ``quantkit/envs.py``) sets ``env`` and ``script``: a self-contained script
   run with that environment's interpreter (quantkit is not installed there) that speaks the same
@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+from quantkit.validate.describe import LLAMA_CPP, TRANSFORMERS, VLLM, describe
+from quantkit.validate.describe import is_lora_dir as is_lora_dir  # the harness reads it here
 
 if TYPE_CHECKING:
     from quantkit.validate.harness import Settings
@@ -133,7 +136,7 @@ class LlamaCppEngine(ModelEngine):
     """A GGUF in llama.cpp (llama-cpp-python), full logits, only the scored positions computed
     (as llama-perplexity asks for them)."""
 
-    name = "llama.cpp"
+    name = LLAMA_CPP
     artifact_format = "gguf"
 
     @classmethod
@@ -247,7 +250,7 @@ class TransformersEngine(ModelEngine):
     """An HF checkpoint in transformers on CPU (CUDA when present), eager attention, in the
     checkpoint's own dtype unless ``dtype`` is given."""
 
-    name = "transformers"
+    name = TRANSFORMERS
 
     def load(self) -> None:
         import torch
@@ -342,14 +345,44 @@ class VllmEngine(Engine):
     """An HF folder (quantized or not) or a LoRA adapter on its base in vLLM, run by
     ``vllm_worker.py`` in the vLLM environment; top-k log-probs per position come back."""
 
-    name = "vllm"
+    name = VLLM
     distribution = "top-k"
     env = "vllm"
     script = Path(__file__).with_name("vllm_worker.py")
 
     @classmethod
     def job_options(cls, s: Settings) -> dict[str, Any]:
-        return {"topk": s.topk, "dtype": s.vllm_dtype, "eager": s.vllm_eager}
+        opts: dict[str, Any] = {"topk": s.topk, "dtype": s.vllm_dtype, "eager": s.vllm_eager}
+        if s.tensor_parallel_size > 1 or s.pipeline_parallel_size > 1:
+            opts["tensor_parallel_size"] = s.tensor_parallel_size
+            opts["pipeline_parallel_size"] = s.pipeline_parallel_size
+        return opts
+
+    @staticmethod
+    def check_parallel(tp: int, pp: int) -> None:
+        """Refuse (InputError, exit 2) a parallel layout this host cannot hold before anything
+        starts: vLLM puts one rank on each GPU on a CUDA host, and on a CPU host runs one
+        process per rank bound to its own cores (``VLLM_CPU_OMP_THREADS_BIND``)."""
+        from quantkit.errors import InputError
+        from quantkit.host import gpu_count, has_cuda, usable_cores
+
+        world = tp * pp
+        if world <= 1:
+            return
+        layout = f"--tensor-parallel-size {tp}" + (
+            f" × --pipeline-parallel-size {pp}" if pp > 1 else ""
+        )
+        if has_cuda():
+            have, what = gpu_count(), "GPUs"
+        else:
+            have, what = usable_cores(), "CPU cores this process may use"
+        if world > have:
+            raise InputError(
+                f"{layout} needs {world} vLLM ranks, one per "
+                f"{'GPU' if what == 'GPUs' else 'core'}, and this host has {have} {what}",
+                f"use a layout of at most {have} ranks (tensor × pipeline), or validate on a "
+                f"host with {world} {'GPUs' if what == 'GPUs' else 'cores'}",
+            )
 
     @classmethod
     def finish(cls, job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +398,7 @@ def finish_topk(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
     """Quality figures from a worker's raw top-k arrays (``vllm_worker.py``) against the cached
     reference, with the metric code every engine shares; and its tokenization check."""
     from quantkit.validate.metrics import Accumulator, position_stats_topk, renormalize
-    from quantkit.validate.worker import token_mismatch_share
+    from quantkit.validate.worker import quality, tokenization
 
     chunks = np.load(job["chunks"])
     first = int(job["first"])
@@ -382,126 +415,30 @@ def finish_topk(job: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
         acc.extend(position_stats_topk(ids[i], lps[i], tgt[i], targets, lp_ref))
         ref_t = lp_ref[np.arange(len(targets)), targets].astype(np.float64)
         dmax = max(dmax, float(np.max(np.abs(np.asarray(tgt[i], np.float64) - ref_t))))
-    ppl, err = acc.ppl()
-    k = acc.kld_stats()
-    res["quality"] = {
-        "ppl": ppl,
-        "ppl_stderr": err,
-        "kld_mean": k["mean"],
-        "kld_p99": k["p99"],
-        "kld_max": k["max"],
-        "kld_method": "approx-top-k",
-        "top1_pct": 100 * k["top1"],
-        "mean_abs_dp": k["mean_abs_dp"],
-        # max |log q(next) − log p_ref(next)|: an exactness check where only top-k comes back
-        # (float16-rounded when the reference cache is float16, see ref_dtype)
-        "max_abs_dlogprob": dmax,
-    }
+    # max |log q(next) − log p_ref(next)|: an exactness check where only top-k comes back
+    # (float16-rounded when the reference cache is float16, see ref_dtype)
+    res["quality"] = {**quality(acc, VllmEngine.distribution), "max_abs_dlogprob": dmax}
     tok = res.pop("tokenization", None)
     if tok:
-        own = np.load(tok["ids"]).tolist()
-        ref_ids = np.load(job["ref_ids"]).tolist()
-        res["tokenization"] = {
-            "engine_tokens": len(own),
-            "reference_tokens": len(ref_ids),
-            "differ_share": token_mismatch_share(ref_ids, own),
-            "bos_agrees": bool(tok["adds_bos"]) == bool(job.get("ref_adds_bos")),
-        }
+        res["tokenization"] = tokenization(job, np.load(tok["ids"]).tolist(), tok["adds_bos"])
     return res
 
 
 # Engines a user may ask for by name for Hugging Face folders (``validate --engine``).
 HF_ENGINES: tuple[str, ...] = (TransformersEngine.name, VllmEngine.name)
 
-# quantization_config.quant_method of an HF folder → the engine that loads it. These are the
-# checkpoints quantkit's vLLM exports write (compressed-tensors; legacy AutoGPTQ/AutoAWQ layouts)
-# and vLLM's own FP8 format; transformers alone cannot run them on CPU.
-QUANT_METHOD_ENGINE: dict[str, str] = {
-    "compressed-tensors": VllmEngine.name,
-    "gptq": VllmEngine.name,
-    "awq": VllmEngine.name,
-    "fp8": VllmEngine.name,
-}
-
 
 def hf_quant_method(folder: Path) -> str | None:
     """``quantization_config.quant_method`` of an HF folder's config.json (None when plain)."""
-    import json
-
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    q = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    m = q.get("quant_method") if isinstance(q, dict) else None
-    return str(m) if m else None
-
-
-def is_lora_dir(path: str | Path) -> bool:
-    """A PEFT LoRA adapter folder (``--to vllm-lora`` writes one): adapter_config.json and no
-    config.json of its own. vLLM scores it on a base model with its LoRA requests."""
-    p = Path(path)
-    return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").exists()
+    return describe(folder).quant_method
 
 
 def engine_for(path: str | Path, hf_engine: str | None = None) -> str:
-    """The engine that runs an artifact: llama.cpp for GGUF; vLLM for a LoRA adapter folder (on
-    its base); for an HF folder, vLLM when it holds a quantized checkpoint vLLM loads
-    (``QUANT_METHOD_ENGINE``), else ``hf_engine`` when given, else transformers."""
-    p = Path(path)
-    if is_lora_dir(p):
-        return VllmEngine.name
-    if p.is_file():
-        with p.open("rb") as f:
-            if f.read(4) == b"GGUF" or p.suffix.lower() == ".gguf":
-                return LlamaCppEngine.name
-    if p.suffix.lower() == ".gguf":
-        return LlamaCppEngine.name
-    if p.is_dir() and (p / "config.json").is_file():
-        method = hf_quant_method(p)
-        if method in QUANT_METHOD_ENGINE:
-            return QUANT_METHOD_ENGINE[method]
-        return hf_engine or TransformersEngine.name
-    from quantkit.errors import InputError
-
-    raise InputError(f"{p}: not a GGUF file or a Hugging Face model folder")
+    """The engine that runs an artifact (validate/describe.py ``Described.engine``)."""
+    return describe(path).engine(hf_engine)
 
 
 def hf_file_type(folder: Path) -> str | None:
-    """A short type label for an HF folder, as the report's "type" column shows it: the
-    quantization scheme (e.g. "W4A16 g64", "W8A8 FP8", "GPTQ 4-bit g128") or the dtype ("BF16")."""
-    import json
-
-    if is_lora_dir(folder):
-        try:
-            ad = json.loads((folder / "adapter_config.json").read_text())
-        except (OSError, ValueError):
-            return "LoRA"
-        return f"LoRA r{ad.get('r', '?')}" + (" rs" if ad.get("use_rslora") else "")
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    q = cfg.get("quantization_config") or {}
-    method = q.get("quant_method")
-    if method in ("gptq", "awq"):
-        g = q.get("group_size")
-        return f"{method.upper()} {q.get('bits', '?')}-bit" + (f" g{g}" if g and g > 0 else "")
-    if method == "compressed-tensors":
-        groups = list((q.get("config_groups") or {}).values())
-        labels = []  # several in a mixed-precision checkpoint (gptq:auto): "W4A16 g64+W8A8 FP8"
-        for g in groups:
-            w = g.get("weights") or {}
-            a = g.get("input_activations") or {}
-            label = f"W{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}"
-            if w.get("type") == "float":
-                label += " FP8" if w.get("num_bits") == 8 else " FP"
-            if w.get("group_size"):
-                label += f" g{w['group_size']}"
-            labels.append(label)
-        return "+".join(sorted(dict.fromkeys(labels))) or "compressed-tensors"
-    if method:
-        return str(method)
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype")
-    names = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-    return names.get(str(dtype), str(dtype).upper() if dtype else None)
+    """A short type label for an HF folder, as the report's "type" column shows it
+    (validate/describe.py)."""
+    return describe(folder).label

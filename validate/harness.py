@@ -42,6 +42,7 @@ from quantkit.text import read_text
 from quantkit.validate import capabilities
 from quantkit.validate.engines import (
     ENGINES,
+    VllmEngine,
     engine_for,
     hf_file_type,
     hf_quant_method,
@@ -147,6 +148,9 @@ class Settings:
     topk: int = 20  # vLLM: log-probs per position (its default max_logprobs)
     vllm_dtype: str | None = None  # vLLM: model dtype (None: the checkpoint's own)
     vllm_eager: bool = False  # vLLM: skip torch.compile (starts ~1 min faster on 2 cores)
+    # vLLM: ranks of tensor and pipeline parallelism (GPUs on CUDA, core groups on CPU)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     # a fine-tune: the reference is base + this PEFT adapter in transformers (its tokenizer when
     # it has one), and GGUF LoRA artifacts are applied on ``lora_base`` in llama.cpp
     adapter: Path | None = None
@@ -459,6 +463,7 @@ def _check_inputs(artifacts: list[Path], reference: Path, data: Path, s: Setting
             raise InputError(f"{a}: artifact not found")
     if s.lora_base is not None and not s.lora_base.is_file():
         raise InputError(f"{s.lora_base}: --lora-base GGUF not found")
+    VllmEngine.check_parallel(s.tensor_parallel_size, s.pipeline_parallel_size)
     if s.lora_base is not None and _is_gguf_adapter(s.lora_base):
         raise InputError(
             f"{s.lora_base}: --lora-base is itself a GGUF LoRA",

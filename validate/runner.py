@@ -177,10 +177,3 @@ def _outcome(
     if stopped:
         return {"ok": False, "error": why}
     return {"ok": False, "error": why + " without a result"}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """``path`` whole or absent (a reader polling for it never sees half a file)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)

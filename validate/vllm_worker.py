@@ -56,22 +56,41 @@ def _progress(job: dict[str, Any], stage: str, done: int, total: int) -> None:
     print(f"[vllm-worker] {stage} {done}/{total}", file=sys.stderr, flush=True)
 
 
-def _configure(threads: int, kv_gib: float) -> None:
-    """Environment for vLLM, set before it is imported."""
+def threads_bind(cpus: list[int], threads: int, world: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``world`` ranks: the first ``threads`` usable cores
+    split into ``world`` disjoint lists joined by ``|`` (vLLM 0.32
+    ``utils/ompmultiprocessing.py``: one list per local rank, ordered [DP, PP, TP]), e.g. ``0|1``
+    for two ranks on two cores. One rank gets one list (``0,1``)."""
+    use = cpus[: max(world, min(threads, len(cpus)))]
+    if len(use) < world:
+        raise ValueError(
+            f"{world} vLLM ranks need {world} cores to bind; this process may use {len(cpus)}"
+        )
+    per = len(use) // world
+    return "|".join(",".join(map(str, use[r * per : (r + 1) * per])) for r in range(world))
+
+
+def _configure(threads: int, kv_gib: float, world: int = 1) -> str:
+    """Environment for vLLM, set before it is imported; returns the thread binding."""
     # Keep the engine core in this process (vLLM 0.32's V1 engine otherwise starts it in a child
     # process and a load failure surfaces here only as "Engine core initialization failed"; in
-    # process, vLLM's own exception text reaches the report).
+    # process, vLLM's own exception text reaches the report). With several ranks (tensor or
+    # pipeline parallel) vLLM still starts one worker process per rank (its "mp" executor).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # vLLM's CPU backend binds one OpenMP thread per listed core; list the first `threads` of the
-    # cores this process may use (a cgroup/taskset may exclude some).
-    cpus = sorted(os.sched_getaffinity(0))[: max(1, threads)]
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    # cores this process may use (a cgroup/taskset may exclude some), one list per rank.
+    cpus = sorted(os.sched_getaffinity(0))
+    try:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads_bind(cpus, threads, world))
+    except ValueError:  # more ranks than cores: a GPU per rank (quantkit refuses it on CPU)
+        pass
     # KV cache size in GiB for the CPU backend; chunks are short, the default takes much more RAM
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_gib:g}")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     # A chunk as long as the model's context still needs that one sampled position past it.
     os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
 
 
 def _read_text(path: str) -> str:
@@ -107,17 +126,41 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     opts = job.get("options") or {}
     k = int(opts.get("topk") or DEFAULT_TOPK)
     chunks = np.load(job["chunks"])
-    first = int(job["first"])
-    n_chunks, n_ctx = chunks.shape
+    n_ctx = chunks.shape[1]
     pp, tg = int(job.get("pp", 0)), int(job.get("tg", 0))
-    _configure(int(job["threads"]), float(opts.get("kv_cache_gib") or 1))
-
-    import vllm
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
+    world = int(opts.get("tensor_parallel_size") or 1) * int(
+        opts.get("pipeline_parallel_size") or 1
+    )
+    bind = _configure(int(job["threads"]), float(opts.get("kv_cache_gib") or 1), world)
     # vLLM wants room for the one token it samples after each prompt (discarded here)
-    max_len = max(n_ctx + 1, pp + 1, tg + 2)
+    llm, lora_req, res = _load(job, opts, k, max(n_ctx + 1, pp + 1, tg + 2), bind)
+    if job.get("text"):
+        res["tokenization"] = _tokenization(job, llm)
+    res.update(_score(job, llm, chunks, k, lora_req))
+    if pp or tg:
+        # the quality figures are kept if the speed run kills this process (the harness's runner)
+        res["peak_rss_bytes"] = _peak_rss()
+        _write_json(Path(job["dir"]) / "scored.json", {"ok": True, **res})
+        _progress(job, "speed", 0, 1)
+        try:
+            res["speed"] = _speed(llm, chunks, pp, tg, lora_req)
+        except Exception as e:  # the scores stand; the report says why pp/tg are missing
+            traceback.print_exc()
+            res["speed"] = {"pp": pp, "tg": tg, "pp_tps": None, "tg_tps": None}
+            res["speed"]["error"] = describe_error(e)
+        _progress(job, "speed", 1, 1)
+    res["peak_rss_bytes"] = _peak_rss()
+    return res
+
+
+def _load(
+    job: dict[str, Any], opts: dict[str, Any], k: int, max_len: int, bind: str
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The artifact loaded in vLLM (for a LoRA adapter: its base with LoRA enabled, and the
+    request every prompt carries); the result so far: the engine's description, load time."""
+    import vllm
+    from vllm import LLM
+
     # A LoRA adapter artifact (quantkit's vllm-lora): the base is loaded with LoRA enabled and
     # every request carries the adapter (vLLM's LoRARequest), so base + adapter take one start.
     lora = opts.get("lora") or None
@@ -144,6 +187,8 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         enable_prefix_caching=False,  # every chunk and the speed runs start from an empty cache
         seed=0,
         trust_remote_code=False,
+        tensor_parallel_size=int(opts.get("tensor_parallel_size") or 1),
+        pipeline_parallel_size=int(opts.get("pipeline_parallel_size") or 1),
         **lora_kw,
     )
     load_seconds = time.perf_counter() - t0
@@ -159,24 +204,40 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "topk": k,
             "quantization": getattr(cfg, "quantization", None),
             **({"lora": lora["path"], "max_lora_rank": int(lora["max_lora_rank"])} if lora else {}),
+            "parallel": _parallel(llm, bind),
         },
         "load_seconds": load_seconds,
     }
     if settings:
         res["engine"]["settings"] = settings
         res["notes"] = [settings["note"]]
+    return llm, lora_req, res
 
-    if job.get("text"):
-        tok = llm.get_tokenizer()
-        own = tok.encode(_read_text(job["text"]), add_special_tokens=False)
-        probe = tok.encode("a", add_special_tokens=True)
-        bos = getattr(tok, "bos_token_id", None)
-        np.save(Path(job["dir"]) / "engine_ids.npy", np.asarray(own, np.int32))
-        res["tokenization"] = {
-            "ids": str(Path(job["dir"]) / "engine_ids.npy"),
-            "adds_bos": bool(bos is not None and probe and probe[0] == bos),
-        }
 
+def _tokenization(job: dict[str, Any], llm: Any) -> dict[str, Any]:
+    """vLLM's own tokenization of the text, saved for quantkit to compare with the reference's
+    (validate/engines.py finish_topk), and whether its tokenizer adds a BOS."""
+    tok = llm.get_tokenizer()
+    own = tok.encode(_read_text(job["text"]), add_special_tokens=False)
+    probe = tok.encode("a", add_special_tokens=True)
+    bos = getattr(tok, "bos_token_id", None)
+    np.save(Path(job["dir"]) / "engine_ids.npy", np.asarray(own, np.int32))
+    return {
+        "ids": str(Path(job["dir"]) / "engine_ids.npy"),
+        "adds_bos": bool(bos is not None and probe and probe[0] == bos),
+    }
+
+
+def _score(
+    job: dict[str, Any], llm: Any, chunks: np.ndarray, k: int, lora_req: Any
+) -> dict[str, Any]:
+    """Every chunk's prompt log-probs: the top ``k`` and the next token's at each scored
+    position, into memory-mapped arrays quantkit scores against the reference."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    first = int(job["first"])
+    n_chunks, n_ctx = chunks.shape
     sp = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, temperature=0.0)
     m = n_ctx - 1 - first
     ids = np.lib.format.open_memmap(
@@ -201,29 +262,57 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     _progress(job, "score", n_chunks, n_chunks)
     for a in (ids, lps, tgt):
         a.flush()
-    res["scores"] = {
-        "topk_ids": str(ids.filename),
-        "topk_logprobs": str(lps.filename),
-        "target_logprobs": str(tgt.filename),
+    return {
+        "scores": {
+            "topk_ids": str(ids.filename),
+            "topk_logprobs": str(lps.filename),
+            "target_logprobs": str(tgt.filename),
+        },
+        "score_seconds": t_score,
+        "score_tps": n_chunks * n_ctx / t_score if t_score > 0 else None,
+        "scored_tokens": n_chunks * m,
     }
-    res["score_seconds"] = t_score
-    res["score_tps"] = n_chunks * n_ctx / t_score if t_score > 0 else None
-    res["scored_tokens"] = n_chunks * m
 
-    if pp or tg:
-        # the quality figures are kept if the speed run kills this process (the harness's runner)
-        res["peak_rss_bytes"] = _peak_rss()
-        _write_json(Path(job["dir"]) / "scored.json", {"ok": True, **res})
-        _progress(job, "speed", 0, 1)
-        try:
-            res["speed"] = _speed(llm, chunks, pp, tg, lora_req)
-        except Exception as e:  # the scores stand; the report says why pp/tg are missing
-            traceback.print_exc()
-            res["speed"] = {"pp": pp, "tg": tg, "pp_tps": None, "tg_tps": None}
-            res["speed"]["error"] = describe_error(e)
-        _progress(job, "speed", 1, 1)
-    res["peak_rss_bytes"] = _peak_rss()
-    return res
+
+def _parallel(llm: Any, bind: str) -> dict[str, Any]:
+    """The parallel layout vLLM actually set up (its ParallelConfig after its own checks)."""
+    pc = llm.llm_engine.vllm_config.parallel_config
+    backend = pc.distributed_executor_backend
+    out = {
+        "tensor_parallel_size": int(pc.tensor_parallel_size),
+        "pipeline_parallel_size": int(pc.pipeline_parallel_size),
+        "world_size": int(pc.world_size),
+        "executor": backend if isinstance(backend, str) or backend is None else backend.__name__,
+        # CPU: the cores of each rank (OpenMP binding); unused on CUDA, one GPU per rank there
+        **({"threads_bind": bind} if _is_cpu() else {}),
+    }
+    if pc.world_size > 1:
+        # each rank is a process of its own, which this process's peak RSS does not count
+        out["ranks_peak_rss_bytes"] = _descendants_hwm()
+    return out
+
+
+def _descendants_hwm() -> list[int]:
+    """Peak RSS (VmHWM) of every live process started by this one, in bytes."""
+    out: list[int] = []
+    todo = [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        kids: list[int] = []
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                kids += [int(k) for k in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+        for k in kids:
+            try:
+                for line in Path(f"/proc/{k}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        out.append(int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                continue
+        todo += kids
+    return out
 
 
 def _speed(llm: Any, chunks: np.ndarray, pp: int, tg: int, lora_req: Any) -> dict[str, Any]:

@@ -137,13 +137,6 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """A stored array (BF16 as its uint16 bits) widened to float32, exactly."""
-    if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
-
-
 class Architecture:
     """Base class: a Llama-shaped decoder. Subclasses change data, rarely code."""
 

@@ -28,7 +28,8 @@ from typing import Any, ClassVar
 import gguf
 import numpy as np
 
-from quantkit.convert.archs.base import Architecture, TensorSpec, register, to_f32
+from quantkit.casts import to_f32
+from quantkit.convert.archs.base import Architecture, TensorSpec, register
 from quantkit.convert.archs.llama import LAYER, LLAMA_TENSORS, QK_NORM
 from quantkit.errors import CheckpointError
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from quantkit.errors import CheckpointError, InputError, UnsupportedArchitectureError
 from quantkit.progress import Progress
+from quantkit.targets import IMATRIX_CTX
 from quantkit.validate.metrics import make_chunks
 
 # llama.cpp constants (common/imatrix-loader.h, ggml/include/ggml.h, gguf.h)
@@ -206,7 +207,7 @@ def collect_imatrix(
     model_dir: Path,
     text: str,
     *,
-    ctx: int = 512,
+    ctx: int = IMATRIX_CTX,
     chunks: int | None = None,
     threads: int | None = None,
     progress: Progress | None = None,

@@ -9,6 +9,7 @@ the type without an importance matrix (src/llama-quant.cpp tensor_requires_imatr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import gguf
@@ -90,3 +91,13 @@ def gguf_type(name: str) -> GGUFType:
     if t is None:
         raise InputError(f"unknown GGUF type {name!r}", f"choose one of: {', '.join(GGUF_TYPES)}")
     return t
+
+
+def base_type(source_dtype: str, floats: Sequence[str] = ()) -> str:
+    """The float type every quantized type (and gguf:auto) is made from, for weights stored in
+    ``source_dtype``: a requested float type that holds them exactly (the same precision, or
+    F32), else the checkpoint's own precision (F16 or BF16; F32 for anything wider). Never a
+    narrower range than the weights': a BF16 weight of 1e5 has no F16 value (±65504), so a
+    fixed F16 base would refuse a checkpoint that converts to every type."""
+    own = source_dtype if source_dtype in ("F16", "BF16") else "F32"
+    return next((f for f in floats if f in (own, "F32")), own)

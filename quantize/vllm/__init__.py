@@ -22,7 +22,7 @@ _WHERE = {
     "calibration": ("calibration_ids", "tokenize_calibration"),
     "export": (
         "VLLM_EXPERTS_IGNORE", "VllmArtifact", "VllmResult", "complete_checkpoint", "export_vllm",
-        "llmc_python", "output_paths",
+        "llmc_python", "export_placed",
     ),
     "layers": (
         "HEADER_LAYOUT_TYPES", "LinearLayer", "expand_names", "ignored", "is_moe",

@@ -3,6 +3,8 @@ target options, every Linear's width against the group size, AWQ mappings, MoE e
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,10 @@ class Plan:
     memory_estimate: int
     memory_available: int | None
     calib_tokens: int = 0
+    # bytes of weights llm-compressor may keep in memory when the whole model does not fit: the
+    # rest is offloaded to disk and brought in one decoder layer at a time (None: all in memory)
+    offload_cpu_bytes: int | None = None
+    memory_offloaded: int | None = None  # the estimate with the weights offloaded
 
 
 # -- MoE -----------------------------------------------------------------------------------------
@@ -154,8 +160,26 @@ def awq_mappings(env_python: Path) -> tuple[set[str], list[str]] | None:
     return (known, default) if files and known else None
 
 
+# Caps what the vLLM export's memory check counts as available (bytes, or a size such as
+# "6GiB"): on a machine shared with other jobs, or to rehearse a larger model's run.
+MEMORY_ENV = "QUANTKIT_MEMORY_AVAILABLE"
+
+
 def memory_available() -> int | None:
-    """MemAvailable, bounded by the cgroup limit when one is set (containers)."""
+    """MemAvailable, bounded by the cgroup limit when one is set (containers) and by
+    ``QUANTKIT_MEMORY_AVAILABLE`` when it is."""
+    import os
+
+    cap = None
+    if os.environ.get(MEMORY_ENV):
+        from quantkit.quantize.gguf.auto.spec import parse_size
+
+        cap = parse_size(os.environ[MEMORY_ENV])
+    found = _memory_available()
+    return cap if found is None else found if cap is None else min(cap, found)
+
+
+def _memory_available() -> int | None:
     avail = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -173,21 +197,91 @@ def memory_available() -> int | None:
     return avail
 
 
-def memory_estimate(
-    weight_bytes: int, config: dict[str, Any], target: VllmTarget, s: VllmSettings
-) -> int:
+def _layer_index(name: str) -> int | None:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def layer_figures(layers: Sequence[LinearLayer], dtype_bytes: int) -> tuple[int, int]:
+    """(weight bytes, GPTQ Hessian bytes) of the largest decoder layer's Linears: llm-compressor's
+    sequential pipeline calibrates one decoder layer at a time and GPTQ keeps one float32
+    in × in Hessian per Linear of that layer."""
+    w: dict[int, int] = {}
+    h: dict[int, int] = {}
+    for lay in layers:
+        i = _layer_index(lay.name)
+        if i is None:
+            continue
+        w[i] = w.get(i, 0) + lay.in_features * lay.out_features * dtype_bytes
+        h[i] = h.get(i, 0) + lay.in_features**2 * 4
+    return max(w.values(), default=0), max(h.values(), default=0)
+
+
+def _activations(config: dict[str, Any], target: VllmTarget, s: VllmSettings) -> int:
+    """Calibration memory besides the weights: the sequential pipeline's cached inputs and
+    outputs of the current layer for every sample, and one sample through one layer."""
+    if not target.needs_calibration:
+        return 0
     hidden = int(config.get("hidden_size") or 0)
     inter = int(config.get("intermediate_size") or 4 * hidden)
     heads = int(config.get("num_attention_heads") or 1)
-    est = BASE_RSS + WEIGHT_COPIES * weight_bytes
-    if target.needs_calibration:
-        # sequential pipeline: inputs and outputs of the current layer for every sample (fp32)
-        est += 2 * s.samples * s.seq_len * hidden * 4
-        # one sample through one layer: MLP activations and eager attention scores (fp32)
-        est += s.seq_len * (3 * inter + heads * s.seq_len) * 4
-        if isinstance(target, GPTQTarget):  # one Hessian (in × in, fp32) per Linear of a layer
-            est += 7 * max(hidden, inter) ** 2 * 4
+    est = 2 * s.samples * s.seq_len * hidden * 4  # layer inputs and outputs, fp32
+    est += s.seq_len * (3 * inter + heads * s.seq_len) * 4  # MLP activations, eager attention
+    return est
+
+
+def memory_estimate(
+    weight_bytes: int,
+    config: dict[str, Any],
+    target: VllmTarget,
+    s: VllmSettings,
+    layers: Sequence[LinearLayer] = (),
+) -> int:
+    """Peak memory of one oneshot run with the whole model in memory."""
+    est = BASE_RSS + WEIGHT_COPIES * weight_bytes + _activations(config, target, s)
+    if isinstance(target, GPTQTarget):
+        est += _hessians(config, layers)
     return int(est)
+
+
+def _hessians(config: dict[str, Any], layers: Sequence[LinearLayer]) -> int:
+    if layers:
+        return layer_figures(layers, 2)[1]
+    hidden = int(config.get("hidden_size") or 0)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
+    return 7 * max(hidden, inter) ** 2 * 4  # no Linear list: every Linear as wide as the widest
+
+
+def offloaded_estimate(
+    weight_bytes: int,
+    config: dict[str, Any],
+    target: VllmTarget,
+    s: VllmSettings,
+    layers: Sequence[LinearLayer],
+) -> int:
+    """Peak memory with the weights offloaded to disk (compressed-tensors' offloading, loaded
+    through accelerate's device map) and brought in one decoder layer at a time: the fixed
+    part, the largest layer's weights twice (onloaded, and the quantized copy written back) and
+    the embedding and output matrices, which the first and last steps hold whole."""
+    dtype_bytes = 4 if str(config.get("dtype") or config.get("torch_dtype")) == "float32" else 2
+    layer_w, _ = layer_figures(layers, dtype_bytes)
+    hidden = int(config.get("hidden_size") or 0)
+    vocab = int(config.get("vocab_size") or 0)
+    tied = bool(config.get("tie_word_embeddings"))
+    edges = (1 if tied else 2) * vocab * hidden * dtype_bytes
+    est = BASE_RSS + 2 * layer_w + WEIGHT_COPIES * edges + _activations(config, target, s)
+    if isinstance(target, GPTQTarget):
+        est += _hessians(config, layers)
+    return int(min(est, memory_estimate(weight_bytes, config, target, s, layers)))
+
+
+def _samples_that_fit(
+    avail: int, floor: int, config: dict[str, Any], target: VllmTarget, s: VllmSettings
+) -> int:
+    """The most calibration samples (at --seq-len) whose activations fit beside ``floor``."""
+    per = _activations(config, target, dataclasses.replace(s, samples=1))
+    base = floor - _activations(config, target, s)
+    return max(0, int((avail - base) // per)) if per else 0
 
 
 def preflight(
@@ -196,25 +290,11 @@ def preflight(
     """Everything that can be checked before llm-compressor loads the model. Raises
     PreflightError listing every offender at once."""
     _check_patterns(s.ignore)
-    for lay in s.layouts:
-        if lay not in LAYOUTS:
-            raise InputError(f"unknown layout {lay!r}", f"choose {' or '.join(LAYOUTS)}")
-    if "legacy" in s.layouts:
-        if isinstance(target, FP8Target):
-            raise InputError(
-                "fp8 has no legacy layout",
-                "legacy layouts are for gptq and awq; fp8 is written as compressed-tensors",
-            )
-        if isinstance(target, AWQTarget) and target.bits != 4:
-            raise InputError(
-                "the legacy awq layout (AutoAWQ GEMM) holds 4-bit weights only",
-                "use awq:bits=4, or the compressed-tensors layout for 8 bits",
-            )
+    _check_layouts(target, s.layouts)
     with Checkpoint.open(model_dir) as ck:
         config = ck.config
         weight_bytes = ck.nbytes
     arch, layers, modules = linear_layers(model_dir)
-
     targeted = [lay for lay in layers if not ignored(lay.name, s.ignore)]
     ign = [lay.name for lay in layers if ignored(lay.name, s.ignore)]
     if not targeted:
@@ -222,68 +302,108 @@ def preflight(
             f"--ignore leaves no Linear layer to quantize in {model_dir}",
             "remove some --ignore patterns",
         )
-
-    group = target.group_size
-    if group:
-        dims = "input width" if not isinstance(target, FP8Target) else "input or output width"
-        bad = [
-            lay
-            for lay in targeted
-            if lay.in_features % group
-            or (isinstance(target, FP8Target) and lay.out_features % group)
-        ]
-        if bad:
-            widths = sorted({lay.in_features for lay in bad})
-            fits = [
-                g
-                for g in (128, 64, 32)
-                if g != group and all(lay.in_features % g == 0 for lay in targeted)
-            ]
-            suffixes = sorted({lay.name.rsplit(".", 1)[-1] for lay in bad})
-            pattern = (
-                f"re:.*\\.{suffixes[0]}$"
-                if len(suffixes) == 1
-                else f"re:.*\\.({'|'.join(suffixes)})$"
-            )
-            listed = ", ".join(f"{n} ({w})" for n, w in _grouped_with_widths(bad))
-            hint_parts = []
-            if fits and not isinstance(target, FP8Target):
-                hint_parts.append(f"choose group={fits[0]} (divides every targeted layer)")
-            hint_parts.append(
-                f"or leave them unquantized with --ignore '{pattern}'"
-                if hint_parts
-                else f"leave them unquantized with --ignore '{pattern}'"
-            )
-            raise PreflightError(
-                f"group size {group} does not divide the {dims} of {len(bad)} of "
-                f"{len(targeted)} targeted layers (widths {', '.join(map(str, widths))}): {listed}",
-                ", ".join(hint_parts),
-                offenders=[lay.name for lay in bad],
-            )
-
+    _check_groups(target, targeted)
     if isinstance(target, AWQTarget) and env_python is not None:
-        found = awq_mappings(env_python)
-        if found is not None and arch not in found[0]:
-            known, default = found
-            missing = [p for p in default if not any(_matches(p, n) for n in modules)]
-            if missing or not default:
-                raise PreflightError(
-                    f"llm-compressor has no AWQ mappings for {arch}, and its default (Llama-style) "
-                    f"mappings find no module for {', '.join(missing) or 'any pattern'} "
-                    f"(it knows {len(known)} architectures, e.g. {', '.join(sorted(known)[:5])})",
-                    "use gptq (no mappings needed) or fp8",
-                    offenders=[arch, *missing],
-                )
-
-    est = memory_estimate(weight_bytes, config, target, s)
+        _check_awq_mappings(arch, modules, env_python)
+    est = memory_estimate(weight_bytes, config, target, s, layers)
     avail = memory_available()
-    if s.check_memory and avail is not None and est > avail:
-        raise PreflightError(
-            f"this export needs about {est / 2**30:.1f} GiB of memory and "
-            f"{avail / 2**30:.1f} GiB is available",
-            "lower --samples/--seq-len, close other programs, or use a machine with more memory",
+    plan = Plan(arch, targeted, ign, est, avail)
+    if not s.check_memory or avail is None or est <= avail:
+        return plan
+    # The whole model does not fit: offload its weights to disk and calibrate layer by layer.
+    floor = offloaded_estimate(weight_bytes, config, target, s, layers)
+    plan.memory_offloaded = floor
+    if floor <= avail:
+        # what is left once the fixed part is counted holds resident weights (own-dtype copy
+        # plus the quantized one written back)
+        plan.offload_cpu_bytes = max(0, int((avail - floor) / WEIGHT_COPIES))
+        return plan
+    gib = 2**30
+    fits = _samples_that_fit(avail, floor, config, target, s)
+    hint = (
+        f"--samples {fits} fits (at --seq-len {s.seq_len}), or use a machine with more memory"
+        if target.needs_calibration and fits > 0
+        else "use a machine with more memory or close other programs"
+    )
+    raise PreflightError(
+        f"this export needs about {est / gib:.1f} GiB of memory with the model in memory and "
+        f"{floor / gib:.1f} GiB with its weights offloaded to disk layer by layer; "
+        f"{avail / gib:.1f} GiB is available",
+        hint,
+    )
+
+
+def _check_layouts(target: VllmTarget, layouts: Sequence[str]) -> None:
+    """Known layouts, and a legacy layout only where one exists for the target."""
+    for lay in layouts:
+        if lay not in LAYOUTS:
+            raise InputError(f"unknown layout {lay!r}", f"choose {' or '.join(LAYOUTS)}")
+    if "legacy" not in layouts:
+        return
+    if isinstance(target, FP8Target):
+        raise InputError(
+            "fp8 has no legacy layout",
+            "legacy layouts are for gptq and awq; fp8 is written as compressed-tensors",
         )
-    return Plan(arch, targeted, ign, est, avail)
+    if isinstance(target, AWQTarget) and target.bits != 4:
+        raise InputError(
+            "the legacy awq layout (AutoAWQ GEMM) holds 4-bit weights only",
+            "use awq:bits=4, or the compressed-tensors layout for 8 bits",
+        )
+
+
+def _check_groups(target: VllmTarget, targeted: Sequence[LinearLayer]) -> None:
+    """The group size divides every targeted layer's input width (FP8 blocks: the output width
+    too); else every offender listed, with a group size that fits or an --ignore pattern."""
+    group = target.group_size
+    if not group:
+        return
+    fp8 = isinstance(target, FP8Target)
+    bad = [lay for lay in targeted if lay.in_features % group or (fp8 and lay.out_features % group)]
+    if not bad:
+        return
+    widths = sorted({lay.in_features for lay in bad})
+    fits = [
+        g for g in (128, 64, 32) if g != group and all(lay.in_features % g == 0 for lay in targeted)
+    ]
+    suffixes = sorted({lay.name.rsplit(".", 1)[-1] for lay in bad})
+    pattern = (
+        f"re:.*\\.{suffixes[0]}$" if len(suffixes) == 1 else f"re:.*\\.({'|'.join(suffixes)})$"
+    )
+    listed = ", ".join(f"{n} ({w})" for n, w in _grouped_with_widths(bad))
+    hint_parts = []
+    if fits and not fp8:
+        hint_parts.append(f"choose group={fits[0]} (divides every targeted layer)")
+    hint_parts.append(
+        f"or leave them unquantized with --ignore '{pattern}'"
+        if hint_parts
+        else f"leave them unquantized with --ignore '{pattern}'"
+    )
+    dims = "input or output width" if fp8 else "input width"
+    raise PreflightError(
+        f"group size {group} does not divide the {dims} of {len(bad)} of "
+        f"{len(targeted)} targeted layers (widths {', '.join(map(str, widths))}): {listed}",
+        ", ".join(hint_parts),
+        offenders=[lay.name for lay in bad],
+    )
+
+
+def _check_awq_mappings(arch: str, modules: Sequence[str], env_python: Path) -> None:
+    """llm-compressor has AWQ mappings for the architecture, or its default (Llama-style)
+    mappings find every module they name."""
+    found = awq_mappings(env_python)
+    if found is None or arch in found[0]:
+        return
+    known, default = found
+    missing = [p for p in default if not any(_matches(p, n) for n in modules)]
+    if missing or not default:
+        raise PreflightError(
+            f"llm-compressor has no AWQ mappings for {arch}, and its default (Llama-style) "
+            f"mappings find no module for {', '.join(missing) or 'any pattern'} "
+            f"(it knows {len(known)} architectures, e.g. {', '.join(sorted(known)[:5])})",
+            "use gptq (no mappings needed) or fp8",
+            offenders=[arch, *missing],
+        )
 
 
 def _grouped_with_widths(bad: Sequence[LinearLayer]) -> list[tuple[str, int]]:

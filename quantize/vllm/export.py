@@ -41,6 +41,8 @@ from quantkit.worker_jobs import JOB_FILE, read_result, run_job
 if TYPE_CHECKING:
     import numpy as np
 
+    from quantkit.pipeline.build import Output
+
 WORKER = Path(__file__).with_name("llmc_worker.py")
 
 
@@ -124,21 +126,6 @@ def run_worker(
 # -- export --------------------------------------------------------------------------------------
 
 
-def output_paths(
-    out: Path | None, stem: str, target: VllmTarget, layouts: Sequence[str], n_targets: int
-) -> dict[str, Path]:
-    """One target and one layout: ``-o`` names the checkpoint folder itself. Otherwise ``-o``
-    (default: the current directory) holds ``STEM-LABEL`` folders (``-legacy`` for the legacy
-    layout)."""
-    if out is not None and n_targets == 1 and len(layouts) == 1:
-        return {layouts[0]: out}
-    folder = out if out is not None else Path.cwd()
-    return {
-        lay: folder / f"{stem}-{target.label()}{'-legacy' if lay == 'legacy' else ''}"
-        for lay in layouts
-    }
-
-
 # vLLM asks whether a fused-MoE layer is ignored by ``<layer>.experts.0.<ckpt projection>``
 # (compressed_tensors_moe.py get_moe_method), with its model's checkpoint projection names —
 # w1/w2/w3 for Mixtral (models/mixtral.py) — while llm-compressor's ignore list holds the
@@ -174,42 +161,66 @@ def export_vllm(
     progress: Progress | None = None,
     python: Path | None = None,
     name: str | None = None,
-    n_outputs: int | None = None,
 ) -> VllmResult:
-    """Quantize a local HF checkpoint for vLLM, one llm-compressor run per target.
+    """Quantize a local HF checkpoint for vLLM, one llm-compressor run for every target.
 
-    ``name``: the output stem (default: the model's name). ``n_outputs``: how many artifacts
-    the whole export writes (``-o`` names the checkpoint folder only when it is the one)."""
+    ``out``: the checkpoint folder itself for one target in one layout, else the folder holding
+    ``STEM-LABEL`` folders, placed by quantkit/pipeline/build.py ``place`` as every entry point
+    places them; ``name``: that STEM (default: the model's name)."""
+    from quantkit.pipeline.build import Source, place
+    from quantkit.targets import parse_targets
+
     s = settings or VllmSettings()
+    ts = parse_targets(targets)
+    stem = Source(model, name=name).stem()
+    outputs = place(ts, Path(out) if out is not None else None, stem, layouts=s.layouts)
+    return export_placed(model, outputs, s, force=force, progress=progress, python=python)
+
+
+def export_placed(
+    model: str | os.PathLike[str],
+    outputs: Sequence[Output],
+    settings: VllmSettings,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    python: Path | None = None,
+) -> VllmResult:
+    """``export_vllm`` of outputs already placed (quantkit/pipeline/build.py ``Output``: target,
+    path, layout); the artifacts come back in the outputs' order."""
+    s = dataclasses.replace(settings, layouts=tuple(dict.fromkeys(x.layout for x in outputs)))
     model_dir = Path(model)
-    parsed, auto_notes = _parsed_targets(model_dir, targets, s, progress)
+    asked = list(dict.fromkeys(x.target for x in outputs))
+    if any(t.family != "vllm" for t in asked):
+        raise InputError("export_vllm() makes gptq, awq and fp8 checkpoints", "see quantkit.export")
+    parsed, auto_notes = _planned(model_dir, asked, s, progress)
+    # each output's folder, by the target written (gptq:auto: its plan) and layout
+    of = {id(a): p for a, p in zip(asked, parsed, strict=True)}
+    paths: dict[int, dict[str, Path]] = {}
+    for x in outputs:
+        paths.setdefault(id(of[id(x.target)]), {})[x.layout] = x.path
     # legacy first: it reads the compressed-tensors output, which then moves into place
-    s.layouts = tuple(sorted(dict.fromkeys(s.layouts), key=lambda lay: lay != "legacy"))
+    s.layouts = tuple(sorted(s.layouts, key=lambda lay: lay != "legacy"))
     t_start = time.perf_counter()
-    job = _preflight(model_dir, parsed, auto_notes, Path(out) if out is not None else None, s,
-                     force=force, python=python, name=name, n_outputs=n_outputs)  # fmt: skip
+    job = _preflight(model_dir, parsed, auto_notes, paths, s, force=force, python=python)
     timings = {"preflight": time.perf_counter() - t_start}
     artifacts, worker_res = _run(job, s, timings, force=force, progress=progress)
-    job.notes += _auto_bits(job.parsed, artifacts)
+    made = {a.path: a for a in artifacts}
     timings["total"] = time.perf_counter() - t_start
-    return VllmResult(artifacts, job.plans[id(job.parsed[0])], timings, worker_res, job.notes)
+    return VllmResult([made[x.path] for x in outputs], job.plans[id(job.parsed[0])], timings,
+                      worker_res, job.notes)  # fmt: skip
 
 
-def _parsed_targets(
-    model_dir: Path, targets: Sequence[str | VllmTarget], s: VllmSettings, progress: Progress | None
+def _planned(
+    model_dir: Path, targets: list[Any], s: VllmSettings, progress: Progress | None
 ) -> tuple[list[Any], list[str]]:
-    """The vLLM targets, each gptq:auto already planned into the target it writes, and the
-    planning's notes."""
-    from quantkit.targets import FAMILY, parse_targets
-
-    parsed = parse_targets(targets)
-    if any(FAMILY[t.method] != "vllm" for t in parsed):
-        raise InputError("export_vllm() makes gptq, awq and fp8 checkpoints", "see quantkit.export")
-    if any(isinstance(t, VllmAutoSpec) for t in parsed):  # gptq:auto: plan it now
+    """The vLLM targets, each gptq:auto planned into the target it writes (same order), and
+    the planning's notes."""
+    if any(isinstance(t, VllmAutoSpec) for t in targets):  # gptq:auto: plan it now
         from quantkit.quantize.vllm.auto.plan import resolve
 
-        return resolve(model_dir, parsed, s, progress)
-    return parsed, []
+        return resolve(model_dir, targets, s, progress)
+    return targets, []
 
 
 @dataclass
@@ -235,21 +246,13 @@ def _preflight(
     model_dir: Path,
     parsed: list[Any],
     notes: list[str],
-    out: Path | None,
+    paths: dict[int, dict[str, Path]],
     s: VllmSettings,
     *,
     force: bool,
     python: Path | None,
-    name: str | None,
-    n_outputs: int | None,
 ) -> _Job:
     """All targets, before any model load."""
-    from quantkit.convert.hf_to_gguf import default_name
-
-    with Checkpoint.open(model_dir) as ck:
-        stem = name or default_name(model_dir, ck.config)
-    n = max(len(parsed), n_outputs or 0)
-    paths = {id(t): output_paths(out, stem, t, s.layouts, n) for t in parsed}
     for t in parsed:
         for p in paths[id(t)].values():
             check_writable_dir(p, force=force)
@@ -269,6 +272,17 @@ def _preflight(
         config = ck.config
     per_target, tnotes = _per_target(parsed, s, config)
     plans = {id(t): preflight(model_dir, t, per_target[id(t)], py) for t in parsed}
+    for t in parsed:
+        pl = plans[id(t)]
+        if pl.offload_cpu_bytes is not None and pl.memory_available is not None:
+            gib = 2**30
+            tnotes.append(
+                f"{t.label()}: the model in memory needs about {pl.memory_estimate / gib:.1f} GiB "
+                f"and {pl.memory_available / gib:.1f} GiB is available, so llm-compressor keeps "
+                f"{pl.offload_cpu_bytes / gib:.1f} GiB of weights in memory and the rest on disk, "
+                f"one decoder layer at a time in memory (about "
+                f"{(pl.memory_offloaded or 0) / gib:.1f} GiB)"
+            )
     if env_error is not None or py is None:
         raise env_error or EngineError("no llmcompressor environment")
     ids = None
@@ -313,7 +327,9 @@ def _run(
         worker_res = run_worker(worker_job, work, job.python, s.timeout, progress)
         timings["llm-compressor"] = time.perf_counter() - t0
         for t in job.parsed:
-            artifacts += _place_target(job, t, work, worker_res, force=force)
+            placed = _place_target(job, t, work, worker_res, force=force)
+            job.notes += _auto_bits(t, placed)
+            artifacts += placed
     return artifacts, worker_res
 
 
@@ -330,6 +346,14 @@ def _worker_job(job: _Job, s: VllmSettings, work: Path) -> dict[str, Any]:
             "output": str(work / t.label()),
             "recipe": t.to_recipe(),
             "ignore": list(job.per_target[id(t)].ignore),
+            **(
+                {
+                    "offload_cpu_bytes": job.plans[id(t)].offload_cpu_bytes,
+                    "offload_dir": str(work / f"offload-{t.label()}"),
+                }
+                if job.plans[id(t)].offload_cpu_bytes is not None
+                else {}
+            ),
             **(
                 {"calib_ids": str(work / "calib.npy")}
                 if t.needs_calibration and job.ids is not None
@@ -390,11 +414,10 @@ def _place(ct_dir: Path, tmp: Path, layout: str, method: str, *, last: bool) -> 
     return "compressed-tensors"
 
 
-def _auto_bits(parsed: list[Any], artifacts: list[VllmArtifact]) -> list[str]:
+def _auto_bits(t: Any, artifacts: list[VllmArtifact]) -> list[str]:
     """gptq:auto: the bits the written checkpoint holds, recorded in its artifact and said."""
     notes = []
     for a in artifacts:
-        t = next(t for t in parsed if t.label() == a.type)
         if (plan := getattr(t, "plan_json", None)) and a.layout == "compressed-tensors":
             from quantkit.quantize.vllm.auto.plan import actual_bits
 

@@ -48,10 +48,7 @@ class IntLayer:
     bits: int
     group: int  # -1: one group per row (channel-wise)
     has_g_idx: bool  # act-order "group": g_idx is not simply arange(in) // group
-
-    def dequantize(self):
-        idx = self.g_idx.long()
-        return (self.q.float() - self.zero[:, idx].float()) * self.scale[:, idx].float()
+    # weight[o, i] = (q[o, i] − zero[o, g_idx[i]]) · scale[o, g_idx[i]]
 
 
 # -- bit packing ---------------------------------------------------------------------------------
@@ -195,37 +192,6 @@ def awq_tensors(layer: IntLayer, dtype) -> dict[str, Any]:
         "qzeros": pack_cols((layer.zero + off).t().contiguous(), 4, AWQ_ORDER),
         "scales": layer.scale.t().contiguous().to(dtype),
     }
-
-
-def read_gptq_layer(t: dict[str, Any], prefix: str, bits: int, group: int) -> IntLayer:
-    """Dequantizable view of an AutoGPTQ v1 layer (used by tests to check the round trip)."""
-    off = 1 << (bits - 1)
-    qweight = t[f"{prefix}.qweight"]
-    out_f = qweight.shape[1]
-    q = unpack_rows(qweight, bits).t() - off
-    zero = unpack_cols(t[f"{prefix}.qzeros"], bits, out_f).t()
-    zero = ((zero + 1) & ((1 << bits) - 1)) - off  # v1: stored zero − 1
-    g_idx = t[f"{prefix}.g_idx"]
-    return IntLayer(q, zero, t[f"{prefix}.scales"].t(), g_idx, bits, group, True)
-
-
-def read_awq_layer(t: dict[str, Any], prefix: str, group: int) -> IntLayer:
-    import torch
-
-    qweight = t[f"{prefix}.qweight"]
-    in_f = qweight.shape[0]
-    q = unpack_cols(qweight, 4, order=AWQ_ORDER).t() - 8
-    zero = unpack_cols(t[f"{prefix}.qzeros"], 4, order=AWQ_ORDER).t() - 8
-    g = group if group > 0 else in_f
-    return IntLayer(
-        q,
-        zero,
-        t[f"{prefix}.scales"].t(),
-        torch.arange(in_f, dtype=torch.int32) // g,
-        4,
-        group,
-        False,
-    )
 
 
 def legacy_dtype(config: dict[str, Any]):

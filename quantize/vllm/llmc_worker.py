@@ -105,10 +105,31 @@ def load_calibration(export: dict[str, Any]) -> Any:
     )
 
 
-def load_model(job: dict[str, Any]) -> tuple[Any, Any]:
+def load_model(job: dict[str, Any], export: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """The model in its own dtype. With ``export["offload_cpu_bytes"]`` (quantkit's preflight:
+    the whole model does not fit in memory) only that many bytes of weights stay in memory and
+    the rest go to ``offload_dir`` on disk: accelerate's device map, turned into
+    compressed-tensors' offloading by ``load_offloaded_model`` (llm-compressor 0.14's way to
+    calibrate a model larger than memory), so the sequential pipeline brings one decoder layer
+    at a time into memory and GPTQ/AWQ write each quantized layer back to disk."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")
+    cpu = (export or {}).get("offload_cpu_bytes")
+    if cpu is None:
+        model = AutoModelForCausalLM.from_pretrained(job["model"], dtype="auto")
+    else:
+        from compressed_tensors.offload import load_offloaded_model
+
+        folder = Path(export["offload_dir"])  # type: ignore[index]
+        folder.mkdir(parents=True, exist_ok=True)
+        with load_offloaded_model():
+            model = AutoModelForCausalLM.from_pretrained(
+                job["model"],
+                dtype="auto",
+                device_map="auto_offload",
+                max_memory={"cpu": int(cpu)},
+                offload_folder=str(folder),
+            )
     tok = AutoTokenizer.from_pretrained(job["model"])
     return model, tok
 
@@ -168,40 +189,52 @@ def run(job: dict[str, Any], progress: Progress) -> dict[str, Any]:
     quirks = cpu_quirks()
     current = {"label": ""}
     _report_layers(lambda stage, done, total: progress(f"{current['label']}:{stage}", done, total))
-    from llmcompressor import oneshot
-
     timings: dict[str, dict[str, float]] = {}
     for export in job["exports"]:
-        label = current["label"] = export["label"]
-        t: dict[str, float] = {}
-        t0 = time.perf_counter()
-        progress(f"{label}:load", 0, 1)
-        model, tok = load_model(job)
-        progress(f"{label}:load", 1, 1)
-        t["load"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        ds = load_calibration(export)
-        kwargs: dict[str, Any] = {}
-        if ds is not None:
-            kwargs.update(
-                dataset=ds,
-                max_seq_length=int(job["seq_len"]),
-                num_calibration_samples=len(ds),
-                shuffle_calibration_samples=False,
-            )
-        oneshot(model=model, recipe=build_recipe(export), **kwargs)
-        t["quantize"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        progress(f"{label}:save", 0, 1)
-        model.save_pretrained(Path(export["output"]), save_compressed=True)
-        tok.save_pretrained(Path(export["output"]))
-        progress(f"{label}:save", 1, 1)
-        t["save"] = time.perf_counter() - t0
-        timings[label] = t
-        del model
+        current["label"] = export["label"]
+        timings[export["label"]] = export_one(job, export, progress)
     return {"timings": timings, "quirks": quirks, "versions": _versions(), "threads": threads}
+
+
+def export_one(job: dict[str, Any], export: dict[str, Any], progress: Progress) -> dict[str, float]:
+    """One export: the model loaded afresh, quantized by llm-compressor's ``oneshot`` on the
+    calibration samples (none for FP8 dynamic/block), saved compressed with its tokenizer;
+    the seconds of each step."""
+    from llmcompressor import oneshot
+
+    label = export["label"]
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    progress(f"{label}:load", 0, 1)
+    model, tok = load_model(job, export)
+    progress(f"{label}:load", 1, 1)
+    t["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ds = load_calibration(export)
+    kwargs: dict[str, Any] = {}
+    if ds is not None:
+        kwargs.update(
+            dataset=ds,
+            max_seq_length=int(job["seq_len"]),
+            num_calibration_samples=len(ds),
+            shuffle_calibration_samples=False,
+        )
+    oneshot(model=model, recipe=build_recipe(export), **kwargs)
+    t["quantize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    progress(f"{label}:save", 0, 1)
+    model.save_pretrained(Path(export["output"]), save_compressed=True)
+    tok.save_pretrained(Path(export["output"]))
+    progress(f"{label}:save", 1, 1)
+    t["save"] = time.perf_counter() - t0
+    del model
+    if export.get("offload_dir"):
+        import shutil
+
+        shutil.rmtree(export["offload_dir"], ignore_errors=True)
+    return t
 
 
 def _versions() -> dict[str, str]:

@@ -8,7 +8,7 @@ The models translate to llm-compressor's recipe arguments (``to_recipe``), which
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -29,6 +29,25 @@ MOE_EXPERTS_IGNORE = "re:.*mlp\\.experts\\..*"
 FP8_BLOCK = 128
 
 
+def int_weights_args(
+    bits: int, group: int | None, *, sym: bool = True, actorder: str = "none"
+) -> dict[str, Any]:
+    """compressed-tensors QuantizationArgs of W{bits}A16 integer weights: one scale per
+    ``group`` input columns (None: one per output channel), symmetric or with a zero point;
+    ``actorder`` (GPTQ's activation ordering) applies to groups only."""
+    args: dict[str, Any] = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": sym,
+        "strategy": "group" if group else "channel",
+    }
+    if group:
+        args["group_size"] = group
+        if actorder != "none":
+            args["actorder"] = actorder
+    return args
+
+
 def _group(v: Any) -> int | None:
     """``group=channel`` (or -1) means one scale per output channel (no groups)."""
     if isinstance(v, str) and v.lower() in ("channel", "per-channel", "-1", "none"):
@@ -40,6 +59,12 @@ def _group(v: Any) -> int | None:
 
 class _Target(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # quantkit/targets.py's grammar and dispatch read these: the builder family (one
+    # llm-compressor run for every vLLM target), the option a bare word sets, a hint
+    family: ClassVar[str] = "vllm"
+    bare: ClassVar[str | None] = None
+    hint: ClassVar[str | None] = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -69,15 +94,7 @@ class _IntWeights(_Target):
 
     def weights_args(self) -> dict[str, Any]:
         """compressed-tensors QuantizationArgs for the weights (W{bits}A16)."""
-        args: dict[str, Any] = {
-            "num_bits": self.bits,
-            "type": "int",
-            "symmetric": self.sym,
-            "strategy": "group" if self.group else "channel",
-        }
-        if self.group:
-            args["group_size"] = self.group
-        return args
+        return int_weights_args(self.bits, self.group, sym=self.sym)
 
     def label(self) -> str:
         g = f"g{self.group}" if self.group else "ch"
@@ -94,12 +111,11 @@ class GPTQTarget(_IntWeights):
     dampening: float = Field(0.01, gt=0, lt=1)  # fraction of the Hessian diagonal mean added
 
     def to_recipe(self) -> dict[str, Any]:
-        w = self.weights_args()
-        if self.actorder != "none" and self.group:
-            w["actorder"] = self.actorder
         return {
             "modifier": "GPTQModifier",
-            "weights": w,
+            "weights": int_weights_args(
+                self.bits, self.group, sym=self.sym, actorder=self.actorder
+            ),
             "kwargs": {"dampening_frac": self.dampening},
         }
 
@@ -119,6 +135,7 @@ class AWQTarget(_IntWeights):
 
 
 class FP8Target(_Target):
+    bare: ClassVar[str | None] = "scheme"  # fp8:dynamic
     method: Literal["fp8"] = "fp8"
     # dynamic: FP8 weights per output channel, activations quantized per token at run time
     # (no calibration); static: per-tensor weights and activation scales from calibration;

@@ -116,9 +116,8 @@ Several kinds at once, from a Hub id (through the HF cache) or a fine-tune:
 @click.option(
     "--ctx",
     type=click.IntRange(min=8),
-    default=512,
-    show_default=True,
-    help="Importance matrix: tokens per chunk.",
+    default=None,
+    help="Importance matrix: tokens per chunk (default 512, llama-imatrix's).",
 )
 @click.option(
     "--chunks",
@@ -200,7 +199,7 @@ def convert(
     embedding_type: str | None,
     pure: bool,
     leave_output: bool,
-    ctx: int,
+    ctx: int | None,
     chunks: int | None,
     imatrix_file: Path | None,
     samples: int | None,
@@ -214,15 +213,15 @@ def convert(
     to a plain HF checkpoint; several targets of any kinds in one run."""
     from quantkit.hub import resolve_model
     from quantkit.pipeline.build import ExportOptions, Source, build, with_options
-    from quantkit.targets import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, parse_targets
+    from quantkit.targets import IMATRIX_CTX, parse_targets
 
     ts = with_options(
         parse_targets(targets), overrides=overrides, output_type=output_type,
         embedding_type=embedding_type, pure=pure, leave_output=leave_output,
     )  # fmt: skip
     o = ExportOptions(
-        **options, imatrix=imatrix_file, calib_ctx=ctx, calib_chunks=chunks,
-        samples=samples or DEFAULT_SAMPLES, seq_len=seq_len or DEFAULT_SEQ_LEN,
+        **options, imatrix=imatrix_file, calib_ctx=ctx or IMATRIX_CTX, calib_chunks=chunks,
+        samples=samples, seq_len=seq_len,  # None: not given (build refuses given vLLM-only options)
         ignore=ignore, layouts=layouts, progress=ProgressPrinter(),
     )  # fmt: skip
     t0 = time.perf_counter()

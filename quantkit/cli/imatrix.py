@@ -27,7 +27,10 @@ Examples:
     "-o", "--output", type=click.Path(path_type=Path), required=True, help="imatrix GGUF to write."
 )
 @click.option(
-    "--ctx", type=click.IntRange(min=8), default=512, show_default=True, help="Tokens per chunk."
+    "--ctx",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Tokens per chunk (default 512, llama-imatrix's).",
 )
 @click.option(
     "--chunks", type=click.IntRange(min=1), default=None, help="Number of chunks (default: all)."
@@ -38,7 +41,7 @@ def imatrix(
     model: Path,
     calib: Path,
     output: Path,
-    ctx: int,
+    ctx: int | None,
     chunks: int | None,
     threads: int | None,
     force: bool,
@@ -50,7 +53,9 @@ def imatrix(
     from quantkit.errors import InputError
     from quantkit.hub import resolve_model
     from quantkit.quantize.gguf.imatrix import collect_imatrix, save_imatrix
+    from quantkit.targets import IMATRIX_CTX
 
+    ctx = ctx or IMATRIX_CTX
     check_writable(output, force=force)
     if not calib.is_file():
         raise InputError(f"{calib}: calibration text not found")

@@ -156,6 +156,7 @@ def _json(res: Any, o: Any, seconds: float) -> dict[str, Any]:
             out["imatrix"] = imatrix_json(g.imatrix)
     if v is not None:
         out.update(memory_estimate=v.plan.memory_estimate, peak_rss=v.worker.get("peak_rss"),
+                   offload_cpu_bytes=v.plan.offload_cpu_bytes,
                    versions=v.worker.get("versions"))  # fmt: skip
     return out
 

@@ -107,6 +107,21 @@ Exit codes: 0 every gate holds, 1 a gate failed or an artifact was too slow for 
     help="vLLM: no torch.compile (faster start, slower tokens/s than a deployed vLLM).",
 )
 @click.option(
+    "--tensor-parallel-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="vLLM: tensor-parallel ranks (one GPU each on CUDA; on CPU one process each, on its own "
+    "cores).",
+)
+@click.option(
+    "--pipeline-parallel-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="vLLM: pipeline-parallel stages (ranks = tensor × pipeline).",
+)
+@click.option(
     "--adapter",
     type=click.Path(path_type=Path),
     help="A fine-tune: the reference is REFERENCE (its base) plus this PEFT adapter.",
@@ -156,6 +171,8 @@ def validate(
     topk: int,
     vllm_dtype: str | None,
     vllm_eager: bool,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
     adapter: Path | None,
     lora_base: tuple[Path, ...],
     json_out: Path | None,
@@ -190,6 +207,8 @@ def validate(
         topk=topk,
         vllm_dtype=vllm_dtype,
         vllm_eager=vllm_eager,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
         adapter=adapter,
     )
     settings.lora_base, settings.vllm_lora_base = split_lora_bases(lora_base)

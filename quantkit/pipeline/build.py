@@ -1,10 +1,13 @@
-"""Export dispatch: every target kind to its builder, through one table.
+"""Export dispatch: where every output goes, and every target kind to its builder.
 
-``build(source, targets, out, options)`` groups the parsed targets (quantkit/targets.py) by the
-builder that makes them — the GGUF converter (one read of the checkpoint for every GGUF file and
-adapter), llm-compressor (one worker process for every vLLM checkpoint) or the HF checkpoint
-writer — and returns one artifact record per file or folder written, in the order asked. The CLI
-(``quantkit convert``), ``quantkit.export`` and recipe steps all call it.
+``build(source, targets, out, options)`` decides the output stem (``Source.stem``) and every
+output path (``place``: one ``Output`` — target, path, vLLM layout — per file or folder), then
+hands each builder family its outputs — the GGUF converter (one read of the checkpoint for every
+GGUF file and adapter), llm-compressor (one worker process for every vLLM checkpoint) or the HF
+checkpoint writer — and returns one artifact record per output, in the order asked, each carrying
+its ``Output``. The CLI (``quantkit convert``), ``quantkit.export`` and recipe steps all call it;
+the converters' own entry points (``convert``, ``export_vllm``, ``write_hf_checkpoint``) place
+their outputs with the same ``place``.
 """
 
 from __future__ import annotations
@@ -22,11 +25,76 @@ from quantkit.progress import Progress
 from quantkit.targets import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
-    FAMILY,
     IMATRIX_CTX,
     GGUFTarget,
+    Target,
     updated,
 )
+
+# vLLM checkpoint layouts, the first the default (quantize/vllm/targets.py LAYOUTS)
+LAYOUTS = ("compressed-tensors", "legacy")
+# a float GGUF input's file stem ends in its type as quantkit names float files (STEM-F16.gguf);
+# what is made from it is named after the model, without it
+_FLOAT_SUFFIXES = ("-F32", "-F16", "-BF16")
+
+
+@dataclass(frozen=True, eq=False)
+class Output:
+    """One file or folder to write: the target it is made for, where it goes and, for a vLLM
+    checkpoint, its layout. Decided once, by ``place``; builders write ``path`` and return
+    an ``Artifact`` carrying this object."""
+
+    target: Target
+    path: Path
+    layout: str | None = None  # vLLM: compressed-tensors | legacy
+
+
+def place(
+    targets: Sequence[Target],
+    out: Path | None,
+    stem: str,
+    *,
+    out_is_dir: bool = False,
+    layouts: Sequence[str] = (),
+) -> list[Output]:
+    """Every output path, in the order asked (a vLLM target once per layout).
+
+    ``out`` names the output itself when there is exactly one (a GGUF file only as ``*.gguf``;
+    a vLLM adapter folder always goes inside ``out``); otherwise — or with ``out_is_dir`` —
+    ``out`` (default: the current directory) is the folder holding ``STEM-LABEL`` files and
+    folders (``STEM-LABEL.gguf``, ``STEM-lora-F32.gguf``, ``STEM-LABEL-legacy``)."""
+    lays = tuple(dict.fromkeys(layouts)) or LAYOUTS[:1]
+    pairs = [
+        (t, lay)
+        for t in targets
+        for lay in (lays if t.family == "vllm" else (None,))  # type: ignore[union-attr]
+    ]
+    gguf_out = out is not None and out.suffix.lower() == ".gguf"
+    if gguf_out and (len(pairs) != 1 or not _is_file(pairs[0][0])):
+        raise InputError(
+            f"-o {out} names one GGUF file but {len(pairs)} outputs were asked"
+            if len(pairs) != 1
+            else f"-o {out} names a GGUF file but {pairs[0][0].label()} writes a folder",
+            "give a directory with -o when converting to several targets",
+        )
+    itself = out is not None and len(pairs) == 1 and not out_is_dir
+    if itself and pairs[0][0].method != "vllm-lora" and (gguf_out or not _is_file(pairs[0][0])):
+        return [Output(pairs[0][0], out, pairs[0][1])]  # type: ignore[arg-type]
+    folder = out if out is not None else Path.cwd()
+    return [Output(t, folder / _name(t, stem, lay), lay) for t, lay in pairs]
+
+
+def _is_file(t: Target) -> bool:
+    """GGUF files and the GGUF LoRA are files; everything else is a folder."""
+    return t.method in ("gguf", "gguf-lora")
+
+
+def _name(t: Target, stem: str, layout: str | None) -> str:
+    if t.method == "gguf-lora":
+        return f"{stem}-lora-F32.gguf"  # the adapter's tensors are written in F32
+    if _is_file(t):
+        return f"{stem}-{t.label()}.gguf"
+    return f"{stem}-{t.label()}{'-legacy' if layout == 'legacy' else ''}"
 
 
 @dataclass
@@ -45,8 +113,9 @@ class ExportOptions:
     imatrix: Path | None = None  # a saved llama.cpp importance matrix
     calib_ctx: int = IMATRIX_CTX
     calib_chunks: int | None = None
-    samples: int = DEFAULT_SAMPLES  # vLLM calibration samples
-    seq_len: int = DEFAULT_SEQ_LEN  # tokens per vLLM calibration sample
+    # vLLM only; None: not given (a given one with no vLLM target is refused, even at the default)
+    samples: int | None = None  # calibration samples (default DEFAULT_SAMPLES)
+    seq_len: int | None = None  # tokens per calibration sample (default DEFAULT_SEQ_LEN)
     ignore: tuple[str, ...] = ()  # vLLM: Linear layers left in float (default: lm_head)
     layouts: tuple[str, ...] = ()  # vLLM: compressed-tensors and/or legacy
     progress: Progress | None = None
@@ -62,13 +131,14 @@ class Artifact:
     size: int  # bytes; a folder: of all its files; a dry run: predicted
     sha256: str  # a file's; a folder's: one hash over its files' names and bytes; dry run: ""
     seconds: float
-    target: Any = None  # the Target it was made for
+    target: Target | None = None  # the Target it was made for
+    output: Output | None = None  # where ``place`` put it (``target`` is its target)
     audit: dict[str, Any] | None = None  # GGUF: types, bits per weight, fallbacks
     metrics: dict[str, Any] | None = None  # its validation report entry, when asked
     details: dict[str, Any] = field(default_factory=dict)  # what only this format has
 
     def to_json(self) -> dict[str, Any]:
-        skip = ("target", "details")
+        skip = ("target", "output", "details")
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out["path"] = str(self.path)
         out["seconds"] = round(self.seconds, 3)
@@ -112,6 +182,7 @@ class Source:
         self.in_memory = isinstance(model, Checkpoint)
         self.folder = model.path if self.in_memory else Path(model)
         self.name = name
+        self._stem: str | None = None
         self._merged: Path | None = None
         self._stack = ExitStack()
 
@@ -122,19 +193,35 @@ class Source:
         self._stack.close()
 
     def stem(self) -> str:
-        """Output names: ``name``, else the adapter's folder for a fine-tune, else the model's."""
-        from quantkit.convert.hf_to_gguf import default_name
-        from quantkit.convert.lora import LoraAdapter
+        """The output stem (and a converted model's general.name), decided once."""
+        if self._stem is None:
+            self._stem = self._decide_stem()
+        return self._stem
+
+    def _decide_stem(self) -> str:
+        """``name``; a model in memory: its ``_name_or_path``, else "model"; the adapter's folder
+        for a fine-tune; a float GGUF input's file name without its type; the model's name."""
+        from quantkit.hub import model_name
 
         if self.name:
             return self.name
+        if self.in_memory:  # its folder is a temporary one: no name there
+            cfg = self.model.config
+            return model_name(Path("model"), cfg) if isinstance(cfg, dict) else "model"
         if self.adapter is not None:
             a = self.adapter
-            return (a.path if isinstance(a, LoraAdapter) else Path(a)).resolve().name
+            return Path(getattr(a, "path", a)).resolve().name  # a folder, or a LoraAdapter
+        if not self.in_memory and self.folder.suffix.lower() == ".gguf":
+            stem = self.folder.stem
+            return next((stem[: -len(s)] for s in _FLOAT_SUFFIXES if stem.endswith(s)), stem)
         from quantkit.checkpoint import read_json
+        from quantkit.errors import QuantkitError
 
-        cfg = self.model.config if self.in_memory else read_json(self.folder / "config.json")
-        return default_name(self.folder, cfg if isinstance(cfg, dict) else {})
+        try:
+            cfg = read_json(self.folder / "config.json")
+        except QuantkitError:  # the builder's preflight says what is wrong with the folder
+            cfg = {}
+        return model_name(self.folder, cfg if isinstance(cfg, dict) else {})
 
     def torch_folder(self, near: Path) -> Path:
         """An HF folder torch can load with the adapter merged in (see the class doc)."""
@@ -153,22 +240,22 @@ class Source:
         return self._merged
 
 
-# (source, its targets, out, options, whether out names the one artifact itself)
-Builder = Callable[[Source, list[Any], "Path | None", ExportOptions, bool], BuildResult]
+# (source, the family's outputs, options) -> one artifact per output, carrying it
+Builder = Callable[[Source, list[Output], ExportOptions], BuildResult]
 
 
-def _out_folder(out: Path | None) -> Path:
+def _near(outputs: list[Output]) -> Path:
     """Where scratch files go: beside the outputs (the same disk, room checked there)."""
-    return out.parent if out is not None else Path.cwd()
+    return outputs[0].path.parent
 
 
-def build_gguf(
-    src: Source, targets: list[Any], out: Path | None, o: ExportOptions, single: bool
-) -> BuildResult:
+def build_gguf(src: Source, outputs: list[Output], o: ExportOptions) -> BuildResult:
     """GGUF files, gguf:auto mixes and the adapter itself: quantkit's converter (convert/)."""
-    from quantkit.convert import QuantSettings, convert
+    from quantkit.convert.hf_to_gguf import convert_placed
+    from quantkit.convert.quantized import QuantSettings
     from quantkit.quantize.gguf.quantizer import QuantizeOptions, parse_overrides
 
+    targets = [x.target for x in outputs]
     ggufs = [t for t in targets if isinstance(t, GGUFTarget)]
     shared = {_quant_fields(t) for t in ggufs}
     if len(shared) > 1:
@@ -181,7 +268,7 @@ def build_gguf(
     calib, imatrix = o.calib, o.imatrix
     if calib is not None and (src.adapter is not None or src.in_memory):
         # the fine-tune's matrix, from its merged copy; float targets need none
-        imatrix = _fine_tune_imatrix(src, out, o) if _quantizes(targets) else imatrix
+        imatrix = _fine_tune_imatrix(src, _near(outputs), o) if _quantizes(targets) else imatrix
         calib = None
     qs = QuantSettings(
         options=QuantizeOptions(
@@ -198,13 +285,12 @@ def build_gguf(
         calib_chunks=o.calib_chunks,
         no_fallback=o.no_fallback,
     )
-    res = convert(
-        src.model, targets, out, force=o.force, allow_pickle=o.allow_pickle, threads=o.threads,
-        progress=o.progress, quant=qs, dry_run=o.dry_run, converter=o.converter,
-        clamp_f16=o.clamp_f16, adapter=src.adapter, name=o.name,
+    res = convert_placed(
+        src.model, outputs, src.stem(), force=o.force, allow_pickle=o.allow_pickle,
+        threads=o.threads, progress=o.progress, quant=qs, dry_run=o.dry_run,
+        converter=o.converter, clamp_f16=o.clamp_f16, adapter=src.adapter, name=o.name,
     )  # fmt: skip
-    by_label = {t.label(): t for t in targets}
-    arts = [_gguf_artifact(a, by_label.get(a.type), o.dry_run) for a in res.artifacts]
+    arts = [_gguf_artifact(a, x, o.dry_run) for a, x in zip(res.artifacts, outputs, strict=True)]
     return BuildResult(arts, res.architecture, res.warnings, res.notes, dict(res.timings), gguf=res)
 
 
@@ -213,18 +299,18 @@ def _quant_fields(t: GGUFTarget) -> tuple[tuple[str, Any], ...]:
     return tuple((k, getattr(t, k)) for k in keys)
 
 
-def _quantizes(targets: list[Any]) -> bool:
+def _quantizes(targets: list[Target]) -> bool:
     return any(isinstance(t, GGUFTarget) and (t.is_auto or t.gguf_type.quantized) for t in targets)
 
 
-def _fine_tune_imatrix(src: Source, out: Path | None, o: ExportOptions) -> Path:
+def _fine_tune_imatrix(src: Source, near: Path, o: ExportOptions) -> Path:
     """The importance matrix of the fine-tune (base + adapter, or a model in memory), collected
     on its merged copy and saved beside it for the quantizer."""
     from quantkit.quantize.gguf.imatrix import collect_imatrix, save_imatrix
     from quantkit.text import read_text
 
     assert o.calib is not None
-    folder = src.torch_folder(_out_folder(out))
+    folder = src.torch_folder(near)
     im = collect_imatrix(
         folder, read_text(o.calib), ctx=o.calib_ctx, chunks=o.calib_chunks, threads=o.threads,
         progress=o.progress,
@@ -234,48 +320,44 @@ def _fine_tune_imatrix(src: Source, out: Path | None, o: ExportOptions) -> Path:
     return path
 
 
-def _gguf_artifact(a: Any, target: Any, dry: bool) -> Artifact:
-    from quantkit.convert.hf_to_gguf import ADAPTER_TARGETS
-
+def _gguf_artifact(a: Any, x: Output, dry: bool) -> Artifact:
+    """The converter's record of ``x``, which it wrote at ``x.path``."""
+    assert a.path == x.path
     d = a.to_json()
     details = {k: d[k] for k in ("planned", "fallbacks", "auto") if k in d}
     details["tensors"] = a.n_tensors
     return Artifact(
         path=a.path,
-        format=a.type if a.type in ADAPTER_TARGETS else "gguf",
+        format=x.target.method,  # gguf, gguf-lora or vllm-lora
         label=a.type,
         size=a.size,
         sha256="" if dry else content_sha256(a.path),
         seconds=a.seconds,
-        target=target,
+        target=x.target,
+        output=x,
         audit=d.get("audit"),
         details=details,
     )
 
 
-def build_vllm(
-    src: Source, targets: list[Any], out: Path | None, o: ExportOptions, single: bool
-) -> BuildResult:
+def build_vllm(src: Source, outputs: list[Output], o: ExportOptions) -> BuildResult:
     """GPTQ / AWQ / FP8 checkpoints: llm-compressor in its own environment (quantize/vllm/),
     from the model's folder (a fine-tune: its merged copy)."""
-    from quantkit.quantize.vllm import DEFAULT_IGNORE, VllmSettings, export_vllm
+    from quantkit.quantize.vllm import DEFAULT_IGNORE, VllmSettings
+    from quantkit.quantize.vllm.export import export_placed
 
     settings = VllmSettings(
         ignore=o.ignore or DEFAULT_IGNORE,
         layouts=o.layouts or ("compressed-tensors",),
         calib=o.calib,
-        samples=o.samples,
-        seq_len=o.seq_len,
+        samples=DEFAULT_SAMPLES if o.samples is None else o.samples,
+        seq_len=DEFAULT_SEQ_LEN if o.seq_len is None else o.seq_len,
         threads=o.threads,
     )
-    folder = src.torch_folder(_out_folder(out))
+    folder = src.torch_folder(_near(outputs))
     if o.dry_run:
-        return _vllm_plans(folder, targets, settings, o)
-    res = export_vllm(
-        folder, targets, out, settings, force=o.force, progress=o.progress, name=src.stem(),
-        n_outputs=1 if single else 2,
-    )  # fmt: skip
-    by_label = {t.label(): t for t in targets}
+        return _vllm_plans(folder, outputs, settings, o)
+    res = export_placed(folder, outputs, settings, force=o.force, progress=o.progress)
     arts = [
         Artifact(
             path=a.path,
@@ -284,7 +366,8 @@ def build_vllm(
             size=a.size,
             sha256=content_sha256(a.path),
             seconds=a.seconds,
-            target=by_label.get(a.type),
+            target=x.target,
+            output=x,
             details={
                 "layout": a.layout,
                 "quant_method": a.quant_method,
@@ -293,73 +376,72 @@ def build_vllm(
                 **({"auto": a.auto} if a.auto is not None else {}),
             },
         )
-        for a in res.artifacts
+        for a, x in zip(res.artifacts, outputs, strict=True)
     ]
     return BuildResult(arts, res.plan.architecture, [], res.notes, dict(res.timings), vllm=res)
 
 
-def _vllm_plans(folder: Path, targets: list[Any], settings: Any, o: ExportOptions) -> BuildResult:
+def _vllm_plans(
+    folder: Path, outputs: list[Output], settings: Any, o: ExportOptions
+) -> BuildResult:
     """A dry run of gptq:auto: each target's plan (scheme, bits and predicted KLD per fused
     group), measured and solved but not written."""
     from quantkit.quantize.vllm.auto.plan import make_plan
 
     arts = []
-    for t in targets:
+    for x in outputs:
+        t = x.target
         plan, _ = make_plan(folder, t, ignore=settings.ignore, calib=settings.calib,
                             samples=settings.samples, seq_len=settings.seq_len,
                             threads=settings.threads, progress=o.progress)  # fmt: skip
-        arts.append(Artifact(folder, "vllm", t.label(), 0, "", 0.0, t,
+        arts.append(Artifact(x.path, "vllm", t.label(), 0, "", 0.0, t, x,
                              details={"auto": plan.to_json()}))  # fmt: skip
     return BuildResult(arts, _architecture(Source(folder)))
 
 
-def build_hf(
-    src: Source, targets: list[Any], out: Path | None, o: ExportOptions, single: bool
-) -> BuildResult:
+def build_hf(src: Source, outputs: list[Output], o: ExportOptions) -> BuildResult:
     """Plain HF checkpoint folders, the adapter merged while streaming (convert/hf_checkpoint.py)."""
     from quantkit.convert.hf_checkpoint import write_hf_checkpoint
 
-    if o.dry_run:
-        raise InputError("--dry-run applies to GGUF targets", "leave the hf targets out of it")
     arts = []
-    for t in targets:
+    for x in outputs:
         a = write_hf_checkpoint(
-            src.model, t, out, adapter=src.adapter, force=o.force, name=src.stem(),
-            out_is_folder=single, progress=o.progress,
+            src.model, x.target, x.path, adapter=src.adapter, force=o.force,
+            progress=o.progress,
         )  # fmt: skip
         arts.append(
-            Artifact(a.path, "hf", a.type, a.size, content_sha256(a.path), a.seconds, t,
-                     details={"tensors": a.n_tensors, "shards": a.n_shards})
+            Artifact(a.path, "hf", a.type, a.size, content_sha256(a.path), a.seconds, x.target,
+                     x, details={"tensors": a.n_tensors, "shards": a.n_shards})
         )  # fmt: skip
     return BuildResult(arts, _architecture(src))
 
 
-# kind -> builder (quantkit/targets.py FAMILY groups the kinds a builder makes together)
+# a target's ``family`` (quantkit/targets.py) -> the builder that makes that family's targets
+# together (one read of the checkpoint; one llm-compressor process)
 BUILDERS: dict[str, Builder] = {"gguf": build_gguf, "vllm": build_vllm, "hf": build_hf}
 
 
 def build(
     source: Source,
-    targets: Sequence[Any],
+    targets: Sequence[Target],
     out: Path | None,
     options: ExportOptions,
     *,
     out_is_dir: bool = False,
 ) -> BuildResult:
-    """Make every target (parsed Target models) from ``source``. ``out``: the file or folder
-    itself when it is the only target (a ``.gguf`` path for one GGUF file), else — or with
-    ``out_is_dir`` — a folder (default: the current directory) holding ``STEM-LABEL`` files
-    and folders."""
-    order = {id(t): i for i, t in enumerate(targets)}
-    groups: dict[str, list[Any]] = {}
+    """Make every target (parsed Target models) from ``source``, each where ``place`` puts it
+    (``out``: the output itself when there is one, else the folder holding them)."""
+    groups: dict[str, list[Target]] = {}
     for t in targets:
-        groups.setdefault(FAMILY[t.method], []).append(t)
+        groups.setdefault(t.family, []).append(t)  # type: ignore[union-attr]
     _preflight(source, groups, options)
-    single = len(targets) == 1 and not out_is_dir
-    results = [BUILDERS[f](source, ts, out, options, single) for f, ts in groups.items()]
-    arts = [a for r in results for a in r.artifacts]
-    arts.sort(key=lambda a: order.get(id(a.target), len(order)))
-    merged = BuildResult(arts, results[0].architecture)
+    outputs = place(targets, out, source.stem(), out_is_dir=out_is_dir, layouts=options.layouts)
+    results = [
+        BUILDERS[f](source, [x for x in outputs if x.target.family == f], options)  # type: ignore[union-attr]
+        for f in groups
+    ]
+    made = {id(a.output): a for r in results for a in r.artifacts}
+    merged = BuildResult([made[id(x)] for x in outputs], results[0].architecture)
     for r in results:
         merged.warnings += r.warnings
         merged.notes += r.notes
@@ -369,7 +451,7 @@ def build(
     return merged
 
 
-def _preflight(source: Source, groups: dict[str, list[Any]], o: ExportOptions) -> None:
+def _preflight(source: Source, groups: dict[str, list[Target]], o: ExportOptions) -> None:
     """What no builder can do, named before any of them writes."""
     planned = {"gguf"} | (
         {"vllm"} if all(is_vllm_auto_target(t) for t in groups.get("vllm", [])) else set()
@@ -379,15 +461,20 @@ def _preflight(source: Source, groups: dict[str, list[Any]], o: ExportOptions) -
             "--dry-run applies to GGUF targets and gptq:auto",
             "leave the other vLLM and hf targets out of a dry run",
         )
-    if (o.ignore or o.layouts or o.samples != DEFAULT_SAMPLES or o.seq_len != DEFAULT_SEQ_LEN) and (
-        "vllm" not in groups
-    ):
-        raise InputError("--ignore, --layout, --samples and --seq-len apply to vLLM targets")
+    vllm_only = {"--ignore": o.ignore, "--layout": o.layouts, "--samples": o.samples,
+                 "--seq-len": o.seq_len}  # fmt: skip
+    given = [flag for flag, v in vllm_only.items() if v not in (None, ())]
+    if given and "vllm" not in groups:
+        raise InputError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to vLLM targets "
+            f"(gptq, awq, fp8), and only {' and '.join(groups)} targets were asked",
+            f"leave {'it' if len(given) == 1 else 'them'} out, or add a vLLM target (--to gptq)",
+        )
     if "vllm" in groups and source.folder.suffix.lower() == ".gguf":
         raise InputError("vLLM targets are made from an HF checkpoint, not a GGUF file")
 
 
-def is_vllm_auto_target(t: Any) -> bool:
+def is_vllm_auto_target(t: Target) -> bool:
     from quantkit.quantize.vllm.auto.spec import VllmAutoSpec
 
     return isinstance(t, VllmAutoSpec)
@@ -401,7 +488,7 @@ def _architecture(src: Source) -> str:
     return str(archs[0]) if isinstance(archs, list) and archs else "?"
 
 
-def with_options(targets: list[Any], **gguf_options: Any) -> list[Any]:
+def with_options(targets: list[Target], **gguf_options: Any) -> list[Target]:
     """The CLI's and the API's GGUF tensor options (``--tensor-type``, ``--output-type``, ...)
     set on every GGUF target; a recipe gives them per target."""
     given = {k: v for k, v in gguf_options.items() if v not in (None, (), False)}
@@ -411,4 +498,6 @@ def with_options(targets: list[Any], **gguf_options: Any) -> list[Any]:
     return [updated(t, given, where) if isinstance(t, GGUFTarget) else t for t in targets]
 
 
-__all__ = ["BUILDERS", "Artifact", "BuildResult", "ExportOptions", "Source", "build"]
+__all__ = [
+    "BUILDERS", "Artifact", "BuildResult", "ExportOptions", "Output", "Source", "build", "place",
+]  # fmt: skip

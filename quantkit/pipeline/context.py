@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ class Context:
 
     def _text(self, d: str) -> Path:
         if d == DEFAULT:
-            from quantkit.demo_run import DEMO_TEXT
+            from quantkit.demo import DEMO_TEXT
 
             p = self.cache / "texts" / "demo.txt"
             if not p.is_file():
@@ -132,9 +133,26 @@ class Context:
             raise InputError(f"{p}: text not found")
         return p
 
+    @cached_property
+    def base_type(self) -> str:
+        """The float GGUF base quantized targets are made from: by the rule ``convert`` follows
+        (quantize/gguf/types.py ``base_type``), so a recipe and the CLI make the same bytes."""
+        from quantkit.checkpoint import Checkpoint
+        from quantkit.quantize.gguf.types import base_type
+
+        with Checkpoint.open(self.model) as ckpt:
+            return base_type(ckpt.source_dtype)
+
+    def uses_base(self, tg: Any) -> bool:
+        """A GGUF target made from the cached float base: the base itself (copied), every
+        quantized type and gguf:auto; the other float types are written from the source."""
+        return isinstance(tg, GGUFTarget) and (
+            tg.is_auto or tg.gguf_type.quantized or tg.type == self.base_type
+        )
+
     # --- keys and paths of every step -------------------------------------------------------
     def base_key(self) -> str:
-        return content_key("base-F16", self.source_key)
+        return content_key(f"base-{self.base_type}", self.source_key)
 
     def merged_key(self) -> str:
         return content_key("merged", self.source_key)
@@ -143,7 +161,7 @@ class Context:
         return self.cache / f"merged-{self.merged_key()}" / self.stem
 
     def base_path(self) -> Path:
-        return self.cache / f"base-{self.base_key()}" / f"{self.stem}-F16.gguf"
+        return self.cache / f"base-{self.base_key()}" / f"{self.stem}-{self.base_type}.gguf"
 
     def imatrix_key(self) -> str:
         c = self.recipe.calibration

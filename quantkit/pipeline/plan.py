@@ -11,11 +11,9 @@ from quantkit.pipeline.context import (
     MERGED_MARK,
     Context,
     content_key,
-    is_gguf,
     read_manifest,
 )
 from quantkit.recipe import Recipe, RecipeTarget, validated
-from quantkit.targets import FAMILY
 
 
 @dataclass
@@ -80,11 +78,11 @@ def plan(ctx: Context, only: list[str] | None = None) -> list[Step]:
     targets = selected(ctx.recipe, only)
     steps: list[Step] = []
     todo = [t for t in targets if not _artifact_ok(ctx, t)]
-    need_base = any(is_gguf(t) and t.target.type not in ("F32", "BF16") for t in todo)
+    need_base = any(ctx.uses_base(t.target) for t in todo)
     need_imatrix = any(getattr(t.target, "imatrix", False) for t in todo)
     ip = ctx.imatrix_path() if need_imatrix else None
     # a fine-tune's torch-side steps (imatrix, llm-compressor) load a merged HF copy
-    torch_side = any(FAMILY[t.target.method] == "vllm" for t in todo)
+    torch_side = any(t.target.family == "vllm" for t in todo)
     if ctx.adapter and (torch_side or (ip and not ip.is_file())):
         mp = ctx.merged_path()
         done = (mp / MERGED_MARK).is_file()

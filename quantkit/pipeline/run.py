@@ -1,7 +1,7 @@
 """``quantkit run RECIPE``: convert → imatrix → quantize → validate → report, with a cache.
 
 Every step has a key: a sha256 over the content of its inputs (model files, calibration text,
-settings, the key of the step it builds on). Shared intermediates (the F16 base GGUF, the
+settings, the key of the step it builds on). Shared intermediates (the float base GGUF, the
 importance matrix) live in the cache under their key, so two targets never compute the same
 thing twice. A target's artifact is reused when its manifest.json records the same key and the
 file's sha256 still matches; its validation is reused when the report was made for that key.
@@ -67,6 +67,12 @@ def run(
     say = log or (lambda _m: None)
     steps = plan(ctx, only)
     targets = {t.name: t for t in selected(ctx.recipe, only)}
+    v = ctx.recipe.validation
+    if v is not None and any(s.kind == "validate" and s.action == "build" for s in steps):
+        # a vLLM layout the host cannot hold is refused before anything is built
+        from quantkit.validate.engines import VllmEngine
+
+        VllmEngine.check_parallel(v.vllm.tensor_parallel_size, v.vllm.pipeline_parallel_size)
     res = RunResult(steps)
     n = len(steps)
     for i, s in enumerate(steps, 1):

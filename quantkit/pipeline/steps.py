@@ -19,7 +19,7 @@ from quantkit.pipeline.context import (
 )
 from quantkit.pipeline.plan import host_tag
 from quantkit.recipe import RecipeTarget
-from quantkit.targets import FAMILY, GGUFTarget
+from quantkit.targets import GGUFTarget
 
 
 def build_base(ctx: Context, progress: Any) -> None:
@@ -27,7 +27,7 @@ def build_base(ctx: Context, progress: Any) -> None:
 
     p = ctx.base_path()
     p.parent.mkdir(parents=True, exist_ok=True)
-    convert(ctx.model, ["F16"], p, force=True, progress=progress, adapter=ctx.adapter)
+    convert(ctx.model, [ctx.base_type], p, force=True, progress=progress, adapter=ctx.adapter)
 
 
 def build_merged(ctx: Context) -> None:
@@ -72,20 +72,20 @@ def build_target(ctx: Context, t: RecipeTarget, progress: Any) -> None:
     c = ctx.recipe.calibration
     o = ExportOptions(force=True, progress=progress, name=ctx.stem)
     calib = None
-    if isinstance(tg, GGUFTarget) and tg.type == "F16":  # the base itself: copied, not made again
+    if isinstance(tg, GGUFTarget) and tg.type == ctx.base_type:  # the base: copied, not made again
         with atomic_output(final, force=True) as tmp:
             shutil.copyfile(ctx.base_path(), tmp)
         art = Artifact(final, "gguf", tg.label(), final.stat().st_size, content_sha256(final), 0.0)
         _write_manifest(ctx, t, art, "gguf", tg.label(), _options(tg), None)
         return
-    if isinstance(tg, GGUFTarget) and (tg.is_auto or tg.gguf_type.quantized):
+    if ctx.uses_base(tg):  # a quantized type or gguf:auto
         src = Source(ctx.base_path())
         o.name = None  # a GGUF input keeps its own name
         o.imatrix = ctx.imatrix_path() if tg.imatrix else None
         if tg.is_auto:  # only the probe text here: the matrix is the recipe's
             o.calib, o.calib_ctx = ctx.calib, c.ctx if c else o.calib_ctx
         calib = c.model_dump() if tg.imatrix and c else None
-    elif FAMILY[tg.method] == "vllm":
+    elif tg.family == "vllm":
         src = Source(ctx.hf_model(), name=ctx.stem)
         if tg.needs_calibration and c is not None:
             o.calib, o.samples, o.seq_len = ctx.calib, c.samples, c.ctx
@@ -163,6 +163,8 @@ def validate_target(ctx: Context, t: Any, progress: Any) -> None:
     s = Settings(
         ctx=v.ctx, chunks=v.chunks, threads=v.threads, pp=v.pp, tg=v.tg, timeout=v.timeout,
         kv_f32=v.kv_f32, vllm_eager=v.vllm_eager, adapter=ctx.adapter, max_minutes=v.max_minutes,
+        tensor_parallel_size=v.vllm.tensor_parallel_size,
+        pipeline_parallel_size=v.vllm.pipeline_parallel_size,
         gates=Gates(g.max_kld, g.max_ppl_increase_pct, g.min_top1_pct, g.per_type_defaults),
     )  # fmt: skip
     report = validate([ctx.artifact_path(t)], ctx.model, ctx.vdata, s, progress=progress)

@@ -26,6 +26,7 @@ from quantkit.quantize.gguf.quantizer import (
     quantize_file,
 )
 from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType
+from quantkit.targets import IMATRIX_CTX
 
 PROBE_CHUNKS = 4  # calibration chunks the per-kind gains are measured on
 
@@ -105,7 +106,7 @@ def plan_auto(
     options: QuantizeOptions,
     *,
     probe_chunks: list[list[int]] | None = None,
-    n_ctx: int = 512,
+    n_ctx: int = IMATRIX_CTX,
     threads: int | None = None,
     progress: Progress | None = None,
     sensitivity: Sensitivity | None = None,

@@ -21,6 +21,7 @@ import numpy as np
 from quantkit.progress import Progress
 from quantkit.quantize.gguf.quantizer import QuantizeOptions, ggml_type, quantize_file
 from quantkit.quantize.gguf.types import GGUF_TYPES
+from quantkit.targets import IMATRIX_CTX
 from quantkit.validate.llamacpp import LlamaCppModel
 from quantkit.validate.metrics import log_softmax, position_stats
 
@@ -50,7 +51,7 @@ class KLDProbe:
         *,
         base_type: str = "F16",
         threads: int | None = None,
-        n_ctx: int = 512,
+        n_ctx: int = IMATRIX_CTX,
         progress: Progress | None = None,
     ) -> None:
         self.base, self.chunks, self.threads, self.n_ctx = base, chunks, threads, n_ctx

@@ -41,11 +41,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from quantkit.casts import to_f32
 from quantkit.hashing import sha256_file
 from quantkit.progress import Progress
 from quantkit.quantize.gguf.auto import rows
 from quantkit.quantize.gguf.auto.sizes import Slot
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
+from quantkit.targets import IMATRIX_CTX
 
 CACHE_VERSION = "3"
 # Values of each tensor whose error is measured (whole rows, stratified): 2^18 is 64 rows of a
@@ -97,9 +99,7 @@ def _tensor_rows(reader: gguf.GGUFReader, name: str) -> tuple[np.ndarray, str]:
 
 
 def _as_f32(rows_: np.ndarray, base_type: str) -> np.ndarray:
-    if base_type == "BF16":
-        return (rows_.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return rows_.astype(np.float32)
+    return to_f32(rows_, "BF16") if base_type == "BF16" else rows_.astype(np.float32)
 
 
 def sample_rows(name: str, nrows: int, n: int) -> np.ndarray:
@@ -291,7 +291,7 @@ def measure(
     options: QuantizeOptions,
     *,
     probe_chunks: list[list[int]] | None = None,
-    n_ctx: int = 512,
+    n_ctx: int = IMATRIX_CTX,
     threads: int | None = None,
     sample: int | None = SAMPLE_VALUES,
     progress: Progress | None = None,
@@ -301,20 +301,13 @@ def measure(
 
     ``sample``: values measured per tensor (None: every value, the full measurement the sample
     is checked against). ``probe_chunks`` are cut to the probe budget (probe_budget)."""
-    from quantkit.atomic import file_lock
+    from quantkit.atomic import cached_json
 
     importance = options.imatrix or {}
     chunks = probe_budget(probe_chunks or [], sum(s.n_elements for s in slots))
     key = cache_key(base, importance, slots, chunks, sample, progress)
-    root = cache_root()
-    path = root / f"{key}.json"
-    if use_cache and path.is_file():
-        d = json.loads(path.read_text())
-        return Sensitivity(**d, cache_hit=True)
-    root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / f".{key}.lock"):
-        if use_cache and path.is_file():  # another process measured it meanwhile
-            return Sensitivity(**json.loads(path.read_text()), cache_hit=True)
+
+    def make() -> dict:
         n_threads = threads or len(os.sched_getaffinity(0))
         t0 = time.perf_counter()
         errors, rel_se = proxy_errors(base, slots, importance, threads=n_threads, sample=sample,
@@ -330,11 +323,9 @@ def measure(
                              threads=n_threads, n_ctx=n_ctx, progress=progress)  # fmt: skip
             gains, measured = calibrate_gains(probe, slots, errors, progress)
         t2 = time.perf_counter()
-        sens = Sensitivity(errors, gains, measured, {"proxy": t1 - t0, "probe": t2 - t1},
+        return Sensitivity(errors, gains, measured, {"proxy": t1 - t0, "probe": t2 - t1},
                            _peak_rss_mib(), key=key, rel_se=rel_se, sample=sample,
-                           probe_tokens=sum(len(c) for c in chunks))  # fmt: skip
-        if use_cache:
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(sens.to_json()))
-            tmp.rename(path)
-        return sens
+                           probe_tokens=sum(len(c) for c in chunks)).to_json()  # fmt: skip
+
+    d, hit = cached_json(cache_root() / f"{key}.json", make, use_cache=use_cache)
+    return Sensitivity(**d, cache_hit=hit)

@@ -44,7 +44,6 @@ DEFAULT_TYPES: tuple[str, ...] = (
 # or ggml asserts on it (ggml_quantize_requires_imatrix). Q2_K needs it only in Q2_K_S files;
 # here it is always quantized with the imatrix when the tensor has one.
 NEEDS_IMATRIX = {"IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"}
-IQ_TYPES = {t for t in DEFAULT_TYPES if t.startswith("IQ")}
 GGML_QNT_VERSION = 2  # ggml/include/ggml.h
 
 

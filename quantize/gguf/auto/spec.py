@@ -7,8 +7,9 @@
     gguf:auto:size=90MB:types=Q4_K,Q5_K,Q8_0   only these candidate types (plus what a tensor
                                     must keep: 1-D tensors stay F32)
 
-Exactly one of ``size`` and ``bpw``. A small frozen dataclass so that it can move into a wider
-target model unchanged.
+Exactly one of ``size`` and ``bpw``. quantkit/targets.py parses the text into a ``GGUFTarget``
+(``type: auto``) with the value parsers here; ``GGUFTarget.auto_spec()`` copies its fields into
+this frozen dataclass, the budget the planner reads.
 """
 
 from __future__ import annotations
@@ -74,36 +75,12 @@ def parse_types(text: str) -> tuple[str, ...]:
 
 
 def parse_auto(target: str) -> AutoSpec:
-    """``gguf:auto:size=…|bpw=…[:types=…]`` → AutoSpec; InputError (exit 2) with a hint."""
+    """``gguf:auto:size=…|bpw=…[:types=…]`` → AutoSpec through quantkit/targets.py's one grammar;
+    InputError (exit 2) with a hint."""
+    from quantkit.targets import GGUFTarget, parse_target
+
     if not is_auto_target(target):
         raise InputError(f"{target!r} is not a gguf:auto target", _HINT)
-    rest = target.strip()[len(PREFIX) :].lstrip(":")
-    opts: dict[str, str] = {}
-    for part in filter(None, rest.split(":")):
-        key, sep, val = part.partition("=")
-        key = key.strip().lower()
-        if not sep or key not in ("size", "bpw", "types"):
-            raise InputError(f"gguf:auto: unknown option {part!r}", _HINT)
-        if key in opts:
-            raise InputError(f"gguf:auto: {key}= given twice", _HINT)
-        opts[key] = val
-    if ("size" in opts) == ("bpw" in opts):
-        which = (
-            "both size= and bpw=" if opts.keys() >= {"size", "bpw"} else "neither size= nor bpw="
-        )
-        raise InputError(f"gguf:auto needs exactly one budget, got {which}", _HINT)
-    size = parse_size(opts["size"]) if "size" in opts else None
-    bpw = None
-    if "bpw" in opts:
-        try:
-            bpw = float(opts["bpw"])
-        except ValueError:
-            raise InputError(f"gguf:auto: bpw={opts['bpw']!r} is not a number", _HINT) from None
-        if not 0 < bpw <= 32:
-            raise InputError(
-                f"gguf:auto: bpw={bpw:g} is out of range", "bits per weight lie in (0, 32]"
-            )
-    if size is not None and size <= 0:
-        raise InputError("gguf:auto: size must be positive", _HINT)
-    types = parse_types(opts["types"]) if "types" in opts else None
-    return AutoSpec(size=size, bpw=bpw, types=types)
+    t = parse_target(target)
+    assert isinstance(t, GGUFTarget)
+    return t.auto_spec()

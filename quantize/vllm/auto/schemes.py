@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from quantkit.quantize.vllm.targets import int_weights_args
+
 SHAPE_BITS = 2 * 64  # weight_shape: int64[2] per packed Linear
 
 
@@ -45,9 +47,8 @@ class Scheme:
 
     def weights_args(self) -> dict[str, Any] | None:
         """compressed-tensors QuantizationArgs of the weights; None for float."""
-        if self.kind == "int":
-            return {"num_bits": self.bits, "type": "int", "symmetric": True,
-                    "strategy": "group", "group_size": self.group, "actorder": "static"}  # fmt: skip
+        if self.kind == "int":  # as a gptq target with its default static activation order
+            return int_weights_args(self.bits, self.group, actorder="static")
         if self.kind == "fp8":  # compressed-tensors' FP8_DYNAMIC preset
             return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
         return None

@@ -26,7 +26,6 @@ cache; one pass serves every budget.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -306,17 +305,11 @@ def measure(
 ) -> Sensitivity:
     """err and gains for every group × candidate scheme, from the cache when present
     (``sample``: values measured per Linear; None: all of them)."""
-    from quantkit.atomic import file_lock
+    from quantkit.atomic import cached_json
 
     key = cache_key(model_dir, ids, options, sample)
-    root = cache_root()
-    path = root / f"{key}.json"
-    if use_cache and path.is_file():
-        return Sensitivity(**json.loads(path.read_text()), cache_hit=True)
-    root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / f".{key}.lock"):
-        if use_cache and path.is_file():  # another process measured it meanwhile
-            return Sensitivity(**json.loads(path.read_text()), cache_hit=True)
+
+    def make() -> dict:
         import torch
 
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
@@ -334,11 +327,9 @@ def measure(
             model, groups, options, errors, probe_ids, stats["ref"], scale_dtype, progress
         )
         t3 = time.perf_counter()
-        sens = Sensitivity(errors, gains, measured, probed,
+        return Sensitivity(errors, gains, measured, probed,
                            {"activations": t1 - t0, "proxy": t2 - t1, "probe": t3 - t2},
-                           key=key, rel_se=rel_se, sample=sample)  # fmt: skip
-        if use_cache:
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(sens.to_json()))
-            tmp.rename(path)
-        return sens
+                           key=key, rel_se=rel_se, sample=sample).to_json()  # fmt: skip
+
+    d, hit = cached_json(cache_root() / f"{key}.json", make, use_cache=use_cache)
+    return Sensitivity(**d, cache_hit=hit)

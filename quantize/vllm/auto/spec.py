@@ -8,19 +8,19 @@
                                          run is refused (exit 2) ...
     gptq:auto:bits=5:types=w8g128,w4g64:force   ... unless ``force`` (e.g. for another server)
 
-Options are separated by ``:`` as in ``gguf:auto``; a typo fails before any work.
+quantkit/targets.py parses the text (options separated by ``:`` as in ``gguf:auto``); a typo
+fails before any work.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from quantkit.errors import InputError
 from quantkit.quantize.vllm.auto.schemes import DEFAULT_TYPES, scheme
 
-METHODS = ("gptq",)  # the `--to` prefix: gptq:auto:…
 _HINT = (
     "write it as gptq:auto:bits=4.5 (optionally :types=w4g128,w4g64,w4g32,w8g128,fp8,float "
     "and :force)"
@@ -29,6 +29,10 @@ _HINT = (
 
 class VllmAutoSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: ClassVar[str] = "vllm"  # one llm-compressor run, as every vLLM target
+    bare: ClassVar[str | None] = None
+    hint: ClassVar[str | None] = _HINT
 
     # its own kind in quantkit/targets.py's union (a recipe writes `method: gptq-auto`)
     method: Literal["gptq-auto"] = "gptq-auto"
@@ -78,31 +82,16 @@ class VllmAutoSpec(BaseModel):
 
 def is_vllm_auto(target: str) -> bool:
     method, _, rest = target.strip().lower().partition(":")
-    return method in METHODS and (rest == "auto" or rest.startswith("auto:"))
+    return method == "gptq" and (rest == "auto" or rest.startswith("auto:"))
 
 
 def parse_vllm_auto(target: str) -> VllmAutoSpec:
-    """``gptq:auto:bits=4.5[:types=…][:force]`` → VllmAutoSpec; InputError (exit 2) with a hint."""
+    """``gptq:auto:bits=4.5[:types=…][:force]`` → VllmAutoSpec through quantkit/targets.py's one
+    grammar; InputError (exit 2) with a hint."""
+    from quantkit.targets import parse_target
+
     if not is_vllm_auto(target):
         raise InputError(f"{target!r} is not a gptq:auto target", _HINT)
-    method, _, rest = target.strip().partition(":")
-    opts: dict[str, object] = {"method": f"{method.lower()}-auto"}
-    for part in filter(None, (p.strip() for p in rest[len("auto") :].split(":"))):
-        key, eq, val = part.partition("=")
-        key = key.strip().lower()
-        if key == "force" and not eq:
-            opts["force"] = True
-            continue
-        if not eq or key not in ("bits", "types", "force", "dampening"):
-            raise InputError(f"{target}: unknown option {part!r}", _HINT)
-        if key in opts:
-            raise InputError(f"{target}: {key}= given twice", _HINT)
-        opts[key] = tuple(x.strip() for x in val.split(",") if x.strip()) if key == "types" else val
-    if "bits" not in opts:
-        raise InputError(f"{target}: bits= is missing", _HINT)
-    try:
-        return VllmAutoSpec(**opts)  # type: ignore[arg-type]
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "options"
-        raise InputError(f"{target}: {loc}: {err['msg']}", _HINT) from None
+    t = parse_target(target)
+    assert isinstance(t, VllmAutoSpec)
+    return t

@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 from quantkit.errors import InputError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from quantkit.pipeline.build import BuildResult
+    from quantkit.targets import Target
 
 # GGUF tensor options, set on every GGUF target (a recipe gives them per target)
 GGUF_OPTIONS = ("output_type", "embedding_type", "pure", "leave_output", "overrides")
@@ -31,7 +34,7 @@ GGUF_OPTIONS = ("output_type", "embedding_type", "pure", "leave_output", "overri
 
 def export(
     model: Any,
-    targets: Any,
+    targets: str | Target | Iterable[str | Target],
     output_dir: str | os.PathLike[str],
     *,
     tokenizer: Any = None,
@@ -101,7 +104,6 @@ def _source(model: Any, tokenizer: Any, adapter: Any, o: Any) -> Iterator[Any]:
         )
     with tempfile.TemporaryDirectory(prefix="quantkit-export-") as work:
         ckpt, lora = memory_checkpoint(model, tokenizer, Path(work))
-        o.name = o.name or _default_name(model)
         with Source(ckpt, lora, o.name) as src:
             yield src
 
@@ -154,12 +156,6 @@ def _validate(
     )
     for a, entry in zip(arts, report["artifacts"], strict=True):
         a.metrics = entry
-
-
-def _default_name(model: Any) -> str:
-    base = model.get_base_model() if _is_peft(model) else model
-    name = str(getattr(base.config, "_name_or_path", "") or "").rstrip("/").split("/")[-1]
-    return name or "model"
 
 
 def _is_peft(model: Any) -> bool:
