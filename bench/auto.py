@@ -17,6 +17,17 @@ Calibration and evaluation texts are disjoint; nothing is tuned on the evaluatio
 5. with ``--rank N``: N tensor × type pairs, each quantized alone and measured in llama.cpp on
    calibration chunks, against the proxy's prediction — Spearman rank correlation.
 
+``--sample-check`` (alone: the F16 file, the matrix and two stock files are all it makes) times
+the sampled sensitivity pass against the full one (every row of every tensor, in the same
+process and threads), prints the Spearman rank correlation of the two over every tensor × type
+pair, how often the full value lies within the sampled one's stated error bar, and the plans
+both make at the byte sizes of stock Q4_K_M and Q3_K_M (predicted bytes, predicted KLD, and the
+sampled plan's KLD as the full measurement predicts it).
+
+``--stand-in-imatrix CKPT OUT``: writes a stand-in importance matrix for a Llama/Qwen2-shaped
+checkpoint from its config alone (random column statistics, seeded; for timing gguf:auto on a
+random-weight checkpoint of a real shape, where a collected matrix would mean nothing either).
+
 Files and the sensitivity cache are kept in --work so that a rerun only redoes what is missing.
 """
 
@@ -102,7 +113,29 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--skip-cost", action="store_true", help="no child-process timing")
     ap.add_argument("--fixtures", type=Path, default=FIXTURES, help="the shared fixtures folder")
+    ap.add_argument(
+        "--sample-check",
+        action="store_true",
+        help="only the sampled-vs-full sensitivity comparison",
+    )
+    ap.add_argument(
+        "--samples",
+        default="",
+        help="values per tensor for --sample-check, comma-separated (default: the pass's own)",
+    )
+    ap.add_argument(
+        "--probes",
+        action="store_true",
+        help="--sample-check: measure the per-kind gains in llama.cpp too "
+        "(else both passes rank by the raw weighted error)",
+    )
+    ap.add_argument("--types", default="",
+                    help="--sample-check: candidate types (default: gguf:auto's)")  # fmt: skip
+    ap.add_argument("--stand-in-imatrix", nargs=2, type=Path, metavar=("CKPT", "OUT"))
     args = ap.parse_args()
+    if args.stand_in_imatrix:
+        stand_in_imatrix(*args.stand_in_imatrix)
+        return
     set_fixtures(args.fixtures)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]  # progress in logs
 
@@ -129,11 +162,16 @@ def main() -> None:
         save_imatrix(im, w / "im.gguf")
     qs = QuantSettings(options=QuantizeOptions(threads=args.threads), imatrix_file=w / "im.gguf")
     stock = [n for n, t in GGUF_TYPES.items() if t.quantized]
+    if args.sample_check:
+        stock = ["Q4_K_M", "Q3_K_M"]
     (w / "stock").mkdir(exist_ok=True)
     for name in stock:
         if not (w / "stock" / f"m-{name}.gguf").exists():
             convert(f16, [f"gguf:{name}"], w / "stock", quant=qs)
     files = {n: w / "stock" / f"m-{n}.gguf" for n in stock}
+    if args.sample_check:
+        sample_check(w, f16, qs, args, {n: files[n].stat().st_size for n in stock})
+        return
 
     cost: dict[str, tuple[float, float]] = {}
     if not args.skip_cost:
@@ -244,7 +282,6 @@ def main() -> None:
 
 def rank_check(w: Path, f16: Path, qs, args, plans: dict) -> None:
     """Single tensor × type pairs measured in llama.cpp vs the proxy (Spearman)."""
-    import numpy as np
 
     from quantkit.convert.hf_to_gguf import QuantSettings, _probe_chunks, with_imatrix
     from quantkit.quantize.gguf.auto import sizes
@@ -267,11 +304,6 @@ def rank_check(w: Path, f16: Path, qs, args, plans: dict) -> None:
         rows.append((s.name, t, kld, sens.kld(s, t), sens.errors[s.name][t]))
         print(f"  {s.name:<28} {t:<8} measured {kld:.3e} predicted {rows[-1][3]:.3e}", flush=True)
 
-    def spearman(a, b) -> float:
-        ra = np.argsort(np.argsort(a))
-        rb = np.argsort(np.argsort(b))
-        return float(np.corrcoef(ra, rb)[0, 1])
-
     m = [r[2] for r in rows]
     print(
         f"rank correlation over {len(rows)} tensor×type pairs (calibration chunks): "
@@ -279,6 +311,133 @@ def rank_check(w: Path, f16: Path, qs, args, plans: dict) -> None:
         f"{spearman(m, [r[4] for r in rows]):.3f} raw imatrix-weighted error"
     )
     (w / "rank.json").write_text(json.dumps(rows, indent=1))
+
+
+def stand_in_imatrix(ckpt: Path, out: Path) -> None:
+    """Random per-column statistics for every Linear llama.cpp weighs (no model run)."""
+    import numpy as np
+
+    from quantkit.quantize.gguf.imatrix import Imatrix, save_imatrix
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    h, f = cfg["hidden_size"], cfg["intermediate_size"]
+    rng = np.random.default_rng(0)
+    tokens = 512
+    entries = {}
+    for i in range(cfg["num_hidden_layers"]):
+        for kind, cols in (("attn_q", h), ("attn_k", h), ("attn_v", h), ("attn_output", h),
+                           ("ffn_gate", h), ("ffn_up", h), ("ffn_down", f)):  # fmt: skip
+            mean_sq = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+            entries[f"blk.{i}.{kind}.weight"] = (mean_sq * tokens, np.array([tokens]))
+    save_imatrix(Imatrix(entries, chunks=1, dataset="stand-in", chunk_size=tokens), out)
+    print(f"{out}: {len(entries)} tensors (stand-in statistics)")
+
+
+def spearman(a, b) -> float:
+    import numpy as np
+
+    ra = np.argsort(np.argsort(a))
+    rb = np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def sample_check(w: Path, f16: Path, qs, args, budgets: dict[str, int]) -> None:
+    """Sampled sensitivity pass against the full one: time, rank correlation, error bars, plans."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from quantkit.convert.hf_to_gguf import QuantSettings, _probe_chunks, with_imatrix
+    from quantkit.quantize.gguf.auto import sensitivity as S
+    from quantkit.quantize.gguf.auto import sizes
+    from quantkit.quantize.gguf.auto.build import _options, plan_auto
+    from quantkit.quantize.gguf.auto.spec import AutoSpec
+    from quantkit.quantize.gguf.imatrix import load_imatrix
+
+    o = _options(with_imatrix(qs.options, load_imatrix(w / "im.gguf"), w / "im.gguf"))
+    types = tuple(t for t in args.types.split(",") if t) or None
+    slots = sizes.slots(f16, set(o.imatrix or {}), types)
+    n_params = sum(s.n_elements for s in slots)
+    chunks = (
+        _probe_chunks(f16, QuantSettings(calib=CALIB, calib_ctx=args.ctx)) if args.probes else None
+    )
+    print(f"load: {os.getloadavg()[0]:.2f} (1 min), threads {args.threads}")
+    cpu0 = time.process_time()
+    # the full pass with its llama.cpp probes (cached in --work after the first run)
+    t0 = time.perf_counter()
+    full = S.measure(f16, slots, o, probe_chunks=chunks, n_ctx=args.ctx, threads=args.threads,
+                     sample=None)  # fmt: skip
+    cpu_full = time.process_time() - cpu0
+    print(
+        f"full pass: proxy {full.seconds['proxy']:.1f} s, probes {full.seconds['probe']:.1f} s"
+        f" (process CPU {cpu_full:.0f} s)"
+        + (" (from the cache: measured in an earlier run)" if full.cache_hit else "")
+        + f"; {len(full.errors)} tensors, {sum(len(v) for v in full.errors.values())} pairs, "
+        f"{n_params:,} parameters"
+    )
+    pairs = [(n, t) for n, v in full.errors.items() for t in v]
+    f_err = np.array([full.errors[n][t] for n, t in pairs])
+    kinds = {s.name: s.kind for s in slots}
+    f_kld = np.array([full.gains.get(kinds[n], 1.0) * full.errors[n][t] for n, t in pairs])
+    samples = [int(x) for x in args.samples.split(",") if x] or [S.SAMPLE_VALUES]
+    by_slot = {s.name: s for s in slots}
+    for sample in samples:
+        t0, c0 = time.perf_counter(), time.process_time()
+        errors, rel_se = S.proxy_errors(f16, slots, o.imatrix or {}, threads=args.threads,
+                                        sample=sample)  # fmt: skip
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        values = sum(
+            S.rows_for(by_slot[n].ncols, by_slot[n].nrows, sample) * by_slot[n].ncols
+            * len(errors[n]) for n in errors
+        )  # fmt: skip
+        full_values = sum(by_slot[n].n_elements * len(errors[n]) for n in errors)
+        s_err = np.array([errors[n][t] for n, t in pairs])
+        se = np.array([rel_se[n][t] for n, t in pairs])
+        # the per-kind gains from the same probes (KLD measured once), over the sampled errors
+        gains = {}
+        for kind, g in full.gains.items():
+            t_probe = next(
+                (t for t in S.PROBE_ORDER
+                 if all(t in errors[s.name] for s in slots if s.quantizable and s.kind == kind)),
+                None,
+            )  # fmt: skip
+            err = sum(errors[s.name][t_probe] for s in slots if s.quantizable and s.kind == kind)
+            gains[kind] = full.probe_kld[kind] / err if err > 0 else g
+        s_kld = np.array([gains.get(kinds[n], 1.0) * errors[n][t] for n, t in pairs])
+        rel = np.abs(s_err - f_err) / np.maximum(f_err, 1e-30)
+        sampled = se > 0
+        within = np.abs(s_err - f_err) <= 2 * se * s_err
+        print(
+            f"\nsampled pass, {sample:,} values per tensor: proxy {dt:.1f} s (CPU {cpu:.0f} s) "
+            f"(full proxy {full.seconds['proxy']:.1f} s → {full.seconds['proxy'] / dt:.1f}× "
+            f"faster); {values:,} of {full_values:,} quantized values ({full_values / values:.1f}×)"
+        )
+        print(
+            f"  Spearman vs full over {len(pairs)} tensor × type pairs: raw error "
+            f"{spearman(f_err, s_err):.4f}, predicted KLD {spearman(f_kld, s_kld):.4f}"
+        )
+        if sampled.any():
+            print(
+                f"  sampled pairs {int(sampled.sum())}: |sampled − full| / full median "
+                f"{100 * np.median(rel[sampled]):.2f} %, 95th pct "
+                f"{100 * np.quantile(rel[sampled], 0.95):.2f} %, max {100 * rel[sampled].max():.2f} %;"
+                f" stated error bar (1 SE) median {100 * np.median(se[sampled]):.2f} %, 95th pct "
+                f"{100 * np.quantile(se[sampled], 0.95):.2f} %; full within 2 SE: "
+                f"{100 * within[sampled].mean():.1f} %"
+            )
+        sens_s = replace(full, errors=errors, gains=gains, rel_se=rel_se, sample=sample)
+        for label, size in budgets.items():
+            pf = plan_auto(f16, AutoSpec(size=size, types=types), o, sensitivity=full)
+            ps = plan_auto(f16, AutoSpec(size=size, types=types), o, sensitivity=sens_s)
+            true_s = sum(full.kld(by_slot[n], t) for n, t in ps.types.items())
+            same = sum(ps.types[n] == pf.types[n] for n in pf.types)
+            print(
+                f"  plan at stock {label} bytes ({size:,}): full → {pf.file_bytes:,} B, predicted "
+                f"KLD {pf.predicted_kld:.4g}; sampled → {ps.file_bytes:,} B, predicted "
+                f"{ps.predicted_kld:.4g} (full measurement of that plan: {true_s:.4g}, "
+                f"{100 * (true_s / pf.predicted_kld - 1):+.2f} %); same type for "
+                f"{same}/{len(pf.types)} tensors"
+            )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ UNITS: dict[str, str] = {
     "convert": "tensor",
     "quantize": "tensor",
     "plan": "tensor",
+    "sensitivity": "pair",  # gguf:auto / gptq:auto: tensor (group) × candidate type pairs
+    "probes": "kind",  # their per-kind measurements in the engine
+    "hash": "MiB",
 }
 HEARTBEAT_S = 30.0
 FIRST_AFTER_S = 10.0

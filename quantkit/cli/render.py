@@ -59,6 +59,13 @@ def _echo_auto_plans(autos: list[Any]) -> None:
             + f"; sensitivity {'from the cache' if sens['cache_hit'] else 'measured'}"
             + ("" if sens["gains"] else " (no --calib text: per-kind gains not measured, raw proxy)")
         )  # fmt: skip
+        bar = sens.get("error_bar") or {}
+        if sens.get("sample_values") and bar:
+            click.echo(
+                f"  sampled {sens['sample_values']:,} values per tensor: relative standard error "
+                f"of the chosen types' errors median {100 * bar['median']:.1f} %, "
+                f"95th percentile {100 * bar['p95']:.1f} %"
+            )
         click.echo("\nper tensor:")
         click.echo(
             format_table(

@@ -51,6 +51,16 @@ class AutoPlan:
     def bpw(self) -> float:
         return sum(self.tensor_bytes.values()) * 8 / self.n_params
 
+    def error_bar(self) -> dict[str, float]:
+        """Relative standard error of the sampled estimates of the chosen types: median, 95th
+        percentile, largest (0 where every row was measured)."""
+        se = self.sensitivity.rel_se
+        v = sorted(se.get(n, {}).get(t, 0.0) for n, t in self.types.items())
+        if not v:
+            return {}
+        return {"median": v[len(v) // 2], "p95": v[min(len(v) - 1, int(0.95 * len(v)))],
+                "max": v[-1]}  # fmt: skip
+
     def to_json(self) -> dict[str, Any]:
         return {
             "budget": {"size": self.spec.size, "bpw": self.spec.bpw},
@@ -64,6 +74,9 @@ class AutoPlan:
                 "cache_hit": self.sensitivity.cache_hit,
                 "gains": self.sensitivity.gains,
                 "seconds": self.sensitivity.seconds,
+                "sample_values": self.sensitivity.sample,
+                "probe_tokens": self.sensitivity.probe_tokens,
+                "error_bar": self.error_bar(),
             },
         }
 
@@ -96,9 +109,11 @@ def plan_auto(
     n_ctx: int = IMATRIX_CTX,
     threads: int | None = None,
     progress: Progress | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> AutoPlan:
     """Measure (or reuse) the sensitivity of every tensor of the float ``base`` and choose the
-    types that minimise the predicted KLD within the budget."""
+    types that minimise the predicted KLD within the budget (``sensitivity``: one already
+    measured for these slots, e.g. to compare passes)."""
     if not options.imatrix:
         raise InputError(
             "gguf:auto needs an importance matrix",
@@ -126,8 +141,8 @@ def plan_auto(
         assert spec.bpw is not None
         budget = int(spec.bpw * n_params / 8) - sum(s.base_bytes for s in fixed)
         cost = lambda n: n  # noqa: E731 - bits per weight count the data alone
-    sens = measure(base, slots, opts, probe_chunks=probe_chunks, n_ctx=n_ctx, threads=threads,
-                   progress=progress)  # fmt: skip
+    sens = sensitivity or measure(base, slots, opts, probe_chunks=probe_chunks, n_ctx=n_ctx,
+                                  threads=threads, progress=progress)  # fmt: skip
     choices = {
         s.name: [Option(t, cost(n), sens.kld(s, t)) for t, n in s.options.items()] for s in free
     }

@@ -11,11 +11,17 @@ with), and the quantize → dequantize done by llama.cpp itself (rows.py), so th
 the bytes the file will hold. Tensors the matrix does not cover (token_embd, output) get uniform
 weights.
 
+The sum over rows is estimated from a stratified sample of whole rows (SAMPLE_VALUES values per
+tensor, one row drawn from each of as many equal strata), with a stated relative standard error
+per tensor × type: the cost is tensors × candidates, not parameters × candidates.
+
 How much of that error reaches the output differs between kinds of tensor (a value projection
 is not a gate; the tied embedding is also the output head), so one gain per kind is measured in
 llama.cpp: all tensors of a kind quantized to a probe type, the rest untouched, mean KLD on
 calibration chunks against the base; gain = KLD / Σ err. Predicted KLD(t, T) = gain(kind) ·
-err(t, T). Without calibration text the gains are 1 (the raw proxy).
+err(t, T). Without calibration text the gains are 1 (the raw proxy). A probe is one rewrite of
+the file and one forward pass, so its cost is tokens × parameters: the tokens are bounded
+(PROBE_TOKEN_PARAMS).
 
 Everything is cached by content: sha256 of the base file, the importance matrix, the candidate
 types, the probe tokens and settings. One pass serves every budget.
@@ -28,7 +34,7 @@ import json
 import os
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,7 +49,18 @@ from quantkit.quantize.gguf.auto.sizes import Slot
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
 from quantkit.targets import IMATRIX_CTX
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
+# Values of each tensor whose error is measured (whole rows, stratified): 2^18 is 64 rows of a
+# 4096-wide tensor, 455 of a 576-wide one, so the pass costs tensors × candidates, whatever their
+# size (Llama-3-8B: 65.5 M of its 8.03 G values per candidate type). Checked against the full
+# measurement on the embedded default (Spearman, error bars: docs/cli.md, bench/auto.py
+# --sample-check).
+SAMPLE_VALUES = 1 << 18
+MIN_ROWS = 32  # rows sampled at least, however wide: the error bar needs a few strata
+# The llama.cpp probes cost tokens × parameters (one forward pass per kind, plus the base's):
+# at most PROBE_CHUNKS chunks, fewer on a model so large that 4 chunks of 512 tokens would cost
+# more than on a 2 B-parameter one (one chunk at 8 B), never fewer than one.
+PROBE_TOKEN_PARAMS = 4 * 512 * 2e9
 PROBE_TYPE = "Q4_0"  # a type every 32-multiple row takes, in the range budgets land in
 # when types= leaves Q4_0 out: a probe type near 4 bits first (where gains matter most)
 PROBE_ORDER = (PROBE_TYPE, "Q4_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_0", "Q3_K", "Q5_K", "IQ3_S",
@@ -59,6 +76,9 @@ class Sensitivity:
     peak_rss_mib: float = 0.0
     cache_hit: bool = False
     key: str = ""
+    rel_se: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> type -> error bar
+    sample: int | None = SAMPLE_VALUES  # values measured per tensor (None: all)
+    probe_tokens: int = 0  # tokens each llama.cpp probe scored
 
     def kld(self, slot: Slot, t: str) -> float:
         return self.gains.get(slot.kind, 1.0) * self.errors[slot.name][t]
@@ -69,12 +89,54 @@ class Sensitivity:
         return d
 
 
-def _weights(reader: gguf.GGUFReader, name: str) -> np.ndarray:
+def _tensor_rows(reader: gguf.GGUFReader, name: str) -> tuple[np.ndarray, str]:
+    """The tensor as a (rows × ncols) view of the memory map (nothing read yet) and its type."""
     t = next(x for x in reader.tensors if x.name == name)
     data = np.asarray(t.data)
-    if t.tensor_type == gguf.GGMLQuantizationType.BF16:
-        data = to_f32(data.view(np.uint16), "BF16")
-    return data.astype(np.float32).reshape(-1, int(t.shape[0]))
+    if t.tensor_type == gguf.GGMLQuantizationType.BF16:  # gguf-py maps BF16 as bytes
+        data = data.view(np.uint16)
+    return data.reshape(-1, int(t.shape[0])), t.tensor_type.name
+
+
+def _as_f32(rows_: np.ndarray, base_type: str) -> np.ndarray:
+    return to_f32(rows_, "BF16") if base_type == "BF16" else rows_.astype(np.float32)
+
+
+def sample_rows(name: str, nrows: int, n: int) -> np.ndarray:
+    """``n`` row indices, one drawn at random from each of ``n`` equal strata of the rows, seeded
+    by the tensor's name (the same rows on every run); every row when ``n >= nrows``."""
+    if n >= nrows:
+        return np.arange(nrows)
+    edges = (np.arange(n + 1) * nrows) // n
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    return edges[:-1] + (rng.random(n) * np.diff(edges)).astype(np.int64)
+
+
+def rows_for(ncols: int, nrows: int, sample: int | None) -> int:
+    """How many rows of a tensor are measured: ``sample`` values' worth (at least MIN_ROWS
+    rows), or every row (``sample`` None, or a tensor that small)."""
+    if sample is None:
+        return nrows
+    return min(nrows, max(MIN_ROWS, -(-sample // ncols)))
+
+
+def estimate(row_err: np.ndarray, nrows: int) -> tuple[float, float]:
+    """Total over all ``nrows`` rows from one sampled row per stratum, and its relative standard
+    error: stratum size × Σ row errors; the variance of a one-per-stratum sample estimated from
+    the differences of neighbouring strata (the collapsed-strata estimator: in expectation it
+    overstates the variance where neighbouring strata differ; from 32 rows with heavy-tailed
+    errors it can also understate it — bench/auto.py --sample-check measures the coverage)."""
+    n = len(row_err)
+    if n == nrows:
+        return float(row_err.sum()), 0.0
+    edges = (np.arange(n + 1) * nrows) // n
+    h = np.diff(edges).astype(np.float64)
+    total = float(h @ row_err)
+    if n < 2 or total <= 0:
+        return total, 0.0
+    d2 = float(np.mean(np.diff(row_err) ** 2) / 2)  # per-stratum variance of one row
+    return total, float(np.sqrt(float(h @ h) * d2)) / total
 
 
 def proxy_errors(
@@ -83,39 +145,62 @@ def proxy_errors(
     importance: dict[str, np.ndarray],
     *,
     threads: int = 1,
+    sample: int | None = SAMPLE_VALUES,
     progress: Progress | None = None,
-) -> dict[str, dict[str, float]]:
-    """err(t, T) for every quantizable tensor and candidate type (see the module doc)."""
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """err(t, T) for every quantizable tensor and candidate type (see the module doc), and the
+    relative standard error of each (0 where every row was measured).
+
+    Each tensor is read through the memory map, only its sampled rows (``sample`` values' worth;
+    None: all), so memory is a few sampled rows per thread whatever the model's size. Rows are
+    quantized independently by every ggml type (one row is one or more whole blocks), so a
+    sampled row's error is exactly its error in the whole tensor; only the sampling is an
+    estimate. Tensors run on ``threads`` threads: ggml_quantize_chunk is a ctypes call and
+    releases the GIL."""
     reader = gguf.GGUFReader(base)
     todo = [s for s in slots if s.quantizable]
     for t in {t for s in todo for t in s.options}:
         rows.init(int(gguf.GGMLQuantizationType[t]))
 
-    def one(s: Slot) -> tuple[str, dict[str, float]]:
-        w = _weights(reader, s.name)
+    def one(s: Slot) -> tuple[Slot, dict[str, float], dict[str, float]]:
+        view, base_type = _tensor_rows(reader, s.name)
+        nrows = view.shape[0]
+        idx = sample_rows(s.name, nrows, rows_for(s.ncols, nrows, sample))
+        w = _as_f32(view[idx], base_type)  # only these rows are read from the file
         imp = importance.get(s.name)
         n_mats = 1 if imp is None else len(imp) // s.ncols
-        per_mat = w.shape[0] // n_mats
+        per_mat = nrows // n_mats
+        mat = idx // per_mat  # a 3-D expert tensor: each expert with its own importance
         out: dict[str, float] = {}
+        se: dict[str, float] = {}
         for t in s.options:
             q = int(gguf.GGMLQuantizationType[t])
-            total = 0.0
-            for m in range(n_mats):  # a 3-D expert tensor: each expert with its own importance
-                part = w[m * per_mat : (m + 1) * per_mat]
+            row_err = np.empty(len(idx), dtype=np.float64)
+            for m in np.unique(mat):
+                sel = mat == m
                 cols = None if imp is None else imp[m * s.ncols : (m + 1) * s.ncols]
+                part = w[sel]
                 d = rows.roundtrip(q, part, cols) - part
-                sq = np.einsum("ij,ij->j", d, d, dtype=np.float64)
-                total += float(sq @ (cols if cols is not None else np.ones(s.ncols)))
-            out[t] = total
-        return s.name, out
+                weights = np.ones(s.ncols) if cols is None else cols.astype(np.float64)
+                row_err[sel] = np.einsum("ij,ij,j->i", d, d, weights, dtype=np.float64)
+            out[t], se[t] = estimate(row_err, nrows)
+        return s, out, se
 
     result: dict[str, dict[str, float]] = {}
+    rel_se: dict[str, dict[str, float]] = {}
+    total = sum(len(s.options) for s in todo)
+    done = 0
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for i, (name, errs) in enumerate(pool.map(one, todo)):
-            result[name] = errs
+        futures = [pool.submit(one, s) for s in todo]
+        for f in as_completed(futures):
+            s, errs, se = f.result()
+            result[s.name], rel_se[s.name] = errs, se
+            done += len(s.options)
             if progress:
-                progress("sensitivity", i + 1, len(todo))
-    return result
+                progress("sensitivity", done, total)
+    order = {s.name: i for i, s in enumerate(todo)}
+    result = dict(sorted(result.items(), key=lambda kv: order[kv[0]]))
+    return result, {k: rel_se[k] for k in result}
 
 
 def calibrate_gains(
@@ -132,28 +217,53 @@ def calibrate_gains(
     for i, (kind, group) in enumerate(sorted(kinds.items())):
         common = set.intersection(*(set(s.options) for s in group))
         t = next((x for x in PROBE_ORDER if x in common), None)
-        if t is None:
-            continue  # no type every tensor of the kind takes: gain 1 (raw error)
-        kld = probe.kld({s.name: t for s in group})  # type: ignore[attr-defined]
-        err = sum(errors[s.name][t] for s in group)
-        measured[kind] = kld
-        gains[kind] = max(kld, 1e-12) / err if err > 0 else 1.0
+        if t is not None:  # else no type every tensor of the kind takes: gain 1 (raw error)
+            kld = probe.kld({s.name: t for s in group}, label=kind)  # type: ignore[attr-defined]
+            err = sum(errors[s.name][t] for s in group)
+            measured[kind] = kld
+            gains[kind] = max(kld, 1e-12) / err if err > 0 else 1.0
         if progress:
-            progress("sensitivity probe", i + 1, len(kinds))
+            progress("sensitivity probes", i + 1, len(kinds))
     return gains, measured
 
 
+def probe_budget(chunks: list[list[int]], n_params: int) -> list[list[int]]:
+    """The first chunks whose llama.cpp probes stay within PROBE_TOKEN_PARAMS (at least one)."""
+    if not chunks:
+        return chunks
+    n = int(PROBE_TOKEN_PARAMS // max(1, n_params * len(chunks[0])))
+    return chunks[: max(1, n)]
+
+
+def _sha256(path: Path, progress: Progress | None) -> str:
+    """sha256_file with progress: hashing a 16 GB base takes tens of seconds."""
+    from quantkit.hashing import BLOCK
+
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    done = 0
+    with path.open("rb") as f:
+        while b := f.read(BLOCK * 16):
+            h.update(b)
+            done += len(b)
+            if progress:
+                progress("sensitivity hash", done >> 20, max(1, size >> 20))
+    return h.hexdigest()
+
+
 def cache_key(
-    base: Path, importance: dict[str, np.ndarray], slots: list[Slot], probe_tokens: object
-) -> str:
+    base: Path, importance: dict[str, np.ndarray], slots: list[Slot], probe_tokens: object,
+    sample: int | None = SAMPLE_VALUES, progress: Progress | None = None,
+) -> str:  # fmt: skip
     h = hashlib.sha256(f"quantkit-auto-sensitivity {CACHE_VERSION} {PROBE_TYPE}".encode())
-    h.update(sha256_file(base).encode())
+    h.update((_sha256(base, progress) if progress else sha256_file(base)).encode())
     for name in sorted(importance):
         h.update(name.encode())
         h.update(np.ascontiguousarray(importance[name], dtype=np.float32).tobytes())
     for s in slots:
         h.update(f"{s.name}:{','.join(s.options)};".encode())
     h.update(json.dumps(probe_tokens).encode())
+    h.update(f"sample={sample} min_rows={MIN_ROWS}".encode())
     return h.hexdigest()[:32]
 
 
@@ -161,6 +271,18 @@ def cache_root() -> Path:
     from quantkit.paths import sensitivity_dir
 
     return sensitivity_dir()
+
+
+def _peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM: in a process forked from a larger one, getrusage
+    would report the parent's high-water mark)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(
@@ -171,33 +293,39 @@ def measure(
     probe_chunks: list[list[int]] | None = None,
     n_ctx: int = IMATRIX_CTX,
     threads: int | None = None,
+    sample: int | None = SAMPLE_VALUES,
     progress: Progress | None = None,
     use_cache: bool = True,
 ) -> Sensitivity:
-    """The sensitivity of every tensor × candidate type, from the cache when present."""
+    """The sensitivity of every tensor × candidate type, from the cache when present.
+
+    ``sample``: values measured per tensor (None: every value, the full measurement the sample
+    is checked against). ``probe_chunks`` are cut to the probe budget (probe_budget)."""
     from quantkit.atomic import cached_json
 
     importance = options.imatrix or {}
-    key = cache_key(base, importance, slots, probe_chunks or [])
+    chunks = probe_budget(probe_chunks or [], sum(s.n_elements for s in slots))
+    key = cache_key(base, importance, slots, chunks, sample, progress)
 
     def make() -> dict:
         n_threads = threads or len(os.sched_getaffinity(0))
         t0 = time.perf_counter()
-        errors = proxy_errors(base, slots, importance, threads=n_threads, progress=progress)
+        errors, rel_se = proxy_errors(base, slots, importance, threads=n_threads, sample=sample,
+                                      progress=progress)  # fmt: skip
         t1 = time.perf_counter()
         gains: dict[str, float] = {}
         measured: dict[str, float] = {}
-        if probe_chunks:
+        if chunks:
             from quantkit.quantize.gguf.auto.probe import KLDProbe
 
             base_type = next((s.base_type for s in slots if s.quantizable), "F16")
-            probe = KLDProbe(base, probe_chunks, options, base_type=base_type,
-                             threads=n_threads, n_ctx=n_ctx)  # fmt: skip
+            probe = KLDProbe(base, chunks, options, base_type=base_type,
+                             threads=n_threads, n_ctx=n_ctx, progress=progress)  # fmt: skip
             gains, measured = calibrate_gains(probe, slots, errors, progress)
         t2 = time.perf_counter()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return Sensitivity(errors, gains, measured, {"proxy": t1 - t0, "probe": t2 - t1},
-                           rss, key=key).to_json()  # fmt: skip
+                           _peak_rss_mib(), key=key, rel_se=rel_se, sample=sample,
+                           probe_tokens=sum(len(c) for c in chunks)).to_json()  # fmt: skip
 
     d, hit = cached_json(cache_root() / f"{key}.json", make, use_cache=use_cache)
     return Sensitivity(**d, cache_hit=hit)

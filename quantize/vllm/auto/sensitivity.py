@@ -38,11 +38,14 @@ import numpy as np
 from quantkit.quantize.vllm.auto.groups import Group
 from quantkit.quantize.vllm.auto.schemes import Scheme
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 # probe scheme of a kind: the first of these every group of the kind may take (4-bit first:
 # where budgets land), float never (it has no error to scale)
 PROBE_ORDER = ("w4g64", "w4g32", "w4g128", "w8g64", "w8g128", "w8g32", "fp8")
 PROBE_SAMPLES = 4  # calibration samples the per-kind KLD is measured on
+# Values of each Linear whose error is measured (whole output rows, stratified), as gguf:auto's
+# pass does (its SAMPLE_VALUES; 2^18 is 64 rows of a 4096-wide Linear); None: every row.
+SAMPLE_VALUES = 1 << 18
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 Progress = Callable[[str, int, int], None]
 
@@ -56,6 +59,10 @@ class Sensitivity:
     seconds: dict[str, float] = field(default_factory=dict)
     cache_hit: bool = False
     key: str = ""
+    rel_se: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # group -> scheme -> error bar
+    sample: int | None = SAMPLE_VALUES  # values measured per Linear (None: all)
 
     def kld(self, group: Group, scheme: str) -> float:
         return self.gains.get(group.kind, 1.0) * self.errors[group.name][scheme]
@@ -104,7 +111,9 @@ def load_model(model_dir: Path) -> Any:
     return model.eval()
 
 
-def importance(model: Any, names: Sequence[str], ids: np.ndarray) -> dict[str, Any]:
+def importance(
+    model: Any, names: Sequence[str], ids: np.ndarray, progress: Progress | None = None
+) -> dict[str, Any]:
     """mean x_j² of each named Linear's input over every calibration token; also returns the
     float model's log-probs of the first PROBE_SAMPLES samples (the probe's reference)."""
     import torch
@@ -130,22 +139,28 @@ def importance(model: Any, names: Sequence[str], ids: np.ndarray) -> dict[str, A
                 count[0] += row.shape[0]
                 if i < PROBE_SAMPLES:
                     ref.append(torch.log_softmax(logits.float(), dim=-1))
+                if progress:
+                    progress("sensitivity: calibrate", i + 1, len(ids))
     finally:
         for h in handles:
             h.remove()
     return {"imp": {n: (v / count[0]).float() for n, v in sums.items()}, "ref": ref}
 
 
-def mean_kld(model: Any, ids: np.ndarray, ref: list[Any]) -> float:
+def mean_kld(
+    model: Any, ids: np.ndarray, ref: list[Any], progress: Progress | None = None, label: str = ""
+) -> float:
     """Mean KLD(float ‖ model) per token over the probe samples."""
     import torch
 
     total, n = 0.0, 0
     with torch.no_grad():
-        for row, p in zip(ids, ref, strict=False):
+        for i, (row, p) in enumerate(zip(ids, ref, strict=False)):
             q = torch.log_softmax(model(torch.as_tensor(row[None, :])).logits[0].float(), -1)
             total += float((p.exp() * (p - q)).sum())
             n += p.shape[0]
+            if progress:
+                progress(f"probe {label} calibrate", i + 1, min(len(ids), len(ref)))
     return total / max(n, 1)
 
 
@@ -155,22 +170,47 @@ def mean_kld(model: Any, ids: np.ndarray, ref: list[Any]) -> float:
 def proxy_errors(
     model: Any, groups: Sequence[Group], options: dict[str, list[Scheme]],
     imp: dict[str, Any], scale_dtype: Any, progress: Progress | None = None,
-) -> dict[str, dict[str, float]]:  # fmt: skip
+    sample: int | None = SAMPLE_VALUES,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:  # fmt: skip
+    """err(g, S) for every group and candidate scheme, and its relative standard error.
+
+    Every scheme quantizes each output row on its own (int groups run along a row's inputs, FP8
+    scales are per row), so the error of a stratified sample of rows is exact for those rows
+    and estimates the whole Linear with a stated error bar (the sampling of gguf:auto's pass):
+    the cost is groups × schemes × ``sample`` values, not parameters × schemes."""
+    import torch
+
+    from quantkit.quantize.gguf.auto.sensitivity import estimate, rows_for, sample_rows
+
     modules = dict(model.named_modules())
     out: dict[str, dict[str, float]] = {}
-    for i, g in enumerate(groups):
+    rel_se: dict[str, dict[str, float]] = {}
+    total = sum(len(options[g.name]) for g in groups)
+    done = 0
+    for g in groups:
         errs: dict[str, float] = {}
+        ses: dict[str, float] = {}
+        picked = []
+        for m in g.members:
+            w = modules[m.name].weight.detach()
+            n_out, n_in = w.shape
+            idx = sample_rows(m.name, n_out, rows_for(n_in, n_out, sample))
+            picked.append((m.name, n_out, w[torch.as_tensor(idx)].float()))
         for s in options[g.name]:
-            total = 0.0
-            for m in g.members:
-                w = modules[m.name].weight.detach().float()
+            tot, var = 0.0, 0.0
+            for name, n_out, w in picked:
                 d = roundtrip(w, s, scale_dtype) - w
-                total += float(((d * d).sum(dim=0) * imp[m.name]).sum())
-            errs[s.name] = total
-        out[g.name] = errs
+                row_err = ((d * d) @ imp[name].to(d.dtype)).double().numpy()
+                t, rel = estimate(row_err, n_out)
+                tot += t
+                var += (rel * t) ** 2
+            errs[s.name] = tot
+            ses[s.name] = var**0.5 / tot if tot > 0 else 0.0
+        out[g.name], rel_se[g.name] = errs, ses
+        done += len(options[g.name])
         if progress:
-            progress("sensitivity", i + 1, len(groups))
-    return out
+            progress("sensitivity", done, total)
+    return out, rel_se
 
 
 def set_scheme(model: Any, groups: Sequence[Group], s: Scheme | None, scale_dtype: Any) -> dict:
@@ -210,14 +250,14 @@ def probe_gains(
         s = next(s for s in options[gs[0].name] if s.name == name)
         saved = set_scheme(model, gs, s, scale_dtype)
         try:
-            kld = mean_kld(model, ids, ref)
+            kld = mean_kld(model, ids, ref, progress, kind)
         finally:
             restore(model, saved)
         err = sum(errors[g.name][name] for g in gs)
         measured[kind], probed[kind] = kld, name
         gains[kind] = max(kld, 1e-12) / err if err > 0 else 1.0
         if progress:
-            progress("sensitivity probe", i + 1, len(by_kind))
+            progress("sensitivity probes", i + 1, len(by_kind))
     return gains, measured, probed
 
 
@@ -233,8 +273,11 @@ def model_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_dir: Path, ids: np.ndarray, options: dict[str, list[Scheme]]) -> str:
-    h = hashlib.sha256(f"quantkit-vllm-auto-sensitivity {CACHE_VERSION}".encode())
+def cache_key(
+    model_dir: Path, ids: np.ndarray, options: dict[str, list[Scheme]],
+    sample: int | None = SAMPLE_VALUES,
+) -> str:  # fmt: skip
+    h = hashlib.sha256(f"quantkit-vllm-auto-sensitivity {CACHE_VERSION} sample={sample}".encode())
     h.update(model_digest(model_dir).encode())
     h.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
     for name, opts in options.items():
@@ -258,11 +301,13 @@ def measure(
     threads: int | None = None,
     progress: Progress | None = None,
     use_cache: bool = True,
+    sample: int | None = SAMPLE_VALUES,
 ) -> Sensitivity:
-    """err and gains for every group × candidate scheme, from the cache when present."""
+    """err and gains for every group × candidate scheme, from the cache when present
+    (``sample``: values measured per Linear; None: all of them)."""
     from quantkit.atomic import cached_json
 
-    key = cache_key(model_dir, ids, options)
+    key = cache_key(model_dir, ids, options, sample)
 
     def make() -> dict:
         import torch
@@ -272,9 +317,10 @@ def measure(
         t0 = time.perf_counter()
         model = load_model(model_dir)
         names = [m.name for g in groups for m in g.members]
-        stats = importance(model, names, ids)
+        stats = importance(model, names, ids, progress)
         t1 = time.perf_counter()
-        errors = proxy_errors(model, groups, options, stats["imp"], scale_dtype, progress)
+        errors, rel_se = proxy_errors(model, groups, options, stats["imp"], scale_dtype, progress,
+                                      sample)  # fmt: skip
         t2 = time.perf_counter()
         probe_ids = ids[:PROBE_SAMPLES]
         gains, measured, probed = probe_gains(
@@ -283,7 +329,7 @@ def measure(
         t3 = time.perf_counter()
         return Sensitivity(errors, gains, measured, probed,
                            {"activations": t1 - t0, "proxy": t2 - t1, "probe": t3 - t2},
-                           key=key).to_json()  # fmt: skip
+                           key=key, rel_se=rel_se, sample=sample).to_json()  # fmt: skip
 
     d, hit = cached_json(cache_root() / f"{key}.json", make, use_cache=use_cache)
     return Sensitivity(**d, cache_hit=hit)
