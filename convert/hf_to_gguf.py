@@ -887,7 +887,9 @@ def _vocab_bytes(vocab: Vocab) -> int:
     """Roughly what the tokenizer metadata takes: token texts, scores, types, merges, template."""
     n = sum(len(t.encode("utf-8", "surrogatepass")) + 16 for t in vocab.tokens)
     n += sum(len(m.encode("utf-8", "surrogatepass")) + 8 for m in vocab.merges or [])
-    return n + len((vocab.chat_template or "").encode("utf-8", "surrogatepass")) + 64 * 1024
+    ct = vocab.chat_template
+    texts = [ct] if isinstance(ct, str) else [t["template"] for t in ct or []]
+    return n + sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 64 * 1024
 
 
 def _float_bytes(plan: list[PlannedTensor], base: str, vocab: Vocab) -> int:

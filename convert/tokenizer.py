@@ -99,7 +99,8 @@ class Vocab:
     special_ids: dict[str, int]  # keys among SPECIAL_KINDS
     add_bos: bool | None
     add_eos: bool | None
-    chat_template: str | None  # stored verbatim, never rendered
+    # stored verbatim, never rendered: one template, or named ones [{"name", "template"}]
+    chat_template: str | list[dict[str, str]] | None
     add_space_prefix: bool | None = None  # SPM only: tokenizer.ggml.add_space_prefix
 
 
@@ -985,24 +986,7 @@ def _special_tokens(
                 value = c.get(f"{kind}_token_id")
                 set_id(kind, value[0] if isinstance(value, list) and value else value, name)
 
-    # Extra stop ids (an eos_token_id list in generation_config.json / config.json): name the
-    # end-of-message and end-of-turn ones eom/eot; failing those, a control token llama.cpp would
-    # not stop on by its text becomes eot, so that generation in llama.cpp stops there too.
-    extra = [
-        tid
-        for _, cfg in sources
-        if isinstance(cfg.get("eos_token_id"), list)
-        for tid in cfg["eos_token_id"]
-        if isinstance(tid, int) and 0 <= tid < n and tid != ids.get("eos")
-    ]
-    for tid in extra:
-        if tokens[tid] in EOM_TEXTS:
-            set_id("eom", tid, "generation_config.json")
-        elif tokens[tid] in EOT_TEXTS:
-            set_id("eot", tid, "generation_config.json")
-    for tid in extra:
-        if types[tid] == CONTROL and tokens[tid] not in LLAMA_EOG_TEXTS:
-            set_id("eot", tid, "generation_config.json")
+    _stop_ids_to_eog(ids, tokens, types, sources)
 
     # tokenizer.json's post_processor is what the tokenizers library runs, and transformers >= 5
     # keeps it (add_bos_token in tokenizer_config.json does not change it, measured with 5.24);
@@ -1036,6 +1020,61 @@ def _special_tokens(
             "set eos_token in tokenizer_config.json",
         )
     return ids, add_bos, add_eos
+
+
+def _stop_ids_to_eog(
+    ids: dict[str, int],
+    tokens: list[str],
+    types: list[int],
+    sources: Iterable[tuple[str, dict[str, Any]]],
+) -> None:
+    """Make every declared stop id one llama.cpp ends generation on.
+
+    llama.cpp's end-of-generation set (llama-vocab.cpp, ``special_eog_ids``) is the eos, eot and
+    eom ids, the FIM pad/rep/sep ids, and tokens whose text is in its list (``LLAMA_EOG_TEXTS``);
+    no token attribute adds to it. So the stop ids of config.json / generation_config.json
+    (``eos_token_id``, an int or a list) that are neither eos nor EOG by text take the eot and
+    eom slots: end-of-turn / end-of-message texts first, then any other stop. The FIM slots are
+    not used: llama-server's /infill would insert those ids. A stop that finds no slot is named
+    in a warning: llama.cpp will generate past it."""
+    n = len(tokens)
+    stops: list[int] = []
+    for _, cfg in sources:
+        for c in (cfg, cfg.get("text_config") or {}):
+            value = c.get("eos_token_id")
+            for tid in value if isinstance(value, list) else [value]:
+                if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < n:
+                    if tid not in stops and tid != ids.get("eos"):
+                        stops.append(tid)
+    for tid in stops:
+        if tokens[tid] in EOM_TEXTS and "eom" not in ids:
+            ids["eom"] = tid
+        elif tokens[tid] in EOT_TEXTS and "eot" not in ids:
+            ids["eot"] = tid
+    taken = {ids.get(k) for k in ("eos", "eot", "eom")}
+    for tid in stops:
+        if tid in taken or tokens[tid] in LLAMA_EOG_TEXTS:
+            continue
+        slot = next((k for k in ("eot", "eom") if k not in ids), None)
+        if slot is None:
+            logger.warning(
+                "stop token %d %r (generation_config.json/config.json eos_token_id) cannot be "
+                "marked as end-of-generation in GGUF: llama.cpp stops only on eos, eot, eom "
+                "(taken by %s) and tokens it knows by text; generation in llama.cpp will not "
+                "stop on it (pass it as a stop string to the server)",
+                tid,
+                tokens[tid],
+                ", ".join(f"{k}={tokens[ids[k]]!r}" for k in ("eos", "eot", "eom") if k in ids),
+            )
+            continue
+        ids[slot] = tid
+        taken.add(tid)
+        if types[tid] != CONTROL:
+            logger.warning(
+                "stop token %d %r is not a control token; llama.cpp prints it as text",
+                tid,
+                tokens[tid],
+            )
 
 
 def _post_processor_adds(
@@ -1120,16 +1159,39 @@ def _template_token_resolver(
     return token_of
 
 
-def _chat_template(model_dir: Path, tcfg: dict[str, Any] | None) -> str | None:
-    """tokenizer_config.json's chat_template, else chat_template.jinja / chat_template.json."""
+def _chat_template(
+    model_dir: Path, tcfg: dict[str, Any] | None
+) -> str | list[dict[str, str]] | None:
+    """tokenizer_config.json's chat_template, else chat_template.jinja / chat_template.json.
+
+    Named templates (a list of {name, template}, e.g. ``default`` + ``tool_use``) are kept as a
+    list: gguf-py's ``GGUFWriter.add_chat_template`` writes ``tokenizer.chat_template`` (default)
+    and ``tokenizer.chat_template.<name>`` + ``tokenizer.chat_templates``, which is where
+    llama.cpp's ``llama_model_chat_template(model, name)`` looks (llama-server takes
+    ``tool_use`` for requests with tools). Names are written with non-alphanumerics as ``_``
+    (gguf-py's rule)."""
     value: Any = (tcfg or {}).get("chat_template")
     if value is None and (model_dir / "chat_template.jinja").is_file():
         value = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if value is None:
         value = (_read_json(model_dir / "chat_template.json") or {}).get("chat_template")
-    if isinstance(value, list):  # named templates: keep the default one
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        value = named.get("default") or next(iter(named.values()), None)
+    if isinstance(value, list):
+        named = [
+            {"name": str(t["name"]), "template": t["template"]}
+            for t in value
+            if isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and isinstance(t.get("template"), str)
+        ]
+        if not any(t["name"] == "default" for t in named) and named:
+            # llama.cpp falls back to tool_use when there is no default (common/chat.cpp)
+            logger.warning(
+                "%s: named chat templates %s without 'default'; llama.cpp uses 'tool_use' "
+                "(else ChatML) for requests without tools, transformers refuses them",
+                model_dir,
+                [t["name"] for t in named],
+            )
+        return named or None
     return value if isinstance(value, str) else None
 
 

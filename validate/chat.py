@@ -176,8 +176,10 @@ def render_transformers(tok: Any, conv: Conversation) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def reference(model_dir: Path) -> Reference:
-    """Render every conversation with the source checkpoint's tokenizer and template."""
+def reference(model_dir: Path, stop_dirs: Sequence[Path] = ()) -> Reference:
+    """Render every conversation with the source checkpoint's tokenizer and template; stop ids
+    from ``model_dir`` and ``stop_dirs`` (a fine-tune's adapter folder holds the tokenizer, its
+    base the generation config)."""
     tok = _hf_tokenizer(model_dir)
     prompts: dict[str, list[int] | None] = {}
     skipped: dict[str, str] = {}
@@ -189,12 +191,14 @@ def reference(model_dir: Path) -> Reference:
             prompts[conv.name] = None
             skipped[conv.name] = _one_line(e)
     vocab = tok.get_vocab()
-    stops = declared_stop_ids(model_dir, vocab.get)
+    stops: list[int] = []
+    for d in (model_dir, *stop_dirs):
+        stops += [t for t in declared_stop_ids(Path(d), vocab.get) if t not in stops]
     return Reference(
         prompts,
         skipped,
         stops,
-        lambda i: str(tok.convert_ids_to_tokens(int(i))),
+        lambda i: str(tok.decode([int(i)], skip_special_tokens=False)),
         has_template,
     )
 
@@ -340,7 +344,7 @@ def render_transformers_folder(folder: Path, ref: Reference) -> Rendered:
     missing = [t for t in ref.stop_ids if t not in own]
     ct = getattr(tok, "chat_template", None)
     names = sorted(ct) if isinstance(ct, dict) else (["default"] if ct else [])
-    text = lambda i: str(tok.convert_ids_to_tokens(int(i)))  # noqa: E731
+    text = lambda i: str(tok.decode([int(i)], skip_special_tokens=False))  # noqa: E731
     return Rendered(prompts, errors, missing, text, "transformers apply_chat_template", names)
 
 

@@ -157,6 +157,10 @@ class Settings:
     # per-artifact time budget in minutes (load + scoring + speed): past it, or once the measured
     # rate projects far beyond it, the artifact is reported "too-slow" with the rate
     max_minutes: float | None = None
+    # chat conformance (validate/chat.py): on when the reference has a chat template; a failed
+    # check fails the report only with ``require_chat``
+    chat: bool = True
+    require_chat: bool = False
 
 
 def cache_root() -> Path:
@@ -443,7 +447,33 @@ def validate(
         run = _Run(s, data, run_dir, base_job, bos, cdir / "logprobs.npy",
                    ref_res["quality"]["ppl"], threads, progress, vllm_base, vllm_loras)  # fmt: skip
         arts = [_artifact(run, i, a) for i, a in enumerate(artifacts)]
-    return _conclude(report, arts)
+    if s.chat:
+        _chat_sections(arts, artifacts, tok_dir, reference, s)
+    report = _conclude(report, arts)
+    report["failed_chat"] = [e["name"] for e in arts if e.get("chat") and not e["chat"]["passed"]]
+    if s.require_chat and report["failed_chat"]:
+        report["passed"] = False
+    return report
+
+
+def _chat_sections(
+    arts: list[dict[str, Any]], paths: list[Path], tok_dir: Path, reference: Path, s: Settings
+) -> None:
+    """Each artifact's ``chat`` section (validate/chat.py) when the reference has a template;
+    LoRA adapters are skipped (they serve with their base's template and stops)."""
+    from quantkit.validate import chat
+
+    ref = chat.reference(tok_dir, stop_dirs=(tok_dir, reference))
+    if not ref.has_template:
+        return
+    for entry, a in zip(arts, paths, strict=True):
+        try:
+            engine = engine_for(a, s.hf_engine)
+        except InputError:
+            continue
+        if is_lora_dir(a) or _is_gguf_adapter(a):
+            continue
+        entry["chat"] = chat.check(a, engine, ref)
 
 
 def _check_inputs(artifacts: list[Path], reference: Path, data: Path, s: Settings) -> None:
