@@ -615,13 +615,7 @@ def _spm_prefix_rule(normalizer: Any, pre: Any, where: str) -> bool:
         scheme = p.get("prepend_scheme")
         if scheme is None:  # tokenizers < 0.15 wrote add_prefix_space
             scheme = "always" if p.get("add_prefix_space", True) else "never"
-        if scheme == "first":
-            logger.warning(
-                "%s: Metaspace prepend_scheme='first' prefixes '▁' only at the start of the text; "
-                "llama.cpp also prefixes it after every special token",
-                where,
-            )
-        return scheme != "never"
+        return scheme != "never"  # "first": decided in _load_llama (_first_scheme_prefix)
     if not replace:
         raise TokenizerError(
             f"{where}: SentencePiece-style BPE that does not turn spaces into '▁'",
@@ -891,6 +885,10 @@ def _load_llama(
     _check_unique(tokens, where)
     special_ids, add_bos, add_eos = _special_tokens(model_dir, tokens, types, tok, tcfg, config)
     add_prefix = (tcfg or {}).get("add_prefix_space")
+    chat_template = _chat_template(model_dir, tcfg)
+    space_prefix = add_prefix if isinstance(add_prefix, bool) else table.add_space_prefix
+    if _metaspace_scheme(tok) == "first":
+        space_prefix = _first_scheme_prefix(where, chat_template is not None)
     return Vocab(
         model="llama",
         pre="default",
@@ -901,9 +899,45 @@ def _load_llama(
         special_ids=special_ids,
         add_bos=True if add_bos is None else add_bos,  # LlamaTokenizer's defaults
         add_eos=False if add_eos is None else add_eos,
-        chat_template=_chat_template(model_dir, tcfg),
-        add_space_prefix=add_prefix if isinstance(add_prefix, bool) else table.add_space_prefix,
+        chat_template=chat_template,
+        add_space_prefix=space_prefix,
     )
+
+
+def _metaspace_scheme(tok: dict[str, Any] | None) -> str | None:
+    """The prepend_scheme of tokenizer.json's Metaspace pre-tokenizer (None without one)."""
+    node = (tok or {}).get("pre_tokenizer") or {}
+    steps = (node.get("pretokenizers") or []) if node.get("type") == "Sequence" else [node]
+    for p in steps:
+        if isinstance(p, dict) and p.get("type") == "Metaspace":
+            scheme = p.get("prepend_scheme")
+            if scheme is None:  # tokenizers < 0.15 wrote add_prefix_space
+                scheme = "always" if p.get("add_prefix_space", True) else "never"
+            return str(scheme)
+    return None
+
+
+def _first_scheme_prefix(where: str, chat: bool) -> bool:
+    """add_space_prefix for a Metaspace ``prepend_scheme: first`` tokenizer, which llama.cpp
+    cannot reproduce: it prefixes "▁" at the start of the text *and after every special token*
+    (llama-vocab.cpp, ``is_prev_special``), or nowhere. Measured on a SentencePiece vocabulary
+    with [INST]/[/INST] and a Mistral-style template (8 chat prompts, 300 TinyStories lines):
+    with the prefix, 0/8 chat prompts match transformers (an extra "▁" after each special
+    token) and 299/300 plain texts; without it, 8/8 chat prompts and 1/300 plain texts (the
+    first word loses its "▁"). A model with a chat template is served with chat prompts, so it
+    gets no prefix; one without keeps it."""
+    logger.warning(
+        "%s: Metaspace prepend_scheme='first' (\u2581 only at the very start of the text) has "
+        "no llama.cpp equivalent; %s",
+        where,
+        "writing add_space_prefix=false so that chat prompts (which start with a special "
+        "token) tokenize as in transformers; a plain text that starts without a special token "
+        "loses the \u2581 before its first word in llama.cpp"
+        if chat
+        else "writing add_space_prefix=true (plain text tokenizes as in transformers); after "
+        "every special token llama.cpp adds a \u2581 that transformers does not",
+    )
+    return not chat
 
 
 def _padded_size(size: int, vocab_size: int | None, where: str) -> int:

@@ -198,7 +198,7 @@ def reference(model_dir: Path, stop_dirs: Sequence[Path] = ()) -> Reference:
         prompts,
         skipped,
         stops,
-        lambda i: str(tok.decode([int(i)], skip_special_tokens=False)),
+        lambda i: str(tok.convert_ids_to_tokens(int(i))),
         has_template,
     )
 
@@ -321,7 +321,18 @@ def render_gguf(path: Path, ref: Reference) -> Rendered:
         missing = [
             t for t in ref.stop_ids if not (0 <= t < n_vocab and lib.llama_vocab_is_eog(vocab, t))
         ]
-        return Rendered(prompts, errors, missing, piece, renderer, templates)
+
+        def spelling(tid: int) -> str:  # the vocabulary's spelling, as transformers shows it
+            raw = lib.llama_vocab_get_text(vocab, tid) if 0 <= tid < n_vocab else None
+            return raw.decode("utf-8", errors="replace") if raw else str(tid)
+
+        # texts are read now: the vocabulary is freed when the model closes
+        seen = {t for ids in prompts.values() for t in ids or []} | set(ref.stop_ids)
+        texts = {t: spelling(t) for t in seen}
+
+        return Rendered(
+            prompts, errors, missing, lambda i: texts.get(i, str(i)), renderer, templates
+        )
     finally:
         llm.close()
 
@@ -344,7 +355,7 @@ def render_transformers_folder(folder: Path, ref: Reference) -> Rendered:
     missing = [t for t in ref.stop_ids if t not in own]
     ct = getattr(tok, "chat_template", None)
     names = sorted(ct) if isinstance(ct, dict) else (["default"] if ct else [])
-    text = lambda i: str(tok.decode([int(i)], skip_special_tokens=False))  # noqa: E731
+    text = lambda i: str(tok.convert_ids_to_tokens(int(i)))  # noqa: E731
     return Rendered(prompts, errors, missing, text, "transformers apply_chat_template", names)
 
 

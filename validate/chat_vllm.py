@@ -58,7 +58,7 @@ def main(job_path: str, out_path: str) -> None:
         stops.add(params.eos_token_id)
     ct = getattr(tok, "chat_template", None)
     templates = sorted(ct) if isinstance(ct, dict) else (["default"] if ct else [])
-    texts = {str(i): str(tok.decode([i], skip_special_tokens=False)) for i in seen | stops}
+    texts = {str(i): str(tok.convert_ids_to_tokens(i)) for i in seen | stops}
     out = {
         "version": vllm.__version__,
         "prompts": prompts,
