@@ -1209,6 +1209,12 @@ def _chat_template(
         value = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if value is None:
         value = (_read_json(model_dir / "chat_template.json") or {}).get("chat_template")
+    extra = model_dir / "additional_chat_templates"  # transformers >= 5: <name>.jinja
+    if extra.is_dir() and not isinstance(value, list):
+        named = {p.stem: p.read_text(encoding="utf-8") for p in sorted(extra.glob("*.jinja"))}
+        if named:
+            default = [{"name": "default", "template": value}] if isinstance(value, str) else []
+            value = default + [{"name": n, "template": t} for n, t in named.items()]
     if isinstance(value, list):
         named = [
             {"name": str(t["name"]), "template": t["template"]}

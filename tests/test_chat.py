@@ -161,11 +161,19 @@ def test_gguf_renders_like_transformers(tmp_path: Path, family: str) -> None:
         assert "system+user" in section["not_applicable"]
 
 
-def test_named_templates_in_gguf(tmp_path: Path) -> None:
-    """tool_use is stored under tokenizer.chat_template.tool_use and listed, as llama.cpp reads."""
+@pytest.mark.parametrize("layout", ["tokenizer_config", "transformers5"])
+def test_named_templates_in_gguf(tmp_path: Path, layout: str) -> None:
+    """tool_use is stored under tokenizer.chat_template.tool_use and listed, as llama.cpp reads,
+    whether the folder lists the named templates in tokenizer_config.json or transformers 5
+    saved them (chat_template.jinja + additional_chat_templates/tool_use.jinja)."""
     import gguf as ggufpy
+    from transformers import AutoTokenizer
 
     model = make_chat_model(tmp_path / "m", "hermes-named")
+    if layout == "transformers5":
+        AutoTokenizer.from_pretrained(model).save_pretrained(model)
+        assert (model / "additional_chat_templates" / "tool_use.jinja").is_file()
+        assert "chat_template" not in json.loads((model / "tokenizer_config.json").read_text())
     path = next(iter(convert(model, tmp_path / "out", "gguf:F16").values()))
     r = ggufpy.GGUFReader(path)
     names = {f.name for f in r.fields.values()}
