@@ -331,3 +331,19 @@ def test_metaspace_first_prefers_chat_prompts(tmp_path: Path) -> None:
         ref, chat.render_gguf(write_vocab_only_gguf(tmp_path / "v.gguf", vocab), ref)
     )
     assert section["matched"] == section["conversations"] >= 3, section
+
+
+def test_upstream_file_missing_stop_is_named(tmp_path: Path) -> None:
+    """The fallback converter (llama.cpp's own) does not read generation_config.json's stop
+    list: a stop quantkit would make eom, absent from the file's eos/eot/eom, becomes a note."""
+    from quantkit.convert.tokenizer import load_vocab
+    from quantkit.convert.upstream import _lost_stops
+
+    model = make_chat_model(tmp_path / "phi3", "phi3")
+    ours = load_vocab(model)
+    by_text = {t: i for i, t in enumerate(ours.tokens)}
+    md = {"tokenizer.ggml.eos_token_id": by_text["<|endoftext|>"]}  # what the converter writes
+    notes = _lost_stops(md, ours.tokens, ours)
+    assert len(notes) == 1 and "'<|assistant|>'" in notes[0], notes  # <|end|> stops by text
+    md["tokenizer.ggml.eom_token_id"] = by_text["<|assistant|>"]
+    assert _lost_stops(md, ours.tokens, ours) == []
