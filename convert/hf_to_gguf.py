@@ -386,7 +386,7 @@ def _preflight(
     plan = arch.plan(available)
     tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
     base_model = (lora.base_name or default_name(model_dir, ckpt.config)) if lora else None
-    vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
+    vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab, config_dir=model_dir)
     if types:  # model files; a GGUF LoRA is not loaded as a model, no vocabulary of its own
         check_name_rules(stem, vocab.tokens, arch=arch.arch_name, pre=vocab.pre)
     _check_dtypes(ckpt, plan)

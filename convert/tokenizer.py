@@ -672,17 +672,24 @@ def _gguf_merges(merges: list[Any], where: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def load_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
+def load_vocab(
+    model_dir: Path, vocab_size: int | None = None, config_dir: Path | None = None
+) -> Vocab:
     """Read the tokenizer of a Hugging Face model directory.
 
     ``vocab_size`` is the model's embedding row count; None takes config.json's ``vocab_size``
     (else the tokenizer's own size). Ids between the tokenizer's size and ``vocab_size`` become
-    ``[PAD{i}]`` UNUSED tokens, as llama.cpp's converter writes them.
+    ``[PAD{i}]`` UNUSED tokens, as llama.cpp's converter writes them. ``config_dir``: where
+    config.json and generation_config.json (stop ids) are read when they are not beside the
+    tokenizer (a fine-tune's adapter folder with its own tokenizer: its base model's folder).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise TokenizerError(f"{model_dir}: not a directory", "pass the model directory")
-    config = _read_json(model_dir / "config.json")
+    cfg_dir = (
+        model_dir if config_dir is None or (model_dir / "config.json").is_file() else config_dir
+    )
+    config = _read_json(cfg_dir / "config.json")
     tok = _read_json(model_dir / "tokenizer.json")
     tcfg = _read_json(model_dir / "tokenizer_config.json")
     # schema first: every key read below has the type and range it needs (quantkit/schemas.py)
@@ -698,14 +705,15 @@ def load_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
     if tok is not None:
         kind = _tokenizer_json_kind(tok, model_dir / "tokenizer.json")
         if kind == "gpt2":
-            return _load_bpe(model_dir, tok, tcfg, config, vocab_size)
+            return _load_bpe(model_dir, tok, tcfg, config, vocab_size, cfg_dir)
         if spm_path.is_file():
             table = _load_spm_model(spm_path)
         else:
             table = _spm_from_tokenizer_json(tok, str(model_dir / "tokenizer.json"))
-        return _load_llama(model_dir, table, tok, tcfg, config, vocab_size)
+        return _load_llama(model_dir, table, tok, tcfg, config, vocab_size, cfg_dir)
     if spm_path.is_file():
-        return _load_llama(model_dir, _load_spm_model(spm_path), None, tcfg, config, vocab_size)
+        table = _load_spm_model(spm_path)
+        return _load_llama(model_dir, table, None, tcfg, config, vocab_size, cfg_dir)
     if (model_dir / "vocab.json").is_file():
         raise TokenizerError(
             f"{model_dir}: vocab.json/merges.txt without tokenizer.json",
@@ -761,6 +769,7 @@ def _load_bpe(
     tcfg: dict[str, Any] | None,
     config: dict[str, Any] | None,
     vocab_size: int | None,
+    cfg_dir: Path,
 ) -> Vocab:
     where = str(model_dir / "tokenizer.json")
     model = tok["model"]
@@ -786,7 +795,9 @@ def _load_bpe(
     merges = _gguf_merges(model.get("merges") or [], where)
     pre = match_pre_tokenizer(tok, clean_spaces=_hf_cleans_spaces(tcfg), where=where)
     _warn_if_transformers_rebuilds(tok, tcfg, where)
-    special_ids, add_bos, add_eos = _special_tokens(model_dir, tokens, types, tok, tcfg, config)
+    special_ids, add_bos, add_eos = _special_tokens(
+        model_dir, tokens, types, tok, tcfg, config, cfg_dir
+    )
     return Vocab(
         model="gpt2",
         pre=pre,
@@ -850,6 +861,7 @@ def _load_llama(
     tcfg: dict[str, Any] | None,
     config: dict[str, Any] | None,
     vocab_size: int | None,
+    cfg_dir: Path,
 ) -> Vocab:
     where = str(model_dir)
     base = len(table.tokens)
@@ -883,7 +895,9 @@ def _load_llama(
         tokens[a.id] = text
         scores[a.id] = -1000.0
     _check_unique(tokens, where)
-    special_ids, add_bos, add_eos = _special_tokens(model_dir, tokens, types, tok, tcfg, config)
+    special_ids, add_bos, add_eos = _special_tokens(
+        model_dir, tokens, types, tok, tcfg, config, cfg_dir
+    )
     add_prefix = (tcfg or {}).get("add_prefix_space")
     chat_template = _chat_template(model_dir, tcfg)
     space_prefix = add_prefix if isinstance(add_prefix, bool) else table.add_space_prefix
@@ -979,6 +993,7 @@ def _special_tokens(
     tok: dict[str, Any] | None,
     tcfg: dict[str, Any] | None,
     config: dict[str, Any] | None,
+    cfg_dir: Path,
 ) -> tuple[dict[str, int], bool | None, bool | None]:
     """Special ids and add_bos/add_eos, from the files in the order transformers reads them:
     tokenizer_config.json, special_tokens_map.json, then config.json / generation_config.json ids
@@ -1006,7 +1021,7 @@ def _special_tokens(
             logger.warning("%s: %s token %r is not in the vocabulary, ignored", source, kind, text)
 
     stmap = _read_json(model_dir / "special_tokens_map.json") or {}
-    gen = _read_json(model_dir / "generation_config.json") or {}
+    gen = _read_json(cfg_dir / "generation_config.json") or {}
     for kind in ("bos", "eos", "unk", "sep", "pad", "mask"):
         set_text(kind, _content((tcfg or {}).get(f"{kind}_token")), "tokenizer_config.json")
         set_text(kind, _content(stmap.get(f"{kind}_token")), "special_tokens_map.json")

@@ -362,9 +362,12 @@ def render_transformers_folder(folder: Path, ref: Reference) -> Rendered:
 VLLM_SCRIPT = Path(__file__).with_name("chat_vllm.py")
 
 
-def render_vllm(folder: Path, ref: Reference, timeout: float = 600) -> Rendered:
-    """vLLM's chat endpoint renderer on the folder's tokenizer, in the vLLM environment, without
-    loading the model (validate/chat_vllm.py)."""
+def render_vllm(
+    folders: Sequence[Path], ref: Reference, timeout: float = 600
+) -> dict[Path, Rendered | str]:
+    """vLLM's chat endpoint renderer on each folder's tokenizer, in the vLLM environment,
+    without loading a model (validate/chat_vllm.py); one process for all folders (importing
+    vLLM takes ~30 s). Per folder its rendering, or the one-line error its renderer raised."""
     from quantkit import envs
 
     python = envs.python("vllm")
@@ -380,30 +383,34 @@ def render_vllm(folder: Path, ref: Reference, timeout: float = 600) -> Rendered:
     ]
     with tempfile.TemporaryDirectory(prefix="quantkit-chat-") as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job.write_text(json.dumps({"folder": str(folder), "conversations": convs}))
+        job.write_text(json.dumps({"folders": [str(f) for f in folders], "conversations": convs}))
         proc = subprocess.run(
             [str(python), str(VLLM_SCRIPT), str(job), str(out)],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**_vllm_env()},
+            env=_vllm_env(),
         )
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"vLLM's renderer failed: {tail[0]}")
-        res = json.loads(out.read_text())
-    prompts = {k: v for k, v in res["prompts"].items()}
-    stops = set(res["stop_ids"])
-    missing = [t for t in ref.stop_ids if t not in stops]
-    texts: dict[str, str] = res["token_texts"]
-    return Rendered(
-        prompts,
-        res["errors"],
-        missing,
-        lambda i: texts.get(str(i), str(i)),
-        f"vLLM {res['version']} HfRenderer.render_messages",
-        res["templates"],
-    )
+        results = json.loads(out.read_text())["folders"]
+    done: dict[Path, Rendered | str] = {}
+    for folder, res in zip(folders, results, strict=True):
+        if "error" in res:
+            done[folder] = res["error"]
+            continue
+        stops = set(res["stop_ids"])
+        texts: dict[str, str] = res["token_texts"]
+        done[folder] = Rendered(
+            res["prompts"],
+            res["errors"],
+            [t for t in ref.stop_ids if t not in stops],
+            lambda i, texts=texts: texts.get(str(i), str(i)),
+            f"vLLM {res['version']} HfRenderer.render_messages",
+            res["templates"],
+        )
+    return done
 
 
 def _vllm_env() -> dict[str, str]:
@@ -468,16 +475,31 @@ def _tok(text: Callable[[int], str], ids: Sequence[int], pos: int) -> str | None
 def check(artifact: Path, engine: str, ref: Reference) -> dict[str, Any]:
     """The ``chat`` section of one artifact scored by ``engine`` ("llama.cpp", "vllm",
     "transformers"); a renderer that cannot run gives ``{"error": ...}`` and fails the check."""
-    try:
-        if engine == "llama.cpp":
-            got = render_gguf(artifact, ref)
-        elif engine == "vllm":
-            got = render_vllm(artifact, ref)
-        else:
-            got = render_transformers_folder(artifact, ref)
-    except Exception as e:
-        return {"error": _one_line(e), "passed": False}
-    return compare(ref, got)
+    return check_all([(artifact, engine)], ref)[0]
+
+
+def check_all(artifacts: Sequence[tuple[Path, str]], ref: Reference) -> list[dict[str, Any]]:
+    """``check`` for several (artifact, engine) pairs; the vLLM ones share one vLLM process."""
+    vllm: dict[Path, Rendered | str] = {}
+    folders = [a for a, e in artifacts if e == "vllm"]
+    if folders:
+        try:
+            vllm = render_vllm(folders, ref)
+        except Exception as e:
+            vllm = dict.fromkeys(folders, _one_line(e))
+    out = []
+    for artifact, engine in artifacts:
+        try:
+            if engine == "llama.cpp":
+                got: Rendered | str = render_gguf(artifact, ref)
+            elif engine == "vllm":
+                got = vllm[artifact]
+            else:
+                got = render_transformers_folder(artifact, ref)
+        except Exception as e:
+            got = _one_line(e)
+        out.append({"error": got, "passed": False} if isinstance(got, str) else compare(ref, got))
+    return out
 
 
 def summary(section: dict[str, Any] | None) -> str:

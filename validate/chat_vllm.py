@@ -16,23 +16,21 @@ import sys
 from typing import Any
 
 
-def main(job_path: str, out_path: str) -> None:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+def render(folder: str, conversations: list[dict[str, Any]]) -> dict[str, Any]:
+    """One folder: prompt ids per conversation, stop ids, template names, token texts."""
     import vllm
     from vllm.engine.arg_utils import EngineArgs
     from vllm.renderers.params import ChatParams
     from vllm.renderers.registry import renderer_from_config
     from vllm.sampling_params import SamplingParams
 
-    job = json.loads(open(job_path, encoding="utf-8").read())
-    folder = job["folder"]
-    config = EngineArgs(model=folder, tokenizer=folder, max_model_len=256).create_engine_config()
+    config = EngineArgs(model=folder, tokenizer=folder).create_engine_config()
     renderer = renderer_from_config(config)
     tok = renderer.get_tokenizer()
     prompts: dict[str, Any] = {}
     errors: dict[str, str] = {}
     seen: set[int] = set()
-    for conv in job["conversations"]:
+    for conv in conversations:
         kwargs = dict(conv["kwargs"])
         if conv.get("tools"):
             kwargs["tools"] = conv["tools"]
@@ -57,16 +55,27 @@ def main(job_path: str, out_path: str) -> None:
     if params.eos_token_id is not None:
         stops.add(params.eos_token_id)
     ct = getattr(tok, "chat_template", None)
-    templates = sorted(ct) if isinstance(ct, dict) else (["default"] if ct else [])
-    texts = {str(i): str(tok.convert_ids_to_tokens(i)) for i in seen | stops}
-    out = {
+    return {
         "version": vllm.__version__,
         "prompts": prompts,
         "errors": errors,
         "stop_ids": sorted(stops),
-        "templates": templates,
-        "token_texts": texts,
+        "templates": sorted(ct) if isinstance(ct, dict) else (["default"] if ct else []),
+        "token_texts": {str(i): str(tok.convert_ids_to_tokens(i)) for i in seen | stops},
     }
+
+
+def main(job_path: str, out_path: str) -> None:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    job = json.loads(open(job_path, encoding="utf-8").read())
+    results = []
+    for folder in job["folders"]:
+        try:
+            results.append(render(folder, job["conversations"]))
+        except Exception as e:  # a folder vLLM cannot read: its error, the others go on
+            lines = str(e).strip().splitlines()
+            results.append({"error": f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]})
+    out = {"folders": results}
     tmp = out_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(out, f)

@@ -466,14 +466,17 @@ def _chat_sections(
     ref = chat.reference(tok_dir, stop_dirs=(tok_dir, reference))
     if not ref.has_template:
         return
+    todo: list[tuple[dict[str, Any], Path, str]] = []
     for entry, a in zip(arts, paths, strict=True):
         try:
             engine = engine_for(a, s.hf_engine)
         except InputError:
             continue
-        if is_lora_dir(a) or _is_gguf_adapter(a):
-            continue
-        entry["chat"] = chat.check(a, engine, ref)
+        if not (is_lora_dir(a) or _is_gguf_adapter(a)):
+            todo.append((entry, a, engine))
+    sections = chat.check_all([(a, engine) for _, a, engine in todo], ref)
+    for (entry, _, _), section in zip(todo, sections, strict=True):
+        entry["chat"] = section
 
 
 def _check_inputs(artifacts: list[Path], reference: Path, data: Path, s: Settings) -> None:
