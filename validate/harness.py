@@ -448,7 +448,7 @@ def validate(
                    ref_res["quality"]["ppl"], threads, progress, vllm_base, vllm_loras)  # fmt: skip
         arts = [_artifact(run, i, a) for i, a in enumerate(artifacts)]
     if s.chat:
-        _chat_sections(arts, artifacts, tok_dir, reference, s)
+        _chat_sections(arts, artifacts, tok_dir, reference, s, progress)
     report = _conclude(report, arts)
     report["failed_chat"] = [e["name"] for e in arts if e.get("chat") and not e["chat"]["passed"]]
     if s.require_chat and report["failed_chat"]:
@@ -457,14 +457,22 @@ def validate(
 
 
 def _chat_sections(
-    arts: list[dict[str, Any]], paths: list[Path], tok_dir: Path, reference: Path, s: Settings
+    arts: list[dict[str, Any]],
+    paths: list[Path],
+    tok_dir: Path,
+    reference: Path,
+    s: Settings,
+    progress: Progress | None,
 ) -> None:
     """Each artifact's ``chat`` section (validate/chat.py) when the reference has a template;
     LoRA adapters are skipped (they serve with their base's template and stops)."""
     from quantkit.validate import chat
 
-    ref = chat.reference(tok_dir, stop_dirs=(tok_dir, reference))
-    if not ref.has_template:
+    try:
+        ref = chat.reference(tok_dir, stop_dirs=(tok_dir, reference))
+    except Exception as e:  # the reference's template or tokenizer: every check says why
+        ref, why = None, f"the reference's chat rendering failed: {type(e).__name__}: {e}"[:300]
+    if ref is not None and not ref.has_template:
         return
     todo: list[tuple[dict[str, Any], Path, str]] = []
     for entry, a in zip(arts, paths, strict=True):
@@ -474,7 +482,15 @@ def _chat_sections(
             continue
         if not (is_lora_dir(a) or _is_gguf_adapter(a)):
             todo.append((entry, a, engine))
-    sections = chat.check_all([(a, engine) for _, a, engine in todo], ref)
+    if progress:  # vLLM folders take one vLLM import (~30 s) before their first result
+        progress("chat check", 0, 1)
+    sections = (
+        chat.check_all([(a, engine) for _, a, engine in todo], ref)
+        if ref is not None
+        else [{"error": why, "passed": False} for _ in todo]
+    )
+    if progress:
+        progress("chat check", 1, 1)
     for (entry, _, _), section in zip(todo, sections, strict=True):
         entry["chat"] = section
 
