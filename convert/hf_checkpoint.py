@@ -36,6 +36,7 @@ from quantkit.checkpoint import (
     FLOAT_DTYPES,
     MODEL_FILES,
     SAFETENSORS_DTYPES,
+    TOKENIZER_DIRS,
     TOKENIZER_FILES,
     Checkpoint,
 )
@@ -183,7 +184,10 @@ def _write(job: _Job, *, force: bool, progress: Progress | None) -> int:
             for fname in files:
                 if (src / fname).is_file():
                     shutil.copyfile(src / fname, tmp / fname)
-        return sum(p.stat().st_size for p in tmp.iterdir())
+        for dname in TOKENIZER_DIRS:
+            if (job.tok_dir / dname).is_dir():
+                shutil.copytree(job.tok_dir / dname, tmp / dname)
+        return sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
 
 
 def _write_shards(tmp: Path, names: list[str], job: _Job, progress: Progress | None) -> None:

@@ -461,7 +461,7 @@ def _preflight(
     plan = arch.plan(available)
     tok_dir = lora.path if lora is not None and lora.has_tokenizer else model_dir
     base_model = (lora.base_name or model_name(model_dir, ckpt.config)) if lora else None
-    vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab)
+    vocab = load_vocab(tok_dir, vocab_size=arch.h.n_vocab, config_dir=model_dir)
     if types:  # model files; a GGUF LoRA is not loaded as a model, no vocabulary of its own
         check_name_rules(stem, vocab.tokens, arch=arch.arch_name, pre=vocab.pre)
     _check_dtypes(ckpt, plan)
@@ -917,7 +917,9 @@ def _vocab_bytes(vocab: Vocab) -> int:
     """Roughly what the tokenizer metadata takes: token texts, scores, types, merges, template."""
     n = sum(len(t.encode("utf-8", "surrogatepass")) + 16 for t in vocab.tokens)
     n += sum(len(m.encode("utf-8", "surrogatepass")) + 8 for m in vocab.merges or [])
-    return n + len((vocab.chat_template or "").encode("utf-8", "surrogatepass")) + 64 * 1024
+    ct = vocab.chat_template
+    texts = [ct] if isinstance(ct, str) else [t["template"] for t in ct or []]
+    return n + sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) + 64 * 1024
 
 
 def _float_bytes(plan: list[PlannedTensor], base: str, vocab: Vocab) -> int:

@@ -99,7 +99,8 @@ class Vocab:
     special_ids: dict[str, int]  # keys among SPECIAL_KINDS
     add_bos: bool | None
     add_eos: bool | None
-    chat_template: str | None  # stored verbatim, never rendered
+    # stored verbatim, never rendered: one template, or named ones [{"name", "template"}]
+    chat_template: str | list[dict[str, str]] | None
     add_space_prefix: bool | None = None  # SPM only: tokenizer.ggml.add_space_prefix
 
 
@@ -614,13 +615,7 @@ def _spm_prefix_rule(normalizer: Any, pre: Any, where: str) -> bool:
         scheme = p.get("prepend_scheme")
         if scheme is None:  # tokenizers < 0.15 wrote add_prefix_space
             scheme = "always" if p.get("add_prefix_space", True) else "never"
-        if scheme == "first":
-            logger.warning(
-                "%s: Metaspace prepend_scheme='first' prefixes '▁' only at the start of the text; "
-                "llama.cpp also prefixes it after every special token",
-                where,
-            )
-        return scheme != "never"
+        return scheme != "never"  # "first": decided in _load_llama (_first_scheme_prefix)
     if not replace:
         raise TokenizerError(
             f"{where}: SentencePiece-style BPE that does not turn spaces into '▁'",
@@ -677,17 +672,24 @@ def _gguf_merges(merges: list[Any], where: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def load_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
+def load_vocab(
+    model_dir: Path, vocab_size: int | None = None, config_dir: Path | None = None
+) -> Vocab:
     """Read the tokenizer of a Hugging Face model directory.
 
     ``vocab_size`` is the model's embedding row count; None takes config.json's ``vocab_size``
     (else the tokenizer's own size). Ids between the tokenizer's size and ``vocab_size`` become
-    ``[PAD{i}]`` UNUSED tokens, as llama.cpp's converter writes them.
+    ``[PAD{i}]`` UNUSED tokens, as llama.cpp's converter writes them. ``config_dir``: where
+    config.json and generation_config.json (stop ids) are read when they are not beside the
+    tokenizer (a fine-tune's adapter folder with its own tokenizer: its base model's folder).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise TokenizerError(f"{model_dir}: not a directory", "pass the model directory")
-    config = _read_json(model_dir / "config.json")
+    cfg_dir = (
+        model_dir if config_dir is None or (model_dir / "config.json").is_file() else config_dir
+    )
+    config = _read_json(cfg_dir / "config.json")
     tok = _read_json(model_dir / "tokenizer.json")
     tcfg = _read_json(model_dir / "tokenizer_config.json")
     # schema first: every key read below has the type and range it needs (quantkit/schemas.py)
@@ -703,14 +705,15 @@ def load_vocab(model_dir: Path, vocab_size: int | None = None) -> Vocab:
     if tok is not None:
         kind = _tokenizer_json_kind(tok, model_dir / "tokenizer.json")
         if kind == "gpt2":
-            return _load_bpe(model_dir, tok, tcfg, config, vocab_size)
+            return _load_bpe(model_dir, tok, tcfg, config, vocab_size, cfg_dir)
         if spm_path.is_file():
             table = _load_spm_model(spm_path)
         else:
             table = _spm_from_tokenizer_json(tok, str(model_dir / "tokenizer.json"))
-        return _load_llama(model_dir, table, tok, tcfg, config, vocab_size)
+        return _load_llama(model_dir, table, tok, tcfg, config, vocab_size, cfg_dir)
     if spm_path.is_file():
-        return _load_llama(model_dir, _load_spm_model(spm_path), None, tcfg, config, vocab_size)
+        table = _load_spm_model(spm_path)
+        return _load_llama(model_dir, table, None, tcfg, config, vocab_size, cfg_dir)
     if (model_dir / "vocab.json").is_file():
         raise TokenizerError(
             f"{model_dir}: vocab.json/merges.txt without tokenizer.json",
@@ -766,6 +769,7 @@ def _load_bpe(
     tcfg: dict[str, Any] | None,
     config: dict[str, Any] | None,
     vocab_size: int | None,
+    cfg_dir: Path,
 ) -> Vocab:
     where = str(model_dir / "tokenizer.json")
     model = tok["model"]
@@ -791,7 +795,9 @@ def _load_bpe(
     merges = _gguf_merges(model.get("merges") or [], where)
     pre = match_pre_tokenizer(tok, clean_spaces=_hf_cleans_spaces(tcfg), where=where)
     _warn_if_transformers_rebuilds(tok, tcfg, where)
-    special_ids, add_bos, add_eos = _special_tokens(model_dir, tokens, types, tok, tcfg, config)
+    special_ids, add_bos, add_eos = _special_tokens(
+        model_dir, tokens, types, tok, tcfg, config, cfg_dir
+    )
     return Vocab(
         model="gpt2",
         pre=pre,
@@ -855,6 +861,7 @@ def _load_llama(
     tcfg: dict[str, Any] | None,
     config: dict[str, Any] | None,
     vocab_size: int | None,
+    cfg_dir: Path,
 ) -> Vocab:
     where = str(model_dir)
     base = len(table.tokens)
@@ -888,8 +895,14 @@ def _load_llama(
         tokens[a.id] = text
         scores[a.id] = -1000.0
     _check_unique(tokens, where)
-    special_ids, add_bos, add_eos = _special_tokens(model_dir, tokens, types, tok, tcfg, config)
+    special_ids, add_bos, add_eos = _special_tokens(
+        model_dir, tokens, types, tok, tcfg, config, cfg_dir
+    )
     add_prefix = (tcfg or {}).get("add_prefix_space")
+    chat_template = _chat_template(model_dir, tcfg)
+    space_prefix = add_prefix if isinstance(add_prefix, bool) else table.add_space_prefix
+    if _metaspace_scheme(tok) == "first":
+        space_prefix = _first_scheme_prefix(where, chat_template is not None)
     return Vocab(
         model="llama",
         pre="default",
@@ -900,9 +913,45 @@ def _load_llama(
         special_ids=special_ids,
         add_bos=True if add_bos is None else add_bos,  # LlamaTokenizer's defaults
         add_eos=False if add_eos is None else add_eos,
-        chat_template=_chat_template(model_dir, tcfg),
-        add_space_prefix=add_prefix if isinstance(add_prefix, bool) else table.add_space_prefix,
+        chat_template=chat_template,
+        add_space_prefix=space_prefix,
     )
+
+
+def _metaspace_scheme(tok: dict[str, Any] | None) -> str | None:
+    """The prepend_scheme of tokenizer.json's Metaspace pre-tokenizer (None without one)."""
+    node = (tok or {}).get("pre_tokenizer") or {}
+    steps = (node.get("pretokenizers") or []) if node.get("type") == "Sequence" else [node]
+    for p in steps:
+        if isinstance(p, dict) and p.get("type") == "Metaspace":
+            scheme = p.get("prepend_scheme")
+            if scheme is None:  # tokenizers < 0.15 wrote add_prefix_space
+                scheme = "always" if p.get("add_prefix_space", True) else "never"
+            return str(scheme)
+    return None
+
+
+def _first_scheme_prefix(where: str, chat: bool) -> bool:
+    """add_space_prefix for a Metaspace ``prepend_scheme: first`` tokenizer, which llama.cpp
+    cannot reproduce: it prefixes "▁" at the start of the text *and after every special token*
+    (llama-vocab.cpp, ``is_prev_special``), or nowhere. Measured on a SentencePiece vocabulary
+    with [INST]/[/INST] and a Mistral-style template (8 chat prompts, 300 TinyStories lines):
+    with the prefix, 0/8 chat prompts match transformers (an extra "▁" after each special
+    token) and 299/300 plain texts; without it, 8/8 chat prompts and 1/300 plain texts (the
+    first word loses its "▁"). A model with a chat template is served with chat prompts, so it
+    gets no prefix; one without keeps it."""
+    logger.warning(
+        "%s: Metaspace prepend_scheme='first' (\u2581 only at the very start of the text) has "
+        "no llama.cpp equivalent; %s",
+        where,
+        "writing add_space_prefix=false so that chat prompts (which start with a special "
+        "token) tokenize as in transformers; a plain text that starts without a special token "
+        "loses the \u2581 before its first word in llama.cpp"
+        if chat
+        else "writing add_space_prefix=true (plain text tokenizes as in transformers); after "
+        "every special token llama.cpp adds a \u2581 that transformers does not",
+    )
+    return not chat
 
 
 def _padded_size(size: int, vocab_size: int | None, where: str) -> int:
@@ -938,6 +987,7 @@ def _special_tokens(
     tok: dict[str, Any] | None,
     tcfg: dict[str, Any] | None,
     config: dict[str, Any] | None,
+    cfg_dir: Path,
 ) -> tuple[dict[str, int], bool | None, bool | None]:
     """Special ids and add_bos/add_eos, from the files in the order transformers reads them:
     tokenizer_config.json, special_tokens_map.json, then config.json / generation_config.json ids
@@ -965,7 +1015,7 @@ def _special_tokens(
             logger.warning("%s: %s token %r is not in the vocabulary, ignored", source, kind, text)
 
     stmap = _read_json(model_dir / "special_tokens_map.json") or {}
-    gen = _read_json(model_dir / "generation_config.json") or {}
+    gen = _read_json(cfg_dir / "generation_config.json") or {}
     for kind in ("bos", "eos", "unk", "sep", "pad", "mask"):
         set_text(kind, _content((tcfg or {}).get(f"{kind}_token")), "tokenizer_config.json")
         set_text(kind, _content(stmap.get(f"{kind}_token")), "special_tokens_map.json")
@@ -979,24 +1029,7 @@ def _special_tokens(
                 value = c.get(f"{kind}_token_id")
                 set_id(kind, value[0] if isinstance(value, list) and value else value, name)
 
-    # Extra stop ids (an eos_token_id list in generation_config.json / config.json): name the
-    # end-of-message and end-of-turn ones eom/eot; failing those, a control token llama.cpp would
-    # not stop on by its text becomes eot, so that generation in llama.cpp stops there too.
-    extra = [
-        tid
-        for _, cfg in sources
-        if isinstance(cfg.get("eos_token_id"), list)
-        for tid in cfg["eos_token_id"]
-        if isinstance(tid, int) and 0 <= tid < n and tid != ids.get("eos")
-    ]
-    for tid in extra:
-        if tokens[tid] in EOM_TEXTS:
-            set_id("eom", tid, "generation_config.json")
-        elif tokens[tid] in EOT_TEXTS:
-            set_id("eot", tid, "generation_config.json")
-    for tid in extra:
-        if types[tid] == CONTROL and tokens[tid] not in LLAMA_EOG_TEXTS:
-            set_id("eot", tid, "generation_config.json")
+    _stop_ids_to_eog(ids, tokens, types, sources)
 
     # tokenizer.json's post_processor is what the tokenizers library runs, and transformers >= 5
     # keeps it (add_bos_token in tokenizer_config.json does not change it, measured with 5.24);
@@ -1030,6 +1063,61 @@ def _special_tokens(
             "set eos_token in tokenizer_config.json",
         )
     return ids, add_bos, add_eos
+
+
+def _stop_ids_to_eog(
+    ids: dict[str, int],
+    tokens: list[str],
+    types: list[int],
+    sources: Iterable[tuple[str, dict[str, Any]]],
+) -> None:
+    """Make every declared stop id one llama.cpp ends generation on.
+
+    llama.cpp's end-of-generation set (llama-vocab.cpp, ``special_eog_ids``) is the eos, eot and
+    eom ids, the FIM pad/rep/sep ids, and tokens whose text is in its list (``LLAMA_EOG_TEXTS``);
+    no token attribute adds to it. So the stop ids of config.json / generation_config.json
+    (``eos_token_id``, an int or a list) that are neither eos nor EOG by text take the eot and
+    eom slots: end-of-turn / end-of-message texts first, then any other stop. The FIM slots are
+    not used: llama-server's /infill would insert those ids. A stop that finds no slot is named
+    in a warning: llama.cpp will generate past it."""
+    n = len(tokens)
+    stops: list[int] = []
+    for _, cfg in sources:
+        for c in (cfg, cfg.get("text_config") or {}):
+            value = c.get("eos_token_id")
+            for tid in value if isinstance(value, list) else [value]:
+                if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < n:
+                    if tid not in stops and tid != ids.get("eos"):
+                        stops.append(tid)
+    for tid in stops:
+        if tokens[tid] in EOM_TEXTS and "eom" not in ids:
+            ids["eom"] = tid
+        elif tokens[tid] in EOT_TEXTS and "eot" not in ids:
+            ids["eot"] = tid
+    taken = {ids.get(k) for k in ("eos", "eot", "eom")}
+    for tid in stops:
+        if tid in taken or tokens[tid] in LLAMA_EOG_TEXTS:
+            continue
+        slot = next((k for k in ("eot", "eom") if k not in ids), None)
+        if slot is None:
+            logger.warning(
+                "stop token %d %r (generation_config.json/config.json eos_token_id) cannot be "
+                "marked as end-of-generation in GGUF: llama.cpp stops only on eos, eot, eom "
+                "(taken by %s) and tokens it knows by text; generation in llama.cpp will not "
+                "stop on it (pass it as a stop string to the server)",
+                tid,
+                tokens[tid],
+                ", ".join(f"{k}={tokens[ids[k]]!r}" for k in ("eos", "eot", "eom") if k in ids),
+            )
+            continue
+        ids[slot] = tid
+        taken.add(tid)
+        if types[tid] != CONTROL:
+            logger.warning(
+                "stop token %d %r is not a control token; llama.cpp prints it as text",
+                tid,
+                tokens[tid],
+            )
 
 
 def _post_processor_adds(
@@ -1114,16 +1202,45 @@ def _template_token_resolver(
     return token_of
 
 
-def _chat_template(model_dir: Path, tcfg: dict[str, Any] | None) -> str | None:
-    """tokenizer_config.json's chat_template, else chat_template.jinja / chat_template.json."""
+def _chat_template(
+    model_dir: Path, tcfg: dict[str, Any] | None
+) -> str | list[dict[str, str]] | None:
+    """tokenizer_config.json's chat_template, else chat_template.jinja / chat_template.json.
+
+    Named templates (a list of {name, template}, e.g. ``default`` + ``tool_use``) are kept as a
+    list: gguf-py's ``GGUFWriter.add_chat_template`` writes ``tokenizer.chat_template`` (default)
+    and ``tokenizer.chat_template.<name>`` + ``tokenizer.chat_templates``, which is where
+    llama.cpp's ``llama_model_chat_template(model, name)`` looks (llama-server takes
+    ``tool_use`` for requests with tools). Names are written with non-alphanumerics as ``_``
+    (gguf-py's rule)."""
     value: Any = (tcfg or {}).get("chat_template")
     if value is None and (model_dir / "chat_template.jinja").is_file():
         value = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if value is None:
         value = (_read_json(model_dir / "chat_template.json") or {}).get("chat_template")
-    if isinstance(value, list):  # named templates: keep the default one
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        value = named.get("default") or next(iter(named.values()), None)
+    extra = model_dir / "additional_chat_templates"  # transformers >= 5: <name>.jinja
+    if extra.is_dir() and not isinstance(value, list):
+        named = {p.stem: p.read_text(encoding="utf-8") for p in sorted(extra.glob("*.jinja"))}
+        if named:
+            default = [{"name": "default", "template": value}] if isinstance(value, str) else []
+            value = default + [{"name": n, "template": t} for n, t in named.items()]
+    if isinstance(value, list):
+        named = [
+            {"name": str(t["name"]), "template": t["template"]}
+            for t in value
+            if isinstance(t, dict)
+            and isinstance(t.get("name"), str)
+            and isinstance(t.get("template"), str)
+        ]
+        if not any(t["name"] == "default" for t in named) and named:
+            # llama.cpp falls back to tool_use when there is no default (common/chat.cpp)
+            logger.warning(
+                "%s: named chat templates %s without 'default'; llama.cpp uses 'tool_use' "
+                "(else ChatML) for requests without tools, transformers refuses them",
+                model_dir,
+                [t["name"] for t in named],
+            )
+        return named or None
     return value if isinstance(value, str) else None
 
 

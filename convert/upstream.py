@@ -254,7 +254,31 @@ def check_vocab(path: Path, model_dir: Path) -> list[str]:
             notes.append(
                 f"{len(diff)} token text(s) differ from quantkit's reading (e.g. id {diff[0]})"
             )
+    notes += _lost_stops(md, tokens if isinstance(tokens, list) else None, ours)
     return notes
+
+
+def _lost_stops(md: dict[str, Any], tokens: list[str] | None, ours: Any) -> list[str]:
+    """Stop ids quantkit makes end-of-generation (eos/eot/eom from the tokenizer and
+    generation_config.json, convert/tokenizer.py) that the converter's file leaves out: neither
+    its eos/eot/eom ids nor a text llama.cpp stops on (its converter does not read
+    generation_config.json's stop list)."""
+    from quantkit.convert.tokenizer import LLAMA_EOG_TEXTS
+
+    have = {md.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")}
+    out = []
+    for kind in ("eos", "eot", "eom"):
+        tid = ours.special_ids.get(kind)
+        if tid is None or tid in have:
+            continue
+        text = tokens[tid] if tokens is not None and tid < len(tokens) else ours.tokens[tid]
+        if text not in LLAMA_EOG_TEXTS:
+            out.append(
+                f"stop token {tid} {text!r} is not end-of-generation in the file: llama.cpp "
+                "will not stop on it (convert with the native converter, or pass it as a stop "
+                "string)"
+            )
+    return out
 
 
 def convert_upstream(

@@ -65,6 +65,9 @@ TOKENIZER_FILES: tuple[str, ...] = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# transformers >= 5 saves named chat templates other than "default" as
+# additional_chat_templates/<name>.jinja beside chat_template.jinja
+TOKENIZER_DIRS: tuple[str, ...] = ("additional_chat_templates",)
 MODEL_FILES: tuple[str, ...] = ("generation_config.json",)
 SIDE_FILES: tuple[str, ...] = TOKENIZER_FILES + MODEL_FILES
 

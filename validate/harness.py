@@ -161,6 +161,10 @@ class Settings:
     # per-artifact time budget in minutes (load + scoring + speed): past it, or once the measured
     # rate projects far beyond it, the artifact is reported "too-slow" with the rate
     max_minutes: float | None = None
+    # chat conformance (validate/chat.py): on when the reference has a chat template; a failed
+    # check fails the report only with ``require_chat``
+    chat: bool = True
+    require_chat: bool = False
 
 
 def cache_root() -> Path:
@@ -447,7 +451,52 @@ def validate(
         run = _Run(s, data, run_dir, base_job, bos, cdir / "logprobs.npy",
                    ref_res["quality"]["ppl"], threads, progress, vllm_base, vllm_loras)  # fmt: skip
         arts = [_artifact(run, i, a) for i, a in enumerate(artifacts)]
-    return _conclude(report, arts)
+    if s.chat:
+        _chat_sections(arts, artifacts, tok_dir, reference, s, progress)
+    report = _conclude(report, arts)
+    report["failed_chat"] = [e["name"] for e in arts if e.get("chat") and not e["chat"]["passed"]]
+    if s.require_chat and report["failed_chat"]:
+        report["passed"] = False
+    return report
+
+
+def _chat_sections(
+    arts: list[dict[str, Any]],
+    paths: list[Path],
+    tok_dir: Path,
+    reference: Path,
+    s: Settings,
+    progress: Progress | None,
+) -> None:
+    """Each artifact's ``chat`` section (validate/chat.py) when the reference has a template;
+    LoRA adapters are skipped (they serve with their base's template and stops)."""
+    from quantkit.validate import chat
+
+    try:
+        ref = chat.reference(tok_dir, stop_dirs=(tok_dir, reference))
+    except Exception as e:  # the reference's template or tokenizer: every check says why
+        ref, why = None, f"the reference's chat rendering failed: {type(e).__name__}: {e}"[:300]
+    if ref is not None and not ref.has_template:
+        return
+    todo: list[tuple[dict[str, Any], Path, str]] = []
+    for entry, a in zip(arts, paths, strict=True):
+        try:
+            engine = engine_for(a, s.hf_engine)
+        except InputError:
+            continue
+        if not (is_lora_dir(a) or _is_gguf_adapter(a)):
+            todo.append((entry, a, engine))
+    if progress:  # vLLM folders take one vLLM import (~30 s) before their first result
+        progress("chat check", 0, 1)
+    sections = (
+        chat.check_all([(a, engine) for _, a, engine in todo], ref)
+        if ref is not None
+        else [{"error": why, "passed": False} for _ in todo]
+    )
+    if progress:
+        progress("chat check", 1, 1)
+    for (entry, _, _), section in zip(todo, sections, strict=True):
+        entry["chat"] = section
 
 
 def _check_inputs(artifacts: list[Path], reference: Path, data: Path, s: Settings) -> None:

@@ -51,6 +51,7 @@ HEADERS = [
     "|Δp|",
     "pp t/s",
     "tg t/s",
+    "chat",
     "status",
 ]
 
@@ -87,6 +88,7 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
             "",
             "",
             "",
+            "",
             "cached" if ref["cache"]["hit"] else "scored",
         ]
     ]
@@ -94,7 +96,7 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
         if a["status"] != "ok":
             cell = _NOT_SCORED.get(a["status"], "FAILED: ")
             cell += (a["error"] or "")[:60] if cell.endswith(": ") else ""
-            out.append([a["name"]] + [""] * (len(HEADERS) - 2) + [cell])
+            out.append([a["name"]] + [""] * (len(HEADERS) - 3) + [_chat_cell(a), cell])
             continue
         q, sz, sp = a["quality"], a["size"], a["speed"]
         failed = [g["gate"] for g in a["gates"] if not g["passed"]]
@@ -116,10 +118,17 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
                 _f(q.get("mean_abs_dp"), ".5f"),
                 _f(sp.get("pp_tps"), ".1f"),
                 _f(sp.get("tg_tps"), ".1f"),
+                _chat_cell(a),
                 status,
             ]
         )
     return out
+
+
+def _chat_cell(a: dict[str, Any]) -> str:
+    from quantkit.validate.chat import summary
+
+    return summary(a.get("chat"))
 
 
 def notes(report: dict[str, Any]) -> list[str]:
@@ -131,6 +140,10 @@ def notes(report: dict[str, Any]) -> list[str]:
         err = (a.get("speed") or {}).get("error")
         if err:
             out.append(f"{a['name']}: the speed run failed, quality figures kept: {err}")
+        if a.get("chat"):
+            from quantkit.validate.chat import findings
+
+            out += findings(a["name"], a["chat"])
     return out
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantkit.atomic import atomic_output_dir, check_writable_dir, output_dirs
-from quantkit.checkpoint import SIDE_FILES, Checkpoint
+from quantkit.checkpoint import SIDE_FILES, TOKENIZER_DIRS, Checkpoint
 from quantkit.errors import EngineError, InputError
 from quantkit.hashing import tree_size
 from quantkit.progress import Progress
@@ -140,6 +140,9 @@ def complete_checkpoint(src_model: Path, out: Path, experts_in_float: bool = Fal
     for name in SIDE_FILES:
         if (src_model / name).is_file() and not (out / name).exists():
             shutil.copy2(src_model / name, out / name)
+    for name in TOKENIZER_DIRS:
+        if (src_model / name).is_dir() and not (out / name).exists():
+            shutil.copytree(src_model / name, out / name)
     cfg = json.loads((out / "config.json").read_text())
     q = cfg.get("quantization_config") or {}
     if q.get("quant_method") != "compressed-tensors":

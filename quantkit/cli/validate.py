@@ -148,6 +148,18 @@ Exit codes: 0 every gate holds, 1 a gate failed or an artifact was too slow for 
     "--min-top1", type=float, default=None, metavar="PCT", help="Gate: top-1 agreement, percent."
 )
 @click.option(
+    "--no-chat",
+    is_flag=True,
+    help="Skip the chat check (on when the reference has a chat template: the same prompt ids "
+    "and stop tokens in each artifact's serving path as in transformers; docs/chat.md).",
+)
+@click.option(
+    "--require-chat",
+    is_flag=True,
+    help="Gate: exit 1 when an artifact's chat prompt ids or stop tokens differ from the "
+    "reference's.",
+)
+@click.option(
     "--default-gates",
     is_flag=True,
     help="Apply the per-type default gates (docs/report-schema.md) where no option is given.",
@@ -181,6 +193,8 @@ def validate(
     max_kld: float | None,
     max_ppl_increase: float | None,
     min_top1: float | None,
+    no_chat: bool,
+    require_chat: bool,
     default_gates: bool,
 ) -> None:
     """Score ARTIFACTS (GGUF files, HF folders) against the REFERENCE checkpoint on the same
@@ -210,6 +224,8 @@ def validate(
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
         adapter=adapter,
+        chat=not no_chat,
+        require_chat=require_chat,
     )
     settings.lora_base, settings.vllm_lora_base = split_lora_bases(lora_base)
     from quantkit.hub import resolve_model
@@ -232,7 +248,8 @@ def validate(
             + ", ".join(report["failed_artifacts"])
         )
     slow = [a for a in report["artifacts"] if a["status"] == "too-slow"]
-    if report["failed_gates"] or slow:
+    chat_failed = report["failed_chat"] if require_chat else []
+    if report["failed_gates"] or slow or chat_failed:
         raise GateFailed(
             "; ".join(
                 [
@@ -241,6 +258,11 @@ def validate(
                     for g in report["failed_gates"]
                 ]
                 + [f"{a['name']}: {a['error']}" for a in slow]
+                + [f"chat check failed: {name} (--require-chat)" for name in chat_failed]
             ),
-            "raise --max-minutes, or validate on a faster host" if slow else None,
+            "raise --max-minutes, or validate on a faster host"
+            if slow
+            else "the notes above name each difference; docs/chat.md says how to fix it"
+            if chat_failed
+            else None,
         )

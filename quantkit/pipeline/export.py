@@ -164,7 +164,8 @@ def _is_peft(model: Any) -> bool:
 
 def memory_checkpoint(model: Any, tokenizer: Any, work: Path) -> tuple[Any, Any]:
     """A ``Checkpoint`` over a model's tensors in memory (read in place), plus the adapter of a
-    PEFT model. Only config.json and the tokenizer files are written (to ``work``)."""
+    PEFT model. Only config.json, generation_config.json and the tokenizer files are written (to
+    ``work``)."""
     from quantkit.checkpoint import Checkpoint
     from quantkit.convert.lora import LoraAdapter, memory_info
 
@@ -189,6 +190,11 @@ def memory_checkpoint(model: Any, tokenizer: Any, work: Path) -> tuple[Any, Any]
     if not config.get("architectures"):
         config["architectures"] = [type(base).__name__]
     (work / "config.json").write_text(json.dumps(config))
+    # the stop ids (eos_token_id, often a list) and sampling defaults a chat model serves with;
+    # transformers keeps them on the model, not in config.json
+    gen = getattr(base, "generation_config", None)
+    if gen is not None and hasattr(gen, "to_json_string"):
+        (work / "generation_config.json").write_text(gen.to_json_string(use_diff=True))
     tokenizer.save_pretrained(work)
     state: dict[str, Any] = {}
     for key, t in base.state_dict().items():
