@@ -13,6 +13,9 @@ one bare word where a kind has a main option):
                                    a per-layer mix of schemes at an average bit width
     awq[:bits,group,sym,duo_scaling,grid]
     fp8[:dynamic|static|block]     vLLM checkpoints (compressed-tensors, via llm-compressor)
+    int8[:dynamic|static][,smoothing=0.8,dampening=0.01]
+                                   INT8 W8A8: SmoothQuant + GPTQ, per-channel weights
+    nvfp4[:a16], mxfp4[:a16]       FP4 weights (and activations unless a16)
     hf[:bf16|f16|f32][,shard=5GB]  a plain HF checkpoint folder (hf:shard=2GB without a dtype)
 
 A recipe writes the same fields as YAML (``method: gptq`` and its options). Each kind names the
@@ -29,7 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from quantkit.errors import InputError
 from quantkit.quantize.vllm.auto.spec import VllmAutoSpec, is_vllm_auto, parse_vllm_auto
-from quantkit.quantize.vllm.targets import AWQTarget, FP8Target, GPTQTarget
+from quantkit.quantize.vllm.targets import (
+    AWQTarget,
+    FP4Target,
+    FP8Target,
+    GPTQTarget,
+    Int8Target,
+)
 
 # vLLM calibration defaults of convert and quantkit.export, chosen with bench/vllm_export.py on a
 # 2-core CPU so that the embedded default (SmolLM2-135M, 30 layers) exports in minutes
@@ -166,21 +175,32 @@ class HFTarget(_Target):
 
 
 Target = Annotated[
-    GGUFTarget | AdapterTarget | GPTQTarget | AWQTarget | FP8Target | VllmAutoSpec | HFTarget,
+    GGUFTarget
+    | AdapterTarget
+    | GPTQTarget
+    | AWQTarget
+    | FP8Target
+    | Int8Target
+    | FP4Target
+    | VllmAutoSpec
+    | HFTarget,
     Field(discriminator="method"),
 ]
-METHODS = ("gguf", "gguf-lora", "vllm-lora", "gptq", "awq", "fp8", "gptq-auto", "hf")
+METHODS = ("gguf", "gguf-lora", "vllm-lora", "gptq", "awq", "fp8", "int8", "nvfp4", "mxfp4",
+           "gptq-auto", "hf")  # fmt: skip
 _TARGET: TypeAdapter[Any] = TypeAdapter(Target)
 
 # Which builder family makes a kind (quantkit/pipeline/build.py BUILDERS): several targets of one
 # family are made together (one read of the checkpoint; one llm-compressor process).
 FAMILY = {
     "gguf": "gguf", "gguf-lora": "gguf", "vllm-lora": "gguf",
-    "gptq": "vllm", "awq": "vllm", "fp8": "vllm", "gptq-auto": "vllm", "hf": "hf",
+    "gptq": "vllm", "awq": "vllm", "fp8": "vllm", "int8": "vllm", "nvfp4": "vllm",
+    "mxfp4": "vllm", "gptq-auto": "vllm", "hf": "hf",
 }  # fmt: skip
 
 # A bare word after the colon: which option it sets.
-BARE = {"fp8": "scheme", "hf": "dtype"}
+BARE = {"fp8": "scheme", "hf": "dtype", "int8": "activations", "nvfp4": "activations",
+        "mxfp4": "activations"}  # fmt: skip
 
 # Methods users ask for that vLLM 0.32 cannot load: name -> (why, what to use instead). vLLM 0.32
 # has no bitsandbytes quantization method (its ``QuantizationMethods`` in
@@ -308,7 +328,7 @@ def options_hint(method: str) -> str:
     """``gptq options: bits=4|8, group=32|64|128|channel, ...`` from the model's fields."""
     model = {
         "gguf": GGUFTarget, "gptq": GPTQTarget, "awq": AWQTarget, "fp8": FP8Target,
-        "hf": HFTarget,
+        "int8": Int8Target, "nvfp4": FP4Target, "mxfp4": FP4Target, "hf": HFTarget,
     }.get(method)  # fmt: skip
     if model is None:
         return _HINT

@@ -25,8 +25,10 @@ from quantkit.quantize.vllm.targets import (
     MOE_EXPERTS_IGNORE,
     MOE_ROUTER_IGNORE,
     AWQTarget,
+    FP4Target,
     FP8Target,
     GPTQTarget,
+    Int8Target,
     VllmTarget,
 )
 
@@ -185,7 +187,8 @@ def memory_estimate(
         est += 2 * s.samples * s.seq_len * hidden * 4
         # one sample through one layer: MLP activations and eager attention scores (fp32)
         est += s.seq_len * (3 * inter + heads * s.seq_len) * 4
-        if isinstance(target, GPTQTarget):  # one Hessian (in × in, fp32) per Linear of a layer
+        # GPTQ (int8 W8A8 too): one Hessian (in × in, fp32) per Linear of a layer
+        if isinstance(target, (GPTQTarget, Int8Target)):
             est += 7 * max(hidden, inter) ** 2 * 4
     return int(est)
 
@@ -200,10 +203,11 @@ def preflight(
         if lay not in LAYOUTS:
             raise InputError(f"unknown layout {lay!r}", f"choose {' or '.join(LAYOUTS)}")
     if "legacy" in s.layouts:
-        if isinstance(target, FP8Target):
+        if isinstance(target, (FP8Target, Int8Target, FP4Target)):
             raise InputError(
-                "fp8 has no legacy layout",
-                "legacy layouts are for gptq and awq; fp8 is written as compressed-tensors",
+                f"{target.method} has no legacy layout",
+                f"legacy layouts are for gptq and awq; {target.method} is written as "
+                "compressed-tensors",
             )
         if isinstance(target, AWQTarget) and target.bits != 4:
             raise InputError(

@@ -204,7 +204,10 @@ def _parsed_targets(
 
     parsed = parse_targets(targets)
     if any(FAMILY[t.method] != "vllm" for t in parsed):
-        raise InputError("export_vllm() makes gptq, awq and fp8 checkpoints", "see quantkit.export")
+        raise InputError(
+            "export_vllm() makes gptq, awq, fp8, int8, nvfp4 and mxfp4 checkpoints",
+            "see quantkit.export",
+        )
     if any(isinstance(t, VllmAutoSpec) for t in parsed):  # gptq:auto: plan it now
         from quantkit.quantize.vllm.auto.plan import resolve
 
@@ -254,8 +257,9 @@ def _preflight(
         for p in paths[id(t)].values():
             check_writable_dir(p, force=force)
     if any(t.needs_calibration for t in parsed) and s.calib is None:
+        which = ", ".join(t.label() for t in parsed if t.needs_calibration)
         raise InputError(
-            "gptq, awq and fp8:static need calibration text",
+            f"{which} need calibration text (gptq, awq, int8, fp8:static and nvfp4 calibrate)",
             "pass --calib FILE (plain text; e.g. a few hundred KB of text like the model's use)",
         )
     py = python
