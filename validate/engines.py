@@ -467,6 +467,28 @@ def engine_for(path: str | Path, hf_engine: str | None = None) -> str:
     raise InputError(f"{p}: not a GGUF file or a Hugging Face model folder")
 
 
+def hf_audit(folder: Path, n_params: int | None) -> dict[str, Any]:
+    """The report's size fields of an HF folder: its type label and, given the model's parameter
+    count (the reference's: the same model), bits per weight as for a GGUF (bytes of every
+    stored tensor, scales included, × 8 / parameters)."""
+    from quantkit.checkpoint import parse_safetensors_header
+    from quantkit.errors import QuantkitError
+
+    out: dict[str, Any] = {"file_type": hf_file_type(folder)}
+    if n_params and not is_lora_dir(folder):
+        try:
+            nbytes = sum(
+                t.nbytes
+                for f in folder.glob("*.safetensors")
+                for t in parse_safetensors_header(f)[0].values()
+            )
+        except (OSError, QuantkitError):
+            return out
+        if nbytes:
+            out.update(n_params=n_params, bits_per_weight=round(nbytes * 8 / n_params, 4))
+    return out
+
+
 def hf_file_type(folder: Path) -> str | None:
     """A short type label for an HF folder, as the report's "type" column shows it: the
     quantization scheme (e.g. "W4A16 g64", "W8A8 FP8", "GPTQ 4-bit g128") or the dtype ("BF16")."""
@@ -494,9 +516,14 @@ def hf_file_type(folder: Path) -> str | None:
             w = g.get("weights") or {}
             a = g.get("input_activations") or {}
             label = f"W{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}"
-            if w.get("type") == "float":
+            fp4 = w.get("type") == "float" and w.get("num_bits") == 4
+            if fp4:  # compressed-tensors' NVFP4 (per 16) and MXFP4 (per 32) presets
+                label += " " + {16: "NVFP4", 32: "MXFP4"}.get(w.get("group_size") or 0, "FP4")
+            elif w.get("type") == "float":
                 label += " FP8" if w.get("num_bits") == 8 else " FP"
-            if w.get("group_size"):
+            elif a and a.get("type") == "int":  # W8A8 INT8
+                label += " INT8" + ("" if a.get("dynamic") else " static")
+            if w.get("group_size") and not fp4:
                 label += f" g{w['group_size']}"
             labels.append(label)
         return "+".join(sorted(dict.fromkeys(labels))) or "compressed-tensors"
