@@ -37,6 +37,7 @@ import numpy as np
 
 from quantkit.hashing import sha256_file
 from quantkit.progress import Progress
+from quantkit.quantize.gguf import ggml
 from quantkit.quantize.gguf.auto import rows
 from quantkit.quantize.gguf.auto.sizes import Slot
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
@@ -87,7 +88,7 @@ def proxy_errors(
     reader = gguf.GGUFReader(base)
     todo = [s for s in slots if s.quantizable]
     for t in {t for s in todo for t in s.options}:
-        rows.init(int(gguf.GGMLQuantizationType[t]))
+        rows.init(ggml.type_id(t))
 
     def one(s: Slot) -> tuple[str, dict[str, float]]:
         w = _weights(reader, s.name)
@@ -96,7 +97,7 @@ def proxy_errors(
         per_mat = w.shape[0] // n_mats
         out: dict[str, float] = {}
         for t in s.options:
-            q = int(gguf.GGMLQuantizationType[t])
+            q = ggml.type_id(t)
             total = 0.0
             for m in range(n_mats):  # a 3-D expert tensor: each expert with its own importance
                 part = w[m * per_mat : (m + 1) * per_mat]
