@@ -87,7 +87,11 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     calib.write_text(TRAIN_TEXT)
     s = VllmSettings(calib=calib, samples=4, seq_len=64, threads=2)
     res = export_vllm(model, ["int8", "nvfp4"], root / "out", s, python=py)
-    return {"model": model, "calib": calib, **{a.type: a.path for a in res.artifacts}}
+    from quantkit.convert import convert
+
+    gguf = convert(model, ["gguf:NVFP4"], root / "gguf").artifacts[0].path
+    return {"model": model, "calib": calib, "gguf-nvfp4": gguf,
+            **{a.type: a.path for a in res.artifacts}}  # fmt: skip
 
 
 def test_checkpoints_are_what_vllm_reads(exports: dict[str, Path]) -> None:
@@ -108,18 +112,43 @@ def test_int8_and_nvfp4_scored_as_this_host_measured(
     exports: dict[str, Path], tmp_path: Path
 ) -> None:
     """One validate run: each artifact scored where its row runs here (INT8 W8A8 on an x86 CPU,
-    with the linear kernel vLLM picked in the report), else "unsupported" with vLLM's reason."""
+    with the linear kernel vLLM picked in the report), else "unsupported" with vLLM's reason;
+    the NVFP4 GGUF of the same model beside the NVFP4 checkpoint (the cross-engine pair)."""
     vllm_env_or_skip()
-    arts = [exports["w8a8-int8"], exports["nvfp4"]]
+    arts = [exports["w8a8-int8"], exports["nvfp4"], exports["gguf-nvfp4"]]
     text = tmp_path / "t.txt"
     text.write_text(TRAIN_TEXT * 4)
     r, rep = validate_report(arts, exports["model"], text, tmp_path / "r.json", "--vllm-eager")
     assert rep, r.stdout + r.stderr
     by = {Path(a["path"]).name: a for a in rep["artifacts"]}
-    for p in arts:
+    for p in arts[:2]:
         assert_scored_as_measured(by[p.name], p)
+    g = by[exports["gguf-nvfp4"].name]
+    assert g["status"] == "ok" and g["size"]["file_type"] == "NVFP4", g  # llama.cpp runs it here
+    assert g["size"]["type_histogram"]["NVFP4"] >= 14
     a = by[exports["w8a8-int8"].name]
     if a["status"] == "ok":
         assert a["size"]["file_type"] == "W8A8 INT8"
         assert 8 < a["size"]["bits_per_weight"] < 16  # int8 layers, float embeddings
         assert a["engine"]["kernels"], a["engine"]  # vLLM logged the int8 kernel it picked
+
+
+def test_gptq_auto_offers_int8_w8a8() -> None:
+    """gptq:auto takes int8 (W8A8) as a candidate: its config group carries per-token int8
+    activations, its cost is the int8 weight plus one scale per output channel, and its
+    capability row is the one --to int8 measures."""
+    from quantkit.quantize.vllm.auto.plan import config_groups
+    from quantkit.quantize.vllm.auto.schemes import DEFAULT_TYPES, scheme
+    from quantkit.quantize.vllm.auto.spec import parse_vllm_auto
+
+    assert "int8" in DEFAULT_TYPES
+    assert parse_vllm_auto("gptq:auto:bits=6:types=w4g64,int8").types == ("w4g64", "int8")
+    s = scheme("int8")
+    assert s is not None and s.fits(576) and s.capability_row("bf16") == "w8a8-int8:bf16"
+    assert s.cost_bits(256, 512, 16) == 256 * 512 * 8 + 256 * 16
+    groups, floats = config_groups({"w4g64": ["a.q_proj"], "int8": ["a.down_proj"], "float": []})
+    g4, g8 = groups["group_0"], groups["group_1"]  # int weights-only first (module doc there)
+    assert "input_activations" not in g4
+    assert g8["weights"] == parse_target("int8").to_recipe()["weights"]
+    assert g8["input_activations"] == parse_target("int8").to_recipe()["activations"]
+    assert floats == []
