@@ -152,3 +152,20 @@ def test_gptq_auto_offers_int8_w8a8() -> None:
     assert g8["weights"] == parse_target("int8").to_recipe()["weights"]
     assert g8["input_activations"] == parse_target("int8").to_recipe()["activations"]
     assert floats == []
+
+
+def test_cards_and_reports_name_format_bits_and_kernel() -> None:
+    from quantkit.pipeline.cards import _format_line
+    from quantkit.validate.report import notes
+
+    entry = {
+        "name": "m-w8a8-int8",
+        "size": {"file_type": "W8A8 INT8", "bits_per_weight": 9.453},
+        "engine": {"kernels": ["CPUInt8ScaledMMLinearKernel (model.layers.0.mlp.down_proj)"]},
+    }
+    line = _format_line(entry, {"type": "w8a8-int8"})
+    assert line.startswith("Format: W8A8 INT8, 9.453 bits per weight")
+    assert "CPUInt8ScaledMMLinearKernel" in line
+    assert _format_line({"size": {}}, {"type": "Q4_K_M"}) == "Format: Q4_K_M."
+    out = notes({"artifacts": [entry]})
+    assert out == ["m-w8a8-int8: linear kernels: " + entry["engine"]["kernels"][0]]
