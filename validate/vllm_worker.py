@@ -71,6 +71,28 @@ class _KernelLog(logging.Handler):
         return h
 
 
+def _module_kernels(model: Any) -> list[str]:
+    """``Kernel (Scheme)`` for every distinct linear kernel object in the loaded model: vLLM's
+    compressed-tensors schemes keep the kernel they chose as ``scheme.kernel``."""
+    seen: dict[str, None] = {}
+    for m in model.modules():
+        scheme = getattr(m, "scheme", None)
+        kernel = getattr(scheme, "kernel", None)
+        if kernel is not None:
+            seen[f"{type(kernel).__name__} ({type(scheme).__name__})"] = None
+    return list(seen)
+
+
+def _kernels(llm: Any, log: _KernelLog) -> list[str]:
+    """The linear kernels vLLM picked: read off the loaded model (``LLM.apply_model``), else the
+    ones its log named. Never fails the scoring run."""
+    try:
+        found = [k for per_worker in llm.apply_model(_module_kernels) for k in per_worker]
+    except Exception:  # noqa: BLE001 - the report just lacks the field
+        found = []
+    return list(dict.fromkeys(found)) or [f"{k} ({what})" for what, k in log.kernels.items()]
+
+
 def _peak_rss() -> int:
     # KiB on Linux; with the engine core in this process (see _configure) SELF covers the model
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -187,7 +209,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
             "device": "cpu" if _is_cpu() else "cuda",
             "topk": k,
             "quantization": getattr(cfg, "quantization", None),
-            "kernels": [f"{k} ({what})" for what, k in kernel_log.kernels.items()],
+            "kernels": _kernels(llm, kernel_log),
             **({"lora": lora["path"], "max_lora_rank": int(lora["max_lora_rank"])} if lora else {}),
         },
         "load_seconds": load_seconds,
