@@ -41,7 +41,7 @@ from quantkit.progress import Progress
 from quantkit.quantize.gguf.audit import Audit, file_type_of
 from quantkit.quantize.gguf.auto.spec import AutoSpec
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
-from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType, base_type
+from quantkit.quantize.gguf.types import GGUF_TYPES, TRAINED_ONLY_KLD, GGUFType, base_type
 from quantkit.text import read_text
 
 if TYPE_CHECKING:
@@ -466,12 +466,45 @@ def _preflight(
         check_name_rules(stem, vocab.tokens, arch=arch.arch_name, pre=vocab.pre)
     _check_dtypes(ckpt, plan)
     quants = [t for t in types if not t.base]
+    warnings += _trained_type_warnings(ckpt, quants)
     imatrix = _preflight_imatrix(quants, qs, dry_run, autos)
     job = _Job(ckpt, lora, arch, plan, vocab, stem, base_model, outs,
                _base_name(ckpt, types, autos), imatrix, warnings)  # fmt: skip
     if not dry_run:
         _check_space(job)
     return job
+
+
+def _trained_type_warnings(ckpt: Checkpoint, quants: list[GGUFType]) -> list[str]:
+    """Binary / ternary file types asked of a float model: one warning each, with the quality
+    they cost (types.py GGUFType.trained_levels)."""
+    out = []
+    for t in quants:
+        if t.trained_levels is None:
+            continue
+        levels = _levels_per_block(ckpt, t.block)
+        if levels is not None and levels <= t.trained_levels:
+            continue  # weights already binary / ternary per block: a model trained for the type
+        kind = "binary" if t.trained_levels == 2 else "ternary"
+        seen = f"{levels} distinct values in a block of {t.block}" if levels else "float weights"
+        out.append(
+            f"{t.name} is for models trained with {kind} weights; this model has {seen}, so it "
+            f"loses most of its quality in {t.name} ({TRAINED_ONLY_KLD.get(t.name, '')})"
+        )
+    return out
+
+
+def _levels_per_block(ckpt: Checkpoint, block: int) -> int | None:
+    """The most distinct stored values in one ``block`` of a layer weight's first rows (read
+    through the memory map as stored, so a few KB), or None if no layer weight fits blocks."""
+    for name in sorted(ckpt.tensors):
+        info = ckpt.tensors[name]
+        if len(info.shape) != 2 or "layers." not in name or info.shape[-1] % block:
+            continue
+        rows = np.sort(np.asarray(ckpt.raw(name)[:16]).reshape(-1, block), axis=1)
+        ckpt.release(name)
+        return int((np.diff(rows, axis=1) != 0).sum(axis=1).max()) + 1
+    return None
 
 
 def _check_adapter(

@@ -13,6 +13,9 @@ one bare word where a kind has a main option):
                                    a per-layer mix of schemes at an average bit width
     awq[:bits,group,sym,duo_scaling,grid]
     fp8[:dynamic|static|block]     vLLM checkpoints (compressed-tensors, via llm-compressor)
+    int8[:dynamic|static][,smoothing=0.8,dampening=0.01]
+                                   INT8 W8A8: SmoothQuant + GPTQ, per-channel weights
+    nvfp4[:a16], mxfp4[:a16]       FP4 weights (and activations unless a16)
     hf[:bf16|f16|f32][,shard=5GB]  a plain HF checkpoint folder (hf:shard=2GB without a dtype)
 
 This module is the only ``--to`` grammar: ``KIND[:SECTION]...``, sections separated by ``:``,
@@ -36,7 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from quantkit.errors import InputError
 from quantkit.quantize.vllm.auto.spec import VllmAutoSpec
-from quantkit.quantize.vllm.targets import AWQTarget, FP8Target, GPTQTarget
+from quantkit.quantize.vllm.targets import (
+    AWQTarget,
+    FP4Target,
+    FP8Target,
+    GPTQTarget,
+    Int8Target,
+)
 
 # vLLM calibration defaults of convert and quantkit.export, chosen with bench/vllm_export.py on a
 # 2-core CPU so that the embedded default (SmolLM2-135M, 30 layers) exports in minutes
@@ -211,7 +220,15 @@ class HFTarget(_Target):
 
 
 Target = Annotated[
-    GGUFTarget | AdapterTarget | GPTQTarget | AWQTarget | FP8Target | VllmAutoSpec | HFTarget,
+    GGUFTarget
+    | AdapterTarget
+    | GPTQTarget
+    | AWQTarget
+    | FP8Target
+    | Int8Target
+    | FP4Target
+    | VllmAutoSpec
+    | HFTarget,
     Field(discriminator="method"),
 ]
 _TARGET: TypeAdapter[Any] = TypeAdapter(Target)

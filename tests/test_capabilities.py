@@ -98,11 +98,28 @@ def test_format_of_hf_folders(tmp_path: Path) -> None:
         d = _folder(tmp_path / f"m{i}", **cfg)
         assert cap.format_of(d) == row, (row, cfg)
         assert cap.parse_row(row).id == row  # every id format_of gives is a row it can measure
+    # INT8 W8A8 and FP4 (compressed-tensors' W8A8, NVFP4[A16], MXFP4 presets)
+    i8w = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}
+    i8a = {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}
+    fp4 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}
+    mx = {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32}
+    new = {
+        "w8a8-int8:bf16": _ct(i8w, i8a),
+        "w8a8-int8-static:bf16": _ct(i8w, {**i8a, "strategy": "tensor", "dynamic": False}),
+        "nvfp4:bf16": _ct(fp4, {**fp4, "dynamic": "local"}),
+        "nvfp4-a16:bf16": _ct(fp4),
+        "mxfp4:bf16": _ct(mx, {**mx, "dynamic": True}),
+    }
+    for i, (row, q) in enumerate(new.items()):
+        d = _folder(tmp_path / f"n{i}", dtype="bfloat16", quantization_config=q)
+        assert cap.format_of(d) == row, row
+        assert cap.parse_row(row).id == row
     # formats the matrix has no row for
     assert cap.format_of(_folder(tmp_path / "nodtype")) is None
-    w8a8 = _ct({**w4, "num_bits": 8}, {"num_bits": 8, "type": "int", "dynamic": True})
+    w8a8fp = _ct({**w4, "num_bits": 8}, {"num_bits": 8, "type": "float", "dynamic": True})
     assert (
-        cap.format_of(_folder(tmp_path / "w8a8", dtype="float16", quantization_config=w8a8)) is None
+        cap.format_of(_folder(tmp_path / "w8a8", dtype="float16", quantization_config=w8a8fp))
+        is None
     )
     lora = tmp_path / "lora"
     lora.mkdir()

@@ -65,6 +65,18 @@ def test_engine_for_sends_quantized_folders_to_vllm(tmp_path: Path) -> None:
         ),
         "plain": ({"dtype": "bfloat16"}, "transformers", "BF16"),
     }
+    i8 = {"num_bits": 8, "type": "int", "strategy": "channel"}
+    fp4 = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16}
+    for name, w, a, label in (
+        ("int8", i8, {"num_bits": 8, "type": "int", "dynamic": True}, "W8A8 INT8"),
+        ("int8s", i8, {"num_bits": 8, "type": "int", "dynamic": False}, "W8A8 INT8 static"),
+        ("nvfp4", fp4, {**fp4, "dynamic": "local"}, "W4A4 NVFP4"),
+        ("nvfp4a16", fp4, None, "W4A16 NVFP4"),
+        ("mxfp4", {**fp4, "group_size": 32}, {**fp4, "group_size": 32}, "W4A4 MXFP4"),
+    ):
+        group = {"weights": w, **({"input_activations": a} if a else {}), "targets": ["Linear"]}
+        q = {"quant_method": "compressed-tensors", "config_groups": {"group_0": group}}
+        cases[name] = ({"quantization_config": q}, "vllm", label)
     for name, (cfg, engine, label) in cases.items():
         d = _write_config(tmp_path / name, **cfg)
         assert engine_for(d) == engine, name

@@ -482,8 +482,8 @@ def test_memory_check_offloads_then_refuses_with_the_samples_that_fit(tmp_path, 
     from conftest import make_tiny_model
 
     from quantkit.checkpoint import Checkpoint
-    from quantkit.quantize.vllm import VllmSettings, preflight
     from quantkit.memory import LIMIT_ENV as MEMORY_ENV
+    from quantkit.quantize.vllm import VllmSettings, preflight
     from quantkit.quantize.vllm.checks import memory_estimate, offloaded_estimate
     from quantkit.quantize.vllm.layers import linear_layers
     from quantkit.targets import parse_target
@@ -529,8 +529,8 @@ def test_offloaded_gptq_writes_the_same_checkpoint(vllm_exports, tmp_path, monke
     at a time) gives the checkpoint of the in-memory run: same config, same tensors."""
     py = _llmc_python()
     from quantkit.checkpoint import Checkpoint
-    from quantkit.quantize.vllm import VllmSettings, export_vllm
     from quantkit.memory import LIMIT_ENV as MEMORY_ENV
+    from quantkit.quantize.vllm import VllmSettings, export_vllm
     from quantkit.quantize.vllm.checks import offloaded_estimate
     from quantkit.quantize.vllm.layers import linear_layers
     from quantkit.targets import parse_target

@@ -20,8 +20,10 @@ Row ids (``format_of`` derives them from an artifact):
 - ``gguf:TYPE`` (``gguf:Q4_K_M``), ``gguf-lora`` — llama.cpp;
 - ``[moe/]FORMAT:DTYPE`` — vLLM, DTYPE the checkpoint's (``f32``, ``f16``, ``bf16``), FORMAT one of
   ``hf`` (unquantized), ``fp8-dynamic|static|block[+float-experts]``, ``wNa16-GROUP[-asym]``
-  (compressed-tensors int weights; GROUP ``g32|g64|g128|ch``), ``gptq-wNGROUP[-asym]``,
-  ``awq-wNGROUP[-asym]`` (legacy layouts); ``vllm-lora`` (a PEFT adapter served on a base);
+  (compressed-tensors int weights; GROUP ``g32|g64|g128|ch``), ``w8a8-int8[-static]`` (INT8
+  weights and activations), ``nvfp4[-a16]``, ``mxfp4[-a16]`` (FP4 weights, and activations
+  unless a16), ``gptq-wNGROUP[-asym]``, ``awq-wNGROUP[-asym]`` (legacy layouts); ``vllm-lora``
+  (a PEFT adapter served on a base);
 - ``tpN[-ppM]/ROW`` — a vLLM row in a parallel layout: N tensor-parallel ranks × M pipeline
   stages (``tp2/hf:bf16``). ``validate --tensor-parallel-size N`` consults the row of its
   layout for each artifact's format, so a layout is measured on this host (cores bound per rank
@@ -85,6 +87,11 @@ DEFAULT_ROWS: tuple[str, ...] = (
     "awq-w4g64-asym:bf16",
     "gptq-w8g64:bf16",
     "w4a16-g64:f32",
+    "w8a8-int8:bf16",
+    "w8a8-int8-static:bf16",
+    "nvfp4:bf16",
+    "nvfp4-a16:bf16",
+    "mxfp4:bf16",
     "moe/fp8-dynamic+float-experts:bf16",
     "moe/fp8-block:bf16",
     "moe/w4a16-g64:bf16",
@@ -99,6 +106,8 @@ _ROW = re.compile(
     r"(?P<hf>hf)"
     r"|fp8-(?P<fp8>dynamic|static|block)(?P<fexp>\+float-experts)?"
     rf"|w(?P<bits>4|8)a16-{_GROUP}(?P<asym>-asym)?"
+    r"|(?P<int8>w8a8-int8)(?P<i8static>-static)?"
+    r"|(?P<fp4>nvfp4|mxfp4)(?P<fp4a16>-a16)?"
     r"|(?P<legacy>gptq|awq)-w(?P<lbits>4|8)(?P<lgroup>g32|g64|g128|ch)(?P<lasym>-asym)?"
     r"):(?P<dtype>f32|f16|bf16)$"
 )
@@ -201,6 +210,14 @@ def _parse_row(row_id: str) -> Row:
         target = f"fp8:scheme={m['fp8']}" + (f",experts={experts}" if m["moe"] else "")
         spec = Spec("vllm", arch, dtype, target=target)
         what = f"FP8 {m['fp8']}" + (f", experts in {experts}" if m["moe"] else "")
+    elif m["int8"]:
+        act = "static" if m["i8static"] else "dynamic"
+        spec = Spec("vllm", arch, dtype, target=f"int8:{act}")
+        what = f"INT8 W8A8 ({act} activations)"
+    elif m["fp4"]:
+        a16 = bool(m["fp4a16"])
+        spec = Spec("vllm", arch, dtype, target=m["fp4"] + (":a16" if a16 else ""))
+        what = m["fp4"].upper() + (" weights only (A16)" if a16 else " weights and activations")
     else:
         legacy = m["legacy"]
         bits = m["bits"] or m["lbits"]

@@ -256,8 +256,8 @@ def _exports(
     specs: list[Spec], work: Path, text: Path, get: Callable[[Spec], Path], say: Say
 ) -> None:
     """Build vLLM exports in as few llm-compressor runs as the formats allow: per base model,
-    one run for every target (the int ones in both layouts when any legacy one is asked; FP8 has
-    no legacy layout, so it runs apart then)."""
+    one run for every target (gptq/awq in both layouts when any legacy one is asked; the others
+    have no legacy layout, so they run apart then)."""
     from quantkit.quantize.vllm import VllmSettings, export_vllm
     from quantkit.targets import parse_target
 
@@ -266,7 +266,7 @@ def _exports(
     for s in dict.fromkeys(specs):
         target = s.target or ""
         legacy = any(x.layout == "legacy" for x in specs if (x.arch, x.dtype) == (s.arch, s.dtype))
-        both = legacy and not target.startswith("fp8")
+        both = legacy and parse_target(target).method in ("gptq", "awq")
         layouts = ("compressed-tensors", "legacy") if both else ("compressed-tensors",)
         groups.setdefault((s.arch, s.dtype, layouts), {}).setdefault(target, []).append(s)
     runs: list[tuple[str, str, tuple[str, ...], dict[str, str]]] = []

@@ -194,6 +194,13 @@ def _quant_format(q: dict[str, Any]) -> str | None:
         ign = q.get("ignore") or []
         float_experts = any(re.search(r"experts", str(i)) and i.startswith("re:") for i in ign)
         return f"fp8-{scheme}" + ("+float-experts" if float_experts else "")
+    if w.get("type") == "float" and w.get("num_bits") == 4:  # NVFP4: per 16, MXFP4: per 32
+        kind = {16: "nvfp4", 32: "mxfp4"}.get(w.get("group_size") or 0)
+        return None if kind is None else kind + ("" if a else "-a16")
+    if w.get("type") == "int" and w.get("num_bits") == 8 and a is not None:
+        if a.get("type") != "int" or a.get("num_bits") != 8:
+            return None
+        return "w8a8-int8" + ("" if a.get("dynamic") else "-static")
     if w.get("type") == "int" and a is None and w.get("num_bits") in (4, 8):
         g = _group_tag(w.get("group_size"))
         return (
@@ -227,9 +234,14 @@ def _hf_label(cfg: dict[str, Any], q: dict[str, Any] | None) -> str | None:
             w = g.get("weights") or {}
             a = g.get("input_activations") or {}
             label = f"W{w.get('num_bits', '?')}A{a.get('num_bits', 16) if a else 16}"
-            if w.get("type") == "float":
+            fp4 = w.get("type") == "float" and w.get("num_bits") == 4
+            if fp4:  # compressed-tensors' NVFP4 (per 16) and MXFP4 (per 32) presets
+                label += " " + {16: "NVFP4", 32: "MXFP4"}.get(w.get("group_size") or 0, "FP4")
+            elif w.get("type") == "float":
                 label += " FP8" if w.get("num_bits") == 8 else " FP"
-            if w.get("group_size"):
+            elif a and a.get("type") == "int":  # W8A8 INT8
+                label += " INT8" + ("" if a.get("dynamic") else " static")
+            if w.get("group_size") and not fp4:
                 label += f" g{w['group_size']}"
             labels.append(label)
         return "+".join(sorted(dict.fromkeys(labels))) or "compressed-tensors"

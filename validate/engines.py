@@ -438,6 +438,28 @@ def engine_for(path: str | Path, hf_engine: str | None = None) -> str:
     return describe(path).engine(hf_engine)
 
 
+def hf_audit(folder: Path, n_params: int | None) -> dict[str, Any]:
+    """The report's size fields of an HF folder: its type label and, given the model's parameter
+    count (the reference's: the same model), bits per weight as for a GGUF (bytes of every
+    stored tensor, scales included, × 8 / parameters)."""
+    from quantkit.checkpoint import parse_safetensors_header
+    from quantkit.errors import QuantkitError
+
+    out: dict[str, Any] = {"file_type": hf_file_type(folder)}
+    if n_params and not is_lora_dir(folder):
+        try:
+            nbytes = sum(
+                t.nbytes
+                for f in folder.glob("*.safetensors")
+                for t in parse_safetensors_header(f)[0].values()
+            )
+        except (OSError, QuantkitError):
+            return out
+        if nbytes:
+            out.update(n_params=n_params, bits_per_weight=round(nbytes * 8 / n_params, 4))
+    return out
+
+
 def hf_file_type(folder: Path) -> str | None:
     """A short type label for an HF folder, as the report's "type" column shows it
     (validate/describe.py)."""

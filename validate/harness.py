@@ -44,7 +44,7 @@ from quantkit.validate.engines import (
     ENGINES,
     VllmEngine,
     engine_for,
-    hf_file_type,
+    hf_audit,
     hf_quant_method,
     is_lora_dir,
 )
@@ -405,6 +405,17 @@ class _Run:
     progress: Progress | None
     vllm_base: Path | None
     vllm_loras: dict[Path, dict[str, Any]]
+    ref_params: int | None = None  # the reference's parameter count (bits per weight of folders)
+
+
+def _param_count(reference: Path) -> int | None:
+    from quantkit.checkpoint import Checkpoint
+
+    try:
+        with Checkpoint.open(reference) as ck:
+            return sum(t.n_elements for t in ck.tensors.values())
+    except QuantkitError:
+        return None
 
 
 def validate(
@@ -449,7 +460,8 @@ def validate(
             reference, text, s, base_job, run_dir, progress, reference_model, est
         )
         run = _Run(s, data, run_dir, base_job, bos, cdir / "logprobs.npy",
-                   ref_res["quality"]["ppl"], threads, progress, vllm_base, vllm_loras)  # fmt: skip
+                   ref_res["quality"]["ppl"], threads, progress, vllm_base, vllm_loras,
+                   _param_count(reference))  # fmt: skip
         arts = [_artifact(run, i, a) for i, a in enumerate(artifacts)]
     if s.chat:
         _chat_sections(arts, artifacts, tok_dir, reference, s, progress)
@@ -733,7 +745,7 @@ def _scored_entry(
         return entry
     q = res["quality"]
     q["ppl_increase_pct"] = 100 * (q["ppl"] / run.ref_ppl - 1)
-    au = res.get("audit") or ({"file_type": hf_file_type(a)} if a.is_dir() else {})
+    au = res.get("audit") or (hf_audit(a, run.ref_params) if a.is_dir() else {})
     entry.update(
         status="ok",
         error=None,

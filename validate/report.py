@@ -137,6 +137,9 @@ def notes(report: dict[str, Any]) -> list[str]:
     out = list(report.get("notes") or [])
     for a in report["artifacts"]:
         out += [f"{a['name']}: {n}" for n in a.get("notes") or []]
+        kernels = (a.get("engine") or {}).get("kernels")
+        if kernels:  # what the engine logged it picked (vLLM: one line per linear method)
+            out.append(f"{a['name']}: linear kernels: {', '.join(kernels)}")
         err = (a.get("speed") or {}).get("error")
         if err:
             out.append(f"{a['name']}: the speed run failed, quality figures kept: {err}")

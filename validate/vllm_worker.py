@@ -15,7 +15,9 @@ with the same code as for every other engine (``metrics.position_stats_topk``).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import resource
 import sys
 import time
@@ -41,6 +43,54 @@ KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
         "with fp8:experts=float (quantkit's default on hosts without CUDA) or validate on a CUDA GPU",
     ),
 )
+
+
+class _KernelLog(logging.Handler):
+    """The linear kernels vLLM picked, from its own INFO lines ("Selected X for Y" for int8 and
+    FP8 scaled-mm, "Using X for NVFP4 GEMM" / "... MXFP4 GEMM" / "... mixed-precision linear" in
+    model_executor/kernels/linear of vLLM 0.32), kept for the report while vLLM's console log
+    stays at WARNING (its handler filters by level; this one sits on a child logger)."""
+
+    LINE = re.compile(r"^(?:Selected|Using) (\w+) for (.+)$")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.kernels: dict[str, str] = {}  # what → kernel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = self.LINE.match(record.getMessage())
+        if m:
+            self.kernels.setdefault(m.group(2), m.group(1))
+
+    @classmethod
+    def attach(cls) -> _KernelLog:
+        h = cls()
+        lg = logging.getLogger("vllm.model_executor")
+        lg.setLevel(logging.INFO)
+        lg.addHandler(h)
+        return h
+
+
+def _module_kernels(model: Any) -> list[str]:
+    """``Kernel (Scheme)`` for every distinct linear kernel object in the loaded model: vLLM's
+    compressed-tensors schemes keep the kernel they chose as ``scheme.kernel``."""
+    seen: dict[str, None] = {}
+    for m in model.modules():
+        scheme = getattr(m, "scheme", None)
+        kernel = getattr(scheme, "kernel", None)
+        if kernel is not None:
+            seen[f"{type(kernel).__name__} ({type(scheme).__name__})"] = None
+    return list(seen)
+
+
+def _kernels(llm: Any, log: _KernelLog) -> list[str]:
+    """The linear kernels vLLM picked: read off the loaded model (``LLM.apply_model``), else the
+    ones its log named. Never fails the scoring run."""
+    try:
+        found = [k for per_worker in llm.apply_model(_module_kernels) for k in per_worker]
+    except Exception:  # noqa: BLE001 - the report just lacks the field
+        found = []
+    return list(dict.fromkeys(found)) or [f"{k} ({what})" for what, k in log.kernels.items()]
 
 
 def _peak_rss() -> int:
@@ -179,6 +229,7 @@ def _load(
 
         lora_kw = dict(enable_lora=True, max_lora_rank=int(lora["max_lora_rank"]), max_loras=1)
         lora_req = LoRARequest("artifact", 1, lora["path"])
+    kernel_log = _KernelLog.attach()
     settings = _fp8_matmul_setting(job["path"], int(job["threads"]))
     t0 = time.perf_counter()
     print(f"[vllm-worker] loading {job['path']} in vLLM {vllm.__version__}", file=sys.stderr)
@@ -211,6 +262,7 @@ def _load(
             "device": "cpu" if _is_cpu() else "cuda",
             "topk": k,
             "quantization": getattr(cfg, "quantization", None),
+            "kernels": _kernels(llm, kernel_log),
             **({"lora": lora["path"], "max_lora_rank": int(lora["max_lora_rank"])} if lora else {}),
             "parallel": _parallel(llm, bind),
         },

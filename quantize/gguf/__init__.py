@@ -1,6 +1,7 @@
 """HF checkpoint → quantized GGUF through llama.cpp, and everything quantkit knows about GGUF files.
 
-types.py      the GGUF file and tensor types, one table
+types.py      the GGUF file types, one table
+ggml.py       ggml tensor types as the installed libggml names and sizes them
 libllama.py   libllama through llama-cpp-python (log capture, signals, vocab-only loads)
 quantizer.py  llama_model_quantize: one type, per-tensor overrides, fallbacks from its log
 imatrix.py    the importance matrix (torch collection, llama.cpp's imatrix GGUF)

@@ -69,10 +69,10 @@ def infer_fallbacks(info: GGUFInfo, qtype: GGUFType) -> list[Fallback]:
     block = qtype.block
     out = []
     for t in info.tensors:
-        if len(t.shape) < 2 or t.type in FLOAT_TYPES or t.type == qtype.main.name:
+        if len(t.shape) < 2 or t.type in FLOAT_TYPES or t.type == qtype.main:
             continue
         if t.shape[0] % block:
-            out.append(Fallback(t.name, qtype.main.name, t.type, t.shape[0], block))
+            out.append(Fallback(t.name, qtype.main, t.type, t.shape[0], block))
     return out
 
 

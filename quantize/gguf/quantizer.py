@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from quantkit.errors import EngineError, InputError
+from quantkit.quantize.gguf import ggml
 from quantkit.quantize.gguf.libllama import (
     clear_log,
     llama_cpp,
@@ -27,9 +27,12 @@ from quantkit.quantize.gguf.libllama import (
     recent_log,
     signals_deferred,
 )
-from quantkit.quantize.gguf.types import GGUFType
+from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType
 
 GGML_TYPE_COUNT = 43  # ggml.h enum ggml_type of the pinned llama.cpp: "unset" in quantize params
+# Every weight of the transformer blocks (llama.cpp names them blk.N.*; it applies an override
+# only to the tensors it quantizes, so norms and routers stay as they are).
+VIA_PATTERN = r"^blk\."
 KV_INT, KV_STR = 0, 3  # enum llama_model_kv_override_type (include/llama.h)
 
 # llama.cpp log lines (src/llama-quant.cpp of the pinned version):
@@ -52,16 +55,12 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def ggml_type(name: str) -> gguf.GGMLQuantizationType:
-    """'q6_k' / 'Q6_K' / 'f16' → the ggml tensor type."""
-    try:
-        return gguf.GGMLQuantizationType[name.strip().upper()]
-    except KeyError:
-        known = ", ".join(t.name.lower() for t in gguf.GGMLQuantizationType)
-        raise InputError(f"unknown tensor type {name!r}", f"use one of: {known}") from None
+def ggml_type(name: str) -> int:
+    """'q6_k' / 'Q6_K' / 'f16' / 'q2_0' → the ggml tensor type id (as libggml numbers it)."""
+    return ggml.type_id(name)
 
 
-def parse_overrides(specs: Sequence[str]) -> list[tuple[str, gguf.GGMLQuantizationType]]:
+def parse_overrides(specs: Sequence[str]) -> list[tuple[str, int]]:
     """``attn_v=q6_k`` / ``blk\\.[0-3]\\.ffn_down=q8_0`` → (regex, type); every bad one listed."""
     out, bad = [], []
     for spec in specs:
@@ -111,7 +110,7 @@ class QuantizeOptions:
     embedding_type: str | None = None
     pure: bool = False  # every tensor in the file type's base type, no mixes
     leave_output: bool = False  # keep output.weight in the base precision
-    overrides: list[tuple[str, gguf.GGMLQuantizationType]] = field(default_factory=list)
+    overrides: list[tuple[str, int]] = field(default_factory=list)
     imatrix: dict[str, np.ndarray] | None = None  # GGUF tensor name -> per-column importance
     # provenance llama-quantize records in the file (quantize.imatrix.* keys)
     imatrix_file: str | None = None
@@ -193,6 +192,12 @@ def quantize_file(
     params = lib.llama_model_quantize_default_params()
     params.nthread = o.threads or default_threads()
     params.ftype = int(qtype.ftype)
+    overrides = list(o.overrides)
+    kvs = imatrix_kvs(o)
+    if qtype.via:  # a type llama.cpp quantizes per tensor only (types.py GGUFType.via)
+        params.ftype = int(GGUF_TYPES[qtype.via].ftype)
+        overrides.append((VIA_PATTERN, qtype.main_id))  # after the user's: the first match wins
+        kvs.append(("general.file_type", KV_INT, int(qtype.ftype)))
     params.pure = o.pure
     params.dry_run = dry_run
     params.quantize_output_tensor = not o.leave_output
@@ -202,13 +207,13 @@ def quantize_file(
         params.token_embedding_type = int(ggml_type(o.embedding_type))
 
     keep: list[object] = []  # ctypes buffers must outlive the call
-    if o.overrides:
-        arr = (lib.llama_model_tensor_override * (len(o.overrides) + 1))()
-        for i, (pattern, t) in enumerate(o.overrides):
+    if overrides:
+        arr = (lib.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pattern, t) in enumerate(overrides):
             b = pattern.encode()
             keep.append(b)
             arr[i].pattern, arr[i].type = b, int(t)
-        arr[len(o.overrides)].pattern, arr[len(o.overrides)].type = (
+        arr[len(overrides)].pattern, arr[len(overrides)].type = (
             None,
             GGML_TYPE_COUNT,
         )  # terminator
@@ -226,7 +231,7 @@ def quantize_file(
         arr[len(o.imatrix)].name, arr[len(o.imatrix)].size = None, 0  # terminator, as quantize.cpp
         keep.append(arr)
         params.imatrix = ctypes.cast(arr, ctypes.POINTER(lib.llama_model_imatrix_data))
-        kvs = imatrix_kvs(o)
+    if kvs:
         kv = (lib.llama_model_kv_override * (len(kvs) + 1))()  # zeroed last entry ends the list
         for i, (key, tag, val) in enumerate(kvs):
             kv[i].key, kv[i].tag = key.encode(), tag

@@ -253,14 +253,10 @@ def _parse(c: _Cursor, size: int, keep_arrays: tuple[str, ...]) -> GGUFInfo:
     data_start = -(-c.pos // alignment) * alignment
     tensors: list[GGUFTensor] = []
     for name, dims, ttype, offset in raw_infos:
-        try:
-            qt = gguf.GGMLQuantizationType(ttype)
-            block, tsize = gguf.GGML_QUANT_SIZES[qt]
-        except (ValueError, KeyError):
-            raise GGUFFormatError(f"{c.path}: tensor {name!r} has unknown type {ttype}") from None
+        tname, block, tsize = _tensor_type(c, name, ttype)
         if dims[0] % block:
             raise GGUFFormatError(
-                f"{c.path}: tensor {name!r} row of {dims[0]} is not a multiple of {qt.name}'s block of {block}"
+                f"{c.path}: tensor {name!r} row of {dims[0]} is not a multiple of {tname}'s block of {block}"
             )
         n = 1
         for d in dims:
@@ -275,5 +271,21 @@ def _parse(c: _Cursor, size: int, keep_arrays: tuple[str, ...]) -> GGUFInfo:
                 f"{c.path}: tensor {name!r} data ({nbytes} bytes at {data_start + offset}) runs past the end of the file ({size} bytes)",
                 "the file is truncated",
             )
-        tensors.append(GGUFTensor(name, qt.name, dims, data_start + offset, nbytes))
+        tensors.append(GGUFTensor(name, tname, dims, data_start + offset, nbytes))
     return GGUFInfo(c.path, version, size, meta, tensors, alignment, arrays)
+
+
+def _tensor_type(c: _Cursor, name: str, ttype: int) -> tuple[str, int, int]:
+    """(name, block size, block bytes) of a ggml type id: gguf-py's table, else libggml's (a type
+    llama.cpp added after the gguf package, e.g. Q2_0, is named by llama.cpp's own name)."""
+    try:
+        qt = gguf.GGMLQuantizationType(ttype)
+        block, tsize = gguf.GGML_QUANT_SIZES[qt]
+        return qt.name, block, tsize
+    except (ValueError, KeyError):
+        pass
+    from quantkit.quantize.gguf import ggml
+
+    if not ggml.known(ttype):
+        raise GGUFFormatError(f"{c.path}: tensor {name!r} has unknown type {ttype}")
+    return ggml.type_name(ttype), ggml.block_size(ttype), ggml.block_bytes(ttype)

@@ -1,10 +1,12 @@
-"""The GGUF file types quantkit can write, as data.
+"""The GGUF file types quantkit can write, as data: every file type of the installed llama.cpp.
 
 Names and ftypes are llama.cpp's (tools/quantize/quantize.cpp QUANT_OPTIONS, enum llama_ftype in
-include/llama.h; gguf-py mirrors the enum as ``LlamaFileType``). ``bpw`` is the nominal bits per
-weight of the main tensor type (block bytes × 8 / block size, ggml.c type traits); mixes put
-some tensors in larger types, so files come out a little above it. ``imatrix``: llama.cpp refuses
-the type without an importance matrix (src/llama-quant.cpp tensor_requires_imatrix).
+include/llama.h). Tensor types are named as libggml names them and their sizes come from libggml
+at run time (quantize/gguf/ggml.py): the ``gguf`` package trails llama.cpp (gguf 0.19 has no Q2_0
+and no MOSTLY_Q2_0), and a type it does not know is still written by llama.cpp. ``bpw`` is the
+nominal bits per weight of the main tensor type (block bytes × 8 / block size); mixes put some
+tensors in larger types, so files come out a little above it. ``imatrix``: llama.cpp refuses the
+type without an importance matrix (src/llama-quant.cpp tensor_requires_imatrix).
 """
 
 from __future__ import annotations
@@ -12,76 +14,108 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import gguf
-
 from quantkit.errors import InputError
-
-F = gguf.LlamaFileType
-
-
-Q = gguf.GGMLQuantizationType
 
 
 @dataclass(frozen=True)
 class GGUFType:
     name: str
-    ftype: gguf.LlamaFileType
-    main: gguf.GGMLQuantizationType  # the type most weights get (llama-quant.cpp default_type)
+    ftype: int  # enum llama_ftype (include/llama.h)
+    main: str  # the ggml type most weights get (llama-quant.cpp default_type), libggml's name
     imatrix: bool = False
     base: bool = False  # written directly by the converter (no llama.cpp quantizer pass)
+    # llama_model_quantize refuses some ftypes as a whole-file target ("invalid output file
+    # type": NVFP4 in the pinned llama.cpp, which writes NVFP4 files only from NVFP4 checkpoints
+    # in its converter) but quantizes the tensor type per tensor. ``via``: the file type asked
+    # for instead, with every layer weight overridden to ``main`` and general.file_type set to
+    # ``ftype`` (the tensors outside the layers, token_embd and output, keep ``via``'s choice).
+    via: str | None = None
+    # Binary / ternary weights: meant for models trained in them (BitNet b1.58-style ternary, 1-bit
+    # models). A float model loses most of its quality in them (docs/formats.md gives the KLD
+    # measured on the embedded default); quantkit warns when the weights are not already so.
+    # The value is the number of levels per block (2: binary, 3: ternary).
+    trained_levels: int | None = None
+    # ``main`` goes to the MoE expert tensors only; llama.cpp puts the rest in Q8_0
+    # (llama-quant.cpp: MXFP4_MOE's default type is Q8_0, experts get MXFP4). On a dense model
+    # such a file is a Q8_0 file.
+    experts_only: bool = False
 
     @property
     def quantized(self) -> bool:
         return not self.base
 
     @property
+    def main_id(self) -> int:
+        from quantkit.quantize.gguf import ggml
+
+        return ggml.type_id(self.main)
+
+    @property
     def bpw(self) -> float:
         """Nominal bits per weight of the main type: block bytes × 8 / block size."""
-        block, size = gguf.GGML_QUANT_SIZES[self.main]
-        return size * 8 / block
+        from quantkit.quantize.gguf import ggml
+
+        return ggml.bits_per_weight(self.main_id)
 
     @property
     def block(self) -> int:
-        return gguf.GGML_QUANT_SIZES[self.main][0]
+        from quantkit.quantize.gguf import ggml
+
+        return ggml.block_size(self.main_id)
 
 
 # Order: largest to smallest, as `quantkit types` lists them.
 GGUF_TYPES: dict[str, GGUFType] = {
     t.name: t
     for t in (
-        GGUFType("F32", F.ALL_F32, Q.F32, base=True),
-        GGUFType("F16", F.MOSTLY_F16, Q.F16, base=True),
-        GGUFType("BF16", F.MOSTLY_BF16, Q.BF16, base=True),
-        GGUFType("Q8_0", F.MOSTLY_Q8_0, Q.Q8_0),
-        GGUFType("Q6_K", F.MOSTLY_Q6_K, Q.Q6_K),
-        GGUFType("Q5_1", F.MOSTLY_Q5_1, Q.Q5_1),
-        GGUFType("Q5_K_M", F.MOSTLY_Q5_K_M, Q.Q5_K),
-        GGUFType("Q5_K_S", F.MOSTLY_Q5_K_S, Q.Q5_K),
-        GGUFType("Q5_0", F.MOSTLY_Q5_0, Q.Q5_0),
-        GGUFType("Q4_1", F.MOSTLY_Q4_1, Q.Q4_1),
-        GGUFType("Q4_K_M", F.MOSTLY_Q4_K_M, Q.Q4_K),
-        GGUFType("Q4_K_S", F.MOSTLY_Q4_K_S, Q.Q4_K),
-        GGUFType("Q4_0", F.MOSTLY_Q4_0, Q.Q4_0),
-        GGUFType("IQ4_NL", F.MOSTLY_IQ4_NL, Q.IQ4_NL),
-        GGUFType("IQ4_XS", F.MOSTLY_IQ4_XS, Q.IQ4_XS),
-        GGUFType("Q3_K_L", F.MOSTLY_Q3_K_L, Q.Q3_K),
-        GGUFType("Q3_K_M", F.MOSTLY_Q3_K_M, Q.Q3_K),
-        GGUFType("Q3_K_S", F.MOSTLY_Q3_K_S, Q.Q3_K),
-        GGUFType("IQ3_M", F.MOSTLY_IQ3_M, Q.IQ3_S),
-        GGUFType("IQ3_S", F.MOSTLY_IQ3_S, Q.IQ3_S),
-        GGUFType("IQ3_XS", F.MOSTLY_IQ3_XS, Q.IQ3_S),
-        GGUFType("IQ3_XXS", F.MOSTLY_IQ3_XXS, Q.IQ3_XXS, imatrix=True),
-        GGUFType("Q2_K", F.MOSTLY_Q2_K, Q.Q2_K),
-        GGUFType("Q2_K_S", F.MOSTLY_Q2_K_S, Q.Q2_K, imatrix=True),
-        GGUFType("IQ2_M", F.MOSTLY_IQ2_M, Q.IQ2_S, imatrix=True),
-        GGUFType("IQ2_S", F.MOSTLY_IQ2_S, Q.IQ2_XS, imatrix=True),
-        GGUFType("IQ2_XS", F.MOSTLY_IQ2_XS, Q.IQ2_XS, imatrix=True),
-        GGUFType("IQ2_XXS", F.MOSTLY_IQ2_XXS, Q.IQ2_XXS, imatrix=True),
-        GGUFType("TQ2_0", F.MOSTLY_TQ2_0, Q.TQ2_0),
-        GGUFType("IQ1_M", F.MOSTLY_IQ1_M, Q.IQ1_M, imatrix=True),
-        GGUFType("TQ1_0", F.MOSTLY_TQ1_0, Q.TQ1_0),
-        GGUFType("IQ1_S", F.MOSTLY_IQ1_S, Q.IQ1_S, imatrix=True),
+        GGUFType("F32", 0, "F32", base=True),
+        GGUFType("F16", 1, "F16", base=True),
+        GGUFType("BF16", 32, "BF16", base=True),
+        GGUFType("Q8_0", 7, "Q8_0"),
+        GGUFType("Q6_K", 18, "Q6_K"),
+        GGUFType("Q5_1", 9, "Q5_1"),
+        GGUFType("Q5_K_M", 17, "Q5_K"),
+        GGUFType("Q5_K_S", 16, "Q5_K"),
+        GGUFType("Q5_0", 8, "Q5_0"),
+        GGUFType("Q4_1", 3, "Q4_1"),
+        GGUFType("Q4_K_M", 15, "Q4_K"),
+        GGUFType("Q4_K_S", 14, "Q4_K"),
+        GGUFType("Q4_0", 2, "Q4_0"),
+        GGUFType("IQ4_NL", 25, "IQ4_NL"),
+        GGUFType("NVFP4", 39, "NVFP4", via="Q8_0"),
+        GGUFType("IQ4_XS", 30, "IQ4_XS"),
+        GGUFType("MXFP4_MOE", 38, "MXFP4", experts_only=True),
+        GGUFType("Q3_K_L", 13, "Q3_K"),
+        GGUFType("Q3_K_M", 12, "Q3_K"),
+        GGUFType("Q3_K_S", 11, "Q3_K"),
+        GGUFType("IQ3_M", 27, "IQ3_S"),
+        GGUFType("IQ3_S", 26, "IQ3_S"),
+        GGUFType("IQ3_XS", 22, "IQ3_S"),
+        GGUFType("IQ3_XXS", 23, "IQ3_XXS", imatrix=True),
+        GGUFType("Q2_K", 10, "Q2_K"),
+        GGUFType("Q2_K_S", 21, "Q2_K", imatrix=True),
+        GGUFType("IQ2_M", 29, "IQ2_S", imatrix=True),
+        GGUFType("IQ2_S", 28, "IQ2_XS", imatrix=True),
+        GGUFType("IQ2_XS", 20, "IQ2_XS", imatrix=True),
+        GGUFType("Q2_0", 41, "Q2_0", trained_levels=3),
+        GGUFType("IQ2_XXS", 19, "IQ2_XXS", imatrix=True),
+        GGUFType("TQ2_0", 37, "TQ2_0", trained_levels=3),
+        GGUFType("IQ1_M", 31, "IQ1_M", imatrix=True),
+        GGUFType("TQ1_0", 36, "TQ1_0", trained_levels=3),
+        GGUFType("IQ1_S", 24, "IQ1_S", imatrix=True),
+        GGUFType("Q1_0", 40, "Q1_0", trained_levels=2),
     )
+}
+# What the binary / ternary types cost a float model, measured in llama.cpp against the F16 file
+# (docs/formats.md has the table): the embedded default (SmolLM2-135M-Instruct), wikitext-2
+# test, 8 chunks of 256 tokens, second halves scored. Its 576-wide rows do not take Q1_0 (no
+# fallback type for it in llama.cpp), so Q1_0's figure is from a random tiny Llama.
+_SMOL = "on SmolLM2-135M vs its F16 GGUF, where Q4_K_M measured 0.057"
+TRAINED_ONLY_KLD = {
+    "TQ2_0": f"mean KLD 11.4, top-1 agreement 3.7 % {_SMOL}",
+    "TQ1_0": f"mean KLD 11.4, top-1 agreement 3.7 % {_SMOL}",
+    "Q2_0": f"mean KLD 12.9, top-1 agreement 0.1 % {_SMOL}",
+    "Q1_0": "mean KLD 2.5, top-1 agreement 0 % on a random tiny Llama, where Q4_0 measured 0.44",
 }
 BY_FTYPE: dict[int, GGUFType] = {int(t.ftype): t for t in GGUF_TYPES.values()}
 

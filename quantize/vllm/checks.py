@@ -27,8 +27,10 @@ from quantkit.quantize.vllm.targets import (
     MOE_EXPERTS_IGNORE,
     MOE_ROUTER_IGNORE,
     AWQTarget,
+    FP4Target,
     FP8Target,
     GPTQTarget,
+    Int8Target,
     VllmTarget,
 )
 
@@ -211,7 +213,7 @@ def memory_estimate(
 ) -> int:
     """Peak memory of one oneshot run with the whole model in memory."""
     est = BASE_RSS + WEIGHT_COPIES * weight_bytes + _activations(config, target, s)
-    if isinstance(target, GPTQTarget):
+    if isinstance(target, (GPTQTarget, Int8Target)):  # int8 W8A8 is quantized by GPTQ too
         est += _hessians(config, layers)
     return int(est)
 
@@ -242,7 +244,7 @@ def offloaded_estimate(
     tied = bool(config.get("tie_word_embeddings"))
     edges = (1 if tied else 2) * vocab * hidden * dtype_bytes
     est = BASE_RSS + 2 * layer_w + WEIGHT_COPIES * edges + _activations(config, target, s)
-    if isinstance(target, GPTQTarget):
+    if isinstance(target, (GPTQTarget, Int8Target)):  # int8 W8A8 is quantized by GPTQ too
         est += _hessians(config, layers)
     return int(min(est, memory_estimate(weight_bytes, config, target, s, layers)))
 
@@ -312,10 +314,10 @@ def _check_layouts(target: VllmTarget, layouts: Sequence[str]) -> None:
             raise InputError(f"unknown layout {lay!r}", f"choose {' or '.join(LAYOUTS)}")
     if "legacy" not in layouts:
         return
-    if isinstance(target, FP8Target):
+    if isinstance(target, (FP8Target, Int8Target, FP4Target)):
         raise InputError(
-            "fp8 has no legacy layout",
-            "legacy layouts are for gptq and awq; fp8 is written as compressed-tensors",
+            f"{target.method} has no legacy layout",
+            f"legacy layouts are for gptq and awq; {target.method} is written as compressed-tensors",
         )
     if isinstance(target, AWQTarget) and target.bits != 4:
         raise InputError(

@@ -195,7 +195,10 @@ def export_placed(
     model_dir = Path(model)
     asked = list(dict.fromkeys(x.target for x in outputs))
     if any(t.family != "vllm" for t in asked):
-        raise InputError("export_vllm() makes gptq, awq and fp8 checkpoints", "see quantkit.export")
+        raise InputError(
+            "export_vllm() makes gptq, awq, fp8, int8, nvfp4 and mxfp4 checkpoints",
+            "see quantkit.export",
+        )
     parsed, auto_notes = _planned(model_dir, asked, s, progress)
     # each output's folder, by the target written (gptq:auto: its plan) and layout
     of = {id(a): p for a, p in zip(asked, parsed, strict=True)}
@@ -260,8 +263,9 @@ def _preflight(
         for p in paths[id(t)].values():
             check_writable_dir(p, force=force)
     if any(t.needs_calibration for t in parsed) and s.calib is None:
+        which = ", ".join(t.label() for t in parsed if t.needs_calibration)
         raise InputError(
-            "gptq, awq and fp8:static need calibration text",
+            f"{which} need calibration text (gptq, awq, int8, fp8:static and nvfp4 calibrate)",
             "pass --calib FILE (plain text; e.g. a few hundred KB of text like the model's use)",
         )
     py = python

@@ -74,11 +74,21 @@ def build_recipe(export: dict[str, Any]) -> Any:
 
         return QuantizationModifier(targets=["Linear"], scheme=r["preset"], ignore=ignore)
     # gptq:auto gives its own config groups (one per scheme, targets by module name)
-    groups = r.get("config_groups") or {"group_0": {"targets": ["Linear"], "weights": r["weights"]}}
+    group = {"targets": ["Linear"], "weights": r.get("weights")}
+    if r.get("activations"):  # W8A8: activations quantized too
+        group["input_activations"] = r["activations"]
+    groups = r.get("config_groups") or {"group_0": group}
     if kind == "GPTQModifier":
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        return GPTQModifier(config_groups=groups, ignore=ignore, **r.get("kwargs", {}))
+        gptq = GPTQModifier(config_groups=groups, ignore=ignore, **r.get("kwargs", {}))
+        if not r.get("smoothing"):
+            return gptq
+        # SmoothQuant first (its default mappings: q/k/v from input_layernorm, gate/up from
+        # post_attention_layernorm, as llm-compressor 0.14 infers them per architecture)
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        return [SmoothQuantModifier(smoothing_strength=float(r["smoothing"])), gptq]
     if kind == "AWQModifier":
         # llmcompressor 0.14: AWQ is a transform (smoothing scales) followed by a separate
         # QuantizationModifier; the old single AWQModifier is a deprecated shim for this pair.

@@ -1,4 +1,5 @@
-"""The vLLM target kinds (``gptq``, ``awq``, ``fp8``) and their options; quantkit/targets.py
+"""The vLLM target kinds (``gptq``, ``awq``, ``fp8``, ``int8``, ``nvfp4``, ``mxfp4``) and their
+options; quantkit/targets.py
 parses ``--to gptq:bits=4,group=64`` into them, as part of its one Target union.
 
 Each method is a pydantic model that rejects unknown keys, so a typo fails before any work.
@@ -161,4 +162,67 @@ class FP8Target(_Target):
         return f"fp8-{self.scheme}"
 
 
-VllmTarget = GPTQTarget | AWQTarget | FP8Target
+# INT8 W8A8 (compressed-tensors' W8A8 preset): int8 weights with one scale per output channel,
+# int8 activations with one scale per token computed at run time; ``static``: one activation
+# scale per tensor from calibration instead. The weights get GPTQ after SmoothQuant, which moves
+# activation outliers into the weights (x·W = (x/s)·(sW), s_j = max|x_j|^α / max|W_j|^(1-α)),
+# so that per-token int8 activations lose little. α (``smoothing``) 0.8 as llm-compressor's W8A8
+# INT8 example (examples/quantization_w8a8_int8/llama3_example.py); 0 skips SmoothQuant.
+INT8_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+INT8_ACTIVATIONS = {
+    "dynamic": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                "dynamic": True},
+    "static": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor",
+               "dynamic": False},
+}  # fmt: skip
+
+
+class Int8Target(_Target):
+    bare: ClassVar[str | None] = "activations"  # int8:static
+    method: Literal["int8"] = "int8"
+    activations: Literal["dynamic", "static"] = "dynamic"
+    smoothing: float = Field(0.8, ge=0, lt=1)  # SmoothQuant strength α; 0: no SmoothQuant
+    dampening: float = Field(0.01, gt=0, lt=1)  # GPTQ: fraction of the Hessian diagonal mean
+
+    def to_recipe(self) -> dict[str, Any]:
+        return {
+            "modifier": "GPTQModifier",
+            "weights": dict(INT8_WEIGHTS),
+            "activations": dict(INT8_ACTIVATIONS[self.activations]),
+            "smoothing": self.smoothing,
+            "kwargs": {"dampening_frac": self.dampening},
+        }
+
+    def label(self) -> str:
+        return "w8a8-int8" + ("-static" if self.activations == "static" else "")
+
+
+class FP4Target(_Target):
+    """4-bit float (E2M1) weights, llm-compressor's presets (compressed-tensors quant_scheme.py):
+    NVFP4 = a FP8 (E4M3) scale per 16 values and a float32 scale per tensor; MXFP4 = a power-of-two
+    (E8M0) scale per 32 values. ``fp4``: activations in the same format too (NVFP4: per-16 scales
+    at run time under a per-tensor scale from calibration; MXFP4: per-32 at run time); ``a16``:
+    weights only (W4A16), no calibration."""
+
+    bare: ClassVar[str | None] = "activations"  # nvfp4:a16
+    method: Literal["nvfp4", "mxfp4"]
+    activations: Literal["fp4", "a16"] = "fp4"
+
+    @property
+    def needs_calibration(self) -> bool:
+        # NVFP4 activations need their per-tensor global scale observed (static_minmax observer)
+        return self.method == "nvfp4" and self.activations == "fp4"
+
+    @property
+    def group_size(self) -> int | None:
+        return 16 if self.method == "nvfp4" else 32
+
+    def to_recipe(self) -> dict[str, Any]:
+        preset = self.method.upper() + ("A16" if self.activations == "a16" else "")
+        return {"modifier": "QuantizationModifier", "preset": preset, "kwargs": {}}
+
+    def label(self) -> str:
+        return self.method + ("-a16" if self.activations == "a16" else "")
+
+
+VllmTarget = GPTQTarget | AWQTarget | FP8Target | Int8Target | FP4Target

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from quantkit.table import format_table, human_bytes
+
+if TYPE_CHECKING:
+    from quantkit.quantize.gguf.types import GGUFType
 
 EPILOG_INSPECT = """\b
 Examples:
@@ -25,10 +29,11 @@ def types(as_json: bool) -> None:
     rows = [
         {
             "type": t.name,
-            "main_tensor_type": t.main.name,
+            "main_tensor_type": t.main,
             "bits_per_weight": t.bpw,
             "needs_imatrix": t.imatrix,
             "made_by": "converter" if t.base else "llama.cpp quantizer",
+            "note": _type_note(t),
         }
         for t in GGUF_TYPES.values()
     ]
@@ -37,7 +42,7 @@ def types(as_json: bool) -> None:
         return
     click.echo(
         format_table(
-            ["type", "main tensor type", "bits/weight", "importance matrix", "made by"],
+            ["type", "main tensor type", "bits/weight", "importance matrix", "made by", "note"],
             [
                 [
                     r["type"],
@@ -49,12 +54,27 @@ def types(as_json: bool) -> None:
                     if r["made_by"] != "converter"
                     else "-",
                     r["made_by"],
+                    r["note"],
                 ]
                 for r in rows
             ],
         )
     )
-    click.echo("\nbits/weight is the main type's; K-quant mixes put some tensors in larger types.")
+    click.echo(
+        "\nbits/weight is the main type's; K-quant mixes put some tensors in larger types."
+        "\nbinary/ternary types (TQ*, Q2_0, Q1_0) are for models trained for them: a float model"
+        " loses most of its quality there (quantkit warns; docs/formats.md has the KLD)."
+    )
+
+
+def _type_note(t: GGUFType) -> str:
+    if t.trained_levels:
+        return f"models trained {'binary' if t.trained_levels == 2 else 'ternary'} only"
+    if t.experts_only:
+        return f"{t.main} for MoE experts, Q8_0 elsewhere"
+    if t.via:
+        return f"{t.main} per layer weight, {t.via} embeddings/output"
+    return ""
 
 
 @click.command()

@@ -134,6 +134,20 @@ def _run_section(ctx: Context, t: Any, name: str, gguf: bool) -> list[str]:
     return lines
 
 
+def _format_line(entry: dict[str, Any], m: dict[str, Any]) -> str:
+    """The format with its bits per weight, and the kernels the engine said it used."""
+    size, eng = entry.get("size") or {}, entry.get("engine") or {}
+    bpw = size.get("bits_per_weight")
+    line = f"Format: {size.get('file_type') or m['type']}" + (
+        f", {bpw:.4g} bits per weight (`size.bits_per_weight`)" if bpw else ""
+    )
+    if eng.get("kernels"):
+        line += (
+            f"; linear kernels the engine picked (`engine.kernels`): {', '.join(eng['kernels'])}"
+        )
+    return line + "."
+
+
 def write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
     """The model card: what the file is, how it was made, what it measured, how to run it."""
     if not m:
@@ -201,6 +215,7 @@ def write_card(ctx: Context, t: Any, m: dict[str, Any]) -> None:
             val = _dig(entry, key)
             if isinstance(val, (int, float)):
                 lines.append(f"| {label} | `{key}` | {format(val, spec)} |")
+        lines += ["", _format_line(entry, m)]
         gates = "; ".join(
             f"{g['gate']} {g['threshold']:g} ({'passed' if g['passed'] else 'FAILED'})"
             for g in entry.get("gates") or []

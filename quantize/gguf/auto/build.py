@@ -95,7 +95,7 @@ def _file_type(types: dict[str, str], nbytes: dict[str, int]) -> GGUFType:
         by_type[t] += nbytes[name]
     for t, _ in by_type.most_common():
         for g in GGUF_TYPES.values():
-            if g.quantized and g.main.name == t and not g.imatrix:
+            if g.quantized and g.main == t and not (g.imatrix or g.via or g.experts_only):
                 return g
     return GGUF_TYPES["Q8_0"]
 

@@ -44,6 +44,7 @@ import numpy as np
 from quantkit.casts import to_f32
 from quantkit.hashing import sha256_file
 from quantkit.progress import Progress
+from quantkit.quantize.gguf import ggml
 from quantkit.quantize.gguf.auto import rows
 from quantkit.quantize.gguf.auto.sizes import Slot
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
@@ -160,7 +161,7 @@ def proxy_errors(
     reader = gguf.GGUFReader(base)
     todo = [s for s in slots if s.quantizable]
     for t in {t for s in todo for t in s.options}:
-        rows.init(int(gguf.GGMLQuantizationType[t]))
+        rows.init(ggml.type_id(t))
 
     def one(s: Slot) -> tuple[Slot, dict[str, float], dict[str, float]]:
         view, base_type = _tensor_rows(reader, s.name)
@@ -174,7 +175,7 @@ def proxy_errors(
         out: dict[str, float] = {}
         se: dict[str, float] = {}
         for t in s.options:
-            q = int(gguf.GGMLQuantizationType[t])
+            q = ggml.type_id(t)
             row_err = np.empty(len(idx), dtype=np.float64)
             for m in np.unique(mat):
                 sel = mat == m

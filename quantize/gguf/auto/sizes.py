@@ -28,14 +28,15 @@ from pathlib import Path
 import gguf
 
 from quantkit.errors import InputError
+from quantkit.quantize.gguf import ggml
 from quantkit.quantize.gguf.auto.rows import _lib, row_size
 from quantkit.quantize.gguf.quantizer import KV_INT, KV_STR
 
-Q = gguf.GGMLQuantizationType
-
-# Candidate tensor types, best first. Not offered: BF16/F32 (never smaller than F16 for a weight
-# that fits F16's range: the base was written in it), TQ1_0/TQ2_0 (ternary: only for models
-# trained ternary), MXFP4 (llama.cpp uses it for MoE experts of MXFP4 models only).
+# Candidate tensor types, best first. Not offered unless named in types=: BF16/F32 (never smaller
+# than F16 for a weight that fits F16's range: the base was written in it), TQ1_0/TQ2_0/Q2_0/Q1_0
+# (ternary / binary: only for models trained so), MXFP4 and NVFP4 (FP4 with a shared scale per
+# 32 / per 16 values: llama.cpp writes them for MXFP4 MoE experts and NVFP4 checkpoints; named in
+# types= they compete like any other type, e.g. types=NVFP4,Q8_0).
 DEFAULT_TYPES: tuple[str, ...] = (
     "F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "IQ4_NL", "IQ4_XS", "Q4_0",
     "Q3_K", "IQ3_S", "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
@@ -96,7 +97,7 @@ def candidates(ncols: int, types: Sequence[str], has_imatrix: bool) -> list[str]
     """The types among ``types`` a row of ``ncols`` can take without a fallback."""
     out = []
     for t in types:
-        block = gguf.GGML_QUANT_SIZES[Q[t]][0]
+        block = ggml.block_size(ggml.type_id(t))
         if ncols % block:
             continue
         if t in NEEDS_IMATRIX and not has_imatrix:
@@ -106,7 +107,7 @@ def candidates(ncols: int, types: Sequence[str], has_imatrix: bool) -> list[str]
 
 
 def tensor_bytes(t: str, ncols: int, nrows: int) -> int:
-    return nrows * row_size(int(Q[t]), ncols)
+    return nrows * row_size(ggml.type_id(t), ncols)
 
 
 def slots(base: Path, imatrix_names: set[str], types: Sequence[str] | None = None) -> list[Slot]:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import gguf
-
 from quantkit.errors import InputError
+from quantkit.quantize.gguf import ggml
 
 PREFIX = "gguf:auto"
 _HINT = "write it as gguf:auto:size=100MB or gguf:auto:bpw=4.5 (optionally :types=Q4_K,Q5_K,Q8_0)"
@@ -62,7 +61,7 @@ def parse_types(text: str) -> tuple[str, ...]:
     for name in (x.strip().upper() for x in text.split(",")):
         if not name:
             continue
-        if name not in gguf.GGMLQuantizationType.__members__:
+        if name not in ggml.names():
             raise InputError(
                 f"gguf:auto: {name!r} is not a ggml tensor type",
                 "use tensor types such as Q4_K,Q5_K,Q6_K,Q8_0,IQ4_XS (not file types like Q4_K_M)",

@@ -88,9 +88,9 @@ def roundtrip(w: Any, s: Scheme, scale_dtype: Any) -> Any:
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
         return q * scale
-    assert s.group is not None
     out_f, in_f = w.shape
-    g = w.reshape(out_f, in_f // s.group, s.group)
+    group = s.group or in_f  # int8 (W8A8): one scale per output channel
+    g = w.reshape(out_f, in_f // group, group)
     qmax, qmin = 2 ** (s.bits - 1) - 1, -(2 ** (s.bits - 1))
     scale = (g.abs().amax(dim=2, keepdim=True) / ((qmax - qmin) / 2)).to(scale_dtype).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))

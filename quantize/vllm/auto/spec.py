@@ -22,7 +22,7 @@ from quantkit.errors import InputError
 from quantkit.quantize.vllm.auto.schemes import DEFAULT_TYPES, scheme
 
 _HINT = (
-    "write it as gptq:auto:bits=4.5 (optionally :types=w4g128,w4g64,w4g32,w8g128,fp8,float "
+    "write it as gptq:auto:bits=4.5 (optionally :types=w4g128,w4g64,w4g32,w8g128,fp8,int8,float "
     "and :force)"
 )
 
@@ -51,7 +51,8 @@ class VllmAutoSpec(BaseModel):
             s = scheme(name)
             if s is None:
                 raise ValueError(
-                    f"unknown scheme {name!r} (w4g32|w4g64|w4g128, w8g32|w8g64|w8g128, fp8, float)"
+                    f"unknown scheme {name!r} "
+                    "(w4g32|w4g64|w4g128, w8g32|w8g64|w8g128, fp8, int8, float)"
                 )
             if s.name not in out:
                 out.append(s.name)
