@@ -36,6 +36,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import treemem  # bench/treemem.py, beside this script: memory of a process tree
+
 CHILD_CONVERT = """
 import json, resource, sys, time
 t0 = time.perf_counter()
@@ -69,39 +71,6 @@ print(json.dumps({"seconds": t1 - t0, "bytes": n,
 """
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants (from /proc/*/stat parent links)."""
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
-
-
-def _status_kb(pid: int) -> tuple[int, int]:
-    rss = anon = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("RssAnon:"):
-                    anon = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, anon
-
-
 def child(code: str, *args: str, python: str | None = None) -> dict:
     """Run ``code`` in a fresh interpreter; its JSON result plus the peak RSS and anonymous
     memory of its process tree, sampled from outside."""
@@ -116,9 +85,9 @@ def child(code: str, *args: str, python: str | None = None) -> dict:
 
     def sample() -> None:
         while not done.is_set():
-            tot = [_status_kb(p) for p in _tree(proc.pid)]
-            peak["rss"] = max(peak["rss"], sum(r for r, _ in tot))
-            peak["anon"] = max(peak["anon"], sum(a for _, a in tot))
+            rss, anon = treemem.sample(proc.pid)
+            peak["rss"] = max(peak["rss"], rss // 1024)
+            peak["anon"] = max(peak["anon"], anon // 1024)
             done.wait(0.01)
 
     th = threading.Thread(target=sample, daemon=True)

@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import treemem  # bench/treemem.py, beside this script: memory of a process tree
+
 HERE = Path(__file__).resolve().parent
 STEPS = ("copy", "convert", "imatrix", "iq4", "validate", "auto")
 SAMPLE_S = 0.2
@@ -45,48 +47,6 @@ FALLBACK_TEXT = (
     "old breakwater, built in 1911, would not survive another decade of winter storms, while "
     "the council worried about cost. "
 ) * 300
-
-
-def _status_kb(pid: int) -> tuple[int, int]:
-    rss = anon = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1])
-                elif line.startswith("RssAnon:"):
-                    anon = int(line.split()[1])
-    except OSError:
-        pass
-    return rss, anon
-
-
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # the command name is in parentheses and may hold spaces: ppid follows the last ')'
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
-def tree_memory(root: int) -> tuple[int, int]:
-    """(Σ VmRSS, Σ RssAnon) in bytes over ``root`` and its descendants, now."""
-    kids = _children()
-    todo, rss, anon = [root], 0, 0
-    while todo:
-        pid = todo.pop()
-        r, a = _status_kb(pid)
-        rss, anon = rss + r, anon + a
-        todo += kids.get(pid, [])
-    return rss * 1024, anon * 1024
 
 
 @dataclass
@@ -109,7 +69,7 @@ def run_step(step: str, cmd: list[str], log: Path, timeout: float) -> Result:
 
         def sample() -> None:
             while not done.is_set():
-                rss, anon = tree_memory(proc.pid)
+                rss, anon = treemem.sample(proc.pid)
                 peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon)
                 done.wait(SAMPLE_S)
 

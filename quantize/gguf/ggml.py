@@ -16,7 +16,8 @@ from quantkit.errors import EngineError, InputError
 
 
 @cache
-def _lib() -> ctypes.CDLL:
+def libggml() -> ctypes.CDLL:
+    """llama-cpp-python's libggml, with the signatures of the type-table functions set."""
     try:
         from llama_cpp._ggml import libggml
     except ImportError as e:  # pragma: no cover - the install step provides it
@@ -35,7 +36,7 @@ def _table() -> dict[int, tuple[str, int, int]]:
     """id → (NAME, block size, block bytes) for every type this libggml has."""
     import llama_cpp
 
-    lib = _lib()
+    lib = libggml()
     out: dict[int, tuple[str, int, int]] = {}
     for i in range(int(llama_cpp.GGML_TYPE_COUNT)):
         block = int(lib.ggml_blck_size(i))

@@ -15,6 +15,7 @@ from functools import cache
 import numpy as np
 
 from quantkit.errors import EngineError
+from quantkit.quantize.gguf import ggml
 
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
@@ -34,10 +35,7 @@ class _Traits(ctypes.Structure):
 
 @cache
 def _lib() -> ctypes.CDLL:
-    try:
-        from llama_cpp._ggml import libggml
-    except ImportError as e:  # pragma: no cover - the install step provides it
-        raise EngineError(f"libggml is not loadable ({e})", "run scripts/install.sh") from None
+    libggml = ggml.libggml()
     libggml.ggml_quantize_chunk.restype = ctypes.c_size_t
     libggml.ggml_quantize_chunk.argtypes = [
         ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
