@@ -72,6 +72,15 @@ MODEL_FILES: tuple[str, ...] = ("generation_config.json",)
 SIDE_FILES: tuple[str, ...] = TOKENIZER_FILES + MODEL_FILES
 
 
+def json_or_none(path: Path) -> Any:
+    """A JSON file, or None where it is absent, unreadable or not JSON: for optional files whose
+    faults the engine that reads them reports itself."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def read_json(path: Path, *, what: str | None = None, limit: int = MAX_JSON_BYTES) -> Any:
     """Parse a JSON file with a size bound and duplicate-key check; errors name the file."""
     what = what or path.name

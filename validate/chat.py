@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantkit.checkpoint import json_or_none
+
 logger = logging.getLogger(__name__)
 
 # A tool schema in the OpenAI form every engine takes (transformers, llama.cpp, vLLM).
@@ -128,13 +130,6 @@ class Reference:
     has_template: bool
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def declared_stop_ids(model_dir: Path, token_id: Callable[[str], int | None]) -> list[int]:
     """Every id the checkpoint declares as a stop, in file order and without repeats:
     tokenizer_config.json's eos token, config.json's (and its text_config's) and
@@ -146,15 +141,15 @@ def declared_stop_ids(model_dir: Path, token_id: Callable[[str], int | None]) ->
             if isinstance(x, int) and not isinstance(x, bool) and x >= 0 and x not in out:
                 out.append(x)
 
-    tcfg = _read_json(model_dir / "tokenizer_config.json") or {}
+    tcfg = json_or_none(model_dir / "tokenizer_config.json") or {}
     eos = tcfg.get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
     if isinstance(eos, str):
         add(token_id(eos))
-    config = _read_json(model_dir / "config.json") or {}
+    config = json_or_none(model_dir / "config.json") or {}
     for cfg in (config, config.get("text_config") or {}):
         add(cfg.get("eos_token_id"))
-    add((_read_json(model_dir / "generation_config.json") or {}).get("eos_token_id"))
+    add((json_or_none(model_dir / "generation_config.json") or {}).get("eos_token_id"))
     return out
 
 

@@ -20,12 +20,12 @@ cost one read.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantkit.checkpoint import json_or_none
 from quantkit.errors import InputError, QuantkitError
 
 # the engines' names (validate/engines.py ``Engine.name``)
@@ -98,7 +98,7 @@ def _describe(p: Path, _key: tuple[int, int]) -> Described:
         return Described(p, "gguf")
     if not (p.is_dir() and (p / "config.json").is_file()):
         return Described(p, "unknown")
-    cfg = _json(p / "config.json")
+    cfg = json_or_none(p / "config.json")
     if not isinstance(cfg, dict):
         return Described(p, "hf")  # transformers says what is wrong with it
     q = cfg.get("quantization_config")
@@ -112,13 +112,6 @@ def is_lora_dir(path: str | Path) -> bool:
     config.json of its own. vLLM scores it on a base model with its LoRA requests."""
     p = Path(path)
     return p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").exists()
-
-
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _gguf(p: Path) -> Described:
@@ -215,7 +208,7 @@ def _quant_format(q: dict[str, Any]) -> str | None:
 
 
 def _lora_label(p: Path) -> str:
-    ad = _json(p / "adapter_config.json")
+    ad = json_or_none(p / "adapter_config.json")
     if not isinstance(ad, dict):
         return "LoRA"
     return f"LoRA r{ad.get('r', '?')}" + (" rs" if ad.get("use_rslora") else "")
