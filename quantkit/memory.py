@@ -167,6 +167,8 @@ class Shape:
     weight_bytes: int
     source_dtype: str
     layer_params: int  # the largest decoder layer
+    tensor_params: int  # the largest tensor
+    other_params: int  # float tensors stored in another dtype than source_dtype (F32 norms)
     expert_params: int  # 3-D expert tensors transformers fuses in memory (MoE); 0 if dense
     n_embd: int
     n_ff: int
@@ -177,6 +179,8 @@ class Shape:
     @classmethod
     def of(cls, ckpt: Any) -> Shape:
         import re
+
+        from quantkit.checkpoint import FLOAT_DTYPES
 
         cfg = ckpt.config.get("text_config") or ckpt.config
         per_layer: dict[str, int] = {}
@@ -194,6 +198,12 @@ class Shape:
             weight_bytes=ckpt.nbytes,
             source_dtype=ckpt.source_dtype,
             layer_params=max(per_layer.values(), default=0),
+            tensor_params=max((t.n_elements for t in ckpt.tensors.values()), default=0),
+            other_params=sum(
+                t.n_elements
+                for t in ckpt.tensors.values()
+                if t.dtype in FLOAT_DTYPES and t.dtype != ckpt.source_dtype
+            ),
             expert_params=experts,
             n_embd=n_embd,
             n_ff=int(
@@ -234,22 +244,27 @@ def imatrix_need(s: Shape, *, ctx: int, chunks: int) -> Need:
 
 def reference_need(s: Shape, *, ctx: int, dtype: str | None) -> Need:
     """The validation reference in transformers (plus the CLI and the llama.cpp worker that
-    follows it): weights stay views of the memory map when they load in their stored dtype; a
-    dtype that differs (``--reference-dtype``, or a config dtype other than the files') is a
-    converted copy in anonymous memory. Logits and log-probs of one chunk are float32."""
+    follows it): weights stay views of the memory map, loaded in their stored dtype; a compute
+    dtype that differs (``--reference-dtype``, or a config dtype other than the files') converts
+    one module's weights at a time (quantkit/torch_dtype.py), so the largest tensor — except in a
+    checkpoint of mixed dtypes, which loads converted whole. Logits and log-probs of one chunk
+    are float32."""
     load = dtype or s.config_dtype or s.source_dtype
     load_bytes = DTYPE_BYTES.get(load, 4)
-    if load_bytes != DTYPE_BYTES.get(s.source_dtype, 4):
-        converted = s.n_params * load_bytes
-        fits = f"--reference-dtype {_torch_name(s.source_dtype)} keeps the weights file-backed"
-    else:  # only MoE expert tensors, concatenated by transformers at load
-        converted = s.expert_params * load_bytes
-        fits = "lower --ctx, or run on a machine with more memory"
+    fits = "lower --ctx, or run on a machine with more memory"
+    if load_bytes == DTYPE_BYTES.get(s.source_dtype, 4):
+        converted, what = s.other_params * load_bytes, "weights in another dtype, converted"
+    elif not s.other_params:
+        converted, what = s.tensor_params * load_bytes, f"largest tensor converted to {load}"
+    else:
+        converted, what = s.n_params * load_bytes, f"weights converted to {load} (mixed dtypes)"
+        fits = f"--reference-dtype {_torch_name(s.source_dtype)} keeps most weights file-backed"
     return Need(
         "the validation reference",
         {
             "runtime": TORCH_RUNTIME + CLI_RUNTIME,
-            f"weights converted to {load}": converted,
+            what: converted,
+            "MoE experts fused at load": s.expert_params * load_bytes,
             "logits of one chunk": 3 * ctx * s.vocab * 4,
             "one chunk's activations": _layer_activations(s, ctx),
         },

@@ -3,6 +3,7 @@ refuses a step that cannot fit before it starts, with the numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import time
@@ -120,8 +121,12 @@ def test_estimates_follow_the_config(tiny: Path) -> None:
     assert many.bytes > one.bytes  # hidden states of every chunk are carried
     same = reference_need(s, ctx=64, dtype=None)
     wider = reference_need(s, ctx=64, dtype="float32")
-    assert wider.bytes - same.bytes == 4 * s.n_params  # a float32 copy of every weight
-    assert "--reference-dtype bfloat16" in wider.fits and "--reference-dtype" not in same.fits
+    # weights stay file-backed in bfloat16; float32 copies exist one module at a time
+    assert s.other_params == 0 and 0 < s.tensor_params < s.n_params
+    assert wider.bytes - same.bytes == 4 * s.tensor_params
+    mixed = reference_need(dataclasses.replace(s, other_params=10), ctx=64, dtype="float32")
+    assert mixed.bytes - same.bytes >= 4 * s.n_params  # a mixed checkpoint loads converted whole
+    assert "--reference-dtype bfloat16" in mixed.fits and "--reference-dtype" not in wider.fits
 
 
 def test_imatrix_refuses_up_front(tiny: Path, tmp_path: Path) -> None:
@@ -149,7 +154,7 @@ def test_validate_refuses_the_reference_up_front(tiny: Path, tmp_path: Path) -> 
                 env={LIMIT_ENV: "300M"})  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert "the validation reference needs about" in r.stderr
-    assert f"allowed by {LIMIT_ENV}" in r.stderr and "--reference-dtype bfloat16" in r.stderr
+    assert f"allowed by {LIMIT_ENV}" in r.stderr and "lower --ctx" in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -160,3 +165,36 @@ def test_llamacpp_counts_the_repacked_weights() -> None:
     assert need.bytes > 5 * 2**30
     with pytest.raises(InputError, match="repacked by the CPU backend"):
         check(need, Room(4 * 2**30, "available"))
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM"])
+def test_reference_computes_in_another_dtype_without_converting_the_weights(
+    arch: str, tmp_path: Path
+) -> None:
+    """--reference-dtype float32 on a BF16 checkpoint: the weights stay the files' BF16 views,
+    each module runs in float32, and the log-probs are those of the whole model converted to
+    float32 (the same arithmetic)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.validate.engines import TransformersEngine, log_softmax32
+
+    model = make_tiny_model(tmp_path / "m", arch, dtype="bfloat16")
+    chunk = [int(i) for i in (np.arange(48) * 7 % 200 + 3)]
+    eng = TransformersEngine(model, n_ctx=64, threads=1, dtype="float32")
+    eng.load()
+    got = eng.score(chunk, 16).logprobs
+    assert {p.dtype for p in eng.model.parameters()} == {torch.bfloat16}
+    assert eng.describe()["dtype"] == "float32"
+    whole = AutoModelForCausalLM.from_pretrained(
+        model, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        logits = whole(torch.tensor([chunk])).logits[0, 16:47].float().numpy()
+    want = log_softmax32(logits)
+    assert got is not None and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # and it is not the BF16 computation
+    bf = TransformersEngine(model, n_ctx=64, threads=1)
+    bf.load()
+    assert np.abs(bf.score(chunk, 16).logprobs - want).max() > 1e-4

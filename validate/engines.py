@@ -258,13 +258,11 @@ class TransformersEngine(ModelEngine):
 
         torch.set_num_threads(self.threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = self.options.get("dtype") or "auto"
+        stored, compute = self._dtypes(torch)
         t0 = time.perf_counter()
         self.model = (
             AutoModelForCausalLM.from_pretrained(
-                self.path,
-                dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                attn_implementation="eager",
+                self.path, dtype=stored or compute or "auto", attn_implementation="eager"
             )
             .to(self.device)
             .eval()
@@ -273,8 +271,37 @@ class TransformersEngine(ModelEngine):
             from peft import PeftModel
 
             self.model = PeftModel.from_pretrained(self.model, self.options["adapter"]).eval()
+        self.compute_dtype = compute or self.model.dtype
+        if self.device == "cpu" and compute is not None and compute != stored:
+            # the weights stay views of the files; each module runs in the asked dtype
+            from quantkit.torch_dtype import compute_in
+
+            compute_in(self.model, compute)
         self.load_seconds = time.perf_counter() - t0
         self.torch = torch
+
+    def _dtypes(self, torch: Any) -> tuple[Any, Any]:
+        """(the dtype every weight is stored in, when there is one and the model runs on CPU;
+        the dtype to compute in: ``dtype`` asked, else the config's, else None for transformers'
+        own choice)."""
+        from quantkit.checkpoint import FLOAT_DTYPES, Checkpoint, json_or_none
+        from quantkit.errors import QuantkitError
+
+        asked = self.options.get("dtype")
+        cfg = json_or_none(Path(self.path) / "config.json") or {}
+        named = asked or cfg.get("dtype") or cfg.get("torch_dtype")
+        compute = getattr(torch, named, None) if isinstance(named, str) else None
+        if self.device != "cpu" or not Path(self.path).is_dir():
+            return None, compute
+        try:
+            with Checkpoint.open(Path(self.path)) as ck:
+                kinds = {t.dtype for t in ck.tensors.values() if t.dtype in FLOAT_DTYPES}
+        except QuantkitError:  # not a safetensors folder: transformers loads it as it can
+            return None, compute
+        if len(kinds) != 1:  # mixed (F32 norms beside BF16 matrices): one load dtype would round
+            return None, compute
+        stored = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(*kinds)
+        return stored, compute
 
     def version(self) -> str:
         import transformers
@@ -282,7 +309,7 @@ class TransformersEngine(ModelEngine):
         return f"transformers {transformers.__version__}, torch {self.torch.__version__}"
 
     def describe(self) -> dict[str, Any]:
-        return {"dtype": str(self.model.dtype).replace("torch.", ""), "device": self.device}
+        return {"dtype": str(self.compute_dtype).replace("torch.", ""), "device": self.device}
 
     def score(self, chunk: list[int], first: int) -> Scored:
         torch = self.torch

@@ -41,6 +41,7 @@ import numpy as np
 from quantkit.errors import CheckpointError, InputError, UnsupportedArchitectureError
 from quantkit.progress import Progress
 from quantkit.targets import IMATRIX_CTX
+from quantkit.torch_dtype import embedding_rows_in
 from quantkit.validate.metrics import make_chunks
 
 # llama.cpp constants (common/imatrix-loader.h, ggml/include/ggml.h, gguf.h)
@@ -463,24 +464,7 @@ def _float32_outside_layers(body: Any, layers: Any) -> list[Any]:
     for emb in embeddings:
         if any(p is emb.weight for p in layers.parameters()):
             continue
-        state: dict[str, Any] = {}
-
-        def pre(mod: Any, args: tuple[Any, ...], state: dict[str, Any] = state) -> Any:
-            ids = args[0]
-            rows, inverse = torch.unique(ids, return_inverse=True)
-            state["weight"], state["padding_idx"] = mod.weight.data, mod.padding_idx
-            # the looked-up rows as a float32 table; the padding index only matters to gradients
-            mod.weight.data = state["weight"][rows].float()
-            mod.padding_idx = None
-            return (inverse.reshape(ids.shape), *args[1:])
-
-        def post(
-            mod: Any, _args: tuple[Any, ...], _out: Any, state: dict[str, Any] = state
-        ) -> None:
-            mod.weight.data, mod.padding_idx = state.pop("weight"), state.pop("padding_idx")
-
-        handles.append(emb.register_forward_pre_hook(pre))
-        handles.append(emb.register_forward_hook(post))
+        handles += embedding_rows_in(emb, torch.float32)
     return handles
 
 
