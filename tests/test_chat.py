@@ -186,6 +186,50 @@ def test_gguf_renders_like_transformers(tmp_path: Path, family: str) -> None:
         assert "system+user" in section["not_applicable"]
 
 
+def lint_errors(model: object, upstream: str) -> set[tuple[str, str | None]]:
+    """ggufdoctor's error findings (check id, fixture) on a model, its template compared with
+    ``upstream``: its sanity checks, its two engines (jinja2, llama.cpp's) against each other,
+    and the comparison with the upstream template — what `ggufdoctor FILE --compare-upstream`
+    runs, without the Hub."""
+    from ggufdoctor.checks.cross_engine import run_cross_engine_checks
+    from ggufdoctor.checks.reference import run_reference_checks
+    from ggufdoctor.checks.sanity import run_sanity_checks
+    from ggufdoctor.engines.registry import select_engines
+    from ggufdoctor.fixtures import load_corpus
+    from ggufdoctor.models import CheckContext, Severity
+
+    corpus = load_corpus(None)
+    engines = select_engines(None).engines
+    ctx = CheckContext(model=model, engines=engines, fixtures=corpus.fixtures,
+                       upstream_template=upstream, upstream_meta={"coverage": "ok"},
+                       corpus_version=corpus.version, custom_corpus=corpus.custom)  # fmt: skip
+    found = run_sanity_checks(ctx) + run_reference_checks(ctx)
+    if len(engines) >= 2:
+        found += run_cross_engine_checks(ctx)
+    return {(f.id, f.fixture) for f in found if f.severity == Severity.ERROR}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ggufdoctor_finds_nothing_the_source_does_not_have(tmp_path: Path, family: str) -> None:
+    """The PyPI linter ggufdoctor reports no error on quantkit's GGUF that it does not also
+    report on the source's own template alone (no GGUF metadata: an error that needs the file's
+    tokens, BOS/EOS or flags can only come from the conversion). Errors of the template itself
+    (its two engines disagreeing, X002, on Phi-3, Qwen3 and SmolLM2 here) show on both."""
+    from ggufdoctor.models import GgufModel
+    from ggufdoctor.reader import read_gguf_file
+
+    model = make_chat_model(tmp_path / family, family)
+    gguf = next(iter(convert(model, tmp_path / "out", "gguf:Q8_0").values()))
+    tcfg = json.loads((model / "tokenizer_config.json").read_text())
+    source = tcfg["chat_template"]
+    if isinstance(source, list):  # named templates: the default one is the file's main template
+        source = next(t["template"] for t in source if t["name"] == "default")
+    ours = read_gguf_file(str(gguf))
+    assert ours.chat_template == source
+    theirs = GgufModel(source_id="upstream", architecture=ours.architecture, chat_template=source)
+    assert lint_errors(ours, source) <= lint_errors(theirs, source)
+
+
 @pytest.mark.parametrize("layout", ["tokenizer_config", "transformers5"])
 def test_named_templates_in_gguf(tmp_path: Path, layout: str) -> None:
     """tool_use is stored under tokenizer.chat_template.tool_use and listed, as llama.cpp reads,
