@@ -140,8 +140,8 @@ def test_describe_reads_a_folder_once(tmp_path: Path, monkeypatch) -> None:
     }
     (folder / "config.json").write_text(json.dumps({"dtype": "bfloat16", "quantization_config": q}))
     reads: list[Path] = []
-    real = d._json
-    monkeypatch.setattr(d, "_json", lambda p: reads.append(p) or real(p))
+    real = d.json_or_none
+    monkeypatch.setattr(d, "json_or_none", lambda p: reads.append(p) or real(p))
     d._describe.cache_clear()
     assert engine_for(folder) == "vllm"
     assert hf_quant_method(folder) == "compressed-tensors"

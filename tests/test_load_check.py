@@ -55,7 +55,9 @@ def tiny_phi3(
 
 
 def _one_line(stderr: str) -> str:
+    """The error: one line (warnings about the input may precede it, labelled as such)."""
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("quantkit: warning: ")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
 

@@ -55,8 +55,20 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Interrupted("interrupted by SIGTERM")
 
 
+def _show_library_warnings() -> None:
+    """Library code warns through ``logging`` (it never prints); the command shows those
+    warnings on stderr as ``quantkit: warning: …``, apart from its one-line errors."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("quantkit: warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("quantkit").addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("QUANTKIT_DEBUG") == "1"
+    _show_library_warnings()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, prog_name="quantkit", standalone_mode=False)

@@ -116,12 +116,12 @@ def _fallbacks(a: Any) -> str:
 
 def _notes(res: Any, o: Any, table: bool) -> None:
     for w in res.warnings:
-        click.echo(f"warning: {w}", err=True)
+        click.echo(f"quantkit: warning: {w}", err=True)
     g = res.gguf
     if g is not None and g.clamped_f16:
         items = sorted(g.clamped_f16.items(), key=lambda kv: -kv[1])
         click.echo(
-            f"warning: --clamp-f16 clamped {len(items)} tensor(s) to ±65504: "
+            f"quantkit: warning: --clamp-f16 clamped {len(items)} tensor(s) to ±65504: "
             + ", ".join(f"{n} (max |x| {v:.4g})" for n, v in items),
             err=True,
         )
