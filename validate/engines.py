@@ -362,6 +362,7 @@ class MemoryEngine(TransformersEngine):
         self._was_training = bool(self.model.training)
         self.model.eval()
         self.device = str(next(self.model.parameters()).device)
+        self.compute_dtype = self.model.dtype
 
     def unload(self) -> None:
         self.model.train(self._was_training)
