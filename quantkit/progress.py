@@ -23,7 +23,8 @@ from typing import Any, TextIO
 Progress = Callable[[str, int, int], None]
 
 # The unit of a stage's count, by a word of the stage, the last first ("Q4_K_M.gguf score" counts
-# tokens, "quantize Q4_K_M" tensors; "gptq:calibrate" counts samples).
+# tokens, "quantize Q4_K_M" tensors, "gptq:calibrate layers" llm-compressor's sequential
+# subgraphs, "sensitivity: calibrate" samples).
 UNITS: dict[str, str] = {
     "score": "tok",
     "speed": "run",

@@ -165,7 +165,7 @@ def _report_layers(progress: Progress) -> None:
         def gen():
             yield from orig(iterable, *args, desc=desc, **kwargs)
             if "Calibrating" in desc:
-                progress("calibrate", i, n)
+                progress("calibrate layers", i, n)  # a subgraph: one decoder layer (or the tail)
 
         return gen()
 
