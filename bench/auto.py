@@ -70,7 +70,7 @@ def child(code: str, env: dict[str, str]) -> tuple[float, float, str]:
 SENS = """
 import json
 from pathlib import Path
-from quantkit.convert.hf_to_gguf import QuantSettings, _probe_chunks, with_imatrix
+from quantkit.convert.hf_to_gguf import QuantSettings, _calib_chunks, with_imatrix
 from quantkit.quantize.gguf.auto import sizes
 from quantkit.quantize.gguf.auto.build import _options
 from quantkit.quantize.gguf.auto.sensitivity import measure
@@ -80,7 +80,7 @@ w = Path({work!r})
 im = load_imatrix(w / "im.gguf")
 o = _options(with_imatrix(QuantizeOptions(threads={threads}), im, w / "im.gguf"))
 slots = sizes.slots(w / "m-F16.gguf", set(o.imatrix), None)
-chunks = _probe_chunks(w / "m-F16.gguf", QuantSettings(calib=Path({calib!r}), calib_ctx={ctx}))
+chunks = _calib_chunks(w / "m-F16.gguf", QuantSettings(calib=Path({calib!r}), calib_ctx={ctx}))
 s = measure(w / "m-F16.gguf", slots, o, probe_chunks=chunks, n_ctx={ctx}, threads={threads})
 n = sum(len(v) for v in s.errors.values())
 print(json.dumps({{"hit": s.cache_hit, "seconds": s.seconds, "pairs": n, "tensors": len(s.errors),
@@ -113,6 +113,10 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--skip-cost", action="store_true", help="no child-process timing")
     ap.add_argument("--fixtures", type=Path, default=FIXTURES, help="the shared fixtures folder")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="HF checkpoint (default: the embedded default; bench/offgrid.py makes a "
+                    "float-like copy of it)")  # fmt: skip
+    ap.add_argument("--stock", default="", help="only these stock file types, comma-separated")
     ap.add_argument(
         "--sample-check",
         action="store_true",
@@ -151,7 +155,7 @@ def main() -> None:
     w.mkdir(parents=True, exist_ok=True)
     env = {"QUANTKIT_CACHE": str(w / "cache")}
     os.environ.update(env)
-    model = demo_model()
+    model = args.model or demo_model()
     f16 = w / "m-F16.gguf"
     if not f16.exists():
         convert(model, ["gguf:F16"], f16)
@@ -162,6 +166,8 @@ def main() -> None:
         save_imatrix(im, w / "im.gguf")
     qs = QuantSettings(options=QuantizeOptions(threads=args.threads), imatrix_file=w / "im.gguf")
     stock = [n for n, t in GGUF_TYPES.items() if t.quantized]
+    if args.stock:
+        stock = sorted({"Q4_K_M", "Q3_K_M", *args.stock.split(",")}, key=stock.index)
     if args.sample_check:
         stock = ["Q4_K_M", "Q3_K_M"]
     (w / "stock").mkdir(exist_ok=True)
@@ -221,6 +227,17 @@ def main() -> None:
                         dry_run=False, threads=args.threads, progress=None)  # fmt: skip
         autos[f"auto@{label}"] = out
         plans[f"auto@{label}"] = art.auto or {}
+        sel = (art.auto or {}).get("selection") or {}
+        if sel.get("winner"):
+            print(f"selection at {label} on {sel['chunks']} held-out calibration chunks "
+                  f"({sel['seconds']:.0f} s): winner {sel['winner']}, margin over the best "
+                  f"stock measured ({sel['best_reference']}) {100 * (sel['margin'] or 0):+.1f} %")  # fmt: skip
+            for c in sel["candidates"]:
+                m = "—" if c["measured_kld"] is None else f"{c['measured_kld']:.5f}"
+                p = "—" if c["predicted_kld"] is None else f"{c['predicted_kld']:.5f}"
+                print(f"  {c['name']:<14} {c['source']:<6} {c['bytes']:>12,} B predicted {p:>8}"
+                      f" measured {m}")  # fmt: skip
+            autos.update(solver_files(f16, size, opts, qs_auto, w / "auto", label, sel))
         print(
             f"auto at {label} ({size:,} B): wrote {art.size:,} B (predicted "
             f"{art.auto['predicted_bytes']:,}), predicted KLD {art.auto['predicted_kld']:.4f}, "
@@ -234,7 +251,7 @@ def main() -> None:
     all_files = {**files, **autos}
     res_path = w / "scores.json"
     scores = json.loads(res_path.read_text()) if res_path.exists() else {}
-    todo = [n for n in all_files if n not in scores or n.startswith("auto@")]
+    todo = [n for n in all_files if n not in scores or "@" in n]
     t0 = time.perf_counter()
     res = score_files([all_files[n] for n in todo], tokens, n_ctx=args.ctx, n_chunks=args.chunks,
                       bos=bos, reference=f16, threads=args.threads)  # fmt: skip
@@ -254,11 +271,7 @@ def main() -> None:
     print()
     for label in budgets:
         a = scores[f"auto@{label}"]
-        fits = {
-            n: s
-            for n, s in scores.items()
-            if not n.startswith("auto@") and s["bytes"] <= budgets[label]
-        }
+        fits = {n: s for n, s in scores.items() if "@" not in n and s["bytes"] <= budgets[label]}
         best_n = min(fits, key=lambda n: fits[n]["kld"])
         gain = 1 - a["kld"] / fits[best_n]["kld"]
         verdict = "PASS" if gain >= 0.15 else "not reached"
@@ -271,7 +284,11 @@ def main() -> None:
         from quantkit.validate.report import size_kld_chart
 
         size_kld_chart(
-            [(n, s["bytes"], s["kld"], n.startswith("auto@")) for n, s in scores.items()],
+            [
+                (n, s["bytes"], s["kld"], n.startswith("auto@"))
+                for n, s in scores.items()
+                if "@" not in n or n.startswith("auto@")
+            ],
             args.plot,
             f"SmolLM2-135M-Instruct: mean KLD vs F16 on wiki.test.raw ({args.chunks}×{args.ctx})",
         )
@@ -280,10 +297,30 @@ def main() -> None:
         rank_check(w, f16, qs, args, plans)
 
 
+def solver_files(f16: Path, size: int, opts, qs, folder: Path, label: str, sel: dict) -> dict:
+    """The solver candidates the selection did not ship, written too, so that the evaluation
+    text shows how the choice on held-out calibration chunks carries over."""
+    from quantkit.convert.hf_to_gguf import _calib_chunks
+    from quantkit.quantize.gguf.auto.build import candidates, plan_auto, write_auto
+    from quantkit.quantize.gguf.auto.spec import AutoSpec
+
+    chunks = _calib_chunks(f16, qs)  # the same probes: the sensitivity comes from the cache
+    plan = plan_auto(f16, AutoSpec(size=size), opts, probe_chunks=chunks, n_ctx=qs.calib_ctx)
+    _, plans = candidates(f16, plan, opts)
+    out = {}
+    for c in sel["candidates"]:
+        if c["source"] != "solver" or c["name"] == sel["winner"]:
+            continue
+        path = folder / f"m-{c['name'].replace(':', '-')}-{label}.gguf"
+        write_auto(f16, plans[c["name"]], path, opts)
+        out[f"{c['name']}@{label}"] = path
+    return out
+
+
 def rank_check(w: Path, f16: Path, qs, args, plans: dict) -> None:
     """Single tensor × type pairs measured in llama.cpp vs the proxy (Spearman)."""
 
-    from quantkit.convert.hf_to_gguf import QuantSettings, _probe_chunks, with_imatrix
+    from quantkit.convert.hf_to_gguf import QuantSettings, _calib_chunks, with_imatrix
     from quantkit.quantize.gguf.auto import sizes
     from quantkit.quantize.gguf.auto.build import _options
     from quantkit.quantize.gguf.auto.probe import KLDProbe
@@ -292,7 +329,7 @@ def rank_check(w: Path, f16: Path, qs, args, plans: dict) -> None:
 
     o = _options(with_imatrix(qs.options, load_imatrix(w / "im.gguf"), w / "im.gguf"))
     slots = sizes.slots(f16, set(o.imatrix or {}), None)
-    chunks = _probe_chunks(f16, QuantSettings(calib=CALIB, calib_ctx=args.ctx))
+    chunks = _calib_chunks(f16, QuantSettings(calib=CALIB, calib_ctx=args.ctx))
     sens = measure(f16, slots, o, probe_chunks=chunks, n_ctx=args.ctx, threads=args.threads)
     rng = random.Random(0)
     pool = [(s, t) for s in slots if s.quantizable for t in s.options if t != "F16"]
@@ -301,13 +338,15 @@ def rank_check(w: Path, f16: Path, qs, args, plans: dict) -> None:
     rows = []
     for s, t in sample:
         kld = probe.kld({s.name: t})
-        rows.append((s.name, t, kld, sens.kld(s, t), sens.errors[s.name][t]))
+        rows.append((s.name, t, kld, sens.kld(s, t), sens.errors[s.name][t],
+                     sens.per_kind().kld(s, t)))  # fmt: skip
         print(f"  {s.name:<28} {t:<8} measured {kld:.3e} predicted {rows[-1][3]:.3e}", flush=True)
 
     m = [r[2] for r in rows]
     print(
         f"rank correlation over {len(rows)} tensor×type pairs (calibration chunks): "
-        f"Spearman {spearman(m, [r[3] for r in rows]):.3f} with per-kind gains, "
+        f"Spearman {spearman(m, [r[3] for r in rows]):.3f} with kind × layer gains, "
+        f"{spearman(m, [r[5] for r in rows]):.3f} with per-kind gains alone, "
         f"{spearman(m, [r[4] for r in rows]):.3f} raw imatrix-weighted error"
     )
     (w / "rank.json").write_text(json.dumps(rows, indent=1))
@@ -347,7 +386,7 @@ def sample_check(w: Path, f16: Path, qs, args, budgets: dict[str, int]) -> None:
 
     import numpy as np
 
-    from quantkit.convert.hf_to_gguf import QuantSettings, _probe_chunks, with_imatrix
+    from quantkit.convert.hf_to_gguf import QuantSettings, _calib_chunks, with_imatrix
     from quantkit.quantize.gguf.auto import sensitivity as S
     from quantkit.quantize.gguf.auto import sizes
     from quantkit.quantize.gguf.auto.build import _options, plan_auto
@@ -359,7 +398,7 @@ def sample_check(w: Path, f16: Path, qs, args, budgets: dict[str, int]) -> None:
     slots = sizes.slots(f16, set(o.imatrix or {}), types)
     n_params = sum(s.n_elements for s in slots)
     chunks = (
-        _probe_chunks(f16, QuantSettings(calib=CALIB, calib_ctx=args.ctx)) if args.probes else None
+        _calib_chunks(f16, QuantSettings(calib=CALIB, calib_ctx=args.ctx)) if args.probes else None
     )
     print(f"load: {os.getloadavg()[0]:.2f} (1 min), threads {args.threads}")
     cpu0 = time.process_time()

@@ -974,8 +974,13 @@ def _planned_bytes(shape: tuple[int, ...], type_name: str) -> int:
     return int(np.prod(shape, dtype=np.int64)) // block * size
 
 
-def _probe_chunks(base: Path, qs: QuantSettings) -> list[list[int]] | None:
-    """Calibration chunks for measuring the per-kind gains in llama.cpp (None without text)."""
+def _calib_chunks(
+    base: Path, qs: QuantSettings, *, held_out: bool = False
+) -> list[list[int]] | None:
+    """Calibration chunks (None without text): for the per-kind/per-layer probes, the start of
+    the text; ``held_out``: for selecting among candidates, its end, so neither the probes nor
+    the importance matrix (also from the start) saw them. A text too short for both gives the
+    selection the probes' chunks (the report's ``selection.chunks`` then equals theirs)."""
     if qs.calib is None:
         return None
     from quantkit.quantize.gguf.auto.build import PROBE_CHUNKS
@@ -983,8 +988,9 @@ def _probe_chunks(base: Path, qs: QuantSettings) -> list[list[int]] | None:
     from quantkit.validate.quality import llama_tokens
 
     text = read_text(qs.calib)
-    prefix = text[: max(50_000, PROBE_CHUNKS * qs.calib_ctx * 8)]
-    tokens, bos = llama_tokens(base, prefix, n_ctx=qs.calib_ctx)
+    need = max(50_000, PROBE_CHUNKS * qs.calib_ctx * 8)
+    part = text[-need:] if held_out and len(text) >= 2 * need else text[:need]
+    tokens, bos = llama_tokens(base, part, n_ctx=qs.calib_ctx)
     return make_chunks(tokens, qs.calib_ctx, PROBE_CHUNKS, bos) or None
 
 
@@ -1001,21 +1007,39 @@ def _auto_one(
     progress: Progress | None,
 ) -> Artifact:
     """A gguf:auto target: planned (dry run) or written, checked against the plan and audited."""
-    from quantkit.quantize.gguf.auto.build import plan_auto, write_auto
+    from quantkit.quantize.gguf.auto.build import (
+        dry_selection,
+        plan_auto,
+        select_and_write,
+        write_auto,
+    )
 
     t1 = time.perf_counter()
-    plan = plan_auto(base, spec, options, probe_chunks=_probe_chunks(base, qs),
+    plan = plan_auto(base, spec, options, probe_chunks=_calib_chunks(base, qs),
                      n_ctx=qs.calib_ctx, threads=threads, progress=progress)  # fmt: skip
     n = len(plan.tensor_bytes)
+    held_out = None if dry_run else _calib_chunks(base, qs, held_out=True)
+    if held_out is None:
+        why = "dry run" if dry_run else "no calibration text (--calib) to measure candidates on"
+        plan = dry_selection(base, plan, options, why)
     if dry_run:
         return Artifact(path, spec.name, plan.file_bytes, n, time.perf_counter() - t1,
                         planned=plan.types, auto=plan.to_json())  # fmt: skip
-    size, aud, rep = write_checked(
-        path, force, lambda tmp: write_auto(base, plan, tmp, options, progress=progress)
-    )
-    aud.fallbacks = list(rep.fallbacks)  # every type was chosen to fit its rows: none expected
+    shipped: list = []
+
+    def write(tmp: Path):
+        if held_out is None:
+            shipped.append(plan)
+            return write_auto(base, plan, tmp, options, progress=progress)
+        p, rep = select_and_write(base, plan, tmp, options, held_out, n_ctx=qs.calib_ctx,
+                                  threads=threads, progress=progress)  # fmt: skip
+        shipped.append(p)
+        return rep
+
+    size, aud, rep = write_checked(path, force, write)
+    aud.fallbacks = list(rep.fallbacks)  # a plan's types fit their rows; a stock mix's may not
     return Artifact(path, spec.name, size, n, time.perf_counter() - t1, audit=aud,
-                    auto=plan.to_json())  # fmt: skip
+                    auto=shipped[0].to_json())  # fmt: skip
 
 
 def _checked(ckpt: Checkpoint, arch: Architecture, source: str) -> tuple[np.ndarray, str]:

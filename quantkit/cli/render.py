@@ -66,6 +66,7 @@ def _echo_auto_plans(autos: list[Any]) -> None:
                 f"of the chosen types' errors median {100 * bar['median']:.1f} %, "
                 f"95th percentile {100 * bar['p95']:.1f} %"
             )
+        _echo_selection(p.get("selection"))
         click.echo("\nper tensor:")
         click.echo(
             format_table(
@@ -73,6 +74,30 @@ def _echo_auto_plans(autos: list[Any]) -> None:
                 [[n, t, f"{p['tensor_kld'][n]:.3g}"] for n, t in p["types"].items()],
             )
         )
+
+
+def _echo_selection(sel: dict[str, Any] | None) -> None:
+    """gguf:auto's candidates: measured on held-out calibration chunks, or why not."""
+    if not sel:
+        return
+    if not sel.get("winner"):
+        click.echo(f"  candidates (not measured: {sel.get('why', 'dry run')}):")
+    else:
+        margin = sel.get("margin")
+        click.echo(
+            f"  shipped {sel['winner']} of {len(sel['candidates'])} candidates, measured in "
+            f"llama.cpp on {sel['tokens']:,} held-out calibration tokens ({sel['seconds']:.0f} s)"
+            + ("" if margin is None else
+               f"; {100 * margin:+.1f} % KLD against the best stock file measured "
+               f"({sel['best_reference']})")
+        )  # fmt: skip
+    rows = [[c["name"], c["source"], f"{c['bytes']:,}",
+             "" if c["predicted_kld"] is None else f"{c['predicted_kld']:.4g}",
+             "" if c["measured_kld"] is None else f"{c['measured_kld']:.4g}"]
+            for c in sel["candidates"]]  # fmt: skip
+    click.echo(
+        format_table(["candidate", "source", "bytes", "predicted KLD", "measured KLD"], rows)
+    )
 
 
 def show(res: Any, o: Any, *, as_json: bool, seconds: float) -> None:
@@ -92,6 +117,10 @@ def show(res: Any, o: Any, *, as_json: bool, seconds: float) -> None:
         )
     )  # fmt: skip
     for a in res.artifacts:
+        sel = ((a.details or {}).get("auto") or {}).get("selection") or {}
+        if sel.get("winner"):
+            click.echo(f"{a.label}:")
+            _echo_selection(sel)
         f = (a.audit or {}).get("fallbacks") or []
         if f:
             click.echo(

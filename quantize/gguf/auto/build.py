@@ -7,15 +7,17 @@ is then read back: its tensor types and size must be the plan's.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import EngineError, InputError
 from quantkit.progress import Progress
-from quantkit.quantize.gguf.auto import sizes
+from quantkit.quantize.gguf.auto import select, sizes
 from quantkit.quantize.gguf.auto.probe import overrides
+from quantkit.quantize.gguf.auto.select import Candidate
 from quantkit.quantize.gguf.auto.sensitivity import Sensitivity, measure
 from quantkit.quantize.gguf.auto.solver import BudgetTooSmall, Option, solve
 from quantkit.quantize.gguf.auto.spec import AutoSpec
@@ -42,6 +44,8 @@ class AutoPlan:
     budget: int  # what the solver was given: file bytes (size=) or tensor bytes (bpw=)
     ftype: GGUFType
     sensitivity: Sensitivity
+    slots: list[sizes.Slot] = field(default_factory=list, repr=False)
+    selection: dict[str, Any] | None = None  # what select_and_write measured (None: not run)
 
     @property
     def predicted_kld(self) -> float:
@@ -61,6 +65,14 @@ class AutoPlan:
         return {"median": v[len(v) // 2], "p95": v[min(len(v) - 1, int(0.95 * len(v)))],
                 "max": v[-1]}  # fmt: skip
 
+    def predicted(self, types: dict[str, str]) -> float | None:
+        """Another assignment's KLD as this plan's sensitivity predicts it (None: a type it did
+        not measure)."""
+        by_name = {s.name: s for s in self.slots}
+        if not all(t in self.sensitivity.errors.get(n, {}) for n, t in types.items()):
+            return None
+        return sum(self.sensitivity.kld(by_name[n], t) for n, t in types.items())
+
     def to_json(self) -> dict[str, Any]:
         return {
             "budget": {"size": self.spec.size, "bpw": self.spec.bpw},
@@ -77,7 +89,10 @@ class AutoPlan:
                 "sample_values": self.sensitivity.sample,
                 "probe_tokens": self.sensitivity.probe_tokens,
                 "error_bar": self.error_bar(),
+                "layer_gains": self.sensitivity.layer_gains,
+                "probe_kld": self.sensitivity.probe_kld,
             },
+            "selection": self.selection,
         }
 
 
@@ -170,7 +185,7 @@ def plan_auto(
     file_bytes = meta + sum(sizes.padded(n, align) for n in nbytes.values())
     return AutoPlan(
         spec, types, {n: o.kld for n, o in sol.choice.items()}, nbytes, file_bytes, n_params,
-        budget, ftype, sens,
+        budget, ftype, sens, slots,
     )  # fmt: skip
 
 
@@ -201,3 +216,91 @@ def write_auto(
             + f"; {info.size:,} bytes for {plan.file_bytes:,} predicted"
         )
     return rep
+
+
+def candidates(
+    base: Path, plan: AutoPlan, options: QuantizeOptions
+) -> tuple[list[Candidate], dict[str, AutoPlan]]:
+    """The solver's plans under each surrogate, then llama.cpp's file types that fit the same
+    budget; predicted KLD of all under the plan's own sensitivity."""
+    plans = {"auto": plan}
+    for name, sens in select.surrogates(plan.sensitivity).items():
+        if name != "auto":
+            plans[name] = plan_auto(base, plan.spec, options, sensitivity=sens)
+    out = [
+        Candidate(name, "solver", p.types, p.file_bytes, plan.predicted(p.types), p.ftype)
+        for name, p in plans.items()
+    ]
+    spec = plan.spec
+
+    def fits(file_bytes: int, tensor_bytes: int) -> bool:
+        if spec.size is not None:
+            return file_bytes <= spec.size
+        return tensor_bytes * 8 / plan.n_params <= (spec.bpw or 0.0)
+
+    stock = select.stock_candidates(base, options, plan.slots, plan.sensitivity, fits)
+    for c in stock:
+        c.predicted_kld = plan.predicted(c.types)
+    return out + stock, plans
+
+
+def select_and_write(
+    base: Path,
+    plan: AutoPlan,
+    dst: Path,
+    options: QuantizeOptions,
+    chunks: list[list[int]],
+    *,
+    n_ctx: int = IMATRIX_CTX,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[AutoPlan, QuantizeReport]:
+    """Write the candidates that the bound allows, score each in llama.cpp on ``chunks`` (held
+    out from the probes and the matrix) and leave the best at ``dst``; the returned plan
+    describes the file written, with ``selection`` filled in."""
+    from quantkit.quantize.gguf.auto.probe import KLDProbe
+
+    t0 = time.perf_counter()
+    from quantkit.quantize.gguf.auto.sensitivity import probe_budget
+
+    cands, plans = candidates(base, plan, options)
+    chunks = probe_budget(chunks, plan.n_params)
+    tokens = sum(len(c) for c in chunks)
+    todo = select.shortlist(cands, select.n_candidates(plan.n_params))
+    base_type = next((s.base_type for s in plan.slots if s.quantizable), "F16")
+    probe = KLDProbe(base, chunks, _options(options), base_type=base_type, threads=threads,
+                     n_ctx=n_ctx, progress=progress)  # fmt: skip
+    reports: dict[str, QuantizeReport] = {}
+
+    def write(c: Candidate, path: Path) -> None:
+        if c.source == "solver":
+            reports[c.name] = write_auto(base, plans[c.name], path, options, progress=progress)
+            return
+        reports[c.name] = quantize_file(base, path, c.ftype, options, progress=progress)
+        if path.stat().st_size != c.file_bytes:
+            raise EngineError(
+                f"llama.cpp wrote {c.name} in {path.stat().st_size:,} bytes, "
+                f"{c.file_bytes:,} predicted from its dry run"
+            )
+
+    winner = select.measure(todo, write, probe.kld_of_file, dst, progress)
+    sel = select.summary(cands, winner, len(chunks), tokens, time.perf_counter() - t0)
+    if winner.source == "solver":
+        shipped = replace(plans[winner.name], selection=sel)
+    else:
+        by_name = {s.name: s for s in plan.slots}
+        nbytes = {s.name: s.base_bytes for s in plan.slots if not s.quantizable}
+        nbytes.update({n: sizes.tensor_bytes(t, by_name[n].ncols, by_name[n].nrows)
+                       for n, t in winner.types.items()})  # fmt: skip
+        kld = {n: plan.sensitivity.kld(by_name[n], t) for n, t in winner.types.items()
+               if t in plan.sensitivity.errors.get(n, {})}  # fmt: skip
+        shipped = replace(plan, types=winner.types, tensor_bytes=nbytes, tensor_kld=kld,
+                          file_bytes=winner.file_bytes, ftype=winner.ftype, selection=sel)  # fmt: skip
+    return shipped, reports[winner.name]
+
+
+def dry_selection(base: Path, plan: AutoPlan, options: QuantizeOptions, why: str) -> AutoPlan:
+    """The candidates a written run would measure, with their predictions, and why none was."""
+    cands, _ = candidates(base, plan, options)
+    sel = {"measured": False, "why": why, "candidates": [c.to_json() for c in cands]}
+    return replace(plan, selection=sel)

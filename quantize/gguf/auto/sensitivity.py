@@ -16,12 +16,17 @@ tensor, one row drawn from each of as many equal strata), with a stated relative
 per tensor × type: the cost is tensors × candidates, not parameters × candidates.
 
 How much of that error reaches the output differs between kinds of tensor (a value projection
-is not a gate; the tied embedding is also the output head), so one gain per kind is measured in
-llama.cpp: all tensors of a kind quantized to a probe type, the rest untouched, mean KLD on
-calibration chunks against the base; gain = KLD / Σ err. Predicted KLD(t, T) = gain(kind) ·
-err(t, T). Without calibration text the gains are 1 (the raw proxy). A probe is one rewrite of
-the file and one forward pass, so its cost is tokens × parameters: the tokens are bounded
-(PROBE_TOKEN_PARAMS).
+is not a gate; the tied embedding is also the output head) and between layers (the residual
+stream's scale and what later layers do with an error differ by depth; a layer with activations
+hundreds of times larger than the others dominates its kind's summed error), so the gain of a
+tensor is a product, kind × layer: gain(t) = a[kind(t)] · b[layer(t)]. Both are fit to probes in
+llama.cpp — every tensor of a kind quantized to a probe type, the rest untouched, and every
+tensor of a group of consecutive layers likewise — each probe's mean KLD on calibration chunks
+against the base; a and b by iterative proportional fitting, so that each probe's predicted KLD
+(Σ over its tensors of a·b·err) matches the measured one. Predicted KLD(t, T) = a·b·err(t, T).
+Without calibration text the gains are 1 (the raw proxy). A probe is one rewrite of the file and
+one forward pass, so its cost is tokens × parameters: the tokens per probe are bounded
+(PROBE_TOKEN_PARAMS) and so is the number of layer groups (LAYER_PROBE_TOKEN_PARAMS).
 
 Everything is cached by content: sha256 of the base file, the importance matrix, the candidate
 types, the probe tokens and settings. One pass serves every budget.
@@ -35,7 +40,7 @@ import os
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -50,7 +55,7 @@ from quantkit.quantize.gguf.auto.sizes import Slot
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
 from quantkit.targets import IMATRIX_CTX
 
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 # Values of each tensor whose error is measured (whole rows, stratified): 2^18 is 64 rows of a
 # 4096-wide tensor, 455 of a 576-wide one, so the pass costs tensors × candidates, whatever their
 # size (Llama-3-8B: 65.5 M of its 8.03 G values per candidate type). Checked against the full
@@ -62,6 +67,12 @@ MIN_ROWS = 32  # rows sampled at least, however wide: the error bar needs a few 
 # at most PROBE_CHUNKS chunks, fewer on a model so large that 4 chunks of 512 tokens would cost
 # more than on a 2 B-parameter one (one chunk at 8 B), never fewer than one.
 PROBE_TOKEN_PARAMS = 4 * 512 * 2e9
+# The layer probes share a budget of tokens × parameters: every layer its own probe on the 135 M
+# embedded default (30 layers, 4 × 512 tokens each), 9 groups of ~3 layers at 1.5 B, 7 groups at
+# 8 B (one chunk each) — docs/cli.md has the measured cost.
+LAYER_PROBE_TOKEN_PARAMS = 3e13
+MIN_LAYER_GROUPS = 2
+FIT_ITERATIONS = 200  # iterative proportional fitting of kind × layer gains (converges in tens)
 PROBE_TYPE = "Q4_0"  # a type every 32-multiple row takes, in the range budgets land in
 # when types= leaves Q4_0 out: a probe type near 4 bits first (where gains matter most)
 PROBE_ORDER = (PROBE_TYPE, "Q4_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_0", "Q3_K", "Q5_K", "IQ3_S",
@@ -71,8 +82,8 @@ PROBE_ORDER = (PROBE_TYPE, "Q4_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_0", "Q3_K", "
 @dataclass
 class Sensitivity:
     errors: dict[str, dict[str, float]]  # tensor -> type -> imatrix-weighted squared error
-    gains: dict[str, float]  # kind -> KLD per unit of error (1.0: not measured)
-    probe_kld: dict[str, float] = field(default_factory=dict)  # kind -> measured KLD at PROBE_TYPE
+    gains: dict[str, float]  # kind -> KLD per unit of error, a[kind] (1.0: not measured)
+    probe_kld: dict[str, float] = field(default_factory=dict)  # probe label -> measured KLD
     seconds: dict[str, float] = field(default_factory=dict)  # proxy / probe
     peak_rss_mib: float = 0.0
     cache_hit: bool = False
@@ -80,9 +91,24 @@ class Sensitivity:
     rel_se: dict[str, dict[str, float]] = field(default_factory=dict)  # tensor -> type -> error bar
     sample: int | None = SAMPLE_VALUES  # values measured per tensor (None: all)
     probe_tokens: int = 0  # tokens each llama.cpp probe scored
+    layer_gains: dict[str, float] = field(default_factory=dict)  # layer group -> b[group]
+    tensor_gains: dict[str, float] = field(default_factory=dict)  # tensor -> a[kind] · b[layer]
 
     def kld(self, slot: Slot, t: str) -> float:
-        return self.gains.get(slot.kind, 1.0) * self.errors[slot.name][t]
+        g = self.tensor_gains.get(slot.name)
+        return (self.gains.get(slot.kind, 1.0) if g is None else g) * self.errors[slot.name][t]
+
+    def per_kind(self) -> Sensitivity:
+        """The same errors with one gain per kind fit alone (no layer factor): a second
+        surrogate the selection measures beside the first."""
+        return replace(self, gains=self.kind_only, tensor_gains={})
+
+    @property
+    def kind_only(self) -> dict[str, float]:
+        """Per-kind gains as one probe per kind alone gives them (KLD / Σ err of the kind)."""
+        return {k[len("kind:") :]: v for k, v in self.probe_gains.items() if k.startswith("kind:")}
+
+    probe_gains: dict[str, float] = field(default_factory=dict)  # probe label -> KLD / Σ err
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -204,28 +230,97 @@ def proxy_errors(
     return result, {k: rel_se[k] for k in result}
 
 
+def probe_type(s: Slot) -> str | None:
+    """The type a tensor is probed in: PROBE_TYPE, else the first of PROBE_ORDER it takes."""
+    return next((t for t in PROBE_ORDER if t in s.options), None)
+
+
+def layer_groups(slots: list[Slot], n_groups: int) -> dict[str, list[Slot]]:
+    """The quantizable tensors of numbered layers in ``n_groups`` runs of consecutive layers
+    (as equal as the count allows), labelled ``blk.A-B``."""
+    layers = sorted({s.layer for s in slots if s.quantizable and s.layer is not None})
+    n = max(1, min(len(layers), n_groups))
+    out: dict[str, list[Slot]] = {}
+    for i in range(n):
+        run = layers[(i * len(layers)) // n : ((i + 1) * len(layers)) // n]
+        label = f"blk.{run[0]}" if len(run) == 1 else f"blk.{run[0]}-{run[-1]}"
+        members = set(run)
+        out[label] = [s for s in slots if s.quantizable and s.layer in members]
+    return out
+
+
+def n_layer_groups(n_layers: int, tokens: int, n_params: int) -> int:
+    """Layer probes within LAYER_PROBE_TOKEN_PARAMS (at least MIN_LAYER_GROUPS, at most one per
+    layer)."""
+    n = int(LAYER_PROBE_TOKEN_PARAMS // max(1, tokens * n_params))
+    return max(min(MIN_LAYER_GROUPS, n_layers), min(n_layers, n))
+
+
+def fit_gains(
+    probes: dict[str, tuple[list[Slot], float]],
+    errors: dict[str, dict[str, float]],
+    kind_of: dict[str, str],
+    group_of: dict[str, str],
+) -> tuple[dict[str, float], dict[str, float]]:
+    """a[kind], b[group] with Σ_{t∈probe} a·b·err(t, probe type) = the probe's measured KLD for
+    every probe, as nearly as a product allows (iterative proportional fitting; a tensor outside
+    the numbered layers has b = 1). ``probes``: label ``kind:K`` / ``layer:G`` -> (tensors, KLD)."""
+    a = {k[5:]: 1.0 for k in probes if k.startswith("kind:")}
+    b = {k[6:]: 1.0 for k in probes if k.startswith("layer:")}
+
+    def err(s: Slot) -> float:
+        t = probe_type(s)
+        return errors[s.name][t] if t is not None else 0.0
+
+    for _ in range(FIT_ITERATIONS):
+        for label, (group, kld) in probes.items():
+            kind_probe = label.startswith("kind:")
+            key = label[5:] if kind_probe else label[6:]
+            other = sum(
+                err(s) * (b.get(group_of.get(s.name, ""), 1.0) if kind_probe
+                          else a.get(kind_of[s.name], 1.0))
+                for s in group
+            )  # fmt: skip
+            if other > 0:
+                (a if kind_probe else b)[key] = max(kld, 1e-12) / other
+    return a, b
+
+
 def calibrate_gains(
     probe: object, slots: list[Slot], errors: dict[str, dict[str, float]],
-    progress: Progress | None = None,
-) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
-    """One llama.cpp measurement per kind of tensor: gain = KLD / Σ err, all tensors of the kind
-    in PROBE_TYPE (or, when the candidates exclude it, the first of PROBE_ORDER they all have)."""
+    n_groups: int = 0, progress: Progress | None = None,
+) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, float], dict[str, float]]:  # fmt: skip
+    """One llama.cpp measurement per kind of tensor and per group of layers (``n_groups``: 0
+    none), each tensor in its probe type; returns the kind gains a, the layer-group gains b, each
+    tensor's a·b, every probe's KLD and every probe's own KLD / Σ err."""
     kinds: dict[str, list[Slot]] = {}
     for s in slots:
-        if s.quantizable:
+        if s.quantizable and probe_type(s) is not None:
             kinds.setdefault(s.kind, []).append(s)
-    gains, measured = {}, {}
-    for i, (kind, group) in enumerate(sorted(kinds.items())):
-        common = set.intersection(*(set(s.options) for s in group))
-        t = next((x for x in PROBE_ORDER if x in common), None)
-        if t is not None:  # else no type every tensor of the kind takes: gain 1 (raw error)
-            kld = probe.kld({s.name: t for s in group}, label=kind)  # type: ignore[attr-defined]
-            err = sum(errors[s.name][t] for s in group)
-            measured[kind] = kld
-            gains[kind] = max(kld, 1e-12) / err if err > 0 else 1.0
+    todo = {f"kind:{k}": g for k, g in sorted(kinds.items())}
+    groups = (
+        layer_groups([s for s in slots if probe_type(s) is not None], n_groups) if n_groups else {}
+    )
+    todo.update({f"layer:{g}": m for g, m in groups.items()})
+    probes: dict[str, tuple[list[Slot], float]] = {}
+    for i, (label, group) in enumerate(todo.items()):
+        kld = probe.kld({s.name: probe_type(s) for s in group}, label=label)  # type: ignore[attr-defined]
+        probes[label] = (group, kld)
         if progress:
-            progress("sensitivity probes", i + 1, len(kinds))
-    return gains, measured
+            progress("sensitivity probes", i + 1, len(todo))
+    kind_of = {s.name: s.kind for s in slots}
+    group_of = {s.name: g for g, m in groups.items() for s in m}
+    a, b = fit_gains(probes, errors, kind_of, group_of)
+    tensor_gains = {
+        s.name: a.get(s.kind, 1.0) * b.get(group_of.get(s.name, ""), 1.0)
+        for s in slots if s.quantizable and s.kind in a
+    }  # fmt: skip
+    measured = {label: kld for label, (_, kld) in probes.items()}
+    own = {}
+    for label, (group, kld) in probes.items():
+        e = sum(errors[s.name][probe_type(s)] for s in group)  # type: ignore[index]
+        own[label] = max(kld, 1e-12) / e if e > 0 else 1.0
+    return a, b, tensor_gains, measured, own
 
 
 def probe_budget(chunks: list[list[int]], n_params: int) -> list[list[int]]:
@@ -264,7 +359,7 @@ def cache_key(
     for s in slots:
         h.update(f"{s.name}:{','.join(s.options)};".encode())
     h.update(json.dumps(probe_tokens).encode())
-    h.update(f"sample={sample} min_rows={MIN_ROWS}".encode())
+    h.update(f"sample={sample} min_rows={MIN_ROWS} layers={LAYER_PROBE_TOKEN_PARAMS}".encode())
     return h.hexdigest()[:32]
 
 
@@ -305,7 +400,8 @@ def measure(
     from quantkit.atomic import cached_json
 
     importance = options.imatrix or {}
-    chunks = probe_budget(probe_chunks or [], sum(s.n_elements for s in slots))
+    n_params = sum(s.n_elements for s in slots)
+    chunks = probe_budget(probe_chunks or [], n_params)
     key = cache_key(base, importance, slots, chunks, sample, progress)
 
     def make() -> dict:
@@ -315,18 +411,26 @@ def measure(
                                       progress=progress)  # fmt: skip
         t1 = time.perf_counter()
         gains: dict[str, float] = {}
+        layer: dict[str, float] = {}
+        tensor: dict[str, float] = {}
         measured: dict[str, float] = {}
+        own: dict[str, float] = {}
         if chunks:
             from quantkit.quantize.gguf.auto.probe import KLDProbe
 
             base_type = next((s.base_type for s in slots if s.quantizable), "F16")
             probe = KLDProbe(base, chunks, options, base_type=base_type,
                              threads=n_threads, n_ctx=n_ctx, progress=progress)  # fmt: skip
-            gains, measured = calibrate_gains(probe, slots, errors, progress)
+            n_layers = len({s.layer for s in slots if s.quantizable and s.layer is not None})
+            n_groups = n_layer_groups(n_layers, sum(len(c) for c in chunks), n_params)
+            gains, layer, tensor, measured, own = calibrate_gains(
+                probe, slots, errors, n_groups, progress
+            )
         t2 = time.perf_counter()
         return Sensitivity(errors, gains, measured, {"proxy": t1 - t0, "probe": t2 - t1},
                            _peak_rss_mib(), key=key, rel_se=rel_se, sample=sample,
-                           probe_tokens=sum(len(c) for c in chunks)).to_json()  # fmt: skip
+                           probe_tokens=sum(len(c) for c in chunks), layer_gains=layer,
+                           tensor_gains=tensor, probe_gains=own).to_json()  # fmt: skip
 
     d, hit = cached_json(cache_root() / f"{key}.json", make, use_cache=use_cache)
     return Sensitivity(**d, cache_hit=hit)

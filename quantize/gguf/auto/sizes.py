@@ -82,6 +82,14 @@ class Slot:
         core = parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
         return core
 
+    @property
+    def layer(self) -> int | None:
+        """The block index of ``blk.N.…`` (None: token_embd, output …)."""
+        parts = self.name.split(".")
+        return (
+            int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else None
+        )
+
 
 def allows_quantization(name: str, n_dims: int) -> bool:
     """llama-quant.cpp ``tensor_allows_quantization`` for the tensors of the architectures
