@@ -37,9 +37,9 @@ from quantkit.quantize.gguf.types import GGUF_TYPES, GGUFType
 
 MAX_CANDIDATES = 8  # files written and scored at most
 # A candidate costs one write of the whole file (its scoring is bounded in tokens like the
-# probes'), so the count falls with the parameters: 8 up to 2 B, 4 at 4 B, 2 (the plan and the
-# largest stock file that fits) from 8 B on.
-SELECT_PARAMS = 8 * 2e9
+# probes'), so the count falls with the parameters: 8 up to 0.75 B, 4 at 1.5 B, 2 (the plan and
+# the largest stock file that fits) from 3 B on.
+SELECT_PARAMS = 6e9
 MIN_CANDIDATES = 2
 
 
