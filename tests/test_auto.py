@@ -185,6 +185,12 @@ def test_selection_ships_the_best_measured_candidate(cached, tmp_path: Path) -> 
     assert {c["name"] for c in dry.auto["selection"]["candidates"]} == {
         c["name"] for c in sel["candidates"]
     }
+    # the table a person reads: which candidate shipped, against which stock file
+    r = run_cli("convert", str(work["f16"]), "--to", target, "--imatrix", str(work["im"]),
+                "--calib", str(work["calib"]), "--ctx", "64", "-o", str(tmp_path / "cli"),
+                env={"QUANTKIT_CACHE": str(work["root"] / "cache")})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"shipped {sel['winner']} of {len(sel['candidates'])} candidates" in r.stdout
 
 
 @pytest.mark.parametrize(
@@ -265,3 +271,30 @@ def test_sampled_pass_ranks_like_the_full_one(cached) -> None:
     assert max(off) < 0.15 and sum(within) >= 0.75 * len(within), (max(off), sum(within))
     again, _ = proxy_errors(work["f16"], slots, imp, threads=1, sample=10**9)
     assert again == full
+
+
+def test_offgrid_model_leaves_every_grid_within_half_a_step() -> None:
+    """bench/offgrid.py: weights on a Q4_1 (or Q8_0) grid are found, moved off it, and each stays
+    within half a step of its level; a tensor on no grid is left alone."""
+    import importlib.util
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "offgrid.py"
+    spec = importlib.util.spec_from_file_location("offgrid", path)
+    assert spec and spec.loader
+    og = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(og)
+    rng = np.random.default_rng(0)
+    lo = rng.normal(0, 0.05, (64, 4, 1)).astype(np.float32)
+    d = rng.uniform(0.002, 0.01, (64, 4, 1)).astype(np.float32)
+    q = rng.integers(0, 16, (64, 4, 32))
+    q[..., 0], q[..., 1] = 0, 15  # the block's min and max sit on levels 0 and 15
+    w = (lo + d * q).reshape(64, 128).astype(np.float16).astype(np.float32)
+    assert og.grid(w)[0] == "q4_1"
+    out, kind = og.respread(w, rng, "uniform")
+    assert kind == "q4_1" and og.grid(out) is None  # on no grid any more
+    step = np.repeat(d, 32, axis=-1).reshape(64, 128)
+    assert np.all(np.abs(out - w) <= 0.52 * step)  # half a step, plus F16 rounding of w
+    noise = rng.normal(0, 1, (16, 64)).astype(np.float32)
+    assert og.respread(noise, rng, "uniform")[1] == "copied"
