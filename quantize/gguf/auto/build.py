@@ -96,6 +96,20 @@ class AutoPlan:
         }
 
 
+# A trust region around a stock mix: each tensor may move to types from 0.6× to 1.6× the bytes
+# of its type in the mix (Q5_0 → Q4_0 … Q8_0; Q6_K → Q4_K … Q8_0), where the surrogate's
+# marginal predictions are the ones its probes measured near.
+NEAR = (0.6, 1.6)
+
+
+def _near(s: sizes.Slot, near: dict[str, str] | None) -> dict[str, int]:
+    t = (near or {}).get(s.name)
+    if t is None or t not in s.options:
+        return s.options
+    lo, hi = NEAR[0] * s.options[t], NEAR[1] * s.options[t]
+    return {c: n for c, n in s.options.items() if lo <= n <= hi}
+
+
 def _options(o: QuantizeOptions) -> QuantizeOptions:
     """The plan owns every tensor: no llama.cpp mix, no output/embedding type, no user overrides."""
     return replace(o, output_type=None, embedding_type=None, pure=False, overrides=[],
@@ -125,9 +139,11 @@ def plan_auto(
     threads: int | None = None,
     progress: Progress | None = None,
     sensitivity: Sensitivity | None = None,
+    near: dict[str, str] | None = None,
 ) -> AutoPlan:
     """Measure (or reuse) the sensitivity of every tensor of the float ``base`` and choose the
-    types that minimise the predicted KLD within the budget (``sensitivity``: one already
+    types that minimise the predicted KLD within the budget (``near``: each tensor only within
+    NEAR of the bytes of its type there; ``sensitivity``: one already
     measured for these slots, e.g. to compare passes)."""
     if not options.imatrix:
         raise InputError(
@@ -159,7 +175,8 @@ def plan_auto(
     sens = sensitivity or measure(base, slots, opts, probe_chunks=probe_chunks, n_ctx=n_ctx,
                                   threads=threads, progress=progress)  # fmt: skip
     choices = {
-        s.name: [Option(t, cost(n), sens.kld(s, t)) for t, n in s.options.items()] for s in free
+        s.name: [Option(t, cost(n), sens.kld(s, t)) for t, n in _near(s, near).items()]
+        for s in free
     }
     try:
         sol = solve(choices, budget)
@@ -241,6 +258,15 @@ def candidates(
     stock = select.stock_candidates(base, options, plan.slots, plan.sensitivity, fits)
     for c in stock:
         c.predicted_kld = plan.predicted(c.types)
+    if stock:  # the solver within a trust region around the largest stock file that fits
+        ref = max(stock, key=lambda c: c.file_bytes)
+        name = f"auto:near-{ref.name}"
+        plans[name] = plan_auto(base, plan.spec, options, sensitivity=plan.sensitivity,
+                                near=ref.types)  # fmt: skip
+        p = plans[name]
+        out.append(
+            Candidate(name, "solver", p.types, p.file_bytes, plan.predicted(p.types), p.ftype)
+        )
     return out + stock, plans
 
 

@@ -5,7 +5,9 @@ still lose to one of llama.cpp's hand-made mixes (docs/cli.md has the measuremen
 planner proposes several files for the budget and llama.cpp decides:
 
 - **solver plans**, one per surrogate: the kind × layer gains (the plan), the per-kind gains
-  alone, and their geometric mean (a plan between the two);
+  alone, and their geometric mean (a plan between the two); and the plan under the kind × layer
+  gains within a trust region around the largest stock file that fits (each tensor within
+  0.6–1.6× the bytes of its type there: build.NEAR);
 - **llama.cpp's own file types that fit the budget** (Q4_K_M, Q4_K_S, Q5_0, …, with the same
   importance matrix), typed by llama.cpp's quantizer in a dry run, so their exact size and
   predicted KLD are known before anything is written.
