@@ -300,10 +300,15 @@ def measure(model_dir: Path, cands: list[Candidate], groups: Sequence[Group], se
         with tempfile.TemporaryDirectory(prefix="quantkit-select-") as tmp:
             work = Path(tmp)
             (work / "heldout.txt").write_text(rest)
+            step = progress or (lambda *_: None)
+            step("selection: export", 0, len(todo))
             folders = export_candidates(model_dir, todo, groups, settings, work / "out",
                                         progress)  # fmt: skip
+            step("selection: export", len(todo), len(todo))
+            step("selection: score", 0, len(todo))
             rep = score(model_dir, folders, work / "heldout.txt", SELECT_CHUNKS,
                         settings.threads, progress)  # fmt: skip
+            step("selection: score", len(todo), len(todo))
         by_path = {e["path"]: e for e in rep["artifacts"]}
         got = {}
         for name, p in folders.items():
