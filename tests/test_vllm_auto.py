@@ -246,6 +246,11 @@ def test_candidates_are_bounded_distinct_and_include_the_uniform_schemes_that_fi
     # the raw-error plan differs from the per-kind one where the gains move the ranking
     plan, groups = _plan(4.5, names)
     assert "solver-raw" in {c.name for c in select.candidates(plan, groups)}
+    # a solver plan that is a uniform scheme is measured once, as the uniform reference
+    plan, groups = _plan(4.5, ("w4g64",))
+    assert [(c.name, c.source) for c in select.candidates(plan, groups)] == [
+        ("uniform-w4g64", "uniform")
+    ]
 
 
 def test_selection_picks_the_lowest_measured_kld_and_reports_the_margin():

@@ -11,6 +11,7 @@ GPTQModifier quantizes every group (int and FP8 weights alike) and writes the
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -108,6 +109,10 @@ class MixedTarget(GPTQTarget):
     @property
     def group_size(self) -> int | None:
         return None  # each group's size divides its layers by construction (Group.fits)
+
+    def __hash__(self) -> int:  # its dict fields keep pydantic's frozen hash from working
+        return hash((self.label(), json.dumps(self.config_groups, sort_keys=True),
+                     self.float_layers))  # fmt: skip
 
     def label(self) -> str:
         return self.auto.label() + (f"-{self.candidate}" if self.candidate else "")

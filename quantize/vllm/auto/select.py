@@ -141,29 +141,10 @@ def candidates(plan: AutoPlan, groups: Sequence[Group]) -> list[Candidate]:
     options = group_options(groups, schemes)
     by_name = {s.name: s for s in schemes}
     out: list[Candidate] = []
-    seen: set[tuple[str, ...]] = set()
 
-    def add(name: str, source: str, picks: dict[str, Scheme]) -> None:
-        key = tuple(picks[g.name].name for g in groups)
-        if key not in seen:
-            seen.add(key)
-            out.append(Candidate(name, source, _plan_of(plan, groups, picks, sens, dtype_bits)))
+    def key(picks: dict[str, Scheme]) -> tuple[str, ...]:
+        return tuple(picks[g.name].name for g in groups)
 
-    # solver variants: its plan; the plan by raw activation-weighted error (no per-kind gain:
-    # where the gains mislead, docs/cli.md's down_proj case); the plan without float layers
-    no_float = {g: [s for s in o if s.kind != "float"] for g, o in options.items()}
-    variants: list[tuple[str, Sensitivity, dict[str, list[Scheme]]]] = [
-        ("solver", sens, options),
-        ("solver-raw", dataclasses.replace(sens, gains={}), options),
-    ]
-    if all(no_float.values()) and no_float != options:
-        variants.append(("solver-nofloat", sens, no_float))
-    for name, s, opts in variants[:MAX_SOLVER]:
-        try:
-            choices = choose(plan.spec, groups, opts, s, dtype_bits)[0]
-        except InputError:  # the budget is below this variant's smallest mix
-            continue
-        add(name, "solver", {c.group: by_name[c.scheme] for c in choices})
     # uniform schemes that fit every group and the budget; weight_shape (128 bits per packed
     # Linear, metadata) is not counted against it, so W4 g32 is a candidate at bits=4.5
     fits = []
@@ -174,8 +155,30 @@ def candidates(plan: AutoPlan, groups: Sequence[Group]) -> list[Candidate]:
         cost = sum(g.cost_bits(s, dtype_bits) for g in groups)
         if cost - shapes <= plan.budget_bits:
             fits.append((cost, s))
-    for _, s in sorted(fits, key=lambda x: -x[0])[:MAX_UNIFORM]:
-        add(f"uniform-{s.name}", "uniform", {g.name: s for g in groups})
+    uniform = [(f"uniform-{s.name}", {g.name: s for g in groups})
+               for _, s in sorted(fits, key=lambda x: -x[0])[:MAX_UNIFORM]]  # fmt: skip
+    # solver variants: its plan; the plan by raw activation-weighted error (no per-kind gain:
+    # where the gains mislead, docs/cli.md's down_proj case); the plan without float layers.
+    # One that equals a uniform scheme is that uniform candidate (the reference), once.
+    seen = {key(p) for _, p in uniform}
+    no_float = {g: [s for s in o if s.kind != "float"] for g, o in options.items()}
+    variants: list[tuple[str, Sensitivity, dict[str, list[Scheme]]]] = [
+        ("solver", sens, options),
+        ("solver-raw", dataclasses.replace(sens, gains={}), options),
+    ]
+    if all(no_float.values()) and no_float != options:
+        variants.append(("solver-nofloat", sens, no_float))
+    for name, s_, opts in variants[:MAX_SOLVER]:
+        try:
+            choices = choose(plan.spec, groups, opts, s_, dtype_bits)[0]
+        except InputError:  # the budget is below this variant's smallest mix
+            continue
+        picks = {c.group: by_name[c.scheme] for c in choices}
+        if key(picks) not in seen:
+            seen.add(key(picks))
+            out.append(Candidate(name, "solver", _plan_of(plan, groups, picks, sens, dtype_bits)))
+    for name, picks in uniform:
+        out.append(Candidate(name, "uniform", _plan_of(plan, groups, picks, sens, dtype_bits)))
     return out
 
 
