@@ -193,24 +193,30 @@ def candidate_target(c: Candidate, groups: Sequence[Group], label: bool = True) 
 
 def heldout_text(model_dir: Path, calib: Path, samples: int, seq_len: int) -> str:
     """The calibration text after the windows calibration.calibration_ids takes (the first
-    ``samples`` × ``seq_len`` tokens) and one window more, from a line start: text neither
-    the sensitivity nor GPTQ has seen."""
+    ``samples`` × ``seq_len`` tokens) and one window more, from a line start where there is
+    one: text neither the sensitivity nor GPTQ has seen; "" when nothing is left."""
     from quantkit.quantize.vllm.calibration import tokenize_calibration
     from quantkit.text import read_text
 
     text = read_text(calib)
     used = (samples + 1) * seq_len
-    starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
-    lo, hi = 0, len(starts) - 1  # the first line start whose prefix holds ``used`` tokens
-    if len(tokenize_calibration(model_dir, text)[0]) <= used:
+
+    def past(pos: int) -> bool:
+        return len(tokenize_calibration(model_dir, text[:pos])[0]) >= used
+
+    if not past(len(text)):
         return ""
+    cuts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
+    if not past(cuts[-1]):  # no line start after the calibration windows: any character
+        cuts = list(range(0, len(text), 16))
+    lo, hi = 0, len(cuts) - 1  # the first cut whose prefix holds ``used`` tokens
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(tokenize_calibration(model_dir, text[: starts[mid]])[0]) >= used:
+        if past(cuts[mid]):
             hi = mid
         else:
             lo = mid + 1
-    return text[starts[lo] :]
+    return text[cuts[lo] :] if past(cuts[lo]) else ""
 
 
 # -- measurement ---------------------------------------------------------------------------------
