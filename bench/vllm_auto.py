@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=Path("/tmp/vllm-auto-select"))
     ap.add_argument("--eval-chunks", type=int, default=10)
     ap.add_argument("--dense-w4", action="store_true")
+    ap.add_argument("--only", default=None, help="measure only these candidates (comma-separated)")
     args = ap.parse_args()
     if args.select:
         select_bench(args)
@@ -248,6 +249,9 @@ def select_bench(args) -> None:
                              seq_len=s.seq_len, threads=s.threads)  # fmt: skip
     print(f"plan: {time.perf_counter() - t0:.0f} s")
     cands = sel_mod.candidates(plan, groups)
+    print("candidates: " + ", ".join(c.name for c in cands))
+    if args.only:  # a subset, when time is short; the selection JSON then covers only these
+        cands = [c for c in cands if c.name in args.only.split(",")]
     index = args.keep / "folders.json"
     folders = (
         {k: Path(v) for k, v in json.loads(index.read_text()).items()} if index.exists() else {}
