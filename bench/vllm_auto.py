@@ -286,7 +286,7 @@ def select_bench(args) -> None:
         c.error = None if e["status"] == "ok" else f"{e['status']}: {e.get('error')}"
     sel = sel_mod.Selection(cands, reps["heldout"]["data"]["chunks"],
                             reps["heldout"]["data"]["scored_tokens"])  # fmt: skip
-    ref_ppl = reps["wikitext"]["reference"]["quality"]["ppl"]
+    ref_ppl = reps["wikitext"]["reference"]["ppl"]
     print(
         f"\nmodel {model_dir}, {args.target}; held-out: {sel.chunks} chunks, {sel.tokens} "
         f"tokens; wikitext: {reps['wikitext']['data']['scored_tokens']} tokens, float PPL "
