@@ -37,6 +37,7 @@ UNITS: dict[str, str] = {
     "plan": "tensor",
     "sensitivity": "pair",  # gguf:auto / gptq:auto: tensor (group) × candidate type pairs
     "probes": "kind",  # their per-kind measurements in the engine
+    "selection": "candidate",  # gptq:auto: candidates exported, then scored in vLLM
     "hash": "MiB",
 }
 HEARTBEAT_S = 30.0

@@ -19,9 +19,9 @@ from conftest import (
 )
 
 from quantkit.errors import InputError
-from quantkit.quantize.vllm.auto import host
+from quantkit.quantize.vllm.auto import host, select
 from quantkit.quantize.vllm.auto.groups import fused_groups
-from quantkit.quantize.vllm.auto.plan import choose, config_groups, targets
+from quantkit.quantize.vllm.auto.plan import AutoPlan, choose, config_groups, targets
 from quantkit.quantize.vllm.auto.schemes import scheme
 from quantkit.quantize.vllm.auto.sensitivity import Sensitivity
 from quantkit.quantize.vllm.auto.spec import is_vllm_auto, parse_vllm_auto
@@ -208,3 +208,97 @@ def test_sampled_errors_rank_like_the_full_ones():
     assert max(abs(y / x - 1) for x, y in zip(a, b, strict=True)) < 0.15
     again, _ = proxy_errors(model, groups, options, imp, torch.bfloat16, sample=10**9)
     assert again == full
+
+
+def _plan(bits: float, names: tuple[str, ...]) -> tuple[AutoPlan, list]:
+    groups = fused_groups(LLAMA)
+    schemes = [scheme(n) for n in names]
+    options = {g.name: [s for s in schemes if g.fits(s)] for g in groups}
+    base = {"w4g128": 8.0, "w4g64": 6.0, "w4g32": 5.0, "fp8": 1.0, "int8": 1.5, "float": 0.0}
+    errors = {g.name: {s: v * (1 + i) for s, v in base.items()} for i, g in enumerate(groups)}
+    sens = Sensitivity(errors, gains={"down_proj": 10.0, "qkv_proj": 0.5})
+    spec = parse_vllm_auto(f"gptq:auto:bits={bits}")
+    choices, cost, weights, budget = choose(spec, groups, options, sens, 16)
+    return AutoPlan(spec, choices, cost, weights, budget, "float16", list(names),
+                    sensitivity=sens), groups  # fmt: skip
+
+
+def test_candidates_are_bounded_distinct_and_include_the_uniform_schemes_that_fit():
+    names = ("w4g128", "w4g64", "w4g32", "fp8", "float")
+    for bits, uniform in ((4.5, {"w4g32", "w4g64", "w4g128"}), (4.2, {"w4g128"})):
+        plan, groups = _plan(bits, names)
+        cands = select.candidates(plan, groups)
+        assert len(cands) <= select.MAX_SOLVER + select.MAX_UNIFORM
+        assert {c.name for c in cands if c.source == "uniform"} == {f"uniform-{u}" for u in uniform}
+        assert cands[0].name == "solver" and cands[0].plan.choices == plan.choices
+        picks = [tuple(x.scheme for x in c.plan.choices) for c in cands]
+        assert len(set(picks)) == len(picks)  # the same plan is measured once
+        for c in cands:
+            # every prediction under the per-kind gains, comparable across candidates
+            assert c.plan.predicted_kld == pytest.approx(
+                sum(plan.sensitivity.kld(g, x.scheme)
+                    for g, x in zip(groups, c.plan.choices, strict=True)))  # fmt: skip
+            if c.source == "solver":
+                assert c.plan.cost_bits <= plan.budget_bits
+            else:  # weight_shape metadata aside, at the budget
+                shapes = sum(len(g.members) for g in groups) * 128
+                assert c.plan.cost_bits - shapes <= plan.budget_bits
+    # the raw-error plan differs from the per-kind one where the gains move the ranking
+    plan, groups = _plan(4.5, names)
+    assert "solver-raw" in {c.name for c in select.candidates(plan, groups)}
+    # a solver plan that is a uniform scheme is measured once, as the uniform reference
+    plan, groups = _plan(4.5, ("w4g64",))
+    assert [(c.name, c.source) for c in select.candidates(plan, groups)] == [
+        ("uniform-w4g64", "uniform")
+    ]
+
+
+def test_selection_picks_the_lowest_measured_kld_and_reports_the_margin():
+    plan, groups = _plan(4.5, ("w4g128", "w4g64", "w4g32", "fp8", "float"))
+    cands = select.candidates(plan, groups)
+    kld = {c.name: 0.1 + 0.01 * i for i, c in enumerate(cands)}
+    kld["uniform-w4g64"] = 0.05  # a uniform scheme measured best: it ships
+    for c in cands:
+        c.measured_kld = kld[c.name]
+    sel = select.Selection(cands, chunks=8, tokens=2040, seconds=1.0)
+    j = sel.to_json()
+    assert j["winner"] == j["best_reference"] == "uniform-w4g64" and j["margin"] == 0
+    cands[0].measured_kld = 0.04
+    j = sel.to_json()
+    assert j["winner"] == "solver" and j["best_reference"] == "uniform-w4g64"
+    assert j["margin"] == pytest.approx((0.04 - 0.05) / 0.05)
+    assert {"name", "source", "bits", "predicted_kld", "measured_kld"} <= set(j["candidates"][0])
+
+
+def test_selection_ships_the_measured_best_candidate(tmp_path):
+    """A tiny fp16 Llama, gptq:auto through the CLI: every candidate exported and scored in
+    vLLM on held-out calibration chunks, the uniform ones among them; the checkpoint written is
+    the one measured best. Uses schemes vLLM's CPU build runs on AVX2 and AVX-512 alike."""
+    llmc_python_or_skip()
+    vllm_env_or_skip()
+    model = make_tiny_model(tmp_path / "tiny", "LlamaForCausalLM", dtype="float16")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TRAIN_TEXT)
+    out = tmp_path / "sel"
+    target = "gptq:auto:bits=10:types=int8,fp8,float"
+    r = run_cli("convert", str(model), "--to", target, "-o", str(out), "--calib", str(calib),
+                "--samples", "4", "--seq-len", "64", "--json")  # fmt: skip
+    if r.returncode == 2 and "cannot run" in r.stderr:
+        pytest.skip(f"this host's vLLM does not run int8/fp8: {r.stderr.strip()[-200:]}")
+    assert r.returncode == 0, r.stderr
+    auto = json.loads(r.stdout)["artifacts"][0]["auto"]
+    sel = auto["selection"]
+    cands = sel["candidates"]
+    assert sel["chunks"] >= 1 and sel["tokens"] > 0
+    assert all(c["measured_kld"] is not None and math.isfinite(c["measured_kld"]) for c in cands)
+    uniform = [c for c in cands if c["source"] == "uniform"]
+    assert {c["name"] for c in uniform} >= {"uniform-int8", "uniform-fp8"}
+    best = min(cands, key=lambda c: c["measured_kld"])
+    ref = min(uniform, key=lambda c: c["measured_kld"])
+    assert sel["winner"] == best["name"] and sel["best_reference"] == ref["name"]
+    assert sel["margin"] == pytest.approx((best["measured_kld"] - ref["measured_kld"])
+                                          / ref["measured_kld"]) and sel["margin"] <= 0  # fmt: skip
+    # what was written is the winner's plan
+    assert auto["predicted_bits"] == best["bits"]
+    assert auto["predicted_kld"] == pytest.approx(best["predicted_kld"])
+    assert "selection" in r.stderr or "candidates measured" in r.stderr

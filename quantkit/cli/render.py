@@ -235,6 +235,10 @@ def _echo_vllm_auto_plan(label: str, p: dict[str, Any]) -> None:
         f"{', '.join(p['candidates'])}; "
         + ", ".join(f"{k} ×{v}" for k, v in p["histogram"].items())
     )
+    if "selection" in p:
+        from quantkit.quantize.vllm.auto.plan import selection_line
+
+        click.echo(f"{label}: {selection_line(p['selection'])}")
     click.echo(
         format_table(
             ["group", "scheme", "bits", "predicted KLD"],

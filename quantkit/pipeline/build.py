@@ -384,17 +384,19 @@ def _vllm_plans(
     folder: Path, outputs: list[Output], settings: Any, o: ExportOptions
 ) -> BuildResult:
     """A dry run of gptq:auto: each target's plan (scheme, bits and predicted KLD per fused
-    group), measured and solved but not written."""
+    group), measured and solved but not written, and the candidates selection would measure."""
     from quantkit.quantize.vllm.auto.plan import make_plan
+    from quantkit.quantize.vllm.auto.select import dry_run
 
     arts = []
     for x in outputs:
         t = x.target
-        plan, _ = make_plan(folder, t, ignore=settings.ignore, calib=settings.calib,
-                            samples=settings.samples, seq_len=settings.seq_len,
-                            threads=settings.threads, progress=o.progress)  # fmt: skip
+        plan, groups = make_plan(folder, t, ignore=settings.ignore, calib=settings.calib,
+                                 samples=settings.samples, seq_len=settings.seq_len,
+                                 threads=settings.threads, progress=o.progress)  # fmt: skip
+        auto = {**plan.to_json(), "selection": dry_run(plan, groups).to_json()}
         arts.append(Artifact(x.path, "vllm", t.label(), 0, "", 0.0, t, x,
-                             details={"auto": plan.to_json()}))  # fmt: skip
+                             details={"auto": auto}))  # fmt: skip
     return BuildResult(arts, _architecture(Source(folder)))
 
 

@@ -11,6 +11,7 @@ GPTQModifier quantizes every group (int and FP8 weights alike) and writes the
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -103,13 +104,18 @@ class MixedTarget(GPTQTarget):
     config_groups: dict[str, Any]
     float_layers: tuple[str, ...] = ()
     plan_json: dict[str, Any] = {}
+    candidate: str | None = None  # select.py: a candidate measured before one ships
 
     @property
     def group_size(self) -> int | None:
         return None  # each group's size divides its layers by construction (Group.fits)
 
+    def __hash__(self) -> int:  # its dict fields keep pydantic's frozen hash from working
+        return hash((self.label(), json.dumps(self.config_groups, sort_keys=True),
+                     self.float_layers))  # fmt: skip
+
     def label(self) -> str:
-        return self.auto.label()
+        return self.auto.label() + (f"-{self.candidate}" if self.candidate else "")
 
     def to_recipe(self) -> dict[str, Any]:
         return {
@@ -323,14 +329,37 @@ def resolve(
                 f"{t.label()} has no legacy layout (the gptq format holds one scheme)",
                 "write it as compressed-tensors (the default --layout)",
             )
+        from quantkit.quantize.vllm.auto.select import select
+
         plan, groups = make_plan(model_dir, t, ignore=settings.ignore, calib=settings.calib,
                                  samples=settings.samples, seq_len=settings.seq_len,
                                  threads=settings.threads, progress=progress)  # fmt: skip
-        hist = ", ".join(f"{k} ×{v}" for k, v in plan.to_json()["histogram"].items())
         notes += [f"{t.label()}: {n}" for n in plan.notes]
+        target, sel = select(model_dir, plan, groups, settings, progress)
+        p = target.plan_json
+        hist = ", ".join(f"{k} ×{v}" for k, v in p["histogram"].items())
+        notes.append(f"{t.label()}: {selection_line(p['selection'])}")
         notes.append(
-            f"{t.label()}: {len(plan.choices)} groups ({hist}); predicted {plan.bits:.3f} bits "
-            f"per weight ({t.bits:g} asked), predicted KLD {plan.predicted_kld:.4g}"
+            f"{t.label()}: {len(p['groups'])} groups ({hist}); predicted {p['predicted_bits']:.3f} "
+            f"bits per weight ({t.bits:g} asked), predicted KLD {p['predicted_kld']:.4g}"
         )
-        out.append(mixed_target(plan, groups))
+        out.append(target)
     return out, notes
+
+
+def selection_line(sel: dict[str, Any]) -> str:
+    """select.py's JSON in one line: what was measured, what won and by how much."""
+    if sel.get("dry_run"):
+        return (f"dry run: {len(sel['candidates'])} candidates proposed "
+                f"({', '.join(c['name'] for c in sel['candidates'])}), none measured")  # fmt: skip
+    kld = {c["name"]: c["measured_kld"] for c in sel["candidates"]}
+    ref = sel.get("best_reference")
+    vs = (f", {100 * sel['margin']:+.1f} % against {ref} ({kld[ref]:.4g})"
+          if ref and sel.get("margin") is not None else "")  # fmt: skip
+    return (
+        f"{len(sel['candidates'])} candidates measured in vLLM on {sel['chunks']} held-out "
+        f"calibration chunks ({sel['tokens']} tokens, {sel['seconds']:.0f} s"
+        f"{', cached' if sel.get('cache_hit') else ''}): "
+        + ", ".join(f"{n} {v:.4g}" if v is not None else f"{n} failed" for n, v in kld.items())
+        + f"; ships {sel['winner']}{vs}"
+    )
