@@ -48,6 +48,19 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=20)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--iters", type=int, default=0)
+    ap.add_argument(
+        "--scheme-nsamples",
+        type=int,
+        default=16,
+        help="samples AutoScheme scores the options on (its own default: 16)",
+    )
+    ap.add_argument(
+        "--calib-json",
+        type=Path,
+        help="where the calibration pieces go (default OUT/calib.json); AutoScheme caches its "
+        "per-option scores under a key that holds this path, so runs at other avg_bits that "
+        "name the same file reuse them",
+    )
     args = ap.parse_args()
 
     import auto_round
@@ -60,14 +73,16 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     # AutoScheme takes its calibration text only as a dataset name or a local .json file
     args.out.mkdir(parents=True, exist_ok=True)
-    data = args.out / "calib.json"
-    data.write_text(json.dumps(calib_pieces(args.calib, tok, args.nsamples, args.seqlen)))
+    data = args.calib_json or args.out / "calib.json"
+    if not data.exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text(json.dumps(calib_pieces(args.calib, tok, args.nsamples, args.seqlen)))
     scheme = AutoScheme(
         avg_bits=args.avg_bits,
         options=args.options,
         # the GGUF super-block scales are part of each type's bits per weight in llama.cpp too
         ignore_scale_zp_bits=False,
-        nsamples=args.nsamples,
+        nsamples=args.scheme_nsamples,
         seqlen=args.seqlen,
         dataset=str(data),
         device_map="cpu",

@@ -44,15 +44,17 @@ STOCK = ("Q8_0,Q6_K,Q5_K_M,Q5_K_S,Q5_1,Q5_0,Q4_K_M,Q4_K_S,Q4_1,Q4_0,IQ4_NL,IQ4_X
 PEER_ENVS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quantkit" / "envs"
 
 
-def sh(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None,
-       timeout: float | None = None) -> subprocess.CompletedProcess:  # fmt: skip
-    """Run ``cmd``; its output goes to ``log`` (and is returned) so a failure can be quoted."""
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
-                       timeout=timeout)  # fmt: skip
-    if log:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(f"$ {' '.join(cmd)}\n{p.stdout}\n{p.stderr}\nexit {p.returncode}\n")
-    return p
+def sh(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with its output streamed to ``log`` (long peer runs can be followed there);
+    the output also comes back in ``stdout`` so that a failure can be quoted."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}).returncode  # fmt: skip
+    text = log.read_text(errors="replace")
+    return subprocess.CompletedProcess(cmd, rc, stdout=text, stderr="")
 
 
 def quantkit_cli() -> str:
@@ -103,6 +105,7 @@ def run_autoround(args, w: Path, label: str, stock_file: Path, calib: Path) -> d
     row["version"] = pip_version(py, "auto-round")
     bits = round(block_bpw(stock_file), 3)
     row["avg_bits"] = bits
+    row["scheme_nsamples"] = args.scheme_nsamples
     d = w / "peers" / f"autoround-{label}"
     out = w / "peers" / f"autoround-{label}.gguf"
     meta = d / "result.json"
@@ -115,13 +118,15 @@ def run_autoround(args, w: Path, label: str, stock_file: Path, calib: Path) -> d
         # offline: AutoRound falls back to downloading a calibration set when its own fails
         p = sh([str(py), str(HERE / "peer_autoround.py"), str(args.model), "--avg-bits", str(bits),
                 "--calib", str(calib), "--out", str(d / "out"), "--nsamples",
-                str(args.calib_chunks), "--seqlen", str(args.ctx)], d / "log.txt",
+                str(args.calib_chunks), "--seqlen", str(args.ctx), "--scheme-nsamples",
+                str(args.scheme_nsamples), "--calib-json", str(w / "peers" / "autoround-calib.json")],
+               d / "log.txt",
                env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
         files = sorted((d / "out").rglob("*.gguf"))
         if p.returncode or not files:
             return {**row, "status": "failed", "error": tail(p.stderr or p.stdout),
                     "log": str(d / "log.txt")}  # fmt: skip
-        info = json.loads(p.stdout.strip().splitlines()[-1])
+        info = json.loads([x for x in p.stdout.splitlines() if x.startswith('{"files"')][-1])
         info["wall_s"] = time.perf_counter() - t0
         meta.write_text(json.dumps(info, indent=1))
         shutil.copyfile(files[0], out)
@@ -188,6 +193,17 @@ def main() -> None:
     ap.add_argument("--peers", default="autoround,prismaquant")
     ap.add_argument("--peer-envs", type=Path, default=PEER_ENVS)
     ap.add_argument("--prismaquant-device", default="cpu")
+    ap.add_argument(
+        "--steps",
+        default="auto,peers,score",
+        help="what to run beyond the F16 file, matrix and stock files (e.g. peers alone)",
+    )
+    ap.add_argument(
+        "--scheme-nsamples",
+        type=int,
+        default=16,
+        help="AutoRound: samples AutoScheme scores its options on (its default: 16)",
+    )
     ap.add_argument("--keep-auto", action="store_true", help="reuse gguf:auto files already made")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=20)
@@ -230,7 +246,8 @@ def main() -> None:
                   *th], w / "logs" / f"stock-{t}.txt")  # fmt: skip
         rows.append({"name": t, "kind": "stock", "status": "ok", "path": str(out)})
     budgets = {b: w / "stock" / f"m-{b}.gguf" for b in filter(None, args.budgets.split(","))}
-    for label, stock_file in budgets.items():
+    steps = set(args.steps.split(","))
+    for label, stock_file in budgets.items() if "auto" in steps else ():
         size = stock_file.stat().st_size
         out = w / "auto" / f"m-auto-{label}.gguf"
         log = w / "auto" / f"auto-{label}.json"
@@ -249,7 +266,7 @@ def main() -> None:
         rows.append({"name": f"gguf:auto @{label}", "kind": "auto", "status": "ok",
                      "path": str(out), "budget": size, "commit": made.get("commit", "unknown"),
                      "seconds": made.get("seconds")})  # fmt: skip
-    for peer in filter(None, args.peers.split(",")):
+    for peer in filter(None, args.peers.split(",")) if "peers" in steps else ():
         for label, stock_file in budgets.items():
             r = PEERS[peer](args, w, label, stock_file, calib)
             r["budget"] = stock_file.stat().st_size
@@ -257,6 +274,8 @@ def main() -> None:
             if r["status"] != "ok":
                 print(f"  {r['name']}: {r['status']}: {r['error'].splitlines()[-1][:200]}")
 
+    if "score" not in steps:
+        return
     score(rows, w, f16, wiki, args)
     table(rows)
     out_json = args.json or w / "rows.json"
