@@ -311,27 +311,30 @@ def score(rows: list[dict], w: Path, f16: Path, wiki: Path, args) -> None:
         tokens, bos = llama_tokens(f16, text[: max(200_000, args.chunks * args.ctx * 8)],
                                    n_ctx=args.ctx)  # fmt: skip
         print(f"scoring {len(todo)} files ...", flush=True)
-        # quantkit's own files in one pass (the F16 reference is computed once); a peer's file
-        # alone, so that one llama.cpp refuses is reported as such and the rest still score
+        # quantkit's own files in one pass (the F16 reference is computed once), the peers' in
+        # another; a pass llama.cpp fails is redone file by file, so a file it refuses is
+        # reported as such and the rest still score
         ours = [p for p in todo if not p.is_relative_to(w / "peers")]
-        groups = ([ours] if ours else []) + [[p] for p in todo if p not in ours]
-        for group in groups:
+        theirs = [p for p in todo if p not in ours]
+        queue = [g for g in (ours, theirs) if g]
+        while queue:
+            group = queue.pop(0)
             t0 = time.perf_counter()
             try:
                 res = score_files(group, tokens, n_ctx=args.ctx, n_chunks=args.chunks, bos=bos,
                                   reference=f16, threads=args.threads)  # fmt: skip
-                for p in group:
-                    k = res[str(p)].kld_stats()
-                    cache[key(p)] = {
-                        "kld": k["mean"],
-                        "top1": k["top1"],
-                        "ppl": res[str(p)].ppl()[0],
-                    }
             except Exception as e:  # llama.cpp refusing a peer's file is a result, not a crash
-                for p in group:
-                    cache[key(p)] = {"error": f"llama.cpp: {type(e).__name__}: {e}"}
+                if len(group) > 1:
+                    queue[:0] = [[p] for p in group]
+                else:
+                    cache[key(group[0])] = {"error": f"llama.cpp: {type(e).__name__}: {e}"}
+                continue
+            for p in group:
+                k = res[str(p)].kld_stats()
+                cache[key(p)] = {"kld": k["mean"], "top1": k["top1"], "ppl": res[str(p)].ppl()[0]}
             cache_p.write_text(json.dumps(cache, indent=1))
             print(f"  {len(group)} file(s) in {time.perf_counter() - t0:.0f} s", flush=True)
+        cache_p.write_text(json.dumps(cache, indent=1))
     for r in rows:
         if r["status"] != "ok":
             continue
