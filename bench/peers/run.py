@@ -211,6 +211,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="rows (default: WORK/rows.json)")
     ap.add_argument("--plot", type=Path, help="size–KLD chart PNG (needs matplotlib)")
+    ap.add_argument("--md", type=Path, help="the table as Markdown")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]  # progress in logs
     args.model = args.model.resolve()
@@ -285,6 +286,9 @@ def main() -> None:
                                                  "reference": "F16 GGUF"},
                                     "rows": rows}, indent=1))  # fmt: skip
     print(f"\nrows: {out_json}")
+    if args.md:
+        args.md.write_text(markdown(rows))
+        print(f"markdown: {args.md}")
     if args.plot:
         chart(rows, args.plot, f"{args.model.name}: mean KLD vs F16, wiki.test.raw "
               f"{args.chunks}×{args.ctx}, llama.cpp")  # fmt: skip
@@ -358,6 +362,30 @@ def table(rows: list[dict]) -> None:
         if "kld" not in r:
             print(f"{r['name']:<30} {r['status']} ({r.get('version', '')}): "
                   f"{r.get('error', '').splitlines()[-1][:160]}")  # fmt: skip
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table for docs: figures by size, then the rows without figures and why."""
+    out = [
+        "| file | bytes | block bpw | mean KLD | top-1 | PPL | note |",
+        "|---|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in sorted((r for r in rows if "kld" in r), key=lambda r: -r["bytes"]):
+        note = []
+        if r.get("budget"):
+            note.append(f"budget {r['budget']:,} B ({100 * (r['bytes'] / r['budget'] - 1):+.2f} %)")
+        if r["kind"] == "auto":
+            note.append(f"quantkit {r['commit']}")
+        if r["kind"] == "peer":
+            note.append(f"{r['peer']} {r['version']}, avg_bits {r.get('avg_bits')}")
+        out.append(f"| {r['name']} | {r['bytes']:,} | {r['block_bpw']:.3f} | {r['kld']:.5f} | "
+                   f"{100 * r['top1']:.2f} % | {r['ppl']:.3f} | {'; '.join(note)} |")  # fmt: skip
+    for r in rows:
+        if "kld" not in r:
+            err = r.get("error", "").strip().splitlines()[-1].replace("|", "\\|")
+            out.append(f"| {r['name']} | — | — | — | — | — | {r['status']} "
+                       f"({r.get('peer', '')} {r.get('version', '')}): `{err}` |")  # fmt: skip
+    return "\n".join(out) + "\n"
 
 
 def chart(rows: list[dict], path: Path, title: str) -> None:
