@@ -148,6 +148,9 @@ def run_prismaquant(args, w: Path, label: str, stock_file: Path, calib: Path) ->
                             capture_output=True, text=True).stdout.strip()  # fmt: skip
     d = w / "peers" / f"prismaquant-{label}"
     out = d / "work" / "exported.gguf"
+    failed = d / "failed.json"
+    if failed.exists() and not args.retry_peers:  # its refusal, recorded by an earlier run
+        return {**row, **json.loads(failed.read_text())}
     if not out.exists():
         d.mkdir(parents=True, exist_ok=True)
         # the pipeline's documented knobs: the GGUF lane (no production cache: its exporter
@@ -162,8 +165,10 @@ def run_prismaquant(args, w: Path, label: str, stock_file: Path, calib: Path) ->
         print(f"  PrismaQuant GGUF lane at {stock_file.stat().st_size:,} B ...", flush=True)
         p = sh(["bash", script], d / "log.txt", env=env)
         if p.returncode or not out.exists():
-            return {**row, "status": "does not run here", "error": tail(p.stderr or p.stdout, 4),
-                    "log": str(d / "log.txt")}  # fmt: skip
+            why = {"status": "does not run here", "error": tail(p.stderr or p.stdout, 4),
+                   "log": str(d / "log.txt"), "version": row["version"]}  # fmt: skip
+            failed.write_text(json.dumps(why))
+            return {**row, **why}
     return {**row, "status": "ok", "path": str(out)}
 
 
@@ -204,6 +209,7 @@ def main() -> None:
         default=16,
         help="AutoRound: samples AutoScheme scores its options on (its default: 16)",
     )
+    ap.add_argument("--retry-peers", action="store_true", help="rerun peers that failed before")
     ap.add_argument("--keep-auto", action="store_true", help="reuse gguf:auto files already made")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=20)
