@@ -55,6 +55,11 @@ def main() -> None:
         help="samples AutoScheme scores the options on (its own default: 16)",
     )
     ap.add_argument(
+        "--disable-opt-rtn",
+        action="store_true",
+        help="plain RTN instead of AutoRound's imatrix-optimized RTN (its default, much slower)",
+    )
+    ap.add_argument(
         "--calib-json",
         type=Path,
         help="where the calibration pieces go (default OUT/calib.json); AutoScheme caches its "
@@ -89,7 +94,7 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     ar = AutoRound(model=model, tokenizer=tok, scheme=scheme, dataset=str(data), iters=args.iters,
-                   nsamples=args.nsamples, seqlen=args.seqlen, device_map="cpu")  # fmt: skip
+                   disable_opt_rtn=args.disable_opt_rtn, nsamples=args.nsamples, seqlen=args.seqlen, device_map="cpu")  # fmt: skip
     ar.quantize_and_save(str(args.out), format=args.format)
     seconds = time.perf_counter() - t0
     files = sorted(args.out.rglob("*.gguf"))

@@ -106,6 +106,7 @@ def run_autoround(args, w: Path, label: str, stock_file: Path, calib: Path) -> d
     bits = round(block_bpw(stock_file), 3)
     row["avg_bits"] = bits
     row["scheme_nsamples"] = args.scheme_nsamples
+    row["opt_rtn"] = not args.autoround_plain_rtn
     d = w / "peers" / f"autoround-{label}"
     out = w / "peers" / f"autoround-{label}.gguf"
     meta = d / "result.json"
@@ -119,7 +120,8 @@ def run_autoround(args, w: Path, label: str, stock_file: Path, calib: Path) -> d
         p = sh([str(py), str(HERE / "peer_autoround.py"), str(args.model), "--avg-bits", str(bits),
                 "--calib", str(calib), "--out", str(d / "out"), "--nsamples",
                 str(args.calib_chunks), "--seqlen", str(args.ctx), "--scheme-nsamples",
-                str(args.scheme_nsamples), "--calib-json", str(w / "peers" / "autoround-calib.json")],
+                str(args.scheme_nsamples), "--calib-json", str(w / "peers" / "autoround-calib.json"),
+                *(["--disable-opt-rtn"] if args.autoround_plain_rtn else [])],
                d / "log.txt",
                env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
         files = sorted((d / "out").rglob("*.gguf"))
@@ -208,6 +210,11 @@ def main() -> None:
         type=int,
         default=16,
         help="AutoRound: samples AutoScheme scores its options on (its default: 16)",
+    )
+    ap.add_argument(
+        "--autoround-plain-rtn",
+        action="store_true",
+        help="AutoRound: plain RTN after AutoScheme (its default imatrix-optimized RTN is slower)",
     )
     ap.add_argument("--retry-peers", action="store_true", help="rerun peers that failed before")
     ap.add_argument("--keep-auto", action="store_true", help="reuse gguf:auto files already made")
