@@ -16,6 +16,8 @@ each one ``quantkit`` command in its own process:
     iq4       convert F16.gguf --to gguf:IQ4_XS --imatrix im.gguf
     validate  validate Q4_K_M.gguf --reference CKPT --data TEXT --chunks 1 --ctx 256 --pp 0 --tg 0
     auto      convert CKPT --to gguf:auto:size=<Q4_K_M bytes> --imatrix im.gguf --dry-run
+    auto-calib  the same with --calib TEXT: the sensitivity pass with its Fisher weights (the
+              decoder run a layer at a time) and its llama.cpp probes; a dry run, so no selection
 
 Memory is sampled from /proc every 0.2 s over the step's process and all its descendants:
 "RSS" is the sum of their VmRSS, "anon" the sum of RssAnon (what the OOM killer counts; pages
@@ -40,7 +42,7 @@ from pathlib import Path
 import treemem  # bench/treemem.py, beside this script: memory of a process tree
 
 HERE = Path(__file__).resolve().parent
-STEPS = ("copy", "convert", "imatrix", "iq4", "validate", "auto")
+STEPS = ("copy", "convert", "imatrix", "iq4", "validate", "auto", "auto-calib")
 SAMPLE_S = 0.2
 FALLBACK_TEXT = (
     "The committee met on a grey morning to weigh the harbour plans. Engineers argued that the "
@@ -148,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd = qk + ["validate", str(q4), "--reference", str(ckpt), "--data", str(text),
                         "--chunks", "1", "--ctx", "256", "--pp", "0", "--tg", "0", "--no-cache",
                         "--json", str(out / "report.json"), *th]  # fmt: skip
-        else:  # auto
+        else:  # auto, auto-calib
             size = q4.stat().st_size if q4.is_file() else 0
+            calib = ["--calib", str(text)] if step == "auto-calib" else []
             cmd = qk + ["convert", str(ckpt), "--to", f"gguf:auto:size={size}",
-                        "--imatrix", str(im), "--dry-run", "-o", str(out), *th]  # fmt: skip
+                        "--imatrix", str(im), *calib, "--dry-run", "-o", str(out), *th]  # fmt: skip
         print(f"[{step}] {' '.join(cmd)}", flush=True)
         r = run_step(step, cmd, a.work / f"{step}.log", a.timeout)
         if step == "copy":

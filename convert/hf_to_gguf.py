@@ -623,7 +623,8 @@ def _write(
             t2 = time.perf_counter()
             artifacts.append(
                 _auto_one(base_path, a, job.apaths[a], options, qs, force=force, dry_run=dry_run,
-                          threads=threads, progress=progress)
+                          threads=threads, progress=progress,
+                          checkpoint=job.ckpt if job.lora is None else None)
             )  # fmt: skip
             timings[f"auto {a.name}"] = time.perf_counter() - t2
         if job.lora is not None and job.lora_path is not None:
@@ -1005,8 +1006,11 @@ def _auto_one(
     dry_run: bool,
     threads: int | None,
     progress: Progress | None,
+    checkpoint: Checkpoint | None = None,
 ) -> Artifact:
-    """A gguf:auto target: planned (dry run) or written, checked against the plan and audited."""
+    """A gguf:auto target: planned (dry run) or written, checked against the plan and audited.
+    ``checkpoint``: the HF checkpoint ``base`` holds unchanged (no adapter merged), whose
+    decoder gives the sensitivity its Fisher weights."""
     from quantkit.quantize.gguf.auto.build import (
         dry_selection,
         plan_auto,
@@ -1016,7 +1020,8 @@ def _auto_one(
 
     t1 = time.perf_counter()
     plan = plan_auto(base, spec, options, probe_chunks=_calib_chunks(base, qs),
-                     n_ctx=qs.calib_ctx, threads=threads, progress=progress)  # fmt: skip
+                     n_ctx=qs.calib_ctx, threads=threads, progress=progress,
+                     checkpoint=checkpoint)  # fmt: skip
     n = len(plan.tensor_bytes)
     held_out = None if dry_run else _calib_chunks(base, qs, held_out=True)
     if held_out is None:

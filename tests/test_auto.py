@@ -259,8 +259,8 @@ def test_sampled_pass_ranks_like_the_full_one(cached) -> None:
     imp = im.to_quantizer()
     types = ("Q8_0", "Q6_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
     slots = sizes.slots(work["f16"], set(imp), types)
-    full, full_se = proxy_errors(work["f16"], slots, imp, threads=2, sample=None)
-    part, se = proxy_errors(work["f16"], slots, imp, threads=2, sample=MIN_ROWS * 256)
+    full, full_se, _ = proxy_errors(work["f16"], slots, imp, threads=2, sample=None)
+    part, se, _ = proxy_errors(work["f16"], slots, imp, threads=2, sample=MIN_ROWS * 256)
     pairs = [(n, t) for n in full for t in full[n]]
     assert len(pairs) > 50 and all(v == 0 for d in full_se.values() for v in d.values())
     assert spearman([full[n][t] for n, t in pairs], [part[n][t] for n, t in pairs]) >= 0.95
@@ -269,7 +269,7 @@ def test_sampled_pass_ranks_like_the_full_one(cached) -> None:
     off = [abs(part[n][t] / full[n][t] - 1) for n, t in sampled]
     within = [abs(part[n][t] - full[n][t]) <= 2 * se[n][t] * part[n][t] for n, t in sampled]
     assert max(off) < 0.15 and sum(within) >= 0.75 * len(within), (max(off), sum(within))
-    again, _ = proxy_errors(work["f16"], slots, imp, threads=1, sample=10**9)
+    again, _, _ = proxy_errors(work["f16"], slots, imp, threads=1, sample=10**9)
     assert again == full
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from quantkit.checkpoint import Checkpoint
 from quantkit.errors import EngineError, InputError
 from quantkit.progress import Progress
 from quantkit.quantize.gguf.auto import select, sizes
@@ -87,6 +88,7 @@ class AutoPlan:
                 "gains": self.sensitivity.gains,
                 "seconds": self.sensitivity.seconds,
                 "sample_values": self.sensitivity.sample,
+                "weighting": self.sensitivity.weighting,
                 "probe_tokens": self.sensitivity.probe_tokens,
                 "error_bar": self.error_bar(),
                 "layer_gains": self.sensitivity.layer_gains,
@@ -140,11 +142,13 @@ def plan_auto(
     progress: Progress | None = None,
     sensitivity: Sensitivity | None = None,
     near: dict[str, str] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> AutoPlan:
     """Measure (or reuse) the sensitivity of every tensor of the float ``base`` and choose the
     types that minimise the predicted KLD within the budget (``near``: each tensor only within
     NEAR of the bytes of its type there; ``sensitivity``: one already
-    measured for these slots, e.g. to compare passes)."""
+    measured for these slots, e.g. to compare passes; ``checkpoint``: the HF checkpoint the base
+    was converted from, for Fisher-weighted errors — sensitivity.measure)."""
     if not options.imatrix:
         raise InputError(
             "gguf:auto needs an importance matrix",
@@ -173,7 +177,7 @@ def plan_auto(
         budget = int(spec.bpw * n_params / 8) - sum(s.base_bytes for s in fixed)
         cost = lambda n: n  # noqa: E731 - bits per weight count the data alone
     sens = sensitivity or measure(base, slots, opts, probe_chunks=probe_chunks, n_ctx=n_ctx,
-                                  threads=threads, progress=progress)  # fmt: skip
+                                  threads=threads, progress=progress, checkpoint=checkpoint)  # fmt: skip
     choices = {
         s.name: [Option(t, cost(n), sens.kld(s, t)) for t, n in _near(s, near).items()]
         for s in free

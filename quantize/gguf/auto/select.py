@@ -68,7 +68,9 @@ def n_candidates(n_params: int) -> int:
 def surrogates(sens: Sensitivity) -> dict[str, Sensitivity]:
     """The sensitivity variants whose plans compete (only those the probes measured)."""
     out = {"auto": sens}
-    if sens.tensor_gains and sens.kind_only:
+    if sens.weighting == "fisher":  # the imatrix-weighted errors, per-kind gains
+        out["auto:per-kind"] = sens.per_kind()
+    elif sens.tensor_gains and sens.kind_only:
         kind = sens.per_kind()
         out["auto:per-kind"] = kind
         blend = {

@@ -28,6 +28,20 @@ Without calibration text the gains are 1 (the raw proxy). A probe is one rewrite
 one forward pass, so its cost is tokens × parameters: the tokens per probe are bounded
 (PROBE_TOKEN_PARAMS) and so is the number of layer groups (LAYER_PROBE_TOKEN_PARAMS).
 
+With the HF checkpoint the base was converted from (a family fisher.py runs), the error is
+weighted per weight instead, by the Fisher of the model's own next-token distribution brought
+back to each Linear's output (fisher.py):
+
+    err(t, T) = ½ Σ_rows Σ_j F_ij · (w_ij − deq(quant_T(w))_ij)²  ≈ KLD(t, T)
+
+which already carries what the imatrix misses — how much each output row, layer and kind
+matters downstream — so only one probe per kind is left, for a[kind] (≈ 1 for most kinds; a
+value projection's errors add up across the positions attention mixes, which the diagonal
+misses: ≈ 4 on the embedded default's float-like copy). On that model the Fisher-weighted error
+ranks 24 measured single-tensor KLDs at Spearman 0.97 (kind × layer gains on the imatrix error:
+0.84); docs/cli.md has the figures and the misses. The imatrix-weighted errors are kept beside
+as a second surrogate (per_kind).
+
 Everything is cached by content: sha256 of the base file, the importance matrix, the candidate
 types, the probe tokens and settings. One pass serves every budget.
 """
@@ -47,6 +61,7 @@ import gguf
 import numpy as np
 
 from quantkit.casts import to_f32
+from quantkit.checkpoint import Checkpoint
 from quantkit.hashing import sha256_file
 from quantkit.progress import Progress
 from quantkit.quantize.gguf import ggml
@@ -55,7 +70,7 @@ from quantkit.quantize.gguf.auto.sizes import Slot
 from quantkit.quantize.gguf.quantizer import QuantizeOptions
 from quantkit.targets import IMATRIX_CTX
 
-CACHE_VERSION = "4"
+CACHE_VERSION = "5"
 # Values of each tensor whose error is measured (whole rows, stratified): 2^18 is 64 rows of a
 # 4096-wide tensor, 455 of a 576-wide one, so the pass costs tensors × candidates, whatever their
 # size (Llama-3-8B: 65.5 M of its 8.03 G values per candidate type). Checked against the full
@@ -93,14 +108,23 @@ class Sensitivity:
     probe_tokens: int = 0  # tokens each llama.cpp probe scored
     layer_gains: dict[str, float] = field(default_factory=dict)  # layer group -> b[group]
     tensor_gains: dict[str, float] = field(default_factory=dict)  # tensor -> a[kind] · b[layer]
+    # "fisher": errors weighted by fisher.py's F (KLD units), gains per kind only; the
+    # imatrix-weighted errors and their per-kind gains kept beside them as a second surrogate.
+    # "imatrix": errors weighted by the importance matrix, gains kind × layer.
+    weighting: str = "imatrix"
+    imatrix_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    imatrix_gains: dict[str, float] = field(default_factory=dict)
 
     def kld(self, slot: Slot, t: str) -> float:
         g = self.tensor_gains.get(slot.name)
         return (self.gains.get(slot.kind, 1.0) if g is None else g) * self.errors[slot.name][t]
 
     def per_kind(self) -> Sensitivity:
-        """The same errors with one gain per kind fit alone (no layer factor): a second
-        surrogate the selection measures beside the first."""
+        """The importance-matrix-weighted errors with one gain per kind fit alone (no layer
+        factor, no Fisher weights): a second surrogate the selection measures beside the first."""
+        if self.imatrix_errors:
+            return replace(self, errors=self.imatrix_errors, gains=self.imatrix_gains,
+                           tensor_gains={}, imatrix_errors={}, weighting="imatrix")  # fmt: skip
         return replace(self, gains=self.kind_only, tensor_gains={})
 
     @property
@@ -174,9 +198,12 @@ def proxy_errors(
     threads: int = 1,
     sample: int | None = SAMPLE_VALUES,
     progress: Progress | None = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """err(t, T) for every quantizable tensor and candidate type (see the module doc), and the
-    relative standard error of each (0 where every row was measured).
+    fisher: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """err(t, T) for every quantizable tensor and candidate type (see the module doc), the
+    relative standard error of each (0 where every row was measured), and the
+    importance-matrix-weighted err(t, T) of the tensors ``fisher`` weighs (its F for the sampled
+    rows, sampled_rows order): for those, the first is ½ Σ F_ij (w_ij − ŵ_ij)², in KLD units.
 
     Each tensor is read through the memory map, only its sampled rows (``sample`` values' worth;
     None: all), so memory is a few sampled rows per thread whatever the model's size. Rows are
@@ -189,10 +216,11 @@ def proxy_errors(
     for t in {t for s in todo for t in s.options}:
         rows.init(ggml.type_id(t))
 
-    def one(s: Slot) -> tuple[Slot, dict[str, float], dict[str, float]]:
+    def one(s: Slot) -> tuple[Slot, dict[str, float], dict[str, float], dict[str, float]]:
         view, base_type = _tensor_rows(reader, s.name)
         nrows = view.shape[0]
-        idx = sample_rows(s.name, nrows, rows_for(s.ncols, nrows, sample))
+        idx = sampled_rows(s, sample)
+        f = (fisher or {}).get(s.name)
         w = _as_f32(view[idx], base_type)  # only these rows are read from the file
         imp = importance.get(s.name)
         n_mats = 1 if imp is None else len(imp) // s.ncols
@@ -200,9 +228,11 @@ def proxy_errors(
         mat = idx // per_mat  # a 3-D expert tensor: each expert with its own importance
         out: dict[str, float] = {}
         se: dict[str, float] = {}
+        by_imp: dict[str, float] = {}
         for t in s.options:
             q = ggml.type_id(t)
             row_err = np.empty(len(idx), dtype=np.float64)
+            row_f = np.empty(len(idx), dtype=np.float64)
             for m in np.unique(mat):
                 sel = mat == m
                 cols = None if imp is None else imp[m * s.ncols : (m + 1) * s.ncols]
@@ -210,24 +240,38 @@ def proxy_errors(
                 d = rows.roundtrip(q, part, cols) - part
                 weights = np.ones(s.ncols) if cols is None else cols.astype(np.float64)
                 row_err[sel] = np.einsum("ij,ij,j->i", d, d, weights, dtype=np.float64)
-            out[t], se[t] = estimate(row_err, nrows)
-        return s, out, se
+                if f is not None:
+                    row_f[sel] = np.einsum("ij,ij,ij->i", d, d, f[sel], dtype=np.float64)
+            if f is None:
+                out[t], se[t] = estimate(row_err, nrows)
+            else:
+                out[t], se[t] = estimate(row_f, nrows)
+                by_imp[t] = estimate(row_err, nrows)[0]
+        return s, out, se, by_imp
 
     result: dict[str, dict[str, float]] = {}
     rel_se: dict[str, dict[str, float]] = {}
+    imatrix_err: dict[str, dict[str, float]] = {}
     total = sum(len(s.options) for s in todo)
     done = 0
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         futures = [pool.submit(one, s) for s in todo]
         for f in as_completed(futures):
-            s, errs, se = f.result()
+            s, errs, se, by_imp = f.result()
             result[s.name], rel_se[s.name] = errs, se
+            if by_imp:
+                imatrix_err[s.name] = by_imp
             done += len(s.options)
             if progress:
                 progress("sensitivity", done, total)
     order = {s.name: i for i, s in enumerate(todo)}
     result = dict(sorted(result.items(), key=lambda kv: order[kv[0]]))
-    return result, {k: rel_se[k] for k in result}
+    return result, {k: rel_se[k] for k in result}, imatrix_err
+
+
+def sampled_rows(s: Slot, sample: int | None = SAMPLE_VALUES) -> np.ndarray:
+    """The rows of ``s`` the pass measures (sample_rows of rows_for)."""
+    return sample_rows(s.name, s.nrows, rows_for(s.ncols, s.nrows, sample))
 
 
 def probe_type(s: Slot) -> str | None:
@@ -323,6 +367,18 @@ def calibrate_gains(
     return a, b, tensor_gains, measured, own
 
 
+def kind_gains(
+    measured: dict[str, float], slots: list[Slot], errors: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    """a[kind] = the kind probe's KLD / Σ err of its tensors in their probe types."""
+    sums: dict[str, float] = {}
+    for s in slots:
+        t = probe_type(s) if s.quantizable else None
+        if t is not None and f"kind:{s.kind}" in measured:
+            sums[s.kind] = sums.get(s.kind, 0.0) + errors[s.name][t]
+    return {k: max(measured[f"kind:{k}"], 1e-12) / e for k, e in sums.items() if e > 0}
+
+
 def probe_budget(chunks: list[list[int]], n_params: int) -> list[list[int]]:
     """The first chunks whose llama.cpp probes stay within PROBE_TOKEN_PARAMS (at least one)."""
     if not chunks:
@@ -349,7 +405,7 @@ def _sha256(path: Path, progress: Progress | None) -> str:
 
 def cache_key(
     base: Path, importance: dict[str, np.ndarray], slots: list[Slot], probe_tokens: object,
-    sample: int | None = SAMPLE_VALUES, progress: Progress | None = None,
+    sample: int | None = SAMPLE_VALUES, progress: Progress | None = None, fisher_samples: int = 0,
 ) -> str:  # fmt: skip
     h = hashlib.sha256(f"quantkit-auto-sensitivity {CACHE_VERSION} {PROBE_TYPE}".encode())
     h.update((_sha256(base, progress) if progress else sha256_file(base)).encode())
@@ -360,6 +416,7 @@ def cache_key(
         h.update(f"{s.name}:{','.join(s.options)};".encode())
     h.update(json.dumps(probe_tokens).encode())
     h.update(f"sample={sample} min_rows={MIN_ROWS} layers={LAYER_PROBE_TOKEN_PARAMS}".encode())
+    h.update(f"fisher={fisher_samples}".encode())
     return h.hexdigest()[:32]
 
 
@@ -392,23 +449,41 @@ def measure(
     sample: int | None = SAMPLE_VALUES,
     progress: Progress | None = None,
     use_cache: bool = True,
+    checkpoint: Checkpoint | None = None,
 ) -> Sensitivity:
     """The sensitivity of every tensor × candidate type, from the cache when present.
 
     ``sample``: values measured per tensor (None: every value, the full measurement the sample
-    is checked against). ``probe_chunks`` are cut to the probe budget (probe_budget)."""
+    is checked against). ``probe_chunks`` are cut to the probe budget (probe_budget).
+    ``checkpoint``: the HF checkpoint ``base`` was converted from (unmerged, unchanged): with
+    probe chunks and a supported family, errors are Fisher-weighted (fisher.py) and the probes
+    are per kind only; else importance-matrix-weighted with kind × layer probes."""
     from quantkit.atomic import cached_json
+    from quantkit.quantize.gguf.auto import fisher
 
     importance = options.imatrix or {}
     n_params = sum(s.n_elements for s in slots)
     chunks = probe_budget(probe_chunks or [], n_params)
-    key = cache_key(base, importance, slots, chunks, sample, progress)
+    use_fisher = bool(chunks) and fisher.supported(checkpoint)
+    tokens = sum(len(c) for c in chunks)
+    n_fisher = fisher.n_samples(tokens, n_params) if use_fisher else 0
+    key = cache_key(base, importance, slots, chunks, sample, progress, n_fisher)
 
     def make() -> dict:
         n_threads = threads or len(os.sched_getaffinity(0))
         t0 = time.perf_counter()
-        errors, rel_se = proxy_errors(base, slots, importance, threads=n_threads, sample=sample,
-                                      progress=progress)  # fmt: skip
+        f = None
+        if use_fisher:
+            assert checkpoint is not None
+            want = {s.name: sampled_rows(s, sample) for s in slots
+                    if s.quantizable and s.layer is not None}  # fmt: skip
+            f = fisher.fisher_rows(checkpoint, chunks, want, first=n_ctx // 2, samples=n_fisher,
+                                   threads=n_threads, progress=progress)  # fmt: skip
+            if set(f) != set(want):  # a tensor the decoder does not run as a Linear: no mixing
+                f = None
+        tf = time.perf_counter()
+        errors, rel_se, by_imp = proxy_errors(base, slots, importance, threads=n_threads,
+                                              sample=sample, progress=progress, fisher=f)  # fmt: skip
         t1 = time.perf_counter()
         gains: dict[str, float] = {}
         layer: dict[str, float] = {}
@@ -422,15 +497,21 @@ def measure(
             probe = KLDProbe(base, chunks, options, base_type=base_type,
                              threads=n_threads, n_ctx=n_ctx, progress=progress)  # fmt: skip
             n_layers = len({s.layer for s in slots if s.quantizable and s.layer is not None})
-            n_groups = n_layer_groups(n_layers, sum(len(c) for c in chunks), n_params)
+            n_groups = 0 if f else n_layer_groups(n_layers, tokens, n_params)
             gains, layer, tensor, measured, own = calibrate_gains(
                 probe, slots, errors, n_groups, progress
             )
         t2 = time.perf_counter()
-        return Sensitivity(errors, gains, measured, {"proxy": t1 - t0, "probe": t2 - t1},
-                           _peak_rss_mib(), key=key, rel_se=rel_se, sample=sample,
-                           probe_tokens=sum(len(c) for c in chunks), layer_gains=layer,
-                           tensor_gains=tensor, probe_gains=own).to_json()  # fmt: skip
+        seconds = {"proxy": t1 - tf, "probe": t2 - t1}
+        extra: dict = {}
+        if f:
+            seconds["fisher"] = tf - t0
+            imatrix_errors = {n: by_imp.get(n, e) for n, e in errors.items()}
+            extra = dict(weighting="fisher", imatrix_errors=imatrix_errors,
+                         imatrix_gains=kind_gains(measured, slots, imatrix_errors))  # fmt: skip
+        return Sensitivity(errors, gains, measured, seconds, _peak_rss_mib(), key=key,
+                           rel_se=rel_se, sample=sample, probe_tokens=tokens, layer_gains=layer,
+                           tensor_gains=tensor, probe_gains=own, **extra).to_json()  # fmt: skip
 
     d, hit = cached_json(cache_root() / f"{key}.json", make, use_cache=use_cache)
     return Sensitivity(**d, cache_hit=hit)
