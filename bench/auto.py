@@ -324,7 +324,8 @@ def solver_files(f16: Path, size: int, opts, qs, folder: Path, label: str, sel: 
     for c in sel["candidates"]:
         if c["source"] != "solver" or c["name"] == sel["winner"]:
             continue
-        path = folder / f"m-{c['name'].replace(':', '-')}-{label}.gguf"
+        # "cand-": the shipped file is m-auto-LABEL.gguf, which candidate "auto" would overwrite
+        path = folder / f"m-cand-{c['name'].replace(':', '-')}-{label}.gguf"
         write_auto(f16, plans[c["name"]], path, opts)
         out[f"{c['name']}@{label}"] = path
     return out
