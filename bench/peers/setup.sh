@@ -15,6 +15,7 @@ torch_version="2.13.0"
 autoround_version="0.16.1"    # PyPI auto-round: AutoScheme (avg_bits) and GGUF export
 prismaquant_version="0.16.2"  # PyPI prismaquant: its GGUF lane
 gguf_version="0.19.0"         # auto-round imports it for its GGUF export but does not require it
+sentencepiece_version="0.2.3" # so does its GGUF vocabulary writer (a Llama tokenizer)
 
 py="${PYTHON:-}"
 if [ -z "$py" ]; then
@@ -42,7 +43,8 @@ make_env() {  # NAME PACKAGE==VERSION [more requirements]
 
 what="${1:-all}"
 case "$what" in
-  autoround|all) make_env autoround "auto-round==$autoround_version" "gguf==$gguf_version" ;;&
+  autoround|all) make_env autoround "auto-round==$autoround_version" "gguf==$gguf_version" \
+    "sentencepiece==$sentencepiece_version" ;;&
   prismaquant|all) make_env prismaquant "prismaquant==$prismaquant_version" ;;
   autoround) ;;
   *) say "unknown peer: $what (autoround, prismaquant, all)"; exit 2 ;;

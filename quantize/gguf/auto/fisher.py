@@ -38,7 +38,8 @@ from quantkit.progress import Progress
 SUPPORTED = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # Sampled tokens ŷ per position (each one more backward pass): 4 up to FISHER_TOKEN_PARAMS of
 # tokens × parameters, fewer above, never fewer than one. On the 135 M embedded default's
-# float-like copy, 1 sample gave Spearman 0.95 against measured single-tensor KLD, 4 gave 0.97.
+# float-like copy, the Fisher error alone ranked 24 measured single-tensor KLDs at Spearman 0.95
+# with 1 sample, 0.97 with 4.
 FISHER_SAMPLES = 4
 FISHER_TOKEN_PARAMS = 1.6e13
 
